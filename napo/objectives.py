@@ -1,0 +1,205 @@
+"""Preference objectives as pure functions of the reward margin.
+
+Every objective here maps the per-pair margin
+
+    z = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]      shape (n_pairs,)
+
+to a per-pair loss of the same shape. The trainer computes z once (for each negative type) and looks the
+objective up in `OBJECTIVES`; nothing here knows about models, batches or trainers.
+
+All functions compute in float32 whatever the input dtype (bf16 margins lose too much in `expm1` / `log`)
+and return the loss in the input's dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# Below this q, (1 − σ(z)^q)/q is replaced by its limit −log σ(z): the two differ by O(q·log²σ(z)), far below
+# float32 resolution, and it avoids dividing by q = 0.
+_Q_EXACT_BCE = 1e-8
+
+
+def _as_float32(z: Tensor) -> Tensor:
+    return z.float() if z.dtype != torch.float64 else z
+
+
+def napo_loss(margins: Tensor, q: float | Tensor) -> Tensor:
+    """NaPO: the negative Box-Cox transform of σ(z), a noise-robust generalisation of DPO.
+
+    Paper: "Debiasing Multimodal Large Language Models via Noise-Aware Preference Optimization" (CVPR 2025).
+    "q → 0 behaves like the cross-entropy of DPO (fast, but fits noisy labels); q = 1 like the mean absolute
+    error (robust to flipped labels)."
+
+        L_q(z) = (1 − σ(z)^q) / q = −expm1(q · log σ(z)) / q          q ∈ (0, 1]
+        dL/dz  = −σ(z)^q · (1 − σ(z))
+
+    Computed in log space: `log σ` and `expm1` stay finite and accurate for z in [−1e4, 1e4] (the direct
+    `(1 - sigmoid(z)**q)/q` loses all precision for σ(z) ≈ 1 and gives NaN gradients for very negative z).
+
+    Args:
+        margins: z, the β-scaled reward margins. Shape (n_pairs,).
+        q: robustness coefficient, a float or a tensor broadcastable to `margins` (per pair or per type).
+           q ≤ 1e-8 gives exactly DPO's −log σ(z); typical values 0.1–1.
+
+    Returns:
+        Per-pair loss, shape (n_pairs,), dtype of `margins`.
+    """
+    z = _as_float32(margins)
+    q = torch.as_tensor(q, dtype=z.dtype, device=z.device)
+    log_sigmoid = F.logsigmoid(z)
+    # The unused branch of `where` still gets a gradient: keep its q away from zero so it is never 0/0.
+    q_safe = q.clamp(min=_Q_EXACT_BCE)
+    box_cox = -torch.expm1(q_safe * log_sigmoid) / q_safe
+    loss = torch.where(q <= _Q_EXACT_BCE, -log_sigmoid, box_cox)
+    return loss.to(margins.dtype)
+
+
+def dpo_loss(margins: Tensor) -> Tensor:
+    """DPO: the Bradley-Terry cross-entropy on the implicit reward margin.
+
+    Paper: https://arxiv.org/abs/2305.18290. "Your language model is secretly a reward model."
+
+        L(z) = −log σ(z)
+
+    Args:
+        margins: z, shape (n_pairs,).
+    Returns:
+        Per-pair loss, shape (n_pairs,).
+    """
+    return (-F.logsigmoid(_as_float32(margins))).to(margins.dtype)
+
+
+def cdpo_loss(margins: Tensor, label_smoothing: float) -> Tensor:
+    """cDPO: DPO with conservative label smoothing, for labels flipped with probability ε.
+
+    Note: https://ericmitchell.ai/cdpo.pdf. "Assume the preference label is wrong with probability ε."
+
+        L(z) = (1 − ε) · (−log σ(z)) + ε · (−log σ(−z))
+
+    Args:
+        margins: z, shape (n_pairs,).
+        label_smoothing: ε in [0, 0.5); 0 gives DPO. Typical 0.1–0.3.
+    Returns:
+        Per-pair loss, shape (n_pairs,).
+    """
+    z = _as_float32(margins)
+    eps = label_smoothing
+    return ((1 - eps) * -F.logsigmoid(z) + eps * -F.logsigmoid(-z)).to(margins.dtype)
+
+
+def rdpo_loss(margins: Tensor, label_smoothing: float) -> Tensor:
+    """rDPO: the unbiased estimator of the clean DPO loss under label flips with known rate ε.
+
+    Paper: Chowdhury et al. 2024, "Provably Robust DPO" (https://arxiv.org/abs/2403.00409).
+    "De-bias the noisy loss so that its expectation under flips equals the clean loss."
+
+        L(z) = [(1 − ε) · (−log σ(z)) − ε · (−log σ(−z))] / (1 − 2ε)
+
+    Args:
+        margins: z, shape (n_pairs,).
+        label_smoothing: the flip rate ε in [0, 0.5); 0 gives DPO.
+    Returns:
+        Per-pair loss, shape (n_pairs,). Unlike DPO it can be negative.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"rdpo needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    z = _as_float32(margins)
+    eps = label_smoothing
+    loss = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
+    return loss.to(margins.dtype)
+
+
+def ipo_loss(margins: Tensor, beta: float) -> Tensor:
+    """IPO: regress the log-ratio difference onto a fixed target instead of pushing it to infinity.
+
+    Paper: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"
+    (https://arxiv.org/abs/2310.12036), Eq. 17. "IPO avoids the over-fitting of DPO on deterministic preferences."
+
+        h = z / β   (the un-scaled log-ratio difference);   L = (h − 1/(2β))²
+
+    The margins here use summed sequence log-probs (TRL's `ipo` averages them per token first).
+
+    Args:
+        margins: z, shape (n_pairs,).
+        beta: β > 0, the same β that scaled the margins (τ in the paper).
+    Returns:
+        Per-pair loss, shape (n_pairs,).
+    """
+    h = _as_float32(margins) / beta
+    return ((h - 1 / (2 * beta)) ** 2).to(margins.dtype)
+
+
+def hinge_loss(margins: Tensor) -> Tensor:
+    """Hinge (SLiC-HF): a margin loss that stops pushing once the margin exceeds 1.
+
+    Paper: Zhao et al. 2023, "SLiC-HF" (https://arxiv.org/abs/2305.10425).
+
+        L(z) = max(0, 1 − z)
+
+    Args:
+        margins: z, shape (n_pairs,).
+    Returns:
+        Per-pair loss, shape (n_pairs,).
+    """
+    return torch.relu(1 - _as_float32(margins)).to(margins.dtype)
+
+
+OBJECTIVES: dict[str, Callable[..., Tensor]] = {
+    "napo": napo_loss,
+    "dpo": dpo_loss,
+    "cdpo": cdpo_loss,
+    "rdpo": rdpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+}
+
+
+def objective_loss(name: str, margins: Tensor, **available: float | Tensor) -> Tensor:
+    """Look `name` up in `OBJECTIVES` and call it with the hyper-parameters it declares.
+
+    `available` holds every hyper-parameter the caller knows (q, beta, label_smoothing); each objective takes
+    only the ones in its signature, so adding an objective never touches the trainer.
+    """
+    try:
+        fn = OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}") from None
+    wanted = [p for p in inspect.signature(fn).parameters if p != "margins"]
+    return fn(margins, **{p: available[p] for p in wanted})
+
+
+def adaptive_q(psi: Tensor, alpha: float, variant: str = "paper", q_min: float = 0.01) -> Tensor:
+    """NaPO's robustness coefficient q, adapted from the batch's mean reward margin ψ; never back-propagated.
+
+    While the margins of a negative type are small or negative, the model disagrees with many of its labels,
+    which is where flipped labels hide: q is large (towards MAE, robust). As the model separates the pairs and
+    ψ grows, q falls towards 0 (towards DPO's fast cross-entropy).
+
+        paper:    q = clip(1 − σ(α·ψ),      q_min, 1)
+        official: q = clip(2 · (1 − σ(α·ψ)), q_min, 1)      (the authors' released code)
+
+    Args:
+        psi: ψ, the mean margin of one negative type (a scalar tensor, or any shape: computed elementwise).
+             A NaN ψ is read as 0 (no evidence either way) so q always stays in [q_min, 1].
+        alpha: α > 0, the margin scale; the paper uses 0.5 with length-averaged margins and 0.01 with summed ones.
+        variant: "paper" or "official".
+        q_min: lower bound of q, in (0, 1].
+
+    Returns:
+        q, same shape as `psi`, float32, detached, in [q_min, 1].
+    """
+    if not 0.0 < q_min <= 1.0:
+        raise ValueError(f"q_min must be in (0, 1], got {q_min}")
+    scale = {"paper": 1.0, "official": 2.0}.get(variant)
+    if scale is None:
+        raise ValueError(f"unknown adaptive q variant {variant!r}; valid: 'paper', 'official'")
+    psi = torch.nan_to_num(torch.as_tensor(psi).detach().float(), nan=0.0)
+    q = scale * torch.sigmoid(-alpha * psi)  # 1 − σ(x) = σ(−x), exact also where σ(x) rounds to 1
+    return q.clamp(min=q_min, max=1.0)

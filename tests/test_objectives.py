@@ -1,0 +1,134 @@
+"""The objectives against closed forms, finite differences and the extremes of the margin range."""
+
+import math
+
+import pytest
+import torch
+
+from napo import objectives
+from napo.objectives import adaptive_q, napo_loss, objective_loss
+
+Z = torch.tensor([-30.0, -5.0, -1.0, -0.1, 0.0, 0.3, 2.0, 8.0, 40.0], dtype=torch.float64)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def test_napo_limits_are_dpo_and_mae():
+    # q -> 0: (1 - s^q)/q -> -log s ; q = 1: 1 - s
+    bce = torch.tensor([-math.log(sigmoid(z)) for z in Z.tolist()], dtype=torch.float64)
+    mae = torch.tensor([1 - sigmoid(z) for z in Z.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(napo_loss(Z, 0.0), bce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(napo_loss(Z, 1e-7), bce, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(napo_loss(Z, 1.0), mae, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("q", [0.05, 0.3, 0.7, 1.0])
+def test_napo_matches_box_cox_formula(q):
+    # Direct formula in float64 where it is still accurate (moderate z).
+    z = torch.linspace(-6, 6, 25, dtype=torch.float64)
+    expected = (1 - torch.sigmoid(z) ** q) / q
+    torch.testing.assert_close(napo_loss(z, q), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("q", [0.0, 1e-3, 0.2, 0.5, 1.0])
+def test_napo_gradient_is_closed_form_and_matches_finite_differences(q):
+    z = Z.clone().requires_grad_(True)
+    napo_loss(z, q).sum().backward()
+    s = torch.sigmoid(Z)
+    torch.testing.assert_close(z.grad, -(s**q) * (1 - s), rtol=1e-8, atol=1e-12)
+    z2 = torch.linspace(-4, 4, 9, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: napo_loss(t, q), (z2,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q", [0.0, 1e-6, 0.01, 0.5, 1.0])
+def test_napo_finite_at_extreme_margins(dtype, q):
+    z = torch.tensor([-1e4, -3e3, -100.0, -1.0, 0.0, 1.0, 100.0, 3e3, 1e4], dtype=dtype, requires_grad=True)
+    loss = napo_loss(z, q)
+    loss.sum().backward()
+    assert loss.dtype == dtype
+    assert torch.isfinite(loss).all() and torch.isfinite(z.grad).all()
+    # The loss is a decreasing function of the margin and non-negative.
+    assert (loss.float().diff() <= 1e-6).all() and (loss >= 0).all()
+    # At z = -1e4 the loss is 1/q (MAE-like saturation) or ~1e4 (BCE).
+    expected = 1e4 if q < 1e-8 + 1e-12 else 1 / q if q > 1e-3 else None
+    if expected is not None:
+        assert float(loss[0].detach()) == pytest.approx(expected, rel=1e-2)
+
+
+def test_naive_formula_is_what_we_avoid():
+    # The authors' direct formula: NaN gradient at very negative margins in float32. Ours stays finite.
+    z = torch.tensor([-200.0], requires_grad=True)
+    ((1 - torch.sigmoid(z) ** 0.3) / 0.3).sum().backward()
+    assert not torch.isfinite(z.grad).all()
+    z2 = torch.tensor([-200.0], requires_grad=True)
+    napo_loss(z2, 0.3).sum().backward()
+    assert torch.isfinite(z2.grad).all()
+
+
+def test_napo_per_pair_q_tensor():
+    z = torch.tensor([0.5, 0.5, -2.0])
+    q = torch.tensor([0.0, 1.0, 0.5])
+    expected = torch.stack([napo_loss(z[i : i + 1], float(q[i]))[0] for i in range(3)])
+    torch.testing.assert_close(napo_loss(z, q), expected)
+
+
+def test_baselines_closed_forms():
+    z = torch.tensor([-2.0, 0.0, 1.5], dtype=torch.float64)
+    ls = lambda x: math.log(sigmoid(x))  # noqa: E731
+    eps, beta = 0.2, 0.1
+    for i, zi in enumerate(z.tolist()):
+        assert float(objectives.dpo_loss(z)[i]) == pytest.approx(-ls(zi))
+        assert float(objectives.cdpo_loss(z, eps)[i]) == pytest.approx(-(1 - eps) * ls(zi) - eps * ls(-zi))
+        assert float(objectives.rdpo_loss(z, eps)[i]) == pytest.approx(
+            (-(1 - eps) * ls(zi) + eps * ls(-zi)) / (1 - 2 * eps)
+        )
+        assert float(objectives.ipo_loss(z, beta)[i]) == pytest.approx((zi / beta - 1 / (2 * beta)) ** 2)
+        assert float(objectives.hinge_loss(z)[i]) == pytest.approx(max(0.0, 1 - zi))
+
+
+def test_rdpo_is_unbiased_under_flips():
+    # E over a flip with probability eps of rdpo(z_noisy) equals the clean DPO loss (Chowdhury et al., Lemma 3.1).
+    z = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    eps = 0.3
+    expected_noisy = (1 - eps) * objectives.rdpo_loss(z, eps) + eps * objectives.rdpo_loss(-z, eps)
+    torch.testing.assert_close(expected_noisy, objectives.dpo_loss(z))
+
+
+def test_objective_loss_dispatches_on_signature():
+    z = torch.tensor([0.3, -0.2])
+    everything = {"q": 0.5, "beta": 0.1, "label_smoothing": 0.1}
+    for name, fn in objectives.OBJECTIVES.items():
+        out = objective_loss(name, z, **everything)
+        assert out.shape == z.shape
+    torch.testing.assert_close(objective_loss("napo", z, **everything), napo_loss(z, 0.5))
+    with pytest.raises(ValueError, match="valid: napo, dpo"):
+        objective_loss("simpo", z, **everything)
+
+
+def test_adaptive_q_formulas():
+    psi = torch.tensor([-4.0, 0.0, 1.0, 30.0])
+    alpha = 0.5
+    paper = [min(1.0, max(0.01, 1 - sigmoid(alpha * p))) for p in psi.tolist()]
+    official = [min(1.0, max(0.01, 2 * (1 - sigmoid(alpha * p)))) for p in psi.tolist()]
+    torch.testing.assert_close(adaptive_q(psi, alpha), torch.tensor(paper))
+    torch.testing.assert_close(adaptive_q(psi, alpha, "official"), torch.tensor(official))
+    assert float(adaptive_q(torch.tensor(0.0), 0.5, "official")) == 1.0
+
+
+def test_adaptive_q_stays_in_range_and_is_detached():
+    psi = torch.tensor([float("-inf"), -1e30, float("nan"), 1e30, float("inf")], requires_grad=False)
+    for variant in ("paper", "official"):
+        q = adaptive_q(psi, 0.5, variant, q_min=0.05)
+        assert torch.isfinite(q).all() and (q >= 0.05).all() and (q <= 1.0).all()
+    leaf = torch.tensor(1.0, requires_grad=True)
+    assert not adaptive_q(leaf * 2, 0.5).requires_grad
+
+
+def test_adaptive_q_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="variant"):
+        adaptive_q(torch.tensor(0.0), 0.5, "median")
+    with pytest.raises(ValueError, match="q_min"):
+        adaptive_q(torch.tensor(0.0), 0.5, q_min=0.0)
