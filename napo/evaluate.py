@@ -1,0 +1,197 @@
+"""Bias and hallucination metrics: pure functions on answers, captions and log-probabilities.
+
+Nothing here runs a model; callers generate answers (with the image, without it, without the
+question) or score log-probabilities and pass plain lists or arrays. Every function raises
+ValueError on empty input or on inputs of different lengths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+_TRAILING_PUNCTUATION = ".,!?;:"
+_YES_NO = re.compile(r"^(yes|no)\b")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, strip surrounding whitespace and trailing punctuation, collapse inner whitespace.
+
+    "  Yellow. " -> "yellow"; "A  red cat!" -> "a red cat".
+    """
+    return " ".join(text.lower().split()).rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Fraction of rows where normalize(prediction) == normalize(answer); in [0, 1]."""
+    _check_pairs("accuracy", predictions, answers)
+    return _match_rate(predictions, answers)
+
+
+def prior_following_rate(predictions: Sequence[str], prior_answers: Sequence[str]) -> float:
+    """Fraction of rows answered with the language prior's answer instead of what the image shows.
+
+    Meant for counterfactual rows, where the image contradicts the prior (a purple banana, prior
+    "yellow"); 1 means the model never looks at the image. Every prior answer must be a string.
+    """
+    _check_pairs("prior_following_rate", predictions, prior_answers)
+    for i, p in enumerate(prior_answers):
+        if not isinstance(p, str):
+            raise ValueError(f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known (e.g. the counterfactual split)")
+    return _match_rate(predictions, prior_answers)
+
+
+def agreement(a: Sequence[str], b: Sequence[str]) -> float:
+    """Fraction of rows where two answer lists agree after normalize; in [0, 1].
+
+    Blind agreement = agreement(answers_with_image, answers_without_image): high means the image
+    barely changes the answer (language bias). Question-blind agreement is the same with the
+    question removed instead (vision bias).
+    """
+    _check_pairs("agreement", a, b)
+    return _match_rate(a, b)
+
+
+def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
+    """POPE yes/no metrics with "yes" (the object is present) as the positive class.
+
+    A prediction counts as "yes" / "no" when its normalized text starts with that word ("Yes, there
+    is." is "yes"). A prediction that starts with neither is never a "yes": it is a missed positive
+    when the answer is "yes" and a wrong answer (not a true negative) when the answer is "no", so it
+    lowers accuracy and recall but not precision. Every answer must start with yes or no.
+
+    Returns accuracy, precision = TP/(TP+FP), recall = TP/(TP+FN), f1, yes_ratio (fraction of
+    predictions that are "yes") and unparsed_ratio (fraction starting with neither word), all in
+    [0, 1]; precision is 0 when there is no "yes" prediction, f1 is 0 when precision + recall is 0.
+    """
+    _check_pairs("pope_metrics", predictions, answers)
+    labels = []
+    for i, a in enumerate(answers):
+        m = _YES_NO.match(normalize(a))
+        if m is None:
+            raise ValueError(f"pope_metrics: answers[{i}] is {a!r}; POPE reference answers must start with 'yes' or 'no'")
+        labels.append(m.group(1))
+    preds = [m.group(1) if (m := _YES_NO.match(normalize(p))) else None for p in predictions]
+    tp = sum(p == "yes" and a == "yes" for p, a in zip(preds, labels))
+    fp = sum(p == "yes" and a == "no" for p, a in zip(preds, labels))
+    tn = sum(p == "no" and a == "no" for p, a in zip(preds, labels))
+    fn = sum(p != "yes" and a == "yes" for p, a in zip(preds, labels))
+    n = len(labels)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / n,
+        "unparsed_ratio": sum(p is None for p in preds) / n,
+    }
+
+
+def chair(
+    captions: Sequence[str],
+    objects_present: Sequence[Sequence[str]],
+    vocabulary: Sequence[str],
+    synonyms: dict[str, str] | None = None,
+) -> dict[str, float | list[list[str]]]:
+    """CHAIR object-hallucination rates of captions (Rohrbach et al. 2018, arXiv:1809.02156).
+
+    An object mention is a word or phrase of the caption that is in `vocabulary` or is a key of
+    `synonyms` (mapped to its canonical object, e.g. {"bananas": "banana", "kitten": "cat"});
+    longer phrases win ("hot dog" before "dog"). Matching is on lowercase words. A mentioned object
+    is hallucinated when it is not among that caption's `objects_present` (also mapped through
+    `synonyms`). An object mentioned several times in one caption counts once.
+
+    Returns chair_s = captions with >= 1 hallucinated object / captions, chair_i = hallucinated
+    objects / mentioned objects (summed over captions; 0 when nothing is mentioned), and
+    hallucinated: per caption, the hallucinated canonical objects in order of first mention.
+    """
+    _check_pairs("chair", captions, objects_present)
+    synonyms = {k.lower(): v.lower() for k, v in (synonyms or {}).items()}
+    canonical = {v.lower() for v in vocabulary}
+    for phrase, target in synonyms.items():
+        if target not in canonical:
+            raise ValueError(f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary objects")
+    phrases = {tuple(_WORD.findall(v)): v for v in canonical} | {tuple(_WORD.findall(k)): v for k, v in synonyms.items()}
+    longest = max(len(p) for p in phrases)
+    hallucinated: list[list[str]] = []
+    n_mentioned = 0
+    for caption, present in zip(captions, objects_present):
+        present_set = {synonyms.get(o.lower(), o.lower()) for o in present}
+        tokens = _WORD.findall(caption.lower())
+        mentioned: list[str] = []
+        i = 0
+        while i < len(tokens):
+            for length in range(min(longest, len(tokens) - i), 0, -1):
+                obj = phrases.get(tuple(tokens[i : i + length]))
+                if obj is not None:
+                    if obj not in mentioned:
+                        mentioned.append(obj)
+                    i += length
+                    break
+            else:
+                i += 1
+        n_mentioned += len(mentioned)
+        hallucinated.append([o for o in mentioned if o not in present_set])
+    n_hallucinated = sum(len(h) for h in hallucinated)
+    return {
+        "chair_s": sum(bool(h) for h in hallucinated) / len(captions),
+        "chair_i": n_hallucinated / n_mentioned if n_mentioned else 0.0,
+        "hallucinated": hallucinated,
+    }
+
+
+def modality_shapley(
+    v_full: np.ndarray, v_no_image: np.ndarray, v_no_text: np.ndarray, v_none: np.ndarray
+) -> dict[str, np.ndarray | float]:
+    """Exact two-player Shapley values of the image and the text for each sample.
+
+    Inputs: shape (n,), the value v of the reference answer (e.g. its log-probability in nats)
+    with both modalities, without the image, without the text (question), and without either.
+
+        phi_image = 0.5 * [(v_full - v_no_image) + (v_no_text - v_none)]
+        phi_text  = 0.5 * [(v_full - v_no_text) + (v_no_image - v_none)]
+
+    so phi_image + phi_text = v_full - v_none (efficiency). image_share = |phi_image| /
+    (|phi_image| + |phi_text|) in [0, 1], defined as 0.5 when both are 0 (neither modality matters,
+    so neither dominates). Returns the per-sample arrays phi_image, phi_text, image_share (shape
+    (n,)) and their means phi_image_mean, phi_text_mean, image_share_mean (floats).
+    """
+    arrays = [np.asarray(v, dtype=np.float64) for v in (v_full, v_no_image, v_no_text, v_none)]
+    names = ("v_full", "v_no_image", "v_no_text", "v_none")
+    for name, arr in zip(names, arrays):
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError(f"modality_shapley: {name} has shape {arr.shape}; expected a non-empty 1-D array (one value per sample)")
+        if arr.shape != arrays[0].shape:
+            raise ValueError(f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value per sample for all four")
+    full, no_image, no_text, none = arrays
+    phi_image = 0.5 * ((full - no_image) + (no_text - none))
+    phi_text = 0.5 * ((full - no_text) + (no_image - none))
+    total = np.abs(phi_image) + np.abs(phi_text)
+    image_share = np.divide(np.abs(phi_image), total, out=np.full_like(total, 0.5), where=total > 0)
+    return {
+        "phi_image": phi_image,
+        "phi_text": phi_text,
+        "image_share": image_share,
+        "phi_image_mean": float(phi_image.mean()),
+        "phi_text_mean": float(phi_text.mean()),
+        "image_share_mean": float(image_share.mean()),
+    }
+
+
+def _check_pairs(fn: str, a: Sequence, b: Sequence) -> None:
+    """Raise ValueError unless a and b are non-empty and of equal length."""
+    if len(a) == 0:
+        raise ValueError(f"{fn}: empty input; pass at least one row")
+    if len(a) != len(b):
+        raise ValueError(f"{fn}: {len(a)} predictions but {len(b)} references; pass one reference per prediction")
+
+
+def _match_rate(a: Sequence[str], b: Sequence[str]) -> float:
+    """Fraction of rows where the normalized strings are equal."""
+    return sum(normalize(x) == normalize(y) for x, y in zip(a, b)) / len(a)
