@@ -21,6 +21,7 @@ Image / audio tokens per input with the defaults (``image_size=32``, ``patch_siz
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    BatchFeature,
     CLIPVisionConfig,
     GemmaConfig,
     Idefics3Config,
@@ -131,8 +133,35 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
+class PaliGemmaPreferenceProcessor(PaliGemmaProcessor):
+    """PaliGemma's processor that also encodes text alone, as answer (suffix) tokens.
+
+    TRL's ``DataCollatorForVisionPreference`` encodes prompts with images, then chosen and
+    rejected answers as text only, and concatenates the ``token_type_ids``. PaliGemma's own
+    processor refuses text without images; and type 0 on answer tokens would put them in the
+    bidirectional prefix, so each answer token would see the ones after it. Here text alone gets
+    type 1 (causal suffix), which is what PaliGemma was trained with.
+    """
+
+    def __call__(
+        self,
+        images: object = None,
+        text: str | list[str] | None = None,
+        suffix: str | list[str] | None = None,
+        **kwargs: object,
+    ) -> BatchFeature:
+        if images is not None or text is None or suffix is not None:
+            return super().__call__(images=images, text=text, suffix=suffix, **kwargs)
+        encoded = self.tokenizer(text, **kwargs)
+        mask = encoded["attention_mask"]
+        encoded["token_type_ids"] = mask.clone() if isinstance(mask, torch.Tensor) else copy.deepcopy(mask)
+        return encoded
+
+
 # Processor classes of napo's own, which AutoProcessor does not know by name.
-_NAPO_PROCESSORS: dict[str, type[ProcessorMixin]] = {"Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor}
+_NAPO_PROCESSORS: dict[str, type[ProcessorMixin]] = {
+    cls.__name__: cls for cls in (Qwen2VLImageOnlyProcessor, PaliGemmaPreferenceProcessor)
+}
 
 
 def chat_template(image_placeholder: str = IMAGE_TOKEN, audio_placeholder: str = AUDIO_TOKEN) -> str:
@@ -402,7 +431,7 @@ def build_tiny_model(
             size={"height": image_size, "width": image_size}, image_mean=_MEAN, image_std=_STD
         )
         image_processor.image_seq_length = grid * grid  # PaliGemmaProcessor reads it: one token per patch
-        processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+        processor = PaliGemmaPreferenceProcessor(image_processor, tokenizer, chat_template=template)
         text = GemmaConfig(
             vocab_size=len(tokenizer),  # after the processor added its <loc>/<seg> tokens
             hidden_size=hidden_size,
@@ -502,10 +531,14 @@ def load_model(
         model_class = AutoModelForImageTextToText
     else:
         model_class = AutoModelForCausalLM
-    model = model_class.from_pretrained(
-        path, config=config, use_safetensors=not allow_pickle, dtype=dtype, **common
-    )
-    processing_class = (AutoProcessor if multimodal else AutoTokenizer).from_pretrained(path, **common)
+    # use_safetensors=None: safetensors when present, else pickled weights.
+    use_safetensors = None if allow_pickle else True
+    model = model_class.from_pretrained(path, config=config, use_safetensors=use_safetensors, dtype=dtype, **common)
+    processor_class: type = AutoProcessor if multimodal else AutoTokenizer
+    processor_config = Path(path, "processor_config.json")
+    if local and processor_config.is_file():
+        processor_class = _NAPO_PROCESSORS.get(json.loads(processor_config.read_text()).get("processor_class"), processor_class)
+    processing_class = processor_class.from_pretrained(path, **common)
     return model.eval(), processing_class
 
 

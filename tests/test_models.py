@@ -1,0 +1,175 @@
+"""Tiny offline models: every family runs forward, batched generate, TRL's collator, save and load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+from napo.models import (
+    DEFAULT_WORDS,
+    FAMILIES,
+    IMAGE_TOKEN,
+    build_tiny_model,
+    build_tokenizer,
+    is_audio_model,
+    is_vision_model,
+    load_model,
+)
+
+VISION = ("llava", "qwen2_vl", "idefics3", "paligemma")
+QUESTIONS = ("What colour is the banana?", "How many cats are there in this picture?")
+
+
+def _image(seed: int) -> Image.Image:
+    # Not square and not the model's size: the processor must resize.
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+def _audio(seed: int, seconds: float) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(int(16000 * seconds)).astype(np.float32)
+
+
+def _prompt_batch(family: str, processor) -> dict[str, torch.Tensor]:
+    """Two conversational prompts of different lengths (so one is left-padded), with their media."""
+    part = {"qwen2_audio": [{"type": "audio"}], "text": []}.get(family, [{"type": "image"}])
+    conversations = [[{"role": "user", "content": [*part, {"type": "text", "text": q}]}] for q in QUESTIONS]
+    texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    media: dict = {}
+    if family in VISION:
+        media = {"images": [[_image(0)], [_image(1)]]}
+    elif family == "qwen2_audio":
+        media = {"audio": [_audio(0, 0.5), _audio(1, 1.0)], "sampling_rate": 16000}
+    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
+    batch.pop("labels", None)  # PaliGemma's processor adds prompt labels; a forward doesn't need them
+    return dict(batch)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def built(request: pytest.FixtureRequest):
+    return request.param, *build_tiny_model(request.param)
+
+
+def test_forward_and_batched_generate(built) -> None:
+    family, model, processor = built
+    batch = _prompt_batch(family, processor)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "the shorter prompt must be left-padded"
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], model.config.get_text_config().vocab_size)
+    assert torch.isfinite(logits).all()
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 3
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    assert is_vision_model(model) == (family in VISION)
+    assert is_audio_model(model) == (family == "qwen2_audio")
+
+
+def test_image_tokens_match_config(built) -> None:
+    family, model, processor = built
+    if family not in VISION:
+        pytest.skip("no image tokens")
+    batch = _prompt_batch(family, processor)
+    image_token_id = model.config.image_token_id
+    assert image_token_id == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    per_image = (batch["input_ids"] == image_token_id).sum(dim=1)
+    # Images resized to 32 px, 8 px patches: 16 patches, merged 2x2 by idefics3.
+    expected = {"llava": [16, 16], "idefics3": [4, 4], "paligemma": [16, 16]}.get(family)
+    if family == "qwen2_vl":
+        # Qwen2-VL keeps the aspect ratio: 40x48 px fits 1024 px as 16x32 -> 2x4 patches, merged 2x2.
+        assert batch["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 4]]
+        expected = [2, 2]
+    assert per_image.tolist() == expected
+
+
+def test_trl_vision_preference_collator(built) -> None:
+    family, model, processor = built
+    if family not in VISION:
+        pytest.skip("DataCollatorForVisionPreference is for image datasets")
+    examples = [
+        {
+            "images": [_image(i)],
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+        for i, (q, chosen, rejected) in enumerate(zip(QUESTIONS, ("yellow", "two cats"), ("brown", "three")))
+    ]
+    batch = DataCollatorForVisionPreference(processor)(examples)
+    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows
+    eos = processor.tokenizer.eos_token_id
+    completions = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["completion_mask"])]
+    words = [processor.tokenizer.decode(c[:-1]) for c in completions]
+    assert words == ["yellow", "two cats", "brown", "three"]
+    assert all(c[-1] == eos for c in completions)
+    if family == "paligemma":  # answers must be the causal suffix (type 1), or each token sees the next
+        real = batch["attention_mask"].bool()
+        assert torch.equal(batch["token_type_ids"][real], batch["completion_mask"][real])
+    inputs = {k: v for k, v in batch.items() if k not in ("completion_mask", "labels")}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(logits).all()
+
+
+def test_save_then_load_model_gives_identical_logits(built, tmp_path: Path) -> None:
+    family, model, processor = built
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor = load_model(str(tmp_path))
+    assert type(loaded) is type(model)
+    assert type(loaded_processor) is type(processor)
+    batch = _prompt_batch(family, processor)
+    reloaded_batch = _prompt_batch(family, loaded_processor)
+    for key, value in batch.items():
+        assert torch.equal(value, reloaded_batch[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_load_model_refuses_pickled_weights_unless_allowed(tmp_path: Path) -> None:
+    model, processor = build_tiny_model("llava")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # transformers 5 only writes safetensors: rewrite the weights as a pickled checkpoint.
+    (weights,) = tmp_path.glob("*.safetensors")
+    torch.save(load_file(weights), tmp_path / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load_model(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), allow_pickle=True)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_unknown_family_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected one of"):
+        build_tiny_model("gpt2")
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_prompt_is_an_exact_token_prefix_of_prompt_and_answer(kind: str) -> None:
+    tokenizer = build_tokenizer(DEFAULT_WORDS, corpus=[*QUESTIONS, "yellow", "two cats"] * 5, kind=kind)
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}]
+    answer = [{"role": "assistant", "content": "two cats"}]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+    full_ids = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=False)
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    assert full_ids[len(prompt_ids) :] == tokenizer.encode("two cats", add_special_tokens=False) + [
+        tokenizer.eos_token_id
+    ]
+    assert tokenizer.decode(tokenizer.encode("two cats")) == "two cats"
+    assert tokenizer.decode(tokenizer.encode("yellow")) == "yellow"
+    image_ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
+    assert len(image_ids) == 1 and image_ids[0] in tokenizer.all_special_ids
+
+
+def test_word_tokenizer_lowercases_and_maps_unknown_words_to_unk() -> None:
+    tokenizer = build_tokenizer(["yellow"], corpus=["Two cats, please."])
+    assert tokenizer.decode(tokenizer.encode("Two CATS")) == "two cats"
+    assert tokenizer.encode("giraffe") == [tokenizer.unk_token_id]
+    assert tokenizer.decode(tokenizer.encode("two cats, please.")) == "two cats, please."
