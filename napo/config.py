@@ -1,0 +1,131 @@
+"""`NaPOConfig`: `trl.DPOConfig` plus the objective, the per-negative-type weights and the adaptive q."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import DPOConfig
+
+from napo.objectives import OBJECTIVES
+
+# Each negative column of a preference row, with the short name used in logged metrics ("" for the original
+# `rejected` column so that its metrics keep TRL's names: `rewards/margins`, ...).
+NEGATIVE_TYPES: dict[str, str] = {
+    "rejected": "",
+    "rejected_language_bias": "language_bias",
+    "rejected_vision_bias": "vision_bias",
+    "rejected_audio_bias": "audio_bias",
+}
+MARGIN_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class NaPOConfig(DPOConfig):
+    r"""Configuration of [`NaPOTrainer`]: every `trl.DPOConfig` field, plus:
+
+    The loss of a batch is Σ_t γ̂_t · mean_pairs L_t(z), over the negative types t (columns `rejected`,
+    `rejected_language_bias`, `rejected_vision_bias`, `rejected_audio_bias`) present in the training dataset, where
+    γ̂_t are the `weight_*` of those columns renormalised to sum to 1: a column the dataset lacks contributes
+    nothing and the others keep their relative weights (so a dataset with only `rejected` and `objective="dpo"`
+    trains exactly stock DPO). A row whose value in a column is None simply has no pair of that type.
+
+    With `objective="napo"`, the bias types use the NaPO loss with their own adaptive q while the original
+    `rejected` pair uses DPO, as in the paper; when `rejected` is the only negative column it uses NaPO too.
+
+    Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
+    autocast on CPU is several times slower than fp32).
+    """
+
+    objective: str = field(
+        default="napo",
+        metadata={
+            "help": "Preference objective: napo (noise-aware, adaptive q), dpo (sigmoid), cdpo (label-smoothed DPO), "
+            "rdpo (robust DPO, Chowdhury et al. 2024), ipo, hinge. cdpo/rdpo read `label_smoothing` as the flip "
+            "rate ε."
+        },
+    )
+    q: str = field(
+        default="paper",
+        metadata={
+            "help": "NaPO robustness coefficient: 'paper' (q = clip(1 − σ(α·ψ), q_min, 1), ψ the batch mean margin of "
+            "the negative type), 'official' (q = clip(2·(1 − σ(α·ψ)), q_min, 1), the authors' code), or a fixed number "
+            "in (0, 1] (near 0 → DPO, 1 → MAE, most robust to flipped labels)."
+        },
+    )
+    q_min: float = field(default=0.01, metadata={"help": "Lower bound of the adaptive q, in (0, 1]."})
+    weight_rejected: float = field(
+        default=0.02, metadata={"help": "γ of the original `rejected` pair (the released code uses 0.02)."}
+    )
+    weight_language_bias: float = field(
+        default=0.49, metadata={"help": "γ of `rejected_language_bias` (answer made without the image/audio)."}
+    )
+    weight_vision_bias: float = field(
+        default=0.49, metadata={"help": "γ of `rejected_vision_bias` (answer made from the image without the question)."}
+    )
+    weight_audio_bias: float = field(
+        default=0.49, metadata={"help": "γ of `rejected_audio_bias` (answer made from the audio without the question)."}
+    )
+    alpha_rejected: float = field(
+        default=0.5, metadata={"help": "α of the adaptive q for `rejected` (used only when NaPO applies to it)."}
+    )
+    alpha_language_bias: float = field(
+        default=0.5, metadata={"help": "α of the adaptive q for language-biased negatives (paper: 0.5 with 'mean')."}
+    )
+    alpha_vision_bias: float = field(
+        default=0.01, metadata={"help": "α of the adaptive q for vision-biased negatives (paper: 0.01 with 'sum')."}
+    )
+    alpha_audio_bias: float = field(
+        default=0.01, metadata={"help": "α of the adaptive q for audio-biased negatives (as vision-biased: 'sum')."}
+    )
+    margin_rejected: str = field(
+        default="mean", metadata={"help": "Margin ψ feeding q for `rejected`: 'sum' or 'mean' (per token)."}
+    )
+    margin_language_bias: str = field(
+        default="mean",
+        metadata={
+            "help": "Margin ψ feeding q for language-biased negatives: 'mean' = β·(Δ_w/|y_w| − Δ_l/|y_l|), log-ratios "
+            "averaged per completion token (paper); 'sum' = the summed margin z of the loss."
+        },
+    )
+    margin_vision_bias: str = field(
+        default="sum", metadata={"help": "Margin ψ feeding q for vision-biased negatives: 'sum' (paper) or 'mean'."}
+    )
+    margin_audio_bias: str = field(
+        default="sum", metadata={"help": "Margin ψ feeding q for audio-biased negatives: 'sum' or 'mean'."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = torch.cuda.is_available()
+        super().__post_init__()
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} is not one of: {', '.join(OBJECTIVES)}")
+        self.q = self._parse_q(self.q)
+        if not 0.0 < self.q_min <= 1.0:
+            raise ValueError(f"q_min must be in (0, 1], got {self.q_min}")
+        for column in NEGATIVE_TYPES:
+            weight, _, reduction = self.negative_type_settings(column)
+            if weight < 0:
+                raise ValueError(f"weight of {column} must be >= 0, got {weight}")
+            if reduction not in MARGIN_REDUCTIONS:
+                raise ValueError(f"margin reduction of {column} must be one of {MARGIN_REDUCTIONS}, got {reduction!r}")
+        if self.objective in ("cdpo", "rdpo") and not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"{self.objective} needs label_smoothing (the flip rate ε) in [0, 0.5)")
+
+    @staticmethod
+    def _parse_q(q: str | float) -> str | float:
+        if q in ("paper", "official"):
+            return q
+        try:
+            value = float(q)
+        except (TypeError, ValueError):
+            raise ValueError(f"q must be 'paper', 'official' or a number in (0, 1], got {q!r}") from None
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"a fixed q must be in (0, 1], got {value}")
+        return value
+
+    def negative_type_settings(self, column: str) -> tuple[float, float, str]:
+        """(γ weight, α, margin reduction) of a negative column such as `rejected_language_bias`."""
+        name = NEGATIVE_TYPES[column] or "rejected"
+        return getattr(self, f"weight_{name}"), getattr(self, f"alpha_{name}"), getattr(self, f"margin_{name}")

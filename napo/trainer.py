@@ -1,0 +1,452 @@
+"""`NaPOTrainer`: `trl.DPOTrainer` with several negative types per row and napo's objectives.
+
+A batch of B rows whose dataset has K negative columns becomes one forward pass over the sequences
+
+    [prompt+chosen, prompt+negative_1, ..., prompt+negative_K]   for every row (missing negatives left out)
+
+so the chosen answer is forwarded once per row, not once per negative as when the same rows are fed to
+`DPOTrainer` as K separate pairs. For each negative type t the β-scaled margin z_t of its pairs is computed
+once; the loss is Σ_t γ̂_t · mean(L_t(z_t)) with L_t looked up in `napo.objectives.OBJECTIVES` and, for NaPO,
+q_t adapted from the type's detached margins (averaged over all processes).
+
+Reference log-probs come from a frozen copy of the model (full fine-tuning), from the model with its LoRA
+adapter disabled (PEFT: no second model in memory), or are precomputed once before training and cached on disk
+(`precompute_ref_log_probs=True`) — for text and vision datasets alike.
+
+Relies on private parts of trl 1.16.0 (`_compute_loss`, `_prepare_dataset`, `_precompute_ref_logps`,
+`_set_signature_columns_if_needed`, the fused LM head): pinned exactly in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin
+from trl import DPOTrainer
+from trl.data_utils import (
+    _tokenize,
+    apply_chat_template,
+    common_prefix_length,
+    is_conversational,
+    prepare_multimodal_messages,
+)
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
+
+from napo.config import NEGATIVE_TYPES, NaPOConfig
+from napo.data import validate_preference_dataset
+from napo.objectives import adaptive_q, objective_loss
+
+# Batch entries that describe the sequences rather than feed the model.
+_SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps")
+
+
+def _as_messages(answer: str | list) -> list[dict]:
+    """An answer as an assistant turn: preference rows store answers as strings even with chat prompts."""
+    return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
+
+
+def _ref_column(column: str) -> str:
+    return f"ref_{column}_logps"
+
+
+@dataclass
+class MultiNegativeCollator:
+    """Pads tokenized rows into one batch of chosen and negative sequences (text datasets).
+
+    Each example holds `prompt_ids`, `chosen_ids` and `<column>_ids` for every negative column (an empty list
+    where the row has no such negative), optionally `ref_chosen_logps` and `ref_<column>_logps`.
+
+    Returns input_ids / attention_mask / completion_mask of shape (N, L) for the N sequences of the batch
+    (right-padded), `sequence_row` (N,) the row each sequence belongs to, `sequence_type` (N,) 0 for chosen and
+    k for the k-th negative column, and `ref_logps` (N,) when the rows carry precomputed reference log-probs.
+    """
+
+    pad_token_id: int
+    negative_columns: tuple[str, ...]
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, masks, rows, types, refs = [], [], [], [], []
+        for row, example in enumerate(examples):
+            prompt = list(example["prompt_ids"])
+            for kind, column in enumerate(("chosen", *self.negative_columns)):
+                completion = list(example[f"{column}_ids"])
+                if not completion:
+                    continue
+                ids.append(prompt + completion)
+                masks.append([0] * len(prompt) + [1] * len(completion))
+                rows.append(row)
+                types.append(kind)
+                refs.append(example.get(_ref_column(column)))
+        if self.max_length is not None:
+            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
+        batch = {
+            "input_ids": pad([torch.tensor(s) for s in ids], padding_value=self.pad_token_id, padding_side="right"),
+            "attention_mask": pad([torch.ones(len(s), dtype=torch.long) for s in ids], 0, padding_side="right"),
+            "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in masks], 0, padding_side="right"),
+            "sequence_row": torch.tensor(rows),
+            "sequence_type": torch.tensor(types),
+        }
+        if refs and refs[0] is not None:
+            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+
+@dataclass
+class MultiNegativeVisionCollator:
+    """Renders, tokenizes and pads raw multimodal rows into one batch of chosen and negative sequences.
+
+    Like TRL's `DataCollatorForVisionPreference` (processing happens on the fly, images are repeated for every
+    sequence of their row) but with any number of negatives per row. Every negative is scored with the row's full
+    prompt and images. Output as `MultiNegativeCollator`, plus the processor's image tensors (`pixel_values`,
+    `image_grid_thw`, ...).
+    """
+
+    processor: ProcessorMixin
+    negative_columns: tuple[str, ...]
+    max_length: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        prompts, completions, images, rows, types, refs = [], [], [], [], [], []
+        for row, example in enumerate(examples):
+            row_images = example.get("images")
+            if row_images is None:
+                row_images = [example["image"]] if example.get("image") is not None else []
+            for kind, column in enumerate(("chosen", *self.negative_columns)):
+                answer = example.get(column)
+                if answer is None:
+                    continue
+                if is_conversational(example):
+                    rendered = apply_chat_template(
+                        {
+                            "prompt": prepare_multimodal_messages(example["prompt"], images=row_images),
+                            "completion": prepare_multimodal_messages(_as_messages(answer)),
+                        },
+                        self.processor,
+                    )
+                    prompt, completion = rendered["prompt"], rendered["completion"]
+                else:
+                    prompt, completion = example["prompt"], answer
+                prompts.append(prompt)
+                completions.append(completion)
+                images.append(row_images)
+                rows.append(row)
+                types.append(kind)
+                refs.append(example.get(_ref_column(column)))
+
+        # The processor refuses a batch whose image lists are all empty.
+        processed = self.processor(
+            images=images if any(images) else None,
+            text=prompts,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+            add_special_tokens=False,  # the chat template already wrote BOS
+        )
+        processed_completions = self.processor(
+            text=completions, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
+        )
+        prompt_mask = processed["attention_mask"]
+        completion_mask = processed_completions["attention_mask"]
+        input_ids = torch.cat((processed["input_ids"], processed_completions["input_ids"]), dim=1)
+        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
+        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
+        extra_names, extras = [], []
+        if "token_type_ids" in processed:  # PaliGemma / Gemma: prefix-LM attention over the prompt
+            extra_names.append("token_type_ids")
+            extras.append(torch.cat((processed["token_type_ids"], processed_completions["token_type_ids"]), dim=1))
+        if "mm_token_type_ids" in processed:  # Qwen2.5-VL family: which tokens are image tokens
+            extra_names.append("mm_token_type_ids")
+            completion_zeros = torch.zeros_like(processed_completions["input_ids"])
+            extras.append(torch.cat((processed["mm_token_type_ids"], completion_zeros), dim=1))
+        attention_mask, input_ids, completion_mask, *extras = flush_left(
+            attention_mask, input_ids, completion_mask, *extras
+        )
+        batch = dict(processed)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
+        batch.update(zip(extra_names, extras, strict=True))
+        if self.max_length is not None:
+            # keep_start only: cutting the start would separate image tokens from their image features.
+            for key in ("input_ids", "attention_mask", "completion_mask", *extra_names):
+                batch[key] = batch[key][:, : self.max_length]
+        batch["sequence_row"] = torch.tensor(rows)
+        batch["sequence_type"] = torch.tensor(types)
+        if refs and refs[0] is not None:
+            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        return batch
+
+
+class NaPOTrainer(DPOTrainer):
+    """Preference training with one negative column or several (`rejected`, `rejected_language_bias`,
+    `rejected_vision_bias`, `rejected_audio_bias`) and any objective of `napo.objectives`.
+
+    Arguments as `trl.DPOTrainer`; `args` is a `NaPOConfig`. Rows: `prompt` (string or messages), optional
+    `images`, `chosen`, and the negative columns (strings; None where a row lacks that negative).
+    Logged per negative type (prefix `language_bias/`, `vision_bias/`, `audio_bias/`; none for `rejected`):
+    `q` (NaPO), `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`.
+    """
+
+    _tag_names = ["trl", "dpo", "napo"]
+    _name = "NaPO"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: PreTrainedModel | None = None,
+        args: NaPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            args = NaPOConfig(output_dir="napo-output")
+        if not isinstance(args, NaPOConfig):
+            raise TypeError(f"args must be a NaPOConfig, got {type(args).__name__}")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        self.negative_columns = tuple(validate_preference_dataset(train_dataset))
+        for dataset in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
+            if dataset is not None:
+                validate_preference_dataset(dataset)
+        self._type_weights, self._type_objectives = self._resolve_negative_types(args, self.negative_columns)
+
+        # TRL refuses precomputed reference log-probs for vision data and would precompute with its two-sequence
+        # collator: napo precomputes itself once the trainer is built (see `_precompute_ref_logps`).
+        precompute = args.precompute_ref_log_probs
+        args.precompute_ref_log_probs = False
+        if ref_model is None and isinstance(model, PreTrainedModel) and peft_config is None and not is_peft_model(model):
+            # TRL would rebuild the reference from the model's name, which fails for a model never saved. A frozen
+            # copy is the reference; with precomputation it is dropped once the log-probs are cached.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
+        if data_collator is None:
+            self.data_collator = self._default_collator()
+        if precompute:
+            batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: self._precompute_ref_logps(d, name, batch_size) for name, d in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
+            if not is_peft_model(self.model):
+                self.ref_model = None  # every reference log-prob is cached: free the copy
+
+    # ------------------------------------------------------------------------------------------ set-up
+    @staticmethod
+    def _resolve_negative_types(args: NaPOConfig, columns: tuple[str, ...]) -> tuple[dict, dict]:
+        """γ̂ (weights renormalised over the columns present) and the objective of each negative column."""
+        weights = {c: args.negative_type_settings(c)[0] for c in columns}
+        total = sum(weights.values())
+        if total <= 0:
+            raise ValueError(f"the weights of the negative columns present ({', '.join(columns)}) sum to 0")
+        has_bias_types = any(c != "rejected" for c in columns)
+        objectives = {
+            # The paper keeps DPO for the original pair and applies NaPO to the bias-type negatives.
+            c: "dpo" if (args.objective == "napo" and c == "rejected" and has_bias_types) else args.objective
+            for c in columns
+        }
+        return {c: w / total for c, w in weights.items()}, objectives
+
+    def _default_collator(self):
+        if self._is_vision_dataset:
+            return MultiNegativeVisionCollator(self.processing_class, self.negative_columns, self.args.max_length)
+        return MultiNegativeCollator(
+            self._tokenizer.pad_token_id, self.negative_columns, self.args.max_length, self.args.truncation_mode
+        )
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            answer_columns = ("chosen", *self.negative_columns)
+            if self._is_vision_dataset:
+                columns = ["prompt", "image", "images", "tools", "chat_template_kwargs", *answer_columns]
+            else:
+                columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
+            self._signature_columns = columns + [_ref_column(c) for c in answer_columns]
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
+
+        Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
+        rows the completion starts where the rendered prompt and prompt+answer diverge.
+        """
+        if "prompt_ids" in dataset.column_names:
+            return dataset
+        answer_columns = ("chosen", *self.negative_columns)
+        eos = self._tokenizer.eos_token
+
+        def tokenize(example):
+            prompt = example["prompt"]
+            if is_conversational(example):
+                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True)["input_ids"]
+                full = {
+                    c: _tokenize(processing_class, prompt + _as_messages(example[c]))["input_ids"]
+                    for c in answer_columns
+                    if example[c] is not None
+                }
+            else:
+                prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+                full = {
+                    c: _tokenize(processing_class, prompt + (a if a.endswith(eos) else a + eos))["input_ids"]
+                    for c in answer_columns
+                    if (a := example[c]) is not None
+                }
+            prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
+            output = {"prompt_ids": prompt_ids[:prompt_len]}
+            for column in answer_columns:
+                output[f"{column}_ids"] = full[column][prompt_len:] if column in full else []
+            return output
+
+        dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset", num_proc=args.dataset_num_proc)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            # A prompt that fills max_length leaves no completion token to learn from.
+            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, num_proc=args.dataset_num_proc)
+        return dataset
+
+    # ------------------------------------------------------------------------------- reference log-probs
+    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Summed completion log-probs of every sequence under the reference policy. Shape (N,)."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None and is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                adapter = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters disabled = base model
+                with use_adapter(unwrapped, adapter_name=adapter):
+                    outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
+            else:
+                outputs = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -seq_len:].sum(dim=1)
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
+
+        Computed once with the reference policy and cached under `<output_dir>/ref_logps/`, keyed by the dataset
+        fingerprint, the reference weights and the columns, so a resumed or repeated run reads them back.
+        Works for vision datasets too: the collator processes the images exactly as during training.
+        """
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        answer_columns = ("chosen", *self.negative_columns)
+        reference = self.ref_model if self.ref_model is not None else self.model
+        key = Hasher.hash((dataset._fingerprint, hash_module(reference), answer_columns, self.args.max_length))
+        cache = os.path.join(self.args.output_dir, "ref_logps", f"{name}-{key}.npy")
+        if os.path.exists(cache):
+            table = np.load(cache)
+        else:
+            table = np.full((len(dataset), len(answer_columns)), np.nan, dtype=np.float32)
+            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            first_row = 0
+            for batch in tqdm(loader, desc=f"Reference log-probs for the {name} dataset", disable=not self.is_world_process_zero()):
+                batch = self._prepare_inputs(batch)
+                model_kwargs, labels, seq_len = self._model_inputs(batch)
+                logps = self._reference_logps(model_kwargs, labels, seq_len).float().cpu().numpy()
+                rows = batch["sequence_row"].cpu().numpy() + first_row
+                table[rows, batch["sequence_type"].cpu().numpy()] = logps
+                first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence
+            if self.is_world_process_zero():
+                os.makedirs(os.path.dirname(cache), exist_ok=True)
+                np.save(cache + ".tmp.npy", table)
+                os.replace(cache + ".tmp.npy", cache)  # atomic: a killed run never leaves a half-written cache
+        for k, column in enumerate(answer_columns):
+            dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
+        return dataset
+
+    # ------------------------------------------------------------------------------------------ loss
+    @staticmethod
+    def _model_inputs(inputs: dict) -> tuple[dict, torch.Tensor, int]:
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        return model_kwargs, labels, inputs["completion_mask"].size(1) - 1
+
+    def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
+        stats = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+        total, count = self.accelerator.reduce(stats, reduction="sum")
+        return total / count
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs, labels, seq_len = self._model_inputs(inputs)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)  # (N,), summed over completion tokens
+        if "ref_logps" in inputs:
+            ref_logps = inputs["ref_logps"].to(logps.dtype)
+        else:
+            ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
+        lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
+        logratios = logps - ref_logps
+        rows, types = inputs["sequence_row"], inputs["sequence_type"]
+        chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
+        chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
+
+        loss = logps.new_zeros(())
+        metrics = self._metrics[mode]
+        for kind, column in enumerate(self.negative_columns, start=1):
+            negative = (types == kind).nonzero().squeeze(1)
+            pairs_everywhere = self.accelerator.reduce(torch.tensor(float(negative.numel()), device=logps.device))
+            if pairs_everywhere == 0:  # the same decision on every rank, so the collectives below stay matched
+                continue
+            chosen = chosen_of_row[rows[negative]]
+            z = self.beta * (logratios[chosen] - logratios[negative])  # (n_pairs,)
+            prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
+            q = None
+            if self._type_objectives[column] == "napo":
+                q = self._q(column, z, logratios[chosen] / lengths[chosen] - logratios[negative] / lengths[negative])
+                metrics[f"{prefix}q"].append(float(q))
+            if negative.numel():
+                per_pair = objective_loss(
+                    self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
+                )
+                loss = loss + self._type_weights[column] * per_pair.mean()
+            chosen_rewards = self.beta * logratios[chosen].detach()
+            metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
+            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(self.beta * logratios[negative].detach())))
+            metrics[f"{prefix}rewards/margins"].append(float(self._global_mean(z.detach())))
+            metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
+        metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _q(self, column: str, z: torch.Tensor, mean_logratio_margins: torch.Tensor) -> torch.Tensor:
+        """q of one negative type: fixed, or adapted from ψ = the batch mean margin over all processes."""
+        if not isinstance(self.args.q, str):
+            return torch.tensor(self.args.q, device=z.device)
+        _, alpha, reduction = self.args.negative_type_settings(column)
+        margins = z if reduction == "sum" else self.beta * mean_logratio_margins
+        psi = self._global_mean(margins.detach())
+        return adaptive_q(psi, alpha, self.args.q, self.args.q_min).to(z.device)
