@@ -237,7 +237,7 @@ def test_noise_colour_has_the_expected_spectral_slope(color: str, expected: floa
     clean = tone(440, 16000, seconds=4)
     noisy = perturb.apply(f"audio.noise(snr_db=0, color={color})", {"audios": [clean]})["audios"][0]
     slope = spectral_slope_db_per_decade(noisy.astype(np.float64) - clean, 16000, 50, 6000)
-    assert abs(slope - expected) < 2.5, slope
+    assert abs(slope - expected) < 1.0, slope  # estimates scatter by ~0.2 dB/decade
 
 
 @pytest.mark.parametrize("rate", [16000, 8000])
