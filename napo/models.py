@@ -30,7 +30,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoModelForImageTextToText,
+    AutoModelForMultimodalLM,
     AutoProcessor,
     AutoTokenizer,
     BatchFeature,
@@ -516,28 +516,32 @@ def load_model(
         ValueError: the directory holds only pickled weights and ``allow_pickle`` is False.
     """
     local = Path(path).is_dir()
+    pickle_hint = (
+        "Pickled weights can run arbitrary code when loaded: load them only from a source you trust, "
+        "with load_model(..., allow_pickle=True) or `--allow-pickle` on the command line; "
+        "better, convert them once to safetensors."
+    )
     if local and not allow_pickle and not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
-        raise ValueError(
-            f"{path} holds only pickled weights (*.bin), which can run arbitrary code when loaded. "
-            "Load them only from a source you trust, with load_model(..., allow_pickle=True) "
-            "or `--allow-pickle` on the command line; better, convert them once to safetensors."
-        )
+        raise ValueError(f"{path} holds only pickled weights (*.bin). {pickle_hint}")
     common = dict(trust_remote_code=trust_remote_code, local_files_only=local)
     config = AutoConfig.from_pretrained(path, **common)
     multimodal = any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config"))
-    if getattr(config, "audio_config", None) is not None and config.model_type == "qwen2_audio":
-        model_class = Qwen2AudioForConditionalGeneration  # not registered under an Auto class for text generation
-    elif multimodal:
-        model_class = AutoModelForImageTextToText
-    else:
-        model_class = AutoModelForCausalLM
+    # AutoModelForMultimodalLM maps both image-text-to-text and audio-text-to-text models.
+    model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
     # use_safetensors=None: safetensors when present, else pickled weights.
     use_safetensors = None if allow_pickle else True
-    model = model_class.from_pretrained(path, config=config, use_safetensors=use_safetensors, dtype=dtype, **common)
+    try:
+        model = model_class.from_pretrained(path, config=config, use_safetensors=use_safetensors, dtype=dtype, **common)
+    except OSError as error:  # a hub repository without safetensors weights
+        if allow_pickle or "safetensors" not in str(error):
+            raise
+        raise ValueError(f"{path} has no safetensors weights. {pickle_hint}") from error
     processor_class: type = AutoProcessor if multimodal else AutoTokenizer
     processor_config = Path(path, "processor_config.json")
     if local and processor_config.is_file():
-        processor_class = _NAPO_PROCESSORS.get(json.loads(processor_config.read_text()).get("processor_class"), processor_class)
+        # napo's own processor classes (tiny models) are unknown to AutoProcessor.
+        saved_class = json.loads(processor_config.read_text()).get("processor_class")
+        processor_class = _NAPO_PROCESSORS.get(saved_class, processor_class)
     processing_class = processor_class.from_pretrained(path, **common)
     return model.eval(), processing_class
 

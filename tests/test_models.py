@@ -35,16 +35,16 @@ def _audio(seed: int, seconds: float) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(int(16000 * seconds)).astype(np.float32)
 
 
-def _prompt_batch(family: str, processor) -> dict[str, torch.Tensor]:
-    """Two conversational prompts of different lengths (so one is left-padded), with their media."""
+def _prompt_batch(family: str, processor, rows: tuple[int, ...] = (0, 1)) -> dict[str, torch.Tensor]:
+    """Conversational prompts of different lengths (so one is left-padded), with their media."""
     part = {"qwen2_audio": [{"type": "audio"}], "text": []}.get(family, [{"type": "image"}])
-    conversations = [[{"role": "user", "content": [*part, {"type": "text", "text": q}]}] for q in QUESTIONS]
+    conversations = [[{"role": "user", "content": [*part, {"type": "text", "text": QUESTIONS[i]}]}] for i in rows]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     media: dict = {}
     if family in VISION:
-        media = {"images": [[_image(0)], [_image(1)]]}
+        media = {"images": [[_image(i)] for i in rows]}
     elif family == "qwen2_audio":
-        media = {"audio": [_audio(0, 0.5), _audio(1, 1.0)], "sampling_rate": 16000}
+        media = {"audio": [_audio(i, 0.5 + 0.5 * i) for i in rows], "sampling_rate": 16000}
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
     batch.pop("labels", None)  # PaliGemma's processor adds prompt labels; a forward doesn't need them
     return dict(batch)
@@ -66,14 +66,22 @@ def test_forward_and_batched_generate(built) -> None:
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 3
     assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    # Left padding must not change the answer: the padded row generates what it generates alone.
+    padded = int(batch["attention_mask"][:, 0].argmin())
+    alone = _prompt_batch(family, processor, rows=(padded,))
+    alone_out = model.generate(**alone, max_new_tokens=3, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    batched_answer = out[padded, batch["input_ids"].shape[1] :].tolist()
+    if eos in batched_answer:  # a finished row is padded until the others finish
+        batched_answer = batched_answer[: batched_answer.index(eos) + 1]
+    assert batched_answer == alone_out[0, alone["input_ids"].shape[1] :].tolist()
     assert is_vision_model(model) == (family in VISION)
     assert is_audio_model(model) == (family == "qwen2_audio")
 
 
+@pytest.mark.parametrize("built", VISION, indirect=True)
 def test_image_tokens_match_config(built) -> None:
     family, model, processor = built
-    if family not in VISION:
-        pytest.skip("no image tokens")
     batch = _prompt_batch(family, processor)
     image_token_id = model.config.image_token_id
     assert image_token_id == processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -87,10 +95,9 @@ def test_image_tokens_match_config(built) -> None:
     assert per_image.tolist() == expected
 
 
+@pytest.mark.parametrize("built", VISION, indirect=True)
 def test_trl_vision_preference_collator(built) -> None:
     family, model, processor = built
-    if family not in VISION:
-        pytest.skip("DataCollatorForVisionPreference is for image datasets")
     examples = [
         {
             "images": [_image(i)],
