@@ -89,7 +89,8 @@ FAMILY_TOKENS = (
     "<|audio_bos|>",
     "<|audio_eos|>",
 )
-SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, *ROLE_TOKENS, *FAMILY_TOKENS)
+# <unk> first, so no id that code tests for truth (`pad_token_id or eos_token_id` in TRL) is 0.
+SPECIAL_TOKENS: tuple[str, ...] = (UNK, PAD, BOS, EOS, *ROLE_TOKENS, *FAMILY_TOKENS)
 
 # Words of the built-in bias lab and of the tests: colours, objects, counts, question words.
 DEFAULT_WORDS: tuple[str, ...] = tuple(
