@@ -15,7 +15,7 @@ import numpy as np
 from perturb._sample import remove_placeholders, sampling_rate
 
 NOISE_COLORS = ("white", "pink")
-_LOWPASS_TAPS = 511  # Blackman-windowed sinc: transition ~5.5 * rate / taps (~170 Hz at 16 kHz), stopband < -70 dB
+_LOWPASS_TAPS = 511  # Blackman-windowed sinc: -6 dB at the cutoff, < -70 dB from rate / 160 above it
 _MIN_STFT = 2048  # librosa's default n_fft; shorter inputs are zero-padded to it
 
 
@@ -74,8 +74,8 @@ def noise(sample: dict, rng: np.random.Generator, *, snr_db: float = 10.0, color
 def lowpass(sample: dict, rng: np.random.Generator, *, cutoff_hz: float = 1000.0) -> dict:
     """Low-pass filter at `cutoff_hz` (Hz): zero-phase FIR, Blackman-windowed sinc of 511 taps.
 
-    Gain is 1 (0 dB) well below the cutoff, -6 dB at it, below -70 dB from about 170 Hz above
-    it at 16 kHz (the transition scales with the rate). Output has the input's length and
+    Gain is 0 dB (ripple < 0.01 dB) up to rate / 160 below the cutoff, -6 dB at it, below -70 dB
+    from rate / 160 above it (100 Hz at 16 kHz). Output has the input's length and
     alignment. 1000 Hz leaves muffled but partly intelligible speech, 300 Hz keeps prosody only.
     A cutoff at or above the Nyquist frequency (rate / 2) leaves the audio unchanged.
     """

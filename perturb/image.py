@@ -114,10 +114,12 @@ def patch_mask(sample: dict, rng: np.random.Generator, *, ratio: float = 0.5, pa
     def mask(img: Image.Image) -> Image.Image:
         rows, cols = -(-img.height // patch), -(-img.width // patch)
         chosen = rng.choice(rows * cols, size=round(ratio * rows * cols), replace=False)
+        cells = np.zeros(rows * cols, dtype=bool)
+        cells[chosen] = True
+        # Each pixel looks up its cell: (row // patch, col // patch).
+        masked = cells.reshape(rows, cols)[np.arange(img.height)[:, None] // patch, np.arange(img.width) // patch]
         pixels = np.array(img)
-        for cell in chosen:
-            r, c = divmod(int(cell), cols)
-            pixels[r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] = 0
+        pixels[masked] = 0
         return Image.fromarray(pixels, "RGB")
 
     return _each_image(sample, mask)
