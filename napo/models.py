@@ -4,18 +4,25 @@ Tiny models are built from configs with random weights and a tokenizer trained i
 code path here needs the network. Every family gets a real transformers processor, so the same
 code (TRL's collators, batched ``generate``) runs on a tiny model and on a user's checkpoint.
 
-Image / audio tokens per input with the defaults (``image_size=32``, ``patch_size=8``):
+Image / audio tokens per input with the defaults (``image_size=32``, ``patch_size=8``); pass
+everything the processor returns to forward / generate:
 
-    llava        16 ``<image>`` tokens per image ((32/8)^2 patches, the CLS token dropped)
-    qwen2_vl     4 ``<|image_pad|>`` tokens per image (4x4 patches merged 2x2), inside
-                 ``<|vision_start|>...<|vision_end|>``; forward/generate also take ``image_grid_thw``
+    llava        16 ``<image>`` tokens per image, resized to 32x32 ((32/8)^2 patches, CLS dropped).
+    qwen2_vl     keeps the aspect ratio: the image is resized to multiples of 16 px within 32x32 px
+                 of area, one ``<|image_pad|>`` per 16x16 px (a square image: 4), inside
+                 ``<|vision_start|>...<|vision_end|>``; also returns ``image_grid_thw`` and
+                 ``mm_token_type_ids``; ``pixel_values`` are flat patches (n_patches, 3*2*8*8).
     idefics3     4 ``<image>`` tokens per image (16 patches, pixel shuffle 2), wrapped in
-                 ``<fake_token_around_image><global-img>...<fake_token_around_image>``
-    paligemma    16 ``<image>`` tokens per image; the processor also returns ``token_type_ids``
-                 (1 on the suffix only) and ``labels``
-    qwen2_audio  one ``<|AUDIO|>`` token per 40 ms of audio (at most ``audio_seconds``), inside
-                 ``<|audio_bos|>...<|audio_eos|>``; forward/generate take ``input_features`` and
-                 ``feature_attention_mask``
+                 ``<fake_token_around_image><global-img>...<fake_token_around_image>``; also returns
+                 ``pixel_attention_mask``; ``pixel_values`` is (batch, images, 3, 32, 32).
+    paligemma    16 ``<image>`` tokens per image; the processor inserts ``<bos>`` after the last image
+                 token and appends "\n" to every prompt, and returns ``token_type_ids`` (0 prefix,
+                 1 answer) and ``labels`` (drop them before a forward on prompts). The vocabulary
+                 has PaliGemma's 1,152 ``<locNNNN>``/``<segNNN>`` tokens on top.
+    qwen2_audio  one ``<|AUDIO|>`` token per 40 ms of audio (audio cut at ``audio_seconds``), inside
+                 ``<|audio_bos|>...<|audio_eos|>``; also returns ``input_features`` (batch, 80 mel,
+                 100 * audio_seconds frames) and ``feature_attention_mask``. The processor's audio
+                 keyword is ``audio=`` (1-D float32 arrays at 16 kHz) with ``sampling_rate=16000``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from transformers import (
     AutoModelForMultimodalLM,
     AutoProcessor,
     AutoTokenizer,
+    BatchEncoding,
     BatchFeature,
     CLIPVisionConfig,
     GemmaConfig,
@@ -119,7 +127,7 @@ _PLACEHOLDERS: dict[str, tuple[str, str]] = {
 class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
     """Qwen2-VL's processor without its video processor, which needs torchvision.
 
-    Images behave exactly as with ``Qwen2VLProcessor``; videos are refused. ``save_pretrained``
+    Images behave exactly as with ``Qwen2VLProcessor``; videos are not supported. ``save_pretrained``
     records this class and :func:`load_model` loads it back.
     """
 
@@ -150,7 +158,7 @@ class PaliGemmaPreferenceProcessor(PaliGemmaProcessor):
         text: str | list[str] | None = None,
         suffix: str | list[str] | None = None,
         **kwargs: object,
-    ) -> BatchFeature:
+    ) -> BatchFeature | BatchEncoding:
         if images is not None or text is None or suffix is not None:
             return super().__call__(images=images, text=text, suffix=suffix, **kwargs)
         encoded = self.tokenizer(text, **kwargs)
@@ -196,17 +204,19 @@ def build_tokenizer(
     """Train a small tokenizer in memory, with every family's placeholders as special tokens.
 
     Args:
-        words: words that must be single tokens (``kind="word"``); lower-cased.
+        words: ``kind="word"``: words that become single tokens, lower-cased; ``kind="bpe"``:
+            more training text.
         corpus: texts. ``kind="word"`` adds every word of them (split on whitespace and on each
             punctuation character, lower-cased); ``kind="bpe"`` trains the merges on them.
         kind: ``"word"``: a WordLevel vocabulary, lower-casing its input, unknown words -> ``<unk>``,
             decoded space-joined ("two cats"; punctuation attached: "yes."). ``"bpe"``: byte-level
-            BPE (about 300 tokens plus the corpus' merges, at most 1000), case kept, nothing unknown.
+            BPE (256 bytes, the special tokens and the corpus' merges, at most 1000 tokens), case
+            kept, nothing unknown.
 
     Returns:
         A fast tokenizer with ``<pad>``, ``<unk>``, ``<bos>``, ``<eos>``, the role tokens, the
-        placeholders of ``SPECIAL_TOKENS`` and the chat template of :func:`chat_template`. No
-        special token is added on ``encode``: the chat template writes ``<bos>`` itself.
+        placeholders of ``SPECIAL_TOKENS`` and the chat template of :func:`chat_template`; it pads
+        on the left. No special token is added on ``encode``: the chat template writes ``<bos>``.
     """
     corpus = list(corpus)
     if kind == "word":
@@ -320,7 +330,8 @@ def build_tiny_model(
             (and ``image_size / patch_size`` must be even for qwen2_vl and idefics3).
         audio_seconds: longest audio the qwen2_audio feature extractor keeps, in whole seconds.
         seed: ``torch.manual_seed`` for the weights.
-        config_overrides: set on the top-level config after it is built (e.g. ``vision_feature_layer=-1``).
+        config_overrides: attributes set on the top-level config after it is built
+            (e.g. ``vision_feature_layer=-2`` for llava); sub-configs are not touched.
 
     Returns:
         ``(model, processing_class)``: the tokenizer itself for ``"text"`` (a Llama), else the

@@ -61,7 +61,9 @@ def test_forward_and_batched_generate(built) -> None:
     assert (batch["attention_mask"][:, 0] == 0).any(), "the shorter prompt must be left-padded"
     with torch.no_grad():
         logits = model(**batch).logits
-    assert logits.shape == (2, batch["input_ids"].shape[1], model.config.get_text_config().vocab_size)
+    tokenizer = processor if family == "text" else processor.tokenizer
+    assert model.config.get_text_config().vocab_size == len(tokenizer)
+    assert logits.shape == (2, batch["input_ids"].shape[1], len(tokenizer))
     assert torch.isfinite(logits).all()
     out = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 3
