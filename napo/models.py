@@ -559,9 +559,13 @@ def load_model(
 
 
 __all__ = [
+    "AUDIO_TOKEN",
     "DEFAULT_WORDS",
     "FAMILIES",
+    "IMAGE_TOKEN",
     "SPECIAL_TOKENS",
+    "PaliGemmaPreferenceProcessor",
+    "Qwen2VLImageOnlyProcessor",
     "build_tiny_model",
     "build_tokenizer",
     "chat_template",
