@@ -12,8 +12,51 @@ import sys
 
 
 def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("pairs", help="generate language-/vision-biased negatives -> preference dataset")
-    p.set_defaults(run=lambda args: sys.exit("napo pairs: not implemented yet"))
+    import dataclasses
+
+    from napo.pairs import PairsConfig, build_pairs, parse_negatives
+
+    p = subparsers.add_parser(
+        "pairs",
+        help="generate language-/vision-biased negatives -> preference dataset",
+        description="Answer degraded copies of every source row with a generator model and write the answers as "
+        "rejected_* columns beside the original prompt, images and chosen. Rerun the same command to resume.",
+    )
+    # Options come from PairsConfig's fields, so the CLI and the Python API share defaults and help lines.
+    types = {"int": int, "float": float, "str | None": str}
+    for f in dataclasses.fields(PairsConfig):
+        help_line = f.metadata["help"]
+        if f.default is dataclasses.MISSING:
+            p.add_argument(f.name, help=help_line)
+        elif f.name == "negatives":
+            p.add_argument(
+                "--negative", dest="negatives", action="append", metavar="COLUMN=SPEC", default=None,
+                help=f"repeatable; {help_line}",
+            )
+        elif f.type == "bool":
+            off = "" if "default" in help_line else " (default: off)"
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=help_line + off)
+        else:
+            p.add_argument(
+                f"--{f.name.replace('_', '-')}", type=types[f.type], default=f.default,
+                help=f"{help_line} (default: {f.default})",
+            )
+    p.add_argument("--overwrite", action="store_true", help="delete this output folder's previous job and start over (default: resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+
+    def run(args: argparse.Namespace) -> None:
+        job = {f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig)}
+        try:
+            job["negatives"] = parse_negatives(args.negatives) if args.negatives else None
+            stats = build_pairs(PairsConfig(**job), overwrite=args.overwrite, progress=not args.no_progress)
+        except ValueError as error:  # bad arguments or a job mismatch: a message, not a traceback
+            sys.exit(f"napo pairs: {error}")
+        print(f"{stats['rows_written']} of {stats['source_rows']} rows written, {stats['rejects']} rejected, "
+              f"{stats['dropped_no_negative']} dropped (no negative left)")
+        for name, path in stats["outputs"].items():
+            print(f"{name}: {path}")
+
+    p.set_defaults(run=run)
 
 
 def _train_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -191,16 +191,20 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
 
 
 def _decode_row(index: int, row: dict, base_dir: str) -> dict:
-    """Replace the source's image/audio fields by `images` (list of encoded RGB images) and `audios` + `sampling_rate`."""
-    out = {name: value for name, value in row.items() if name not in IMAGE_FIELDS + AUDIO_FIELDS + ("sampling_rate",)}
+    """Replace the source's image/audio fields, in place in the column order, by `images` (list of encoded RGB
+    images) and `audios` + `sampling_rate`."""
     image_field = _media_field(index, row, IMAGE_FIELDS)
-    if image_field:
-        out["images"] = [_image_cell(index, image_field, value, base_dir) for value in _as_list(row[image_field])]
     audio_field = _media_field(index, row, AUDIO_FIELDS)
-    if audio_field:
-        source_rate = row.get("sampling_rate") or SAMPLING_RATE
-        out["audios"] = [_audio_array(index, audio_field, value, base_dir, source_rate) for value in _as_list(row[audio_field])]
-        out["sampling_rate"] = SAMPLING_RATE
+    out = {}
+    for name, value in row.items():
+        if name == image_field:
+            out["images"] = [_image_cell(index, name, item, base_dir) for item in _as_list(value)]
+        elif name == audio_field:
+            source_rate = row.get("sampling_rate") or SAMPLING_RATE
+            out["audios"] = [_audio_array(index, name, item, base_dir, source_rate) for item in _as_list(value)]
+            out["sampling_rate"] = SAMPLING_RATE
+        elif name not in IMAGE_FIELDS + AUDIO_FIELDS + ("sampling_rate",):
+            out[name] = value
     return out
 
 

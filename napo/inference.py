@@ -1,0 +1,127 @@
+"""Batched answer generation for text, image and audio samples, shared by `napo pairs` and evaluation.
+
+A sample is a preference-row-shaped dict (DESIGN.md): "prompt" (a string, or TRL messages), optional
+"images" (list of PIL images), "audios" (list of 1-D float32 arrays) and "sampling_rate" (Hz).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+from napo.data import SAMPLING_RATE
+
+
+def generate(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    samples: list[dict],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Answer every sample; return the decoded new tokens only (special tokens removed, stripped), in input order.
+
+    Messages prompts are rendered with the processor's chat template (with the generation prompt); a string
+    prompt is passed to the processor as is, as TRL does for non-conversational data. When messages hold no
+    image / audio placeholder but the sample has images / audios, one placeholder per item is put before the
+    first user message's text (TRL's `prepare_multimodal_messages` convention).
+
+    Samples are grouped by modality (text-only, with images, with audio, with both) before batching:
+    processors refuse a batch where only some texts carry media. Batches are left-padded.
+
+    Args:
+        batch_size: samples per `model.generate` call.
+        max_new_tokens: the longest answer, in tokens.
+        do_sample: sample with `temperature` instead of greedy decoding; the sampling is seeded with
+            `torch.manual_seed(seed)` once, so the same samples, batch size and seed give the same answers.
+        on_batch: called with the number of samples of each finished batch (for progress bars).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    if do_sample:
+        torch.manual_seed(seed)
+    groups: dict[tuple[bool, bool], list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault((bool(sample.get("images")), bool(sample.get("audios"))), []).append(index)
+    answers: list[str] = [""] * len(samples)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            texts = _generate_batch(
+                model, processing_class, [samples[i] for i in batch], max_new_tokens, do_sample, temperature
+            )
+            for i, text in zip(batch, texts):
+                answers[i] = text
+            if on_batch is not None:
+                on_batch(len(batch))
+    return answers
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    samples: list[dict],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+) -> list[str]:
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    texts = [_render(processing_class, sample) for sample in samples]
+    chat = not isinstance(samples[0]["prompt"], str)
+    kwargs: dict = dict(padding=True, padding_side="left", return_tensors="pt")
+    if chat:
+        kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>: don't add a second one
+    if samples[0].get("images"):
+        kwargs["images"] = [sample["images"] for sample in samples]
+    if samples[0].get("audios"):
+        kwargs["audio"] = [wave for sample in samples for wave in sample["audios"]]
+        kwargs["sampling_rate"] = SAMPLING_RATE
+    if processing_class is tokenizer:
+        inputs = tokenizer(texts, **kwargs)
+    else:
+        inputs = processing_class(text=texts, **kwargs)
+    inputs.pop("labels", None)  # PaliGemma's processor adds them; generate must not get them
+    inputs = inputs.to(model.device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    # Left padding puts every prompt's end at the same column: the new tokens start there.
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _render(processing_class: PreTrainedTokenizerBase | ProcessorMixin, sample: dict) -> str:
+    """The model's input text for one sample: a string prompt as is, messages through the chat template."""
+    prompt = sample["prompt"]
+    if isinstance(prompt, str):
+        return prompt
+    messages = _with_placeholders(prompt, "image", len(sample.get("images") or []))
+    messages = _with_placeholders(messages, "audio", len(sample.get("audios") or []))
+    return processing_class.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _with_placeholders(messages: list[dict], kind: str, count: int) -> list[dict]:
+    """Put `count` {"type": kind} parts first in the first user message when the messages have none of that kind."""
+    has_kind = any(
+        isinstance(m["content"], list) and any(part.get("type") == kind for part in m["content"]) for m in messages
+    )
+    if count == 0 or has_kind:
+        return messages
+    out, done = [], False
+    for message in messages:
+        if message["role"] == "user" and not done:
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+            message = {**message, "content": [{"type": kind}] * count + parts}
+            done = True
+        out.append(message)
+    return out

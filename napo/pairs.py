@@ -1,0 +1,460 @@
+"""Negative generation: source rows + a generator model + perturbation specs -> a preference dataset.
+
+For every source row (prompt, images / audios, `chosen`) and every negative column, the row is degraded with
+`perturb.apply(spec, row)` and the model answers the degraded input; that answer becomes the row's
+`rejected_<kind>` value. The written rows keep the ORIGINAL prompt and media (DESIGN.md, "Preference rows"):
+negatives are scored with the full input, only their generation saw the degraded one.
+
+The job is resumable. Rows are processed in shards of `shard_size`; each shard is written atomically
+(temporary file, then `os.replace`), so after a kill the same call skips the finished shards and no row is
+lost or written twice. The job's arguments are kept in `<output_dir>/args.json` and a rerun with different
+ones is refused. Output layout:
+
+    <output_dir>/args.json     the job's arguments (checked on resume)
+    <output_dir>/shards/       NNNNN.parquet + NNNNN.json (rows and counts of each finished shard)
+    <output_dir>/dataset/      the preference dataset (`datasets.load_from_disk`)
+    <output_dir>/data.parquet  the same rows as one parquet file
+    <output_dir>/rejects.jsonl source rows left out, one {"row", "field", "reason"} per line
+    <output_dir>/stats.json, stats.md   counts and answer-length histograms
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+import perturb
+from napo.data import REJECTED_COLUMNS, RowError, check_answer, check_prompt, read_dataset
+from napo.inference import generate
+
+VISION_NEGATIVES = {"rejected_language_bias": "image.drop", "rejected_vision_bias": "text.drop_question"}
+AUDIO_NEGATIVES = {
+    "rejected_language_bias": "audio.drop",
+    "rejected_audio_bias": "text.drop_question(prompt='Describe the audio.')",
+}
+# Files and folders a job writes; `overwrite` removes exactly these, never anything else in output_dir.
+_OUTPUTS = ("args.json", "shards", "dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md", ".cache")
+# Upper edges (inclusive) of the answer-length histogram bins, in words; the last bin is open.
+_LENGTH_BINS = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass
+class PairsConfig:
+    """The arguments of a `napo pairs` job: every field is recorded in args.json and must match to resume."""
+
+    source: str = field(metadata={"help": "prompts (+ images/audios) with `chosen`: a save_to_disk folder, parquet or JSONL"})
+    model: str = field(metadata={"help": "generator model: a Hugging Face id or a save_pretrained folder"})
+    output_dir: str = field(metadata={"help": "folder for the dataset, stats and shards (rerun the same command to resume)"})
+    negatives: dict[str, str] | None = field(
+        default=None,
+        metadata={
+            "help": "negative column -> perturbation spec; None: "
+            f"{VISION_NEGATIVES} for image data, {AUDIO_NEGATIVES} for audio data"
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "samples per generate call; lower it if memory runs out"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest negative answer, in tokens"})
+    do_sample: bool = field(default=False, metadata={"help": "sample negatives (seeded) instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (only with do_sample)"})
+    seed: int = field(default=0, metadata={"help": "seed of sampling, of random perturbations and of label noise"})
+    keep_identical: bool = field(
+        default=False,
+        metadata={"help": "keep negatives identical to chosen (default: set them to None; a row with no negative left is dropped)"},
+    )
+    inject_label_noise: float = field(
+        default=0.0,
+        metadata={"help": "fraction of rows whose chosen and rejected answers are swapped (marked noisy=True); 0 = none"},
+    )
+    shard_size: int = field(default=64, metadata={"help": "rows per resumable shard; a kill loses at most one shard of work"})
+    dtype: str | None = field(default=None, metadata={"help": "model dtype, e.g. bfloat16 or auto; None: float32"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the model's own code (read it first)"})
+
+
+def build_pairs(
+    config: PairsConfig,
+    *,
+    model: PreTrainedModel | None = None,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a pairs job; return its stats, with the written paths under "outputs".
+
+    Args:
+        config: the job; `config.model` is loaded with `napo.models.load_model` unless `model` and
+            `processing_class` are given (they must be what `config.model` names: it is what resuming checks).
+        overwrite: delete a previous job's outputs in `config.output_dir` and start over.
+        progress: show a tqdm bar (rows and rows/s).
+        on_shard: called with the shard index after each shard is written (progress hooks, tests).
+
+    Raises:
+        ValueError: a bad negative column or spec, a source without a `prompt` or `chosen` column, or an
+            output folder holding another job (the message says which arguments differ and about --overwrite).
+    """
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar for the job, not one per shard write
+    try:
+        return _run(config, model, processing_class, overwrite, progress, on_shard)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _run(
+    config: PairsConfig,
+    model: PreTrainedModel | None,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin | None,
+    overwrite: bool,
+    progress: bool,
+    on_shard: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    out = Path(config.output_dir)
+    _prepare_output(out, overwrite)
+    dataset, read_rejects = read_dataset(config.source, on_bad_row="collect")
+    source_rows = len(dataset) + len(read_rejects)
+    negatives = _resolve_negatives(config.negatives, dataset)
+    _check_or_write_args(out, {**dataclasses.asdict(config), "negatives": negatives, "source_rows": source_rows})
+
+    # read_dataset leaves bad rows out in order: the k-th kept row is the k-th source index not rejected.
+    bad = {reject["row"] for reject in read_rejects}
+    source_index = [i for i in range(source_rows) if i not in bad]
+    rejects = [dict(reject) for reject in read_rejects]
+    valid = []
+    for position, row in enumerate(dataset.select_columns(["prompt", "chosen"])):
+        try:
+            check_prompt(source_index[position], row["prompt"])
+            check_answer(source_index[position], "chosen", row["chosen"])
+            valid.append(position)
+        except RowError as error:
+            rejects.append({"row": error.row, "field": error.field, "reason": error.problem})
+
+    shards = [valid[start : start + config.shard_size] for start in range(0, len(valid), config.shard_size)]
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    todo = [i for i, _ in enumerate(shards) if not (shard_dir / f"{i:05d}.parquet").exists()]
+    if todo and model is None:
+        from napo.models import load_model  # only a job with work left needs the model
+
+        model, processing_class = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+    done_rows = sum(len(shard) for i, shard in enumerate(shards) if i not in todo)
+    with tqdm(total=len(valid), initial=done_rows, unit="row", desc="napo pairs", disable=not progress) as bar:
+        for shard_id in todo:
+            _write_shard(shard_dir, shard_id, dataset, shards[shard_id], source_index, negatives, config, model, processing_class)
+            bar.update(len(shards[shard_id]))
+            if on_shard is not None:
+                on_shard(shard_id)
+    return _finish(out, dataset, len(shards), negatives, config, rejects, source_rows)
+
+
+def parse_negatives(items: list[str]) -> dict[str, str]:
+    """["COLUMN=SPEC", ...] (the CLI's repeated --negative) -> {column: spec}; the spec may contain "=" itself."""
+    negatives = {}
+    for item in items:
+        column, sep, spec = item.partition("=")
+        if not sep or not column.strip() or not spec.strip():
+            raise ValueError(f"--negative {item!r}: expected COLUMN=SPEC, e.g. rejected_language_bias=image.drop")
+        if column.strip() in negatives:
+            raise ValueError(f"--negative {item!r}: column {column.strip()!r} is given twice")
+        negatives[column.strip()] = spec.strip()
+    return negatives
+
+
+def _resolve_negatives(negatives: dict[str, str] | None, dataset: datasets.Dataset) -> dict[str, str]:
+    """The job's negative columns and specs, checked; the default depends on whether the data has audio."""
+    if negatives is None:
+        has_audio = "audios" in dataset.column_names and len(dataset) > 0 and pc.max(pc.list_value_length(dataset.data.column("audios"))).as_py()
+        negatives = dict(AUDIO_NEGATIVES if has_audio else VISION_NEGATIVES)
+    if not negatives:
+        raise ValueError("no negative to generate: give at least one COLUMN=SPEC")
+    for column, spec in negatives.items():
+        if column not in REJECTED_COLUMNS:
+            raise ValueError(f"negative column {column!r}: expected one of {REJECTED_COLUMNS}")
+        if column in dataset.column_names:
+            raise ValueError(f"the source already has a {column!r} column: drop it or generate into another column")
+        perturb.parse(spec)  # a typo fails here, before any model is loaded, with the list of valid ops
+    for needed in ("prompt", "chosen"):
+        if needed not in dataset.column_names:
+            raise ValueError(f"the source has no {needed!r} column (columns: {dataset.column_names}); napo pairs needs prompt and chosen")
+    return negatives
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Create `out`; refuse a non-empty folder that holds no job (even with overwrite: it may be anything)."""
+    if out.exists() and any(out.iterdir()) and not (out / "args.json").exists():
+        raise ValueError(f"{out} is not empty and holds no napo pairs job (no args.json): choose an empty or new folder")
+    if overwrite:
+        for name in _OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_or_write_args(out: Path, job: dict) -> None:
+    """First run: record the job. Later runs: refuse unless the recorded job is the same."""
+    path = out / "args.json"
+    job = json.loads(json.dumps(job))  # the JSON form (tuples -> lists), to compare like with like
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        differ = [f"{key}: {recorded.get(key)!r} -> {job.get(key)!r}" for key in sorted(set(recorded) | set(job)) if recorded.get(key) != job.get(key)]
+        if differ:
+            raise ValueError(
+                f"{out} holds a pairs job with other arguments ({'; '.join(differ)}): rerun with the recorded "
+                f"arguments (see {path}) to resume, or pass --overwrite to start over"
+            )
+        return
+    _write_text(path, json.dumps(job, indent=2) + "\n")
+
+
+def _write_shard(
+    shard_dir: Path,
+    shard_id: int,
+    dataset: datasets.Dataset,
+    positions: list[int],
+    source_index: list[int],
+    negatives: dict[str, str],
+    config: PairsConfig,
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+) -> None:
+    """Generate every negative of one shard of rows and write the shard's rows and counts atomically."""
+    rows = dataset.select(positions)
+    media = [name for name in ("prompt", "images", "audios", "sampling_rate") if name in dataset.column_names]
+    samples = list(rows.select_columns(media))
+    chosen = list(rows["chosen"])
+    rejects: list[dict] = []
+    degraded: dict[str, list[dict]] = {column: [] for column in negatives}
+    keep = []
+    for k, sample in enumerate(samples):
+        row = source_index[positions[k]]
+        try:
+            per_row = {column: perturb.apply(spec, sample, seed=_seed(config.seed, row)) for column, spec in negatives.items()}
+        except ValueError as error:  # perturb names the malformed key
+            rejects.append({"row": row, "field": "prompt/images/audios", "reason": f"cannot be perturbed: {error}"})
+            continue
+        keep.append(k)
+        for column in negatives:
+            degraded[column].append(per_row[column])
+
+    answers: dict[str, list[str | None]] = {}
+    counts = {"identical": {}, "empty": {}}
+    for c, column in enumerate(negatives):
+        generated = generate(
+            model,
+            processing_class,
+            degraded[column],
+            batch_size=config.batch_size,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=config.do_sample,
+            temperature=config.temperature,
+            seed=_seed(config.seed, shard_id, c),
+        )
+        values: list[str | None] = []
+        identical = empty = 0
+        for k, answer in zip(keep, generated):
+            same = bool(answer) and _same_answer(answer, chosen[k])
+            identical += same
+            empty += not answer
+            # An empty string is no answer to train against; an identical one is counted, then dropped unless kept.
+            values.append(None if not answer or (same and not config.keep_identical) else answer)
+        answers[column] = values
+        counts["identical"][column], counts["empty"][column] = identical, empty
+
+    written = [j for j in range(len(keep)) if any(answers[column][j] is not None for column in negatives)]
+    shard = rows.select([keep[j] for j in written])
+    for column in negatives:
+        shard = shard.add_column(column, [answers[column][j] for j in written], feature=datasets.Value("string"))
+    stats = {
+        "rows": len(positions),
+        "written": len(written),
+        "dropped_no_negative": len(keep) - len(written),
+        **counts,
+        "rejects": rejects,
+    }
+    _write_text(shard_dir / f"{shard_id:05d}.json", json.dumps(stats) + "\n")
+    tmp = shard_dir / f"{shard_id:05d}.parquet.tmp-{os.getpid()}"
+    shard.to_parquet(str(tmp))
+    os.replace(tmp, shard_dir / f"{shard_id:05d}.parquet")  # the parquet file's existence marks the shard done
+
+
+def _finish(
+    out: Path,
+    dataset: datasets.Dataset,
+    n_shards: int,
+    negatives: dict[str, str],
+    config: PairsConfig,
+    rejects: list[dict],
+    source_rows: int,
+) -> dict[str, Any]:
+    """Join the shards, inject label noise, write the dataset, parquet copy, rejects and stats."""
+    shard_files = [str(out / "shards" / f"{i:05d}.parquet") for i in range(n_shards)]
+    shard_stats = [json.loads((out / "shards" / f"{i:05d}.json").read_text()) for i in range(n_shards)]
+    features = datasets.Features({**dataset.features, **{column: datasets.Value("string") for column in negatives}})
+    if shard_files:
+        final = datasets.Dataset.from_parquet(shard_files, features=features, cache_dir=str(out / ".cache"))
+    else:
+        final = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    noisy_rows: list[int] = []
+    if config.inject_label_noise > 0:
+        final, noisy_rows = inject_label_noise(final, config.inject_label_noise, config.seed, list(negatives))
+
+    _replace_dir(out / "dataset", final.save_to_disk)
+    tmp = out / f"data.parquet.tmp-{os.getpid()}"
+    final.to_parquet(str(tmp))
+    os.replace(tmp, out / "data.parquet")
+    rejects = sorted(rejects + [r for s in shard_stats for r in s["rejects"]], key=lambda r: r["row"])
+    _write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+
+    outputs = {name: str(out / name) for name in ("dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md")}
+    stats = {
+        "source_rows": source_rows,
+        "rows_written": len(final),
+        "rejects": len(rejects),
+        "dropped_no_negative": sum(s["dropped_no_negative"] for s in shard_stats),
+        "negatives": {
+            column: {
+                "spec": spec,
+                "written": sum(v is not None for v in final[column]),
+                "identical_to_chosen": sum(s["identical"][column] for s in shard_stats),
+                "identical_kept": config.keep_identical,
+                "empty": sum(s["empty"][column] for s in shard_stats),
+            }
+            for column, spec in negatives.items()
+        },
+        "label_noise": {"rate": config.inject_label_noise, "rows_swapped": len(noisy_rows)},
+        "answer_words_histogram": {
+            column: _length_histogram(final[column]) for column in ("chosen", *negatives)
+        },
+        "bins": _bin_labels(),
+        "outputs": outputs,
+    }
+    _write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    _write_text(out / "stats.md", _stats_markdown(stats, config))
+    shutil.rmtree(out / ".cache", ignore_errors=True)
+    return stats
+
+
+def inject_label_noise(
+    dataset: datasets.Dataset, rate: float, seed: int, negatives: list[str] | None = None
+) -> tuple[datasets.Dataset, list[int]]:
+    """Flip the preference of round(rate * rows) rows, the same rows for every negative column; add bool `noisy`.
+
+    A row has one `chosen` for all its negatives, so a flipped row gets chosen := its first non-None negative
+    (in the order of `negatives`) and every non-None negative := the original chosen: each of its pairs then
+    prefers a biased answer over the reference one. With one negative column this is a plain swap.
+
+    Args:
+        rate: fraction of rows to flip, in [0, 1].
+        seed: the flipped rows are `numpy.random.default_rng(seed).choice(rows, count, replace=False)`.
+        negatives: the rejected columns to flip; None: every column of REJECTED_COLUMNS present.
+
+    Returns:
+        `(dataset, flipped)`: a new dataset (same columns in the same order, plus `noisy`) and the sorted
+        indices of the flipped rows.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"label noise rate {rate}: expected a fraction in [0, 1]")
+    final = dataset
+    negatives = negatives if negatives is not None else [c for c in REJECTED_COLUMNS if c in final.column_names]
+    if not negatives:
+        raise ValueError(f"no rejected column to flip (columns: {final.column_names})")
+    count = round(rate * len(final))
+    flipped = sorted(np.random.default_rng(seed).choice(len(final), size=count, replace=False).tolist())
+    columns = {name: list(final[name]) for name in ("chosen", *negatives)}
+    for i in flipped:
+        original = columns["chosen"][i]
+        columns["chosen"][i] = next(columns[n][i] for n in negatives if columns[n][i] is not None)
+        for name in negatives:
+            if columns[name][i] is not None:
+                columns[name][i] = original
+    noisy = np.zeros(len(final), dtype=bool)
+    noisy[flipped] = True
+    order = final.column_names
+    final = final.remove_columns(list(columns))
+    for name, values in columns.items():
+        final = final.add_column(name, values, feature=datasets.Value("string"))
+    final = final.add_column("noisy", noisy.tolist(), feature=datasets.Value("bool"))
+    return final.select_columns([*order, "noisy"]), flipped
+
+
+def _seed(*parts: int) -> int:
+    """A well-mixed non-negative seed from (job seed, row) or (job seed, shard, column): resumes reproduce it."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _same_answer(answer: str, chosen: str) -> bool:
+    """Equal up to case and whitespace: such a negative teaches nothing (or the opposite of what is intended)."""
+    return " ".join(answer.split()).casefold() == " ".join(chosen.split()).casefold()
+
+
+def _length_histogram(answers: list[str | None]) -> list[int]:
+    """Counts of answers per word-count bin (`_bin_labels`); None answers are not counted."""
+    counts = [0] * (len(_LENGTH_BINS) + 1)
+    for answer in answers:
+        if answer is not None:
+            words = len(answer.split())
+            counts[next((b for b, edge in enumerate(_LENGTH_BINS) if words <= edge), len(_LENGTH_BINS))] += 1
+    return counts
+
+
+def _bin_labels() -> list[str]:
+    labels, low = [], 0
+    for edge in _LENGTH_BINS:
+        labels.append(str(edge) if low == edge else f"{low}-{edge}")
+        low = edge + 1
+    return [*labels, f">{_LENGTH_BINS[-1]}"]
+
+
+def _stats_markdown(stats: dict, config: PairsConfig) -> str:
+    lines = [
+        "# napo pairs",
+        "",
+        f"source `{config.source}`, generator `{config.model}`",
+        "",
+        f"- source rows: {stats['source_rows']}",
+        f"- rows written: {stats['rows_written']}",
+        f"- rejected rows (see rejects.jsonl): {stats['rejects']}",
+        f"- rows dropped because no negative was left: {stats['dropped_no_negative']}",
+        f"- label noise: rate {stats['label_noise']['rate']}, rows swapped {stats['label_noise']['rows_swapped']}",
+        "",
+        "| negative | spec | written | identical to chosen | empty |",
+        "|---|---|---|---|---|",
+    ]
+    for column, n in stats["negatives"].items():
+        fate = "kept" if n["identical_kept"] else "dropped"
+        lines.append(f"| {column} | `{n['spec']}` | {n['written']} | {n['identical_to_chosen']} ({fate}) | {n['empty']} |")
+    lines += ["", "Answer length (words):", "", "| answer | " + " | ".join(stats["bins"]) + " |", "|---" * (len(stats["bins"]) + 1) + "|"]
+    for column, counts in stats["answer_words_histogram"].items():
+        lines.append(f"| {column} | " + " | ".join(map(str, counts)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _replace_dir(path: Path, write: Callable[[str], None]) -> None:
+    """Write a folder next to `path`, then swap it in: a kill leaves the old folder or the new one, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(str(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
