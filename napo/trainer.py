@@ -56,6 +56,12 @@ def _as_messages(answer: str | list) -> list[dict]:
     return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
 
 
+def _is_chat(prompt: str | list) -> bool:
+    """Whether a prompt is TRL-style messages. Decided on the prompt alone: TRL's `is_conversational` looks at an
+    arbitrary one of the row's keys, and napo rows keep chat prompts beside plain-string answers."""
+    return is_conversational({"prompt": prompt})
+
+
 def _ref_column(column: str) -> str:
     return f"ref_{column}_logps"
 
@@ -129,7 +135,7 @@ class MultiNegativeVisionCollator:
                 answer = example.get(column)
                 if answer is None:
                     continue
-                if is_conversational(example):
+                if _is_chat(example["prompt"]):
                     rendered = apply_chat_template(
                         {
                             "prompt": prepare_multimodal_messages(example["prompt"], images=row_images),
@@ -176,6 +182,7 @@ class MultiNegativeVisionCollator:
             attention_mask, input_ids, completion_mask, *extras
         )
         batch = dict(processed)
+        batch.pop("labels", None)  # PaliGemma's processor makes prompt labels; the trainer derives its own
         batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
         batch.update(zip(extra_names, extras, strict=True))
         if self.max_length is not None:
@@ -309,7 +316,7 @@ class NaPOTrainer(DPOTrainer):
 
         def tokenize(example):
             prompt = example["prompt"]
-            if is_conversational(example):
+            if _is_chat(prompt):
                 prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True)["input_ids"]
                 full = {
                     c: _tokenize(processing_class, prompt + _as_messages(example[c]))["input_ids"]

@@ -1,0 +1,244 @@
+"""NaPOTrainer against stock trl.DPOTrainer on the same batch, and its training behaviour on tiny models."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from PIL import Image
+from trl import DPOConfig, DPOTrainer
+
+from napo import NaPOConfig, NaPOTrainer
+from napo.data import RowError
+from napo.models import build_tiny_model
+
+COMMON = dict(
+    per_device_train_batch_size=4,
+    gradient_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    logging_steps=1,
+    seed=0,
+    dataloader_drop_last=False,
+    bf16=False,  # stock DPOConfig defaults to bf16 autocast even on CPU
+)
+COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
+
+
+def preference_rows(n: int, *, vision: bool, columns=("rejected",), conversational=True, seed=0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        question = f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"
+        row = {"prompt": [{"role": "user", "content": question}] if conversational else question + " "}
+        row["chosen"] = COLOURS[i % len(COLOURS)]
+        for k, column in enumerate(columns):
+            # Multi-word negatives of different lengths, and a missing one, exercise padding and the pair index.
+            row[column] = None if (k == 1 and i % 3 == 0) else " ".join(COLOURS[(i + k + 1 + j) % 6] for j in range(k + 1))
+        if vision:
+            row["images"] = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def as_trl_pairs(dataset: Dataset) -> Dataset:
+    """Stock TRL wants answers as assistant turns when the prompt is a conversation; napo also takes strings."""
+    return dataset.map(lambda row: {c: [{"role": "assistant", "content": row[c]}] for c in ("chosen", "rejected")})
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A copy of `model` moved away from it, so that policy and reference differ and margins are not 0."""
+    policy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=generator))
+    return policy
+
+
+def loss_and_grads(trainer, rows: list[dict]):
+    trainer.model.train()
+    trainer.model.zero_grad()
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def fresh_rows(trainer, n):
+    # Collators may mutate their examples (TRL's vision collator does): give each call new dicts.
+    return [dict(trainer.train_dataset[i]) for i in range(n)]
+
+
+@pytest.mark.parametrize("family", ["text", "llava"])
+def test_dpo_objective_equals_stock_trl(family, tmp_path):
+    base, processing = build_tiny_model(family, seed=0)
+    dataset = preference_rows(6, vision=family != "text")
+    napo = NaPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", **COMMON),
+        train_dataset=dataset,
+        processing_class=processing,
+    )
+    stock = DPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=DPOConfig(output_dir=str(tmp_path / "trl"), loss_type="sigmoid", **COMMON),
+        train_dataset=as_trl_pairs(dataset),
+        processing_class=processing,
+    )
+    napo_loss, napo_grads = loss_and_grads(napo, fresh_rows(napo, 6))
+    trl_loss, trl_grads = loss_and_grads(stock, fresh_rows(stock, 6))
+    assert abs(float(napo_loss) - float(trl_loss)) < 1e-5
+    assert abs(float(napo_loss) - np.log(2)) > 1e-3  # margins are not all zero: the check has teeth
+    assert napo_grads.keys() == trl_grads.keys()
+    for name in trl_grads:
+        torch.testing.assert_close(napo_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(tmp_path):
+    # One NaPO forward over [chosen, 3 negatives] per row must equal Σ_t γ̂_t · DPO(chosen, rejected_t) computed by
+    # stock TRL on separate pair datasets (rows missing a negative left out of that type's dataset).
+    columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
+    base, tokenizer = build_tiny_model("text", seed=0)
+    dataset = preference_rows(6, vision=False, columns=columns)
+    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", per_device_train_batch_size=6, **{
+        k: v for k, v in COMMON.items() if k != "per_device_train_batch_size"})
+    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
+                       processing_class=tokenizer)
+    napo_loss, napo_grads = loss_and_grads(napo, fresh_rows(napo, 6))
+
+    weights = {c: args.negative_type_settings(c)[0] for c in columns}
+    total_weight = sum(weights.values())
+    expected_loss, expected_grads = 0.0, {}
+    for column in columns:
+        pairs = dataset.filter(lambda row: row[column] is not None).map(lambda row: {"rejected": row[column]})
+        pairs = as_trl_pairs(pairs.select_columns(["prompt", "chosen", "rejected"]))
+        stock = DPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base),
+                           args=DPOConfig(output_dir=str(tmp_path / column), loss_type="sigmoid", **COMMON),
+                           train_dataset=pairs, processing_class=tokenizer)
+        loss, grads = loss_and_grads(stock, fresh_rows(stock, len(pairs)))
+        w = weights[column] / total_weight
+        expected_loss += w * float(loss)
+        for name, g in grads.items():
+            expected_grads[name] = expected_grads.get(name, 0) + w * g
+    assert abs(float(napo_loss) - expected_loss) < 1e-5
+    for name, g in expected_grads.items():
+        torch.testing.assert_close(napo_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def eval_loss(trainer, rows):
+    trainer.model.eval()
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, trainer._prepare_inputs(trainer.data_collator(rows))))
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_napo_steps_lower_loss_and_move_q(use_lora, tmp_path):
+    model, processor = build_tiny_model("llava", seed=0)
+    dataset = preference_rows(8, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
+    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]) if use_lora else None
+    trainer = NaPOTrainer(
+        model=model,
+        args=NaPOConfig(output_dir=str(tmp_path), max_steps=12, learning_rate=5e-3 if use_lora else 2e-3,
+                        **{**COMMON, "per_device_train_batch_size": 8}),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=peft_config,
+    )
+    assert (trainer.ref_model is None) == use_lora  # LoRA: the reference is the model with its adapter disabled
+    before = eval_loss(trainer, fresh_rows(trainer, 8))
+    trainer.train()
+    after = eval_loss(trainer, fresh_rows(trainer, 8))
+    assert after < before - 0.02
+    logs = [h for h in trainer.state.log_history if "language_bias/q" in h]
+    first, last = logs[0], logs[-1]
+    assert first["language_bias/q"] == pytest.approx(0.5)  # ψ = 0 at the start: q = 1 − σ(0)
+    for kind in ("language_bias", "vision_bias"):
+        assert last[f"{kind}/rewards/margins"] > first[f"{kind}/rewards/margins"]
+    # Margins grew, so the paper's q = 1 − σ(α·ψ) fell.
+    assert last["language_bias/q"] < first["language_bias/q"] - 1e-3
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_precomputed_reference_gives_the_same_losses(use_lora, tmp_path):
+    dataset = preference_rows(8, vision=True, columns=("rejected", "rejected_language_bias", "rejected_vision_bias"))
+    histories = {}
+    for precompute in (False, True):
+        model, processor = build_tiny_model("llava", seed=0)
+        trainer = NaPOTrainer(
+            model=model,
+            args=NaPOConfig(output_dir=str(tmp_path / str(precompute)), max_steps=3, learning_rate=2e-3,
+                            precompute_ref_log_probs=precompute, **COMMON),
+            train_dataset=dataset,
+            processing_class=processor,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None,
+        )
+        if precompute:
+            assert trainer.ref_model is None  # nothing but the cached log-probs is kept
+            cached = os.listdir(tmp_path / "True" / "ref_logps")
+            assert len(cached) == 1 and cached[0].startswith("train-")
+        trainer.train()
+        histories[precompute] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(histories[True]) == 3
+    np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "paligemma"])
+def test_other_vision_families_train(family, tmp_path):
+    model, processor = build_tiny_model(family, seed=0)
+    dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
+    trainer = NaPOTrainer(
+        model=model,
+        args=NaPOConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, precompute_ref_log_probs=True,
+                        **COMMON),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert any("vision_bias/q" in h for h in trainer.state.log_history)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda rows: [{k: v for k, v in r.items() if k != "chosen"} for r in rows], "'chosen' column"),
+        (lambda rows: [{k: v for k, v in r.items() if k != "rejected"} for r in rows], "none of the rejected"),
+        (lambda rows: [{**r, "chosen": "" if i == 2 else r["chosen"]} for i, r in enumerate(rows)], "row 2"),
+    ],
+    ids=["no-chosen", "no-rejected", "empty-answer"],
+)
+def test_bad_input_fails_before_training(breakage, message, tmp_path):
+    model, tokenizer = build_tiny_model("text", seed=0)
+    rows = breakage(preference_rows(4, vision=False).to_list())
+    with pytest.raises(ValueError, match=message) as error:
+        NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
+                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    if "row" in message:
+        assert isinstance(error.value, RowError) and "chosen" in str(error.value)
+
+
+def test_standard_string_rows_and_config_validation(tmp_path):
+    model, tokenizer = build_tiny_model("text", seed=0)
+    dataset = preference_rows(4, vision=False, conversational=False, columns=("rejected", "rejected_language_bias"))
+    trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), max_steps=1, **COMMON),
+                          train_dataset=dataset, processing_class=tokenizer)
+    # The original pair keeps DPO beside a bias-type negative; the bias type uses NaPO.
+    assert trainer._type_objectives == {"rejected": "dpo", "rejected_language_bias": "napo"}
+    assert sum(trainer._type_weights.values()) == pytest.approx(1.0)
+    trainer.train()
+    with pytest.raises(ValueError, match="objective"):
+        NaPOConfig(output_dir=str(tmp_path), objective="simpo")
+    with pytest.raises(ValueError, match="q must be"):
+        NaPOConfig(output_dir=str(tmp_path), q="adaptive")
+    with pytest.raises(ValueError, match=r"fixed q must be in \(0, 1\]"):
+        NaPOConfig(output_dir=str(tmp_path), q="1.5")
+    assert NaPOConfig(output_dir=str(tmp_path), q="0.3").q == 0.3
