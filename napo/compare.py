@@ -1,0 +1,703 @@
+"""`napo compare`: preference objectives x label-noise rates x seeds, every cell from the same model and pairs.
+
+A *cell* is one (objective, noise rate, seed). Every cell starts from the same SFT model and the same clean
+preference pairs; the cell's seed picks which `round(rate · rows)` rows get their preference flipped (with
+`napo.pairs`' label-noise injection, so every objective of a (rate, seed) sees exactly the same flipped rows: the
+comparison is paired), then seeds training. A trained cell is evaluated and its row appended to `results.jsonl`:
+
+    {"key": "napo-paper/noise=0.2/seed=1", "objective": "napo-paper", "noise_rate": 0.2, "seed": 1,
+     "label_smoothing": null, "metrics": {...}, "train_wall_s": 14.2, "cell_wall_s": 31.0,
+     "margins": {"clean_mean": ..., "flipped_mean": ..., "clean_fitted": ..., "flipped_fitted": ..., ...},
+     "q_trajectory": {"language_bias": [[step, q], ...]}, "finished": "2026-11-25T03:40:00+00:00"}
+
+Two sources of model and pairs:
+
+- the bias lab (default): `napo.lab.prepare_lab` builds the SFT model and pairs once; metrics are the lab's
+  (`evaluate_lab_model`: counterfactual / prior-consistent accuracy, blind agreement, POPE, CHAIR, ...);
+- a user's preference dataset and model (`dataset` + `model`): a clean held-out split (`holdout` of the rows,
+  never noised) is set aside; metrics are the reward accuracy and mean margin of the trained model on it.
+
+Resumable: a cell whose key is in `results.jsonl` is skipped; a cell that raised is recorded in `errors.jsonl`
+and retried on the next run. Output layout under `output_dir`:
+
+    results.jsonl   one line per finished cell        errors.jsonl    one line per failed attempt
+    summary.csv     mean and std over seeds           README.md       the report (tables, verdict)
+    metrics_vs_noise.png  q_trajectory.png  margins_clean_vs_flipped.png
+    lab/ or data/   the shared SFT model and pairs    cells/<key>/    a cell's training folder (removed
+                                                                       after success unless keep_models)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections import defaultdict
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+DEFAULT_OBJECTIVES = (
+    "dpo", "cdpo", "rdpo", "ipo", "hinge", "napo-q0.3", "napo-q0.7", "napo-q1.0", "napo-paper", "napo-official",
+)
+DEFAULT_NOISE_RATES = (0.0, 0.1, 0.2, 0.4)
+DEFAULT_SEEDS = (0, 1, 2)
+# cDPO / rDPO are given the true flip rate as their ε (an oracle NaPO does not get, so these are the strongest
+# versions of both baselines), clipped: below 0.05 they would be plain DPO although automatically built pairs are
+# never perfectly clean, and rDPO's 1/(1 − 2ε) weights blow up as ε → 0.5.
+SMOOTHING_RANGE = (0.05, 0.45)
+# Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
+LOWER_IS_BETTER = frozenset(
+    {"blind_agreement", "chair_s", "chair_i", "margin_flipped_mean", "margin_flipped_fitted", "train_wall_s", "cell_wall_s"}
+)
+# Metrics the verdict compares NaPO and DPO on, by source.
+PRIMARY_METRIC = {"lab": "counterfactual_accuracy", "dataset": "heldout_reward_accuracy"}
+_MARGIN_FIELDS = ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted")
+
+
+@dataclass
+class CompareConfig:
+    """The arguments of a `napo compare` run. A recipe YAML holds any subset of these fields by name."""
+
+    output_dir: str = field(default="napo-compare", metadata={"help": "folder for results.jsonl, the report and the plots (rerun to resume)"})
+    objectives: list[str] = field(
+        default_factory=lambda: list(DEFAULT_OBJECTIVES),
+        metadata={"help": "objectives: dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<fixed q in (0, 1]>"},
+    )
+    noise_rates: list[float] = field(
+        default_factory=lambda: list(DEFAULT_NOISE_RATES),
+        metadata={"help": "fractions of training rows whose preference is flipped, each in [0, 1)"},
+    )
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS), metadata={"help": "seeds: which rows are flipped, and training"})
+    lab_recipe: str | None = field(default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"})
+    lab_seed: int = field(default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"})
+    quick: bool = field(default=False, metadata={"help": "the lab's quick mode: smaller data and fewer steps (smoke tests)"})
+    dataset: str | None = field(default=None, metadata={"help": "your preference dataset (save_to_disk, parquet or JSONL) instead of the lab"})
+    model: str | None = field(default=None, metadata={"help": "your model (Hugging Face id or folder) to train from; needed with --dataset"})
+    holdout: float = field(default=0.1, metadata={"help": "with --dataset: fraction of rows held out clean for evaluation"})
+    max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
+    beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
+    eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
+    workers: int = field(
+        default_factory=lambda: max(1, _cores() // 2),
+        metadata={"help": "cells trained in parallel (a process pool); torch threads per worker = cores / workers"},
+    )
+    keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
+    train: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "extra NaPOConfig fields for every cell, e.g. {learning_rate: 1e-4}"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in self.objectives:
+            objective_settings(name, 0.0)  # a typo fails now, not after an hour of other cells
+        for rate in self.noise_rates:
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"noise rate {rate}: expected a fraction in [0, 1)")
+        if (self.dataset is None) != (self.model is None):
+            raise ValueError("--dataset and --model go together: your pairs and the model to train from them")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout={self.holdout}: expected a fraction in (0, 1)")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: expected at least 1")
+        if len(set(self.objectives)) != len(self.objectives) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("objectives and seeds must not repeat")
+        grid_owned = set(self.train) & {"objective", "q", "label_smoothing", "seed", "beta", "max_steps", "output_dir"}
+        if grid_owned:
+            raise ValueError(f"train settings {sorted(grid_owned)} are set by the grid or by their own option (--beta, --max-steps)")
+
+    @property
+    def source(self) -> str:
+        """'lab' or 'dataset'."""
+        return "lab" if self.dataset is None else "dataset"
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Read a compare recipe (YAML mapping of `CompareConfig` field names); unknown keys are an error."""
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in dataclasses.fields(CompareConfig)}
+    if not isinstance(recipe, dict) or set(recipe) - known:
+        raise ValueError(f"{path}: expected a mapping with keys among {sorted(known)}; unknown: {sorted(set(recipe) - known)}")
+    return recipe
+
+
+def label_smoothing_for(noise_rate: float) -> float:
+    """ε given to cDPO / rDPO in a cell: the cell's flip rate clipped to SMOOTHING_RANGE (see its comment)."""
+    low, high = SMOOTHING_RANGE
+    return min(max(noise_rate, low), high)
+
+
+def objective_settings(name: str, noise_rate: float) -> dict[str, Any]:
+    """NaPOConfig fields of a grid objective name: "dpo" -> {objective: dpo}, "napo-q0.3" -> {objective: napo, q: 0.3}."""
+    if name in ("dpo", "ipo", "hinge"):
+        return {"objective": name}
+    if name in ("cdpo", "rdpo"):
+        return {"objective": name, "label_smoothing": label_smoothing_for(noise_rate)}
+    match = re.fullmatch(r"napo-(paper|official|q(\d*\.?\d+))", name)
+    if match is None:
+        raise ValueError(f"objective {name!r}: expected dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<q>, e.g. napo-q0.3")
+    q = match.group(2) or match.group(1)
+    if match.group(2) and not 0.0 < float(q) <= 1.0:
+        raise ValueError(f"objective {name!r}: a fixed q must be in (0, 1]")
+    return {"objective": "napo", "q": q}
+
+
+def cell_key(objective: str, noise_rate: float, seed: int) -> str:
+    """The cell's identity in results.jsonl and its folder name under cells/."""
+    return f"{objective}/noise={noise_rate:g}/seed={seed}"
+
+
+def read_results(path: Path) -> list[dict]:
+    """The rows of a results.jsonl; a torn last line (a kill during a write) is ignored, it will be redone."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def run_compare(config: CompareConfig, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the grid, then write the report; return counts and the written paths under "outputs".
+
+    Args:
+        config: the grid and the source of model and pairs.
+        command: the command line recorded in the report (default: this process's argv).
+        progress: show a tqdm bar over cells.
+    """
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    context = _prepare(config, out)
+    done = {row["key"] for row in read_results(results_path)}
+    # Seed-major order: a run stopped early holds whole replicates of the grid, not whole noise rates.
+    todo = [
+        (objective, rate, seed)
+        for seed in config.seeds
+        for rate in config.noise_rates
+        for objective in config.objectives
+        if cell_key(objective, rate, seed) not in done
+    ]
+    total = len(config.objectives) * len(config.noise_rates) * len(config.seeds)
+    failed = 0
+    threads = max(1, _cores() // config.workers)
+    with tqdm(total=total, initial=total - len(todo), unit="cell", desc="napo compare", disable=not progress) as bar:
+        for cell, outcome in _run_cells(context, todo, config.workers, threads):
+            if "error" in outcome:
+                failed += 1
+                _append_line(out / "errors.jsonl", {"key": cell_key(*cell), "error": outcome["error"], "time": _now()})
+                bar.set_postfix(failed=failed)
+            else:
+                _append_line(results_path, outcome)
+                bar.update(1)
+    rows = [row for row in read_results(results_path) if row["key"] in _grid_keys(config)]
+    meta = {
+        "command": command or " ".join(["napo", *sys.argv[1:]]),
+        "date": _now(),
+        "run_wall_s": time.perf_counter() - start,
+        "cells_run": len(todo) - failed,
+        "cells_failed": failed,
+        "cells_total": total,
+        "max_steps": context["max_steps"],
+        "lab_settings": context.get("lab", {}).get("settings"),
+    }
+    outputs = write_report(out, rows, config, meta)
+    return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
+
+
+# ---------------------------------------------------------------------------------------------- running cells
+def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
+    """Build (or reuse) what every cell shares; a plain dict of paths and settings, sent to worker processes."""
+    context = {
+        "source": config.source,
+        "out": str(out),
+        "beta": config.beta,
+        "max_steps": config.max_steps,
+        "eval_n": config.eval_n,
+        "keep_models": config.keep_models,
+        "train": dict(config.train),
+    }
+    if config.source == "lab":
+        from napo.lab.pipeline import prepare_lab
+
+        lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=config.lab_seed, quick=config.quick)
+        steps = config.max_steps or lab["settings"]["pref_steps"]  # quick mode trains fewer steps
+        return {**context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": lab["pairs_dir"]}
+    return {**context, "sft_dir": config.model, **_split_dataset(config, out / "data")}
+
+
+def _split_dataset(config: CompareConfig, data_dir: Path) -> dict[str, str]:
+    """Hold out a clean split of the user's pairs once (seeded by lab_seed) and save both halves."""
+    train_dir, heldout_dir = data_dir / "train", data_dir / "heldout"
+    if not heldout_dir.exists():
+        from napo.data import read_dataset, validate_preference_dataset
+
+        dataset, _ = read_dataset(config.dataset)
+        validate_preference_dataset(dataset)
+        if "noisy" in dataset.column_names:  # the user's pairs count as clean: only injected flips are "noisy"
+            dataset = dataset.remove_columns("noisy")
+        split = dataset.train_test_split(test_size=config.holdout, seed=config.lab_seed)
+        split["train"].save_to_disk(str(train_dir))
+        split["test"].save_to_disk(str(heldout_dir) + ".tmp")
+        os.replace(str(heldout_dir) + ".tmp", heldout_dir)  # written last: its presence marks the split done
+    return {"pairs": str(train_dir), "heldout": str(heldout_dir)}
+
+
+def _run_cells(context: dict, cells: list[tuple], workers: int, threads: int):
+    """Yield (cell, outcome) as cells finish; in this process when workers == 1, else in a process pool."""
+    if workers == 1 or len(cells) <= 1:
+        import torch
+
+        torch.set_num_threads(threads)
+        for cell in cells:
+            yield cell, _attempt_cell(context, cell)
+        return
+    import multiprocessing
+
+    # spawn: a forked child would inherit torch's thread pools and locks from the parent.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
+        pending = {pool.submit(_attempt_cell, context, cell): cell for cell in cells}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                yield pending.pop(future), future.result()
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _attempt_cell(context: dict, cell: tuple) -> dict[str, Any]:
+    """run_cell, with any exception turned into {"error": traceback} so one bad cell never stops the grid."""
+    try:
+        return run_cell(context, *cell)
+    except Exception:  # noqa: BLE001 - recorded in errors.jsonl and retried on the next run
+        return {"error": traceback.format_exc()}
+
+
+def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dict[str, Any]:
+    """Train and evaluate one cell; return its results.jsonl row (see the module docstring)."""
+    import datasets
+
+    from napo.lab.pipeline import train_preference
+    from napo.pairs import inject_label_noise
+
+    started = time.perf_counter()
+    key = cell_key(objective, noise_rate, seed)
+    cell_dir = Path(context["out"], "cells", key.replace("/", "_"))
+    shutil.rmtree(cell_dir, ignore_errors=True)  # a failed attempt's leftovers
+    pairs, _ = inject_label_noise(datasets.load_from_disk(context["pairs"]), noise_rate, seed)
+    settings = objective_settings(objective, noise_rate)
+    trained = train_preference(
+        context["sft_dir"],
+        pairs,
+        str(cell_dir),
+        seed=seed,
+        max_steps=context["max_steps"],
+        beta=context["beta"],
+        **settings,
+        **context["train"],
+    )
+    model, processing_class = _load(trained["model_dir"])
+    reference, _ = _load(context["sft_dir"])
+    if context["source"] == "lab":
+        from napo.lab.pipeline import evaluate_lab_model
+
+        metrics = evaluate_lab_model((model, processing_class), context["lab"], n=context["eval_n"])
+    else:
+        heldout = datasets.load_from_disk(context["heldout"])
+        held = pair_margins(model, reference, processing_class, heldout, beta=context["beta"], work_dir=cell_dir / "scoring")
+        metrics = {
+            "heldout_reward_accuracy": float(np.mean(held["margin"] > 0)),
+            "heldout_mean_margin": float(np.mean(held["margin"])),
+        }
+    # After evaluation: scoring wraps the model in a trainer, which patches its forward.
+    train_margins = pair_margins(model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring")
+    if not context["keep_models"]:
+        shutil.rmtree(cell_dir, ignore_errors=True)
+    return {
+        "key": key,
+        "objective": objective,
+        "noise_rate": noise_rate,
+        "seed": seed,
+        "label_smoothing": settings.get("label_smoothing"),
+        "metrics": {name: float(value) for name, value in metrics.items()},
+        "train_wall_s": float(trained["wall_time_s"]),
+        "cell_wall_s": time.perf_counter() - started,
+        "margins": margin_summary(train_margins["margin"], train_margins["noisy"]),
+        "q_trajectory": q_trajectory(trained["log_history"]),
+        "finished": _now(),
+    }
+
+
+def _load(path: str):
+    from napo.models import load_model
+
+    return load_model(path)
+
+
+# ------------------------------------------------------------------------------------------------- margins
+def pair_margins(model, reference, processing_class, pairs, *, beta: float, work_dir: Path, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The β-scaled reward margin z of every (row, negative column) pair of `pairs` under `model` vs `reference`.
+
+        z = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]   (nats · β)
+
+    with y_w the row's `chosen` as stored (for a flipped row: the biased answer), scored exactly as
+    `NaPOTrainer` scores them in training (same tokenization, full prompt and images).
+
+    Returns:
+        {"margin": (n_pairs,), "noisy": (n_pairs,) bool (the row's `noisy`, False when the column is absent),
+         "column": (n_pairs,) the negative column of each pair}; rows without a negative in a column give no pair.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from napo import NaPOConfig, NaPOTrainer
+
+    args = NaPOConfig(
+        output_dir=str(work_dir), beta=beta, report_to="none", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False
+    )
+    trainer = NaPOTrainer(model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class)
+    trainer.model.eval()
+    columns = ("chosen", *trainer.negative_columns)
+    logratios = np.full((len(pairs), len(columns)), np.nan)
+    first_row = 0
+    loader = DataLoader(trainer.train_dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
+    for batch in loader:
+        batch = trainer._prepare_inputs(batch)
+        model_kwargs, labels, seq_len = trainer._model_inputs(batch)
+        with torch.no_grad():
+            policy = trainer.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:].sum(dim=1)
+        ref = trainer._reference_logps(model_kwargs, labels, seq_len)
+        rows = batch["sequence_row"].cpu().numpy() + first_row
+        logratios[rows, batch["sequence_type"].cpu().numpy()] = (policy - ref).float().cpu().numpy()
+        first_row += int((batch["sequence_type"] == 0).sum())  # one chosen sequence per row
+    noisy_rows = np.asarray(pairs["noisy"], dtype=bool) if "noisy" in pairs.column_names else np.zeros(len(pairs), dtype=bool)
+    margins, noisy, column = [], [], []
+    for k, name in enumerate(columns[1:], start=1):
+        present = ~np.isnan(logratios[:, k])
+        margins.append(beta * (logratios[present, 0] - logratios[present, k]))
+        noisy.append(noisy_rows[present])
+        column += [name] * int(present.sum())
+    return {"margin": np.concatenate(margins), "noisy": np.concatenate(noisy), "column": np.array(column)}
+
+
+def margin_summary(margin: np.ndarray, noisy: np.ndarray) -> dict[str, float | int | None]:
+    """Mean margin and fraction with margin > 0 ("fitted": the trained model prefers the row's chosen as stored) of
+    clean and of flipped pairs; None where a group is empty (no flipped pair at noise 0)."""
+    summary: dict[str, float | int | None] = {}
+    for group, mask in (("clean", ~noisy), ("flipped", noisy)):
+        summary[f"{group}_mean"] = float(margin[mask].mean()) if mask.any() else None
+        summary[f"{group}_fitted"] = float((margin[mask] > 0).mean()) if mask.any() else None
+        summary[f"n_{group}"] = int(mask.sum())
+    return summary
+
+
+def q_trajectory(log_history: list[dict]) -> dict[str, list[list[float]]]:
+    """NaPO's logged q per negative type over training: {type: [[step, q], ...]} ("rejected" for the plain pair)."""
+    trajectory: dict[str, list[list[float]]] = defaultdict(list)
+    for entry in log_history:
+        for name, value in entry.items():
+            if name == "q" or name.endswith("/q"):
+                trajectory[name[:-2] or "rejected"].append([entry["step"], float(value)])
+    return dict(trajectory)
+
+
+# ------------------------------------------------------------------------------------------------- report
+def cell_values(row: dict) -> dict[str, float]:
+    """The numbers of a results row that the report aggregates: its metrics, margins (prefixed margin_) and times."""
+    values = dict(row["metrics"])
+    values.update({f"margin_{name}": row["margins"][name] for name in _MARGIN_FIELDS if row["margins"].get(name) is not None})
+    values["train_wall_s"] = row["train_wall_s"]
+    return values
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (ddof=1; NaN for a single seed) over seeds of every value of
+    `cell_values`, per (objective, noise rate, metric): [{objective, noise_rate, metric, mean, std, n}, ...]."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        for metric, value in cell_values(row).items():
+            groups[(row["objective"], row["noise_rate"], metric)].append(value)
+    return [
+        {
+            "objective": objective,
+            "noise_rate": rate,
+            "metric": metric,
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+            "n": len(values),
+        }
+        for (objective, rate, metric), values in groups.items()
+    ]
+
+
+def write_report(out: Path, rows: list[dict], config: CompareConfig, meta: dict) -> dict[str, str]:
+    """summary.csv, README.md and the three plots from the finished cells; return {name: path}."""
+    summary = summarize(rows)
+    outputs = {"results": out / "results.jsonl", "summary": out / "summary.csv", "report": out / "README.md"}
+    _write_csv(outputs["summary"], summary)
+    outputs.update(_plots(out, rows, summary, config))
+    _write_text(outputs["report"], _markdown(rows, summary, config, meta))
+    if (out / "errors.jsonl").exists():
+        outputs["errors"] = out / "errors.jsonl"
+    return {name: str(path) for name, path in outputs.items()}
+
+
+def _write_csv(path: Path, summary: list[dict]) -> None:
+    lines = ["objective,noise_rate,metric,mean,std,n"]
+    lines += [f"{s['objective']},{s['noise_rate']!r},{s['metric']},{s['mean']!r},{s['std']!r},{s['n']}" for s in summary]
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[float]) -> list[str]:
+    """A markdown table of one metric: objectives x noise rates, mean ± std, the best mean of each column in bold."""
+    cells = {(s["objective"], s["noise_rate"]): s for s in summary if s["metric"] == metric}
+    pick = min if metric in LOWER_IS_BETTER else max
+    best = {}
+    for rate in rates:
+        means = [cells[(o, rate)]["mean"] for o in objectives if (o, rate) in cells]
+        best[rate] = pick(means) if means else None
+    lines = ["| objective | " + " | ".join(f"noise {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    for objective in objectives:
+        entries = []
+        for rate in rates:
+            s = cells.get((objective, rate))
+            if s is None:
+                entries.append("—")
+                continue
+            text = f"{s['mean']:.3f}" + ("" if math.isnan(s["std"]) else f" ± {s['std']:.3f}")
+            entries.append(f"**{text}**" if s["mean"] == best[rate] else text)
+        lines.append(f"| {objective} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def _verdict(rows: list[dict], metric: str, rates: list[float], objectives: list[str]) -> list[str]:
+    """NaPO variants against DPO per noise rate on `metric`: mean paired difference (same flipped rows per seed)
+    and whether it exceeds twice its standard error."""
+    by_cell = {(r["objective"], r["noise_rate"], r["seed"]): r["metrics"].get(metric) for r in rows}
+    lines = []
+    for napo in [o for o in objectives if o.startswith("napo")]:
+        for rate in rates:
+            diffs = [
+                by_cell[(napo, rate, s)] - by_cell[("dpo", rate, s)]
+                for (o, r, s) in by_cell
+                if o == napo and r == rate and by_cell.get(("dpo", rate, s)) is not None and by_cell[(o, r, s)] is not None
+            ]
+            if not diffs:
+                continue
+            mean = float(np.mean(diffs))
+            se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+            if math.isnan(se):
+                call = "one seed: no error bar"
+            elif abs(mean) > 2 * se:
+                call = "NaPO better" if mean > 0 else "DPO better"
+            else:
+                call = "within noise"
+            lines.append(f"| {napo} | {rate:g} | {mean:+.3f} | {'—' if math.isnan(se) else f'{se:.3f}'} | {len(diffs)} | {call} |")
+    if not lines:
+        return []
+    return [
+        f"| objective | noise | Δ {metric} vs DPO (paired mean) | std. error | seeds | verdict (|Δ| > 2 s.e.) |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
+
+
+def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
+    objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
+    rates = [r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows)]
+    metrics = sorted({s["metric"] for s in summary}, key=lambda m: (m.startswith(("margin_", "train_")), m))
+    primary = PRIMARY_METRIC[config.source]
+    train_time = sum(r["train_wall_s"] for r in rows)
+    if config.source == "lab":
+        source = "the bias lab" + (" (quick mode)" if config.quick else "")
+    else:
+        source = f"dataset `{config.dataset}`, model `{config.model}`, {config.holdout:g} of its rows held out clean"
+    lines = [
+        "# napo compare: objectives under controlled label noise",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- wall time of this invocation: {meta['run_wall_s']:.0f} s ({meta['cells_run']} cells run, "
+        f"{meta['cells_failed']} failed); total training time of the {len(rows)} finished cells: {train_time:.0f} s, "
+        f"cell time {sum(r['cell_wall_s'] for r in rows):.0f} s",
+        f"- cells finished: {len(rows)} of {meta['cells_total']}",
+        f"- device: {_device()}",
+        f"- versions: {_versions()}",
+        f"- source: {source}",
+        f"- β = {config.beta}; cDPO/rDPO ε = the cell's noise rate clipped to {list(SMOOTHING_RANGE)} (oracle flip rate); "
+        f"training steps per cell = {meta['max_steps'] or 'the trainer default'}; extra training settings: {config.train or 'none'}",
+    ]
+    if meta["lab_settings"]:
+        lines.append(f"- lab settings: {meta['lab_settings']}")
+    lines += [
+        "",
+        "Mean ± sample std over seeds; the best mean of each column in bold (lowest for "
+        f"{', '.join(sorted(m for m in LOWER_IS_BETTER if m in metrics))}, highest otherwise). "
+        "`margin_*` are the final β-scaled reward margins of the training pairs under the trained model vs the SFT "
+        "reference: `clean_mean`/`flipped_mean` average them over clean and deliberately flipped pairs (margin toward the "
+        "label as trained, so a negative flipped mean means the model did not learn the flipped preference), "
+        "`*_fitted` is the fraction with margin > 0.",
+        "",
+        "## Does NaPO beat DPO under label noise?",
+        "",
+    ]
+    verdict = _verdict(rows, primary, rates, objectives)
+    lines += verdict or [f"(no DPO and NaPO cells to compare on {primary})"]
+    for metric in metrics:
+        lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates)]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![metrics vs noise](metrics_vs_noise.png)",
+        "",
+        "![q over training](q_trajectory.png)",
+        "",
+        "![final margins of clean vs flipped pairs](margins_clean_vs_flipped.png)",
+        "",
+        "Data: `results.jsonl` (one line per cell), `summary.csv` (the tables), `errors.jsonl` (failed attempts, if any).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConfig) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
+    colours = {o: plt.cm.tab10(i % 10) for i, o in enumerate(objectives)}
+    paths = {name: out / f"{name}.png" for name in ("metrics_vs_noise", "q_trajectory", "margins_clean_vs_flipped")}
+
+    # 1. every metric against the noise rate, one line per objective (error bars: std over seeds).
+    metrics = sorted({s["metric"] for s in summary} - {"train_wall_s"})
+    cols = 3
+    fig, axes = plt.subplots(max(1, math.ceil(len(metrics) / cols)), cols, figsize=(5 * cols, 3.6 * max(1, math.ceil(len(metrics) / cols))), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        for objective in objectives:
+            points = sorted((s["noise_rate"], s["mean"], 0 if math.isnan(s["std"]) else s["std"]) for s in summary if s["metric"] == metric and s["objective"] == objective)
+            if points:
+                x, y, e = zip(*points)
+                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=objective, color=colours[objective])
+        ax.set_title(metric)
+        ax.set_xlabel("label-noise rate")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    if objectives:
+        axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["metrics_vs_noise"], dpi=110)
+    plt.close(fig)
+
+    # 2. q over training steps: NaPO objectives, one panel per noise rate, per negative type, seeds averaged.
+    rates = sorted({r["noise_rate"] for r in rows}) or [0.0]
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 3.6), squeeze=False)
+    for ax, rate in zip(axes.flat, rates):
+        for objective in objectives:
+            curves: dict[str, list] = defaultdict(list)
+            for row in rows:
+                if row["objective"] == objective and row["noise_rate"] == rate:
+                    for kind, points in row["q_trajectory"].items():
+                        curves[kind].append(points)
+            for kind, runs in curves.items():
+                length = min(len(run) for run in runs)
+                if length == 0:
+                    continue
+                steps = [p[0] for p in runs[0][:length]]
+                mean_q = np.mean([[p[1] for p in run[:length]] for run in runs], axis=0)
+                ax.plot(steps, mean_q, color=colours[objective], linestyle="-" if kind == "language_bias" else "--", label=f"{objective} {kind}")
+        ax.set_title(f"noise {rate:g}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("q (mean over seeds)")
+        ax.set_ylim(0, 1.05)
+    handles = axes.flat[0].get_legend_handles_labels()[0]
+    if handles:
+        axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(paths["q_trajectory"], dpi=110)
+    plt.close(fig)
+
+    # 3. final margins of clean vs flipped training pairs, per objective and noise rate > 0.
+    noisy_rates = [r for r in rates if r > 0] or rates
+    fig, axes = plt.subplots(1, len(noisy_rates), figsize=(max(5, 0.6 * len(objectives) + 2) * len(noisy_rates) / 1.5, 3.8), squeeze=False)
+    for ax, rate in zip(axes.flat, noisy_rates):
+        for offset, group, colour in ((-0.2, "clean", "tab:blue"), (0.2, "flipped", "tab:red")):
+            means, errors = [], []
+            for objective in objectives:
+                s = next((s for s in summary if s["objective"] == objective and s["noise_rate"] == rate and s["metric"] == f"margin_{group}_mean"), None)
+                means.append(s["mean"] if s else np.nan)
+                errors.append(0 if s is None or math.isnan(s["std"]) else s["std"])
+            ax.bar(np.arange(len(objectives)) + offset, means, width=0.4, yerr=errors, color=colour, label=f"{group} pairs", capsize=2)
+        ax.axhline(0, color="black", linewidth=0.7)
+        ax.set_xticks(np.arange(len(objectives)), objectives, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"noise {rate:g}")
+        ax.set_ylabel("final margin z (toward the trained label)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["margins_clean_vs_flipped"], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _grid_keys(config: CompareConfig) -> set[str]:
+    return {cell_key(o, r, s) for o in config.objectives for r in config.noise_rates for s in config.seeds}
+
+
+def _append_line(path: Path, row: dict) -> None:
+    """Append one JSON line with a single write, flushed and fsynced: a kill leaves whole lines (at most a torn
+    last one, which `read_results` ignores)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores available)"
+
+
+def _versions() -> str:
+    from importlib.metadata import version
+
+    packages = ("torch", "transformers", "trl", "datasets", "napo")
+    return f"python {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in packages)

@@ -1,0 +1,259 @@
+"""`napo compare`: grids end to end (user dataset and bias lab), resuming, retrying, and the report's numbers."""
+
+import copy
+import csv
+import json
+import math
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+import napo.compare as compare
+from napo.cli import build_parser
+from napo.compare import CompareConfig, objective_settings, pair_margins, read_results, run_compare
+from napo.models import build_tiny_model
+
+COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
+OBJECTS = ["banana", "cat", "frog", "tomato"]
+
+
+def colour_pairs(n: int) -> Dataset:
+    """Text preference rows: chosen = the object's colour, rejected = another colour."""
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"what colour is the {OBJECTS[i % len(OBJECTS)]} ?"}]
+        rows.append({"prompt": prompt, "chosen": COLOURS[i % 4], "rejected": COLOURS[(i % 4) + 2]})
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def user_setup(tmp_path_factory):
+    """A tiny text model saved like a user's model, and a 40-row preference dataset saved like a user's."""
+    root = tmp_path_factory.mktemp("user")
+    model, tokenizer = build_tiny_model("text", seed=0)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    colour_pairs(40).save_to_disk(str(root / "pairs"))
+    return str(root / "pairs"), str(root / "model")
+
+
+def user_config(user_setup, out, **overrides) -> CompareConfig:
+    dataset, model = user_setup
+    settings = dict(
+        output_dir=str(out), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.4], seeds=[0],
+        dataset=dataset, model=model, holdout=0.25, max_steps=3, workers=1,
+        train={"per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 1e-3},
+    )
+    settings.update(overrides)
+    return CompareConfig(**settings)
+
+
+@pytest.fixture
+def count_cells(monkeypatch):
+    """Counts the cells actually trained (in this process: workers=1)."""
+    calls = []
+    real = compare.run_cell
+
+    def counted(context, objective, noise_rate, seed):
+        calls.append(compare.cell_key(objective, noise_rate, seed))
+        return real(context, objective, noise_rate, seed)
+
+    monkeypatch.setattr(compare, "run_cell", counted)
+    return calls
+
+
+def recompute_from_jsonl(path) -> dict[tuple, tuple[float, float, int]]:
+    """(objective, noise_rate, metric) -> (mean, ddof-1 std or NaN, n), straight from results.jsonl."""
+    groups = defaultdict(list)
+    for line in open(path):
+        row = json.loads(line)
+        values = dict(row["metrics"], train_wall_s=row["train_wall_s"])
+        for name in ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted"):
+            if row["margins"][name] is not None:
+                values[f"margin_{name}"] = row["margins"][name]
+        for metric, value in values.items():
+            groups[(row["objective"], row["noise_rate"], metric)].append(value)
+    return {
+        key: (sum(v) / len(v), math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan, len(v))
+        for key, v in groups.items()
+    }
+
+
+def assert_csv_matches(summary_csv, expected):
+    with open(summary_csv) as f:
+        table = {(r["objective"], float(r["noise_rate"]), r["metric"]): r for r in csv.DictReader(f)}
+    assert set(table) == set(expected)
+    for key, (mean, std, n) in expected.items():
+        row = table[key]
+        assert float(row["mean"]) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+        assert (math.isnan(std) and math.isnan(float(row["std"]))) or float(row["std"]) == pytest.approx(std, rel=1e-9)
+        assert int(row["n"]) == n
+
+
+# ------------------------------------------------------------------------------------------ user dataset
+@pytest.mark.slow
+def test_user_dataset_grid_runs_resumes_and_reports(user_setup, tmp_path, count_cells):
+    config = user_config(user_setup, tmp_path / "run")
+    stats = run_compare(config, progress=False)
+    assert stats["cells_run"] == 4 and stats["cells_failed"] == 0
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert sorted(r["key"] for r in rows) == sorted(count_cells)
+    for row in rows:
+        assert {"objective", "noise_rate", "seed", "metrics", "train_wall_s", "margins", "q_trajectory"} <= set(row)
+        assert 0 <= row["metrics"]["heldout_reward_accuracy"] <= 1
+        n_flipped = row["margins"]["n_flipped"]
+        assert n_flipped == round(row["noise_rate"] * 30)  # 40 rows, 25% held out: 30 training rows, one negative each
+        if row["noise_rate"] == 0:
+            assert row["margins"]["flipped_mean"] is None
+        else:
+            assert 0 <= row["margins"]["flipped_fitted"] <= 1
+        # q is logged every step for NaPO (logging_steps=1) and never for DPO.
+        assert (len(row["q_trajectory"].get("rejected", [])) == 3) == row["objective"].startswith("napo")
+    for name in ("summary", "report", "metrics_vs_noise", "q_trajectory", "margins_clean_vs_flipped"):
+        assert (tmp_path / "run" / stats["outputs"][name].split("/")[-1]).stat().st_size > 0
+    report = (tmp_path / "run" / "README.md").read_text()
+    assert "Does NaPO beat DPO" in report and "heldout_reward_accuracy" in report
+    assert not (tmp_path / "run" / "cells").exists() or not any((tmp_path / "run" / "cells").iterdir())
+
+    # The report's numbers are the JSONL's, recomputed independently.
+    assert_csv_matches(tmp_path / "run" / "summary.csv", recompute_from_jsonl(tmp_path / "run" / "results.jsonl"))
+
+    # A rerun trains nothing and leaves results.jsonl byte for byte as it was.
+    before = (tmp_path / "run" / "results.jsonl").read_bytes()
+    count_cells.clear()
+    again = run_compare(config, progress=False)
+    assert count_cells == [] and again["cells_run"] == 0
+    assert (tmp_path / "run" / "results.jsonl").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, count_cells):
+    import napo.lab.pipeline as pipeline
+
+    real_train = pipeline.train_preference
+
+    def fails_for_napo(*args, **kwargs):
+        if kwargs["objective"] == "napo" and kwargs.get("q") == "paper":
+            raise RuntimeError("simulated out-of-memory")
+        return real_train(*args, **kwargs)
+
+    config = user_config(user_setup, tmp_path / "run", noise_rates=[0.4])
+    monkeypatch.setattr(pipeline, "train_preference", fails_for_napo)
+    stats = run_compare(config, progress=False)
+    assert stats["cells_run"] == 1 and stats["cells_failed"] == 1
+    assert [r["key"] for r in read_results(tmp_path / "run" / "results.jsonl")] == ["dpo/noise=0.4/seed=0"]
+    errors = read_results(tmp_path / "run" / "errors.jsonl")
+    assert [e["key"] for e in errors] == ["napo-paper/noise=0.4/seed=0"]
+    assert "simulated out-of-memory" in errors[0]["error"]
+
+    monkeypatch.setattr(pipeline, "train_preference", real_train)
+    count_cells.clear()
+    stats = run_compare(config, progress=False)
+    assert count_cells == ["napo-paper/noise=0.4/seed=0"] and stats["cells_failed"] == 0
+    assert sorted(r["key"] for r in read_results(tmp_path / "run" / "results.jsonl")) == [
+        "dpo/noise=0.4/seed=0", "napo-paper/noise=0.4/seed=0"
+    ]
+
+
+def test_pair_margins_match_the_trainer(tmp_path):
+    """The scored margins average to the trainer's own `rewards/margins` on the same rows; zero for the reference."""
+    from napo import NaPOConfig, NaPOTrainer
+    from napo.pairs import inject_label_noise
+
+    reference, tokenizer = build_tiny_model("text", seed=0)
+    policy = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    pairs, flipped = inject_label_noise(colour_pairs(12), 0.25, seed=3)
+
+    same = pair_margins(reference, copy.deepcopy(reference), tokenizer, pairs, beta=0.1, work_dir=tmp_path / "a")
+    assert np.allclose(same["margin"], 0.0, atol=1e-5)
+    scored = pair_margins(copy.deepcopy(policy), copy.deepcopy(reference), tokenizer, pairs, beta=0.1, work_dir=tmp_path / "b", batch_size=5)
+    assert scored["margin"].shape == (12,) and sorted(np.flatnonzero(scored["noisy"]).tolist()) == flipped
+
+    args = NaPOConfig(output_dir=str(tmp_path / "t"), objective="dpo", beta=0.1, report_to="none", use_cpu=True, gradient_checkpointing=False)
+    trainer = NaPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.model.eval()
+    batch = trainer._prepare_inputs(trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(12)]))
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    assert float(np.mean(scored["margin"])) == pytest.approx(trainer._metrics["eval"]["rewards/margins"][-1], abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ lab
+@pytest.mark.slow
+def test_lab_quick_grid_end_to_end(tmp_path):
+    """2 objectives x 2 noise rates x 1 seed on the quick bias lab, with its bias metrics; two worker processes."""
+    config = CompareConfig(
+        output_dir=str(tmp_path / "lab"), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.2], seeds=[0],
+        quick=True, eval_n=16, workers=2,
+    )
+    stats = run_compare(config, progress=False)
+    assert stats["cells_run"] == 4 and stats["cells_failed"] == 0, (tmp_path / "lab" / "errors.jsonl").read_text()
+    rows = read_results(tmp_path / "lab" / "results.jsonl")
+    for row in rows:
+        for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "pope_f1", "chair_s"):
+            assert 0 <= row["metrics"][metric] <= 1
+        assert row["margins"]["n_flipped"] > 0 if row["noise_rate"] else row["margins"]["n_flipped"] == 0
+    assert_csv_matches(tmp_path / "lab" / "summary.csv", recompute_from_jsonl(tmp_path / "lab" / "results.jsonl"))
+    assert "counterfactual_accuracy vs DPO" in (tmp_path / "lab" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ small parts
+def test_objective_names_and_label_smoothing():
+    assert objective_settings("dpo", 0.2) == {"objective": "dpo"}
+    assert objective_settings("napo-q0.3", 0.0) == {"objective": "napo", "q": "0.3"}
+    assert objective_settings("napo-official", 0.0) == {"objective": "napo", "q": "official"}
+    assert [objective_settings("cdpo", r)["label_smoothing"] for r in (0.0, 0.1, 0.4, 0.6)] == [0.05, 0.1, 0.4, 0.45]
+    for bad in ("napo-q0", "napo-q1.5", "dpo2", "napo"):
+        with pytest.raises(ValueError, match="objective"):
+            objective_settings(bad, 0.0)
+    with pytest.raises(ValueError, match="noise rate"):
+        CompareConfig(noise_rates=[1.0])
+    with pytest.raises(ValueError, match="--dataset and --model"):
+        CompareConfig(dataset="x")
+    with pytest.raises(ValueError, match="--beta"):
+        CompareConfig(train={"beta": 0.2})
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "a"}\n{"key": "b"}\n{"key": "c", "metr')
+    assert [r["key"] for r in read_results(path)] == ["a", "b"]
+
+
+def test_q_trajectory_per_type():
+    history = [{"step": 10, "language_bias/q": 0.5, "vision_bias/q": 0.9, "loss": 1.0}, {"step": 20, "language_bias/q": 0.4}, {"step": 20, "train_runtime": 3.0}]
+    assert compare.q_trajectory(history) == {"language_bias": [[10, 0.5], [20, 0.4]], "vision_bias": [[10, 0.9]]}
+
+
+def test_cli_recipe_and_flags(tmp_path, monkeypatch):
+    recipe = tmp_path / "grid.yaml"
+    recipe.write_text("objectives: [dpo, napo-paper]\nnoise_rates: [0.0, 0.1]\nseeds: [0, 1, 2]\ntrain: {learning_rate: 0.001}\n")
+    seen = {}
+
+    def fake_run(config, *, command, progress):
+        seen["config"] = config
+        return {"cells_run": 0, "cells_failed": 0, "cells_total": 0, "outputs": {"report": "r.md"}}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    args = build_parser().parse_args(["compare", "--recipe", str(recipe), "--seeds", "5", "--set", "warmup_steps=2", "--workers", "1", "--no-progress"])
+    args.run(args)
+    config = seen["config"]
+    assert config.objectives == ["dpo", "napo-paper"] and config.noise_rates == [0.0, 0.1]
+    assert config.seeds == [5] and config.workers == 1
+    assert config.train == {"learning_rate": 0.001, "warmup_steps": 2}
+    assert config.output_dir == "napo-compare"
+
+
+def test_default_recipe_is_the_full_grid():
+    from pathlib import Path
+
+    recipe = compare.load_recipe(str(Path(__file__).parents[1] / "data" / "recipes" / "compare.yaml"))
+    config = CompareConfig(**recipe)
+    assert len(config.objectives) * len(config.noise_rates) * len(config.seeds) == 120
