@@ -70,8 +70,65 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("compare", help="objectives x label-noise rates x seeds -> report")
-    p.set_defaults(run=lambda args: sys.exit("napo compare: not implemented yet"))
+    import dataclasses
+
+    p = subparsers.add_parser(
+        "compare",
+        help="objectives x label-noise rates x seeds -> report",
+        description="Train every (objective, label-noise rate, seed) cell from the same SFT model and pairs (the bias "
+        "lab, or --dataset/--model), evaluate it and write results.jsonl, a markdown report, a CSV and plots. Rerun "
+        "the same command to resume: finished cells are skipped, failed ones retried.",
+    )
+    p.add_argument("--recipe", default=None, help="YAML of any of the options below by field name, e.g. data/recipes/compare.yaml; flags given override it (default: none)")
+    # Options come from CompareConfig's fields, so the CLI and the Python API share defaults and help lines. Every
+    # flag defaults to None ("not given") so that a recipe value is only overridden by a flag actually passed.
+    from napo.compare import CompareConfig
+
+    defaults = CompareConfig(workers=1)
+    types = {"int | None": int, "float": float, "int": int, "str": str, "str | None": str}
+    lists = {"list[str]": str, "list[float]": float, "list[int]": int}
+    for f in dataclasses.fields(CompareConfig):
+        flag, help_line = f"--{f.name.replace('_', '-')}", f.metadata["help"]
+        default = "half the CPU cores" if f.name == "workers" else getattr(defaults, f.name)
+        if f.type == "bool":
+            off = "" if "default" in help_line else " (default: off)"
+            p.add_argument(flag, action="store_true", default=None, help=help_line + off)
+        elif f.type in lists:
+            p.add_argument(flag, nargs="+", type=lists[f.type], default=None, help=f"{help_line} (default: {' '.join(map(str, default))})")
+        elif f.name == "train":
+            p.add_argument(
+                "--set", dest="train", action="append", metavar="FIELD=VALUE", default=None,
+                help=f"repeatable; {help_line}, as --set learning_rate=1e-4 (value read as YAML; default: none)",
+            )
+        else:
+            p.add_argument(flag, type=types[f.type], default=None, help=f"{help_line} (default: {default})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+
+    def run(args: argparse.Namespace) -> None:
+        import yaml
+
+        from napo.compare import load_recipe, run_compare
+
+        try:
+            job = load_recipe(args.recipe) if args.recipe else {}
+            for f in dataclasses.fields(CompareConfig):
+                value = getattr(args, f.name)
+                if f.name == "train" and value is not None:
+                    pairs = [item.partition("=") for item in value]
+                    if any(not sep for _, sep, _ in pairs):
+                        raise ValueError(f"--set {value}: expected FIELD=VALUE, e.g. --set learning_rate=1e-4")
+                    value = {**job.get("train", {}), **{k.strip(): yaml.safe_load(v) for k, _, v in pairs}}
+                if value is not None:
+                    job[f.name] = value
+            stats = run_compare(CompareConfig(**job), command=" ".join(["napo", *sys.argv[1:]]), progress=not args.no_progress)
+        except ValueError as error:  # bad arguments: a message, not a traceback
+            sys.exit(f"napo compare: {error}")
+        print(f"{stats['cells_run']} cells run, {stats['cells_failed']} failed (see errors.jsonl; rerun to retry), "
+              f"{stats['cells_total']} in the grid")
+        for name, path in stats["outputs"].items():
+            print(f"{name}: {path}")
+
+    p.set_defaults(run=run)
 
 
 def _lab_parser(subparsers: argparse._SubParsersAction) -> None:
