@@ -60,8 +60,55 @@ def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train NaPO or a DPO-family baseline on a preference dataset")
-    p.set_defaults(run=lambda args: sys.exit("napo train: not implemented yet"))
+    import dataclasses
+
+    from napo.config import NaPOConfig
+
+    # napo's own NaPOConfig fields, listed in --help with their defaults; every other TRL / transformers field
+    # passes through too.
+    own = [f for f in dataclasses.fields(NaPOConfig) if f.name in NaPOConfig.__annotations__]
+    epilog = "napo options (any NaPOConfig field, and every TRL DPOConfig / transformers TrainingArguments field, " \
+        "passes through as --name VALUE, e.g. --learning_rate 5e-7 --num_train_epochs 4 --beta 0.1 --bf16 true):\n"
+    epilog += "\n".join(f"  --{f.name} (default: {f.default})\n      {f.metadata['help']}" for f in own)
+    p = subparsers.add_parser(
+        "train",
+        help="train NaPO or a DPO-family baseline on a preference dataset",
+        description="Preference training with NaPOTrainer (a TRL DPOTrainer) on rows with 'chosen' and any of "
+        "'rejected', 'rejected_language_bias', 'rejected_vision_bias', 'rejected_audio_bias'.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, help="save_to_disk folder, parquet, or JSONL with image/audio paths")
+    p.add_argument("--model", required=True, help="model folder or Hugging Face id to start from")
+    p.add_argument("--output-dir", default="outputs/napo-train", help="where checkpoints and the model go (default: %(default)s)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tune (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=None, help="LoRA α (default: 2 × rank)")
+    p.add_argument("--lora-target-modules", default="all-linear", help="'all-linear' or comma-separated module names (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (default: off)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights; safetensors only by default")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (default: off)")
+
+    def run(args: argparse.Namespace) -> None:
+        from transformers import HfArgumentParser
+
+        from napo.train import train_from_paths
+
+        try:
+            # No abbreviations: a mistyped TRL argument must fail, not silently match a longer one.
+            (config,) = HfArgumentParser(NaPOConfig, allow_abbrev=False).parse_args_into_dataclasses(
+                args=[*args.passthrough, "--output_dir", args.output_dir]
+            )
+            outputs = train_from_paths(
+                args.dataset, args.model, config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                lora_target_modules=args.lora_target_modules, resume=args.resume, allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code,
+            )
+        except (ValueError, OSError) as error:  # a bad row, column, path or argument: a message, not a traceback
+            sys.exit(f"napo train: {error}")
+        for name, path in outputs.items():
+            print(f"{name}: {path}")
+
+    p.set_defaults(run=run, accepts_passthrough=True)
 
 
 def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -148,7 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Unknown options are TRL / transformers arguments for `napo train`; any other command rejects them.
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and not getattr(args, "accepts_passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     args.run(args)
 
 
