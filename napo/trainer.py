@@ -44,11 +44,13 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
 from napo.config import NEGATIVE_TYPES, NaPOConfig
-from napo.data import validate_preference_dataset
+from napo.data import RowError, validate_preference_dataset
 from napo.objectives import adaptive_q, objective_loss
 
 # Batch entries that describe the sequences rather than feed the model.
-_SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps")
+_SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
+# Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
+ROW_INDEX = "row_index"
 
 
 def _as_messages(answer: str | list) -> list[dict]:
@@ -62,8 +64,37 @@ def _is_chat(prompt: str | list) -> bool:
     return is_conversational({"prompt": prompt})
 
 
+def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
+    """Messages whose first user turn starts with `n_audios` {"type": "audio"} parts, unless the messages
+    already place their audio parts (content already structured by `prepare_multimodal_messages`)."""
+    if n_audios == 0 or any(part.get("type") == "audio" for m in messages for part in m["content"]):
+        return messages
+    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    audio_parts = [{"type": "audio"} for _ in range(n_audios)]
+    messages = list(messages)
+    messages[first_user] = {**messages[first_user], "content": audio_parts + list(messages[first_user]["content"])}
+    return messages
+
+
 def _ref_column(column: str) -> str:
     return f"ref_{column}_logps"
+
+
+def _with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | dict[str, Dataset] | None:
+    """`dataset` (or each dataset of a dict) with a `row_index` column of its 0-based row numbers, unless it has one:
+    rows dropped or reordered later (length filter, shuffling) keep the index of the dataset the user passed."""
+    if isinstance(dataset, dict):
+        return {name: _with_row_index(d) for name, d in dataset.items()}
+    if dataset is None or ROW_INDEX in dataset.column_names:
+        return dataset
+    return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
+
+
+def _row_index(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """{"row_index": (B,) tensor} of the batch's dataset rows, or {} when the examples carry no row index."""
+    if not examples or any(example.get(ROW_INDEX) is None for example in examples):
+        return {}
+    return {ROW_INDEX: torch.tensor([example[ROW_INDEX] for example in examples])}
 
 
 @dataclass
@@ -108,6 +139,7 @@ class MultiNegativeCollator:
         }
         if refs and refs[0] is not None:
             batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        batch.update(_row_index(examples))
         return batch
 
 
@@ -115,10 +147,11 @@ class MultiNegativeCollator:
 class MultiNegativeVisionCollator:
     """Renders, tokenizes and pads raw multimodal rows into one batch of chosen and negative sequences.
 
-    Like TRL's `DataCollatorForVisionPreference` (processing happens on the fly, images are repeated for every
-    sequence of their row) but with any number of negatives per row. Every negative is scored with the row's full
-    prompt and images. Output as `MultiNegativeCollator`, plus the processor's image tensors (`pixel_values`,
-    `image_grid_thw`, ...).
+    Like TRL's `DataCollatorForVisionPreference` (processing happens on the fly, images and audio clips are
+    repeated for every sequence of their row) but with any number of negatives per row, and audio rows
+    (`audios`: 1-D float32 arrays at `sampling_rate` Hz, default 16000) besides image rows. Every negative is
+    scored with the row's full prompt, images and audio. Output as `MultiNegativeCollator`, plus the processor's
+    media tensors (`pixel_values`, `image_grid_thw`, `input_features`, ...).
     """
 
     processor: ProcessorMixin
@@ -126,19 +159,24 @@ class MultiNegativeVisionCollator:
     max_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, completions, images, rows, types, refs = [], [], [], [], [], []
+        prompts, completions, images, audios, rows, types, refs = [], [], [], [], [], [], []
+        sampling_rates = {example.get("sampling_rate") or 16000 for example in examples}
+        if len(sampling_rates) > 1:
+            raise ValueError(f"one batch mixes audio sampling rates {sorted(sampling_rates)}: resample to one rate")
         for row, example in enumerate(examples):
             row_images = example.get("images")
             if row_images is None:
                 row_images = [example["image"]] if example.get("image") is not None else []
+            row_audios = [np.asarray(a, dtype=np.float32) for a in example.get("audios") or []]
             for kind, column in enumerate(("chosen", *self.negative_columns)):
                 answer = example.get(column)
                 if answer is None:
                     continue
                 if _is_chat(example["prompt"]):
+                    prompt_messages = prepare_multimodal_messages(example["prompt"], images=row_images)
                     rendered = apply_chat_template(
                         {
-                            "prompt": prepare_multimodal_messages(example["prompt"], images=row_images),
+                            "prompt": _with_audio_parts(prompt_messages, len(row_audios)),
                             "completion": prepare_multimodal_messages(_as_messages(answer)),
                         },
                         self.processor,
@@ -149,13 +187,18 @@ class MultiNegativeVisionCollator:
                 prompts.append(prompt)
                 completions.append(completion)
                 images.append(row_images)
+                audios.extend(row_audios)  # the processor takes one flat list: a clip per audio placeholder
                 rows.append(row)
                 types.append(kind)
                 refs.append(example.get(_ref_column(column)))
 
-        # The processor refuses a batch whose image lists are all empty.
+        # Media arguments only when present: processors refuse an all-empty image batch, and image-only processors
+        # take no audio argument.
+        media = {"images": images} if any(images) else {}
+        if audios:
+            media.update(audio=audios, sampling_rate=sampling_rates.pop())
         processed = self.processor(
-            images=images if any(images) else None,
+            **media,
             text=prompts,
             padding=True,
             padding_side="left",
@@ -186,6 +229,7 @@ class MultiNegativeVisionCollator:
         batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
         batch.update(zip(extra_names, extras, strict=True))
         if self.max_length is not None:
+            self._check_prompts_fit(prompt_mask.sum(dim=1), rows, examples)
             # keep_start only: cutting the start would separate image tokens from their image features.
             for key in ("input_ids", "attention_mask", "completion_mask", *extra_names):
                 batch[key] = batch[key][:, : self.max_length]
@@ -193,7 +237,21 @@ class MultiNegativeVisionCollator:
         batch["sequence_type"] = torch.tensor(types)
         if refs and refs[0] is not None:
             batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+        batch.update(_row_index(examples))
         return batch
+
+    def _check_prompts_fit(self, prompt_lengths: torch.Tensor, rows: list[int], examples: list[dict]) -> None:
+        """Raise `RowError` for a row whose prompt (image/audio tokens included; `prompt_lengths` in tokens, shape
+        (N,) per sequence) leaves no answer token within `max_length`: cutting it would separate image tokens from
+        their image features, which crashes the model ("Image features and image tokens do not match")."""
+        for length, row in zip(prompt_lengths.tolist(), rows):
+            if length >= self.max_length:
+                raise RowError(
+                    examples[row].get(ROW_INDEX, row),
+                    "prompt",
+                    f"takes {length} tokens with its image/audio tokens, which leaves no answer token within "
+                    f"max_length={self.max_length}: raise --max_length, use smaller images or drop the row",
+                )
 
 
 class NaPOTrainer(DPOTrainer):
@@ -230,6 +288,10 @@ class NaPOTrainer(DPOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         self.negative_columns = tuple(validate_preference_dataset(train_dataset))
+        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
+        # Image and audio rows are processed on the fly by the multimodal collator; TRL only knows about images.
+        first_row = next(iter(train_dataset))
+        self._on_the_fly = any(first_row.get(k) is not None for k in ("image", "images", "audios"))
         for dataset in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
             if dataset is not None:
                 validate_preference_dataset(dataset)
@@ -288,7 +350,7 @@ class NaPOTrainer(DPOTrainer):
         return {c: w / total for c, w in weights.items()}, objectives
 
     def _default_collator(self):
-        if self._is_vision_dataset:
+        if self._on_the_fly:
             return MultiNegativeVisionCollator(self.processing_class, self.negative_columns, self.args.max_length)
         return MultiNegativeCollator(
             self._tokenizer.pad_token_id, self.negative_columns, self.args.max_length, self.args.truncation_mode
@@ -297,11 +359,12 @@ class NaPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             answer_columns = ("chosen", *self.negative_columns)
-            if self._is_vision_dataset:
-                columns = ["prompt", "image", "images", "tools", "chat_template_kwargs", *answer_columns]
+            if self._on_the_fly:
+                columns = ["prompt", "image", "images", "audios", "sampling_rate", "tools", "chat_template_kwargs",
+                           *answer_columns]
             else:
                 columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
-            self._signature_columns = columns + [_ref_column(c) for c in answer_columns]
+            self._signature_columns = columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
@@ -309,7 +372,7 @@ class NaPOTrainer(DPOTrainer):
         Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
         rows the completion starts where the rendered prompt and prompt+answer diverge.
         """
-        if "prompt_ids" in dataset.column_names:
+        if "prompt_ids" in dataset.column_names or self._on_the_fly:
             return dataset
         answer_columns = ("chosen", *self.negative_columns)
         eos = self._tokenizer.eos_token
