@@ -94,6 +94,14 @@ class NaPOConfig(DPOConfig):
     margin_audio_bias: str = field(
         default="sum", metadata={"help": "Margin ψ feeding q for audio-biased negatives: 'sum' or 'mean'."}
     )
+    on_nonfinite: str = field(
+        default="stop",
+        metadata={
+            "help": "What a batch with a NaN/inf log-probability does: 'stop' (default) raises an error naming its "
+            "dataset rows before the model is updated; 'skip' logs the rows, skips the batch (zero loss, no weight "
+            "update) and counts it in the `nonfinite/skipped` metric."
+        },
+    )
 
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
@@ -102,6 +110,8 @@ class NaPOConfig(DPOConfig):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of: {', '.join(OBJECTIVES)}")
         self.q = self._parse_q(self.q)
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if not 0.0 < self.q_min <= 1.0:
             raise ValueError(f"q_min must be in (0, 1], got {self.q_min}")
         for column in NEGATIVE_TYPES:

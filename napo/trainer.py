@@ -20,6 +20,7 @@ Relies on private parts of trl 1.16.0 (`_compute_loss`, `_prepare_dataset`, `_pr
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 from napo.config import NEGATIVE_TYPES, NaPOConfig
 from napo.data import RowError, validate_preference_dataset
 from napo.objectives import adaptive_q, objective_loss
+
+logger = logging.getLogger(__name__)
 
 # Batch entries that describe the sequences rather than feed the model.
 _SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
@@ -452,6 +455,26 @@ class NaPOTrainer(DPOTrainer):
             dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
         return dataset
 
+    # ------------------------------------------------------------------------------------------ resume
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Load a checkpoint's full-model weights with `from_pretrained`, which applies the model's key conversion.
+
+        transformers' Trainer loads the raw safetensors keys, but `save_pretrained` writes some families in their
+        legacy layout (LLaVA: `language_model.model.*` for `model.language_model.*`): every key is then reported
+        missing in a warning, the model silently keeps its initial weights and the resumed loss curve diverges.
+        PEFT adapters, FSDP and DeepSpeed checkpoints keep transformers' own loading.
+        """
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        if (
+            not isinstance(unwrapped, PreTrainedModel)
+            or is_peft_model(unwrapped)
+            or self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+        ):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype, use_safetensors=True)
+        unwrapped.load_state_dict(saved.state_dict())  # strict: a key that does not match is an error, not a warning
+
     # ------------------------------------------------------------------------------------------ loss
     @staticmethod
     def _model_inputs(inputs: dict) -> tuple[dict, torch.Tensor, int]:
@@ -477,6 +500,9 @@ class NaPOTrainer(DPOTrainer):
             ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
+        if self._nonfinite_batch(inputs, logratios):
+            skipped = logps.new_zeros((), requires_grad=True)  # a leaf: backward reaches no weight, so no update
+            return (skipped, outputs) if return_outputs else skipped
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
         chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
         chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
@@ -511,6 +537,28 @@ class NaPOTrainer(DPOTrainer):
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+    def _nonfinite_batch(self, inputs: dict, logratios: torch.Tensor) -> bool:
+        """Whether to skip this batch because a sequence on some process has a NaN/inf log-ratio (policy or reference
+        log-prob, shape (N,)). Every process takes the same decision, so their collectives stay matched. With
+        `on_nonfinite="stop"` raises instead, before any weight is updated. Either way names this process's dataset
+        rows. Logs `nonfinite/skipped`: the fraction of batches skipped in the logging window."""
+        bad = ~torch.isfinite(logratios.detach())
+        bad_everywhere = self.accelerator.reduce(bad.sum().float(), reduction="sum")
+        self._metrics["train" if self.model.training else "eval"]["nonfinite/skipped"].append(float(bad_everywhere > 0))
+        if bad_everywhere == 0:
+            return False
+        batch_rows = inputs["sequence_row"][bad].unique()
+        row_ids = inputs[ROW_INDEX][batch_rows] if ROW_INDEX in inputs else batch_rows
+        where = f"dataset rows {row_ids.tolist()}" if bad.any() else "rows of another process"
+        message = f"non-finite (NaN/inf) log-probabilities at step {self.state.global_step} in {where}"
+        if self.args.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{message}: stopped before updating the model with them. Check those rows and the model's numerics "
+                f"(dtype, learning rate), or pass --on_nonfinite skip to skip such batches"
+            )
+        logger.warning(f"{message}: batch skipped (on_nonfinite='skip')")
+        return True
 
     def _q(self, column: str, z: torch.Tensor, mean_logratio_margins: torch.Tensor) -> torch.Tensor:
         """q of one negative type: fixed, or adapted from ψ = the batch mean margin over all processes."""
