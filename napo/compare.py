@@ -37,7 +37,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import time
 import traceback
 from collections import defaultdict
@@ -65,6 +64,12 @@ LOWER_IS_BETTER = frozenset(
 )
 # Metrics the verdict compares NaPO and DPO on, by source.
 PRIMARY_METRIC = {"lab": "counterfactual_accuracy", "dataset": "heldout_reward_accuracy"}
+# Shown first in the report and plotted (when present); every other value gets a table after them.
+KEY_METRICS = (
+    "counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s",
+    "heldout_reward_accuracy", "heldout_mean_margin",
+    "margin_clean_mean", "margin_flipped_mean", "margin_clean_fitted", "margin_flipped_fitted",
+)
 _MARGIN_FIELDS = ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted")
 
 
@@ -93,7 +98,7 @@ class CompareConfig:
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
     workers: int = field(
         default_factory=lambda: max(1, _cores() // 2),
-        metadata={"help": "cells trained in parallel (a process pool); torch threads per worker = cores / workers"},
+        metadata={"help": "cells trained in parallel (a process pool); torch threads per worker = cores / workers (at most OMP_NUM_THREADS)"},
     )
     keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
     train: dict[str, Any] = field(
@@ -177,7 +182,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
 
     Args:
         config: the grid and the source of model and pairs.
-        command: the command line recorded in the report (default: this process's argv).
+        command: the command line recorded in the report (the CLI passes its own).
         progress: show a tqdm bar over cells.
     """
     start = time.perf_counter()
@@ -196,7 +201,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     ]
     total = len(config.objectives) * len(config.noise_rates) * len(config.seeds)
     failed = 0
-    threads = max(1, _cores() // config.workers)
+    threads = _threads_per_worker(config.workers)
     with tqdm(total=total, initial=total - len(todo), unit="cell", desc="napo compare", disable=not progress) as bar:
         for cell, outcome in _run_cells(context, todo, config.workers, threads):
             if "error" in outcome:
@@ -208,7 +213,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
                 bar.update(1)
     rows = [row for row in read_results(results_path) if row["key"] in _grid_keys(config)]
     meta = {
-        "command": command or " ".join(["napo", *sys.argv[1:]]),
+        "command": command or "napo.compare.run_compare (Python API)",
         "date": _now(),
         "run_wall_s": time.perf_counter() - start,
         "cells_run": len(todo) - failed,
@@ -525,7 +530,8 @@ def _verdict(rows: list[dict], metric: str, rates: list[float], objectives: list
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
     objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
     rates = [r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows)]
-    metrics = sorted({s["metric"] for s in summary}, key=lambda m: (m.startswith(("margin_", "train_")), m))
+    present = {s["metric"] for s in summary}
+    metrics = [m for m in KEY_METRICS if m in present] + sorted(present - set(KEY_METRICS))
     primary = PRIMARY_METRIC[config.source]
     train_time = sum(r["train_wall_s"] for r in rows)
     if config.source == "lab":
@@ -551,8 +557,8 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         lines.append(f"- lab settings: {meta['lab_settings']}")
     lines += [
         "",
-        "Mean ± sample std over seeds; the best mean of each column in bold (lowest for "
-        f"{', '.join(sorted(m for m in LOWER_IS_BETTER if m in metrics))}, highest otherwise). "
+        "Mean ± sample std over seeds; the best mean of each column in bold (highest, or lowest for "
+        f"{', '.join(sorted(LOWER_IS_BETTER))}). "
         "`margin_*` are the final β-scaled reward margins of the training pairs under the trained model vs the SFT "
         "reference: `clean_mean`/`flipped_mean` average them over clean and deliberately flipped pairs (margin toward the "
         "label as trained, so a negative flipped mean means the model did not learn the flipped preference), "
@@ -591,7 +597,7 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
     paths = {name: out / f"{name}.png" for name in ("metrics_vs_noise", "q_trajectory", "margins_clean_vs_flipped")}
 
     # 1. every metric against the noise rate, one line per objective (error bars: std over seeds).
-    metrics = sorted({s["metric"] for s in summary} - {"train_wall_s"})
+    metrics = [m for m in KEY_METRICS if any(s["metric"] == m for s in summary)]
     cols = 3
     fig, axes = plt.subplots(max(1, math.ceil(len(metrics) / cols)), cols, figsize=(5 * cols, 3.6 * max(1, math.ceil(len(metrics) / cols))), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
@@ -686,6 +692,13 @@ def _now() -> str:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _threads_per_worker(workers: int) -> int:
+    """cores / workers torch threads, capped by OMP_NUM_THREADS when set: on a shared, oversubscribed machine
+    one thread per process is faster than threads that wait on each other at every parallel region."""
+    threads = max(1, _cores() // workers)
+    return min(threads, int(os.environ["OMP_NUM_THREADS"])) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads
 
 
 def _device() -> str:
