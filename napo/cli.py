@@ -112,8 +112,49 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="bias and hallucination metrics of a model on an evaluation set")
-    p.set_defaults(run=lambda args: sys.exit("napo eval: not implemented yet"))
+    p = subparsers.add_parser(
+        "eval",
+        help="bias and hallucination metrics of a model on an evaluation set",
+        description="Without --dataset: the bias lab's evaluation splits (counterfactual and prior-consistent "
+        "accuracy, prior following, blind and question-blind agreement, image share, POPE, CHAIR). With --dataset "
+        "(prompt, images, answer columns): accuracy, blind and question-blind agreement and image share.",
+    )
+    p.add_argument("--model", required=True, help="a save_pretrained folder or a Hugging Face id")
+    p.add_argument("--recipe", default=None, help="lab recipe YAML for the lab splits (default: the packaged colors.yaml)")
+    p.add_argument("--dataset", default=None, help="your eval set instead of the lab: save_to_disk folder, parquet or JSONL")
+    p.add_argument("--n", type=int, default=200, help="rows per lab split, or the first N rows of --dataset (default: 200)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per forward / generate call (default: 64)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest generated answer with --dataset (default: 16)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only)")
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from napo.models import load_model
+
+        model, processor = load_model(args.model)
+        if args.dataset is None:
+            from napo.lab.pipeline import evaluate_lab_model, lab_spec
+
+            metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=args.n)
+        else:
+            from napo.data import read_dataset
+            from napo.evaluate import modality_metrics
+
+            dataset, _ = read_dataset(args.dataset)
+            if "answer" not in dataset.column_names:
+                sys.exit(f"napo eval: {args.dataset} has no 'answer' column (columns: {dataset.column_names})")
+            rows = list(dataset.select(range(min(args.n, len(dataset)))))
+            result = modality_metrics(model, processor, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            metrics = {k: v for k, v in result.items() if isinstance(v, float)}
+        for name, value in metrics.items():
+            print(f"{name}: {value:.4f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(metrics, f, indent=2)
+            print(f"metrics: {args.out}")
+
+    p.set_defaults(run=run)
 
 
 def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -179,8 +220,29 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _lab_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("lab", help="the whole pipeline end to end on the built-in bias lab")
-    p.set_defaults(run=lambda args: sys.exit("napo lab: not implemented yet"))
+    p = subparsers.add_parser(
+        "lab",
+        help="the whole pipeline end to end on the built-in bias lab",
+        description="SFT a tiny LLaVA on synthetic scenes with a strong colour prior, build language-/vision-biased "
+        "pairs with it, train DPO and NaPO from the same checkpoint for every seed, and write report.md, "
+        "report.json and PNG plots. The SFT checkpoint and pairs are cached under OUT/cache/.",
+    )
+    p.add_argument("--quick", action="store_true", help="a tiny variant (about a minute) for tests and CI (default: off)")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/lab, or benchmarks/lab/quick with --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)")
+    p.add_argument("--recipe", default=None, help="lab recipe YAML (default: the packaged colors.yaml)")
+
+    def run(args: argparse.Namespace) -> None:
+        from napo.lab.pipeline import run_lab
+
+        out = args.out or ("benchmarks/lab/quick" if args.quick else "benchmarks/lab")
+        command = "napo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab"] else None
+        report = run_lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=command)
+        print(f"wall time: {report['wall_time_s']:.0f} s")
+        for name, path in report["outputs"].items():
+            print(f"{name}: {path}")
+
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

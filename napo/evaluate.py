@@ -1,16 +1,24 @@
-"""Bias and hallucination metrics: pure functions on answers, captions and log-probabilities.
+"""Bias and hallucination metrics: pure functions on answers, captions and log-probabilities, and
+the model-running part that produces their inputs.
 
-Nothing here runs a model; callers generate answers (with the image, without it, without the
-question) or score log-probabilities and pass plain lists or arrays. Every function raises
-ValueError on empty input or on inputs of different lengths.
+The pure functions (`accuracy` ... `modality_shapley`) run no model: they take plain lists or
+arrays and raise ValueError on empty input or on inputs of different lengths. The model-running
+functions (`answer_batch`, `answer_log_probs`, `modality_metrics`) answer and score samples
+(preference-row-shaped dicts: "prompt", "images") with a model and its processing class.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
+from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+import perturb
+from napo.inference import _render, generate
 
 _TRAILING_PUNCTUATION = ".,!?;:"
 _YES_NO = re.compile(r"^(yes|no)\b")
@@ -195,3 +203,132 @@ def _check_pairs(fn: str, a: Sequence, b: Sequence) -> None:
 def _match_rate(a: Sequence[str], b: Sequence[str]) -> float:
     """Fraction of rows where the normalized strings are equal."""
     return sum(normalize(x) == normalize(y) for x, y in zip(a, b)) / len(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# running a model
+
+
+def answer_batch(
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin, samples: Sequence[dict], answers: Sequence[str]
+) -> tuple[BatchFeature, torch.Tensor]:
+    """Encode prompt + answer + EOS of every sample into one right-padded batch.
+
+    The prompt is rendered as `napo.inference.generate` renders it (messages through the chat
+    template with the generation prompt; a string as is), so the answer tokens follow exactly the
+    context the model generates from. Every sample must have images, or none may (processors refuse
+    a batch where only some texts carry images).
+
+    Returns the model inputs (input_ids, attention_mask of shape (B, L), plus the processor's image
+    tensors) and answer_mask (B, L): 1 on the answer's tokens and its closing EOS, 0 on prompt and
+    padding. Right padding keeps every token at the position it has in an unbatched forward.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    kwargs: dict[str, Any] = dict(padding=True, padding_side="right", return_tensors="pt")
+    if not isinstance(samples[0]["prompt"], str):
+        kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>
+    texts = [_render(processing_class, sample) for sample in samples]
+    with_images = bool(samples[0].get("images"))
+    if any(bool(s.get("images")) != with_images for s in samples):
+        raise ValueError("answer_batch: some samples have images and some have none; batch them separately")
+    if processing_class is tokenizer:
+        prompts = tokenizer(texts, **kwargs)
+    else:
+        prompts = processing_class(text=texts, images=[s["images"] for s in samples] if with_images else None, **kwargs)
+    answer_ids = tokenizer([a + tokenizer.eos_token for a in answers], add_special_tokens=False)["input_ids"]
+    prompt_lengths = prompts["attention_mask"].sum(dim=1).tolist()
+    rows = [prompts["input_ids"][i, :n].tolist() + ids for i, (n, ids) in enumerate(zip(prompt_lengths, answer_ids))]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, n) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        answer_mask[i, n : len(row)] = 1
+    batch = BatchFeature({k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")})
+    batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
+    return batch, answer_mask
+
+
+@torch.inference_mode()
+def answer_log_probs(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    samples: Sequence[dict],
+    answers: Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """log π(answer | sample) in nats: the sum of the log-probabilities of the answer's tokens and
+    of the EOS that ends it (what the preference trainer scores), under the full sample.
+
+    Samples with and without images may be mixed; they are batched separately. Shape (n,), float64.
+    """
+    _check_pairs("answer_log_probs", samples, answers)
+    out = np.zeros(len(samples), dtype=np.float64)
+    groups: dict[bool, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(bool(sample.get("images")), []).append(i)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            inputs, answer_mask = answer_batch(processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk])
+            inputs = inputs.to(model.device)
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            logits = model(**inputs).logits[:, :-1].float()
+            targets = inputs["input_ids"][:, 1:]
+            # log-softmax over the vocabulary, then keep only the target token of each position.
+            token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            mask = answer_mask[:, 1:].to(token_logps.device)
+            out[chunk] = (token_logps * mask).sum(dim=1).double().cpu().numpy()
+    return out
+
+
+def modality_metrics(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    rows: Sequence[dict],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+) -> dict[str, Any]:
+    """Answer rows with and without each modality and measure how much the answer rests on the image.
+
+    Rows need "prompt", "images" and "answer" (the reference). The model answers greedily (a) the
+    full row, (b) the row with its images removed (`image.drop`), (c) the row with its question
+    replaced by a generic instruction (`text.drop_question`). The reference answer is scored under
+    the four subsets {full, no image, no question, neither} for the exact two-player Shapley values.
+
+    Returns floats in [0, 1]: accuracy (a vs answer), blind_agreement (a vs b: high = the image
+    barely matters, language bias), question_blind_agreement (a vs c: high = the question barely
+    matters, vision bias), image_share (mean per-sample |φ_image| / (|φ_image| + |φ_text|)); and the
+    per-row lists answers, blind_answers, question_blind_answers and image_shares.
+    """
+    rows = list(rows)
+    answers_ref = [row["answer"] for row in rows]
+    variants = {
+        name: [perturb.apply(spec, row) for row in rows] if spec else rows
+        for name, spec in (("full", None), ("no_image", "image.drop"), ("no_question", "text.drop_question"))
+    }
+    variants["neither"] = [perturb.apply("image.drop+text.drop_question", row) for row in rows]
+    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    full = generate(model, processing_class, variants["full"], **kwargs)
+    blind = generate(model, processing_class, variants["no_image"], **kwargs)
+    question_blind = generate(model, processing_class, variants["no_question"], **kwargs)
+    values = {
+        name: answer_log_probs(model, processing_class, samples, answers_ref, batch_size=batch_size)
+        for name, samples in variants.items()
+    }
+    shapley = modality_shapley(values["full"], values["no_image"], values["no_question"], values["neither"])
+    return {
+        "accuracy": accuracy(full, answers_ref),
+        "blind_agreement": agreement(full, blind),
+        "question_blind_agreement": agreement(full, question_blind),
+        "image_share": shapley["image_share_mean"],
+        "answers": full,
+        "blind_answers": blind,
+        "question_blind_answers": question_blind,
+        "image_shares": shapley["image_share"].tolist(),
+    }

@@ -1,0 +1,561 @@
+"""The bias lab end to end: SFT a tiny LLaVA on the biased train split, build language-/vision-biased
+pairs with it, train DPO and NaPO from the same SFT checkpoint, and measure every model's bias.
+
+    lab = prepare_lab("out")                      # SFT checkpoint + pairs (cached in out/cache/)
+    run = train_preference(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
+    metrics = evaluate_lab_model(run["model_dir"], lab)
+    report = run_lab("benchmarks/lab")            # all of it, plus report.md / report.json / PNGs
+
+The steps are separate functions so that `napo compare` can reuse the SFT checkpoint and pairs.
+Every cached artifact lives under `<out>/cache/<key>/`, where key hashes the settings that produce
+it: a rerun with the same settings reuses it, other settings get their own folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, PreTrainedModel, ProcessorMixin
+
+from napo.evaluate import answer_batch, chair, modality_metrics, pope_metrics, prior_following_rate
+from napo.inference import generate
+from napo.lab.scenes import load_recipe, make_split, vocabulary
+from napo.models import build_tiny_model, build_tokenizer, load_model
+
+POPE_SPLITS = ("pope_random", "pope_popular", "pope_adversarial")
+# The metrics the report's `models` table carries for every model (the issue's list).
+REPORT_METRICS = (
+    "counterfactual_accuracy",
+    "prior_consistent_accuracy",
+    "prior_following_rate",
+    "blind_agreement",
+    "question_blind_agreement",
+    "image_share",
+    "pope_f1",
+    "pope_accuracy",
+    "pope_yes_ratio",
+    "chair_s",
+    "chair_i",
+)
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Sizes of one lab run. `full()` is the default lab (< 10 min on 2 CPU cores); `quick()` the CI variant.
+
+    The model is the notes' prototype: a CLIP tower (64 px, patch 16, hidden 64, 2 layers) under a Llama
+    (hidden 128, 2 layers), 16 image tokens. SFT: AdamW, cosine schedule, loss on the answer tokens only.
+    """
+
+    n_train: int = 8000  # SFT rows of the biased train split
+    sft_steps: int = 800
+    sft_batch_size: int = 64
+    sft_lr: float = 1e-3
+    n_pairs: int = 1500  # source rows of the pair generator (held-out `pairs` split)
+    n_counterfactual_pairs: int = 0  # extra source rows from the counterfactual distribution (held-out seed)
+    pref_steps: int = 200
+    pref_batch_size: int = 32
+    pref_lr: float = 1e-4
+    beta: float = 0.1
+    n_eval: int = 300  # rows per evaluation split
+    text_hidden: int = 128
+    text_layers: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    image_size: int = 64
+    patch_size: int = 16
+
+    @classmethod
+    def full(cls) -> LabSettings:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> LabSettings:
+        return cls(n_train=1024, sft_steps=120, n_pairs=128, pref_steps=12, n_eval=48)
+
+
+def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False) -> dict[str, Any]:
+    """SFT the lab model and build its preference pairs, reusing both when cached with the same settings.
+
+    Args:
+        out_dir: the lab's output folder; artifacts go to `<out_dir>/cache/<key>/{sft,pairs}`.
+        recipe: a recipe path, an already loaded recipe, or None for the packaged default.
+        seed: seed of the model weights and of SFT batch order (data splits use the recipe's seed).
+        quick: the small CI variant (`LabSettings.quick()`).
+
+    Returns a JSON-able dict: sft_dir (a `save_pretrained` folder: model + processor), pairs_dir (a
+    `datasets.save_to_disk` folder of preference rows), pairs_stats (the pair generator's counts),
+    recipe (the loaded recipe), settings (`LabSettings` as a dict), seed, sft_wall_time_s and
+    pairs_wall_time_s (0 when cached). `evaluate_lab_model` needs only recipe and settings.
+    """
+    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe)
+    settings = LabSettings.quick() if quick else LabSettings.full()
+    key = hashlib.sha256(json.dumps([rec, asdict(settings), seed], sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(out_dir) / "cache" / key
+    sft_dir, sft_time = _sft(cache / "sft", rec, settings, seed)
+    pairs_dir, stats, pairs_time = _pairs(cache / "pairs", sft_dir, rec, settings)
+    return {
+        "sft_dir": str(sft_dir),
+        "pairs_dir": str(pairs_dir),
+        "pairs_stats": stats,
+        "recipe": rec,
+        "settings": asdict(settings),
+        "seed": seed,
+        "sft_wall_time_s": sft_time,
+        "pairs_wall_time_s": pairs_time,
+    }
+
+
+def train_preference(
+    sft_dir: str | Path,
+    pairs: str | Path | datasets.Dataset,
+    out_dir: str | Path,
+    *,
+    objective: str,
+    seed: int,
+    q: str | float = "paper",
+    max_steps: int | None = None,
+    label_noise: float = 0.0,
+    **config_overrides: Any,
+) -> dict[str, Any]:
+    """Train one preference objective from the SFT checkpoint; save the model to `<out_dir>/model`.
+
+    Args:
+        sft_dir: the SFT checkpoint (`prepare_lab()["sft_dir"]`), also the frozen reference.
+        pairs: preference rows (a `save_to_disk` folder or a Dataset), e.g. `prepare_lab()["pairs_dir"]`.
+        objective: a name of `napo.objectives.OBJECTIVES` ("napo", "dpo", ...).
+        seed: seed of initialisation-free training randomness (batch order) and of label noise.
+        q: NaPO's q ("paper", "official" or a fixed float).
+        max_steps: optimizer steps; None: the full lab's 200.
+        label_noise: fraction of rows whose preference is flipped before training (marked `noisy`).
+        config_overrides: any other `NaPOConfig` field (beta, learning_rate, weight_*, ...).
+
+    Returns model_dir, log_history (the trainer's logged dicts: loss, `language_bias/q`,
+    `vision_bias/rewards/margins`, ...), wall_time_s (training only) and noisy_rows (flipped row indices).
+    """
+    from napo.config import NaPOConfig  # trl is slow to import: only training needs it
+    from napo.pairs import inject_label_noise
+    from napo.trainer import NaPOTrainer
+
+    dataset = pairs if isinstance(pairs, datasets.Dataset) else datasets.load_from_disk(str(pairs))
+    noisy: list[int] = []
+    if label_noise > 0:
+        dataset, noisy = inject_label_noise(dataset, label_noise, seed)
+    model, processor = load_model(str(sft_dir))
+    defaults = LabSettings.full()
+    config = dict(
+        output_dir=str(Path(out_dir) / "trainer"),
+        objective=objective,
+        q=q,
+        beta=defaults.beta,
+        learning_rate=defaults.pref_lr,
+        per_device_train_batch_size=defaults.pref_batch_size,
+        max_steps=max_steps or defaults.pref_steps,
+        lr_scheduler_type="cosine",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    config.update(config_overrides)
+    trainer = NaPOTrainer(model=model, args=NaPOConfig(**config), train_dataset=dataset, processing_class=processor)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    model_dir = Path(out_dir) / "model"
+    trainer.model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return {"model_dir": str(model_dir), "log_history": trainer.state.log_history, "wall_time_s": wall, "noisy_rows": noisy}
+
+
+def evaluate_lab_model(
+    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin],
+    lab: dict[str, Any],
+    *,
+    n: int | None = None,
+) -> dict[str, float]:
+    """The lab's bias metrics of one model, all in [0, 1].
+
+    Args:
+        model_dir_or_model_and_processor: a `save_pretrained` folder, or (model, processor).
+        lab: `prepare_lab`'s dict (only "recipe" and "settings" are read) or `lab_spec(recipe)`.
+        n: rows per evaluation split; None: the lab's `n_eval`.
+
+    Returns counterfactual_accuracy, prior_consistent_accuracy, prior_following_rate (counterfactual
+    rows answered with the prior colour), blind_agreement and question_blind_agreement (counterfactual
+    rows: answer unchanged without the image / without the question), image_share (mean Shapley image
+    share of the reference answer's log-prob, counterfactual rows), pope_f1 / pope_accuracy /
+    pope_yes_ratio (means over the three POPE splits) and pope_<split>_<metric> for each split,
+    chair_s and chair_i (captions).
+    """
+    return _evaluate(model_dir_or_model_and_processor, lab, n)[0]
+
+
+def lab_spec(recipe: str | dict | None = None, *, quick: bool = False) -> dict[str, Any]:
+    """What `evaluate_lab_model` needs without preparing a lab: the recipe and the settings."""
+    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe)
+    return {"recipe": rec, "settings": asdict(LabSettings.quick() if quick else LabSettings.full())}
+
+
+def run_lab(
+    out_dir: str | Path = "benchmarks/lab",
+    *,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    recipe: str | None = None,
+    quick: bool = False,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """SFT, pairs, DPO and NaPO for every seed, evaluation, then report.md, report.json and PNG plots.
+
+    The SFT checkpoint and the pairs are built once (seed 0) and shared by every preference run, so the
+    seeds vary only preference training (batch order) — the spread is that of DPO / NaPO themselves.
+    Returns the report dict (what report.json holds) with "outputs": the written paths.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"[lab] preparing SFT model and pairs in {out / 'cache'}")
+    lab = prepare_lab(out, recipe=recipe, quick=quick)
+    log(f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows")
+    metrics: dict[str, list[dict[str, float]]] = {"sft": [], "dpo": [], "napo": []}
+    shares: dict[str, list[float]] = {"sft": [], "dpo": [], "napo": []}
+    runs: list[dict[str, Any]] = []
+    sft_metrics, sft_shares = _evaluate(lab["sft_dir"], lab, None)
+    metrics["sft"].append(sft_metrics)
+    shares["sft"] = sft_shares
+    log(f"[lab] sft: {_summary(sft_metrics)}")
+    steps = lab["settings"]["pref_steps"]
+    for seed in seeds:
+        for objective in ("dpo", "napo"):
+            run = train_preference(
+                lab["sft_dir"], lab["pairs_dir"], Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
+                objective=objective, seed=seed, max_steps=steps,
+            )
+            m, s = _evaluate(run["model_dir"], lab, None)
+            metrics[objective].append(m)
+            shares[objective].extend(s)
+            runs.append({"objective": objective, "seed": seed, "train_wall_time_s": run["wall_time_s"], "metrics": m,
+                         "final_log": _last_q_and_margins(run["log_history"])})
+            log(f"[lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
+    report = {
+        "command": command or "napo lab" + (" --quick" if quick else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "seeds": list(seeds),
+        "settings": lab["settings"],
+        "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
+        "sft_wall_time_s": lab["sft_wall_time_s"],
+        "pairs_wall_time_s": lab["pairs_wall_time_s"],
+        "models": {name: _mean_std(rows) for name, rows in metrics.items()},
+        "runs": runs,
+        "image_share_histograms": {name: np.histogram(v, bins=10, range=(0, 1))[0].tolist() for name, v in shares.items()},
+    }
+    report["wall_time_s"] = time.perf_counter() - start  # before plotting: what the pipeline took
+    outputs = _plots(out, report, shares)
+    outputs["report.json"] = str(out / "report.json")
+    outputs["report.md"] = str(out / "report.md")
+    report["outputs"] = outputs
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_report(report))
+    return report
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The markdown report of `run_lab`: the table of metrics per model (mean ± std over seeds) and what they say."""
+    models = report["models"]
+    lines = [
+        "# napo bias lab",
+        "",
+        f"`{report['command']}` — {report['date']}, {report['device']}, "
+        f"{report['wall_time_s']:.0f} s end to end (SFT {report['sft_wall_time_s']:.0f} s, pairs {report['pairs_wall_time_s']:.0f} s).",
+        f"Seeds {report['seeds']} (preference training; SFT and pairs are shared). "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        "",
+        "| metric | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    for metric in REPORT_METRICS:
+        cells = [_cell(models[name][metric]) for name in models]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    lines += ["", "![metrics per model](metrics.png)", "", "![image share](image_share.png)", "", "## What it shows", ""]
+    lines += _findings(report)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _rows(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """Lab rows as samples: the question becomes a one-turn chat with the image before it."""
+    rows = make_split(recipe, split, n, seed)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": row["prompt"]}]}]
+    return rows
+
+
+def _build_model(recipe: dict[str, Any], settings: LabSettings, seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A fresh lab LLaVA: the vision tower gets its own (smaller) width through a vision_config override."""
+    vision = CLIPVisionConfig(
+        hidden_size=settings.vision_hidden,
+        intermediate_size=2 * settings.vision_hidden,
+        num_hidden_layers=settings.vision_layers,
+        num_attention_heads=4,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+    )
+    return build_tiny_model(
+        "llava",
+        build_tokenizer(vocabulary(recipe)),
+        hidden_size=settings.text_hidden,
+        num_layers=settings.text_layers,
+        image_size=settings.image_size,
+        patch_size=settings.patch_size,
+        seed=seed,
+        vision_config=vision,
+    )
+
+
+def _sft(folder: Path, recipe: dict[str, Any], settings: LabSettings, seed: int) -> tuple[Path, float]:
+    """Supervised fine-tuning on prompt -> answer (loss on the answer tokens and EOS); cached in `folder`."""
+    if (folder / "config.json").exists():
+        return folder, 0.0
+    start = time.perf_counter()
+    model, processor = _build_model(recipe, settings, seed)
+    rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.sft_lr, weight_decay=0.0)
+    warmup = max(1, settings.sft_steps // 20)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.sft_steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = np.random.default_rng(seed)
+    order = np.array([], dtype=int)
+    model.train()
+    for step in range(settings.sft_steps):
+        if len(order) < settings.sft_batch_size:  # a new epoch, reshuffled
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        batch_idx, order = order[: settings.sft_batch_size], order[settings.sft_batch_size :]
+        batch = [rows[i] for i in batch_idx]
+        inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
+        labels = inputs["input_ids"].masked_fill(answer_mask == 0, -100)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == settings.sft_steps - 1:
+            print(f"[lab] sft step {step + 1}/{settings.sft_steps} loss {loss.item():.3f}", flush=True)
+    model.eval()
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, folder)  # a killed run leaves no half-written checkpoint that looks cached
+    return folder, time.perf_counter() - start
+
+
+def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings) -> tuple[Path, dict[str, Any], float]:
+    """Language- and vision-biased negatives from the SFT model on held-out prompts (`napo pairs`).
+
+    Source rows: the `pairs` split (the train distribution) plus `n_counterfactual_pairs` rows drawn
+    like the counterfactual split with another seed than evaluation's. chosen = the reference answer.
+    """
+    from napo.pairs import PairsConfig, build_pairs
+
+    stats_file = folder / "stats.json"
+    if stats_file.exists():
+        return folder / "dataset", json.loads(stats_file.read_text()), 0.0
+    start = time.perf_counter()
+    rows = _rows(recipe, "pairs", settings.n_pairs, recipe["seed"])
+    if settings.n_counterfactual_pairs:
+        rows += _rows(recipe, "counterfactual", settings.n_counterfactual_pairs, recipe["seed"] + 1)
+    source = datasets.Dataset.from_dict(
+        {"prompt": [r["prompt"] for r in rows], "images": [r["images"] for r in rows], "chosen": [r["answer"] for r in rows]},
+        features=datasets.Features(
+            {
+                "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+                "images": datasets.Sequence(datasets.Image()),
+                "chosen": datasets.Value("string"),
+            }
+        ),
+    )
+    source_dir = folder.parent / "pairs-source"
+    source.save_to_disk(str(source_dir))
+    model, processor = load_model(str(sft_dir))
+    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=16)
+    stats = build_pairs(config, model=model, processing_class=processor, progress=False)
+    return folder / "dataset", stats, time.perf_counter() - start
+
+
+def _evaluate(
+    model_or_dir: str | Path | tuple[PreTrainedModel, ProcessorMixin], lab: dict[str, Any], n: int | None
+) -> tuple[dict[str, float], list[float]]:
+    """`evaluate_lab_model`'s metrics and the per-row image shares of the counterfactual split."""
+    model, processor = load_model(str(model_or_dir)) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+    recipe = lab["recipe"]
+    n = n or lab["settings"]["n_eval"]
+    seed = recipe["seed"]
+    counterfactual = _rows(recipe, "counterfactual", n, seed)
+    mod = modality_metrics(model, processor, counterfactual, max_new_tokens=4)
+    metrics = {
+        "counterfactual_accuracy": mod["accuracy"],
+        "prior_following_rate": prior_following_rate(mod["answers"], [r["prior_answer"] for r in counterfactual]),
+        "blind_agreement": mod["blind_agreement"],
+        "question_blind_agreement": mod["question_blind_agreement"],
+        "image_share": mod["image_share"],
+    }
+    consistent = _rows(recipe, "prior_consistent", n, seed)
+    answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
+    metrics["prior_consistent_accuracy"] = float(np.mean([a == r["answer"] for a, r in zip(answers, consistent)]))
+    for split in POPE_SPLITS:
+        rows = _rows(recipe, split, n, seed)
+        pope = pope_metrics(generate(model, processor, rows, batch_size=64, max_new_tokens=4), [r["answer"] for r in rows])
+        for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            metrics[f"{split}_{key}"] = pope[key]
+    for key in ("f1", "accuracy", "yes_ratio"):
+        metrics[f"pope_{key}"] = float(np.mean([metrics[f"{s}_{key}"] for s in POPE_SPLITS]))
+    captions = _rows(recipe, "captions", n, seed)
+    texts = generate(model, processor, captions, batch_size=64, max_new_tokens=16)
+    objects = recipe["objects"]
+    hallucination = chair(texts, [r["objects"] for r in captions], list(objects), {o["plural"]: name for name, o in objects.items()})
+    metrics["chair_s"], metrics["chair_i"] = hallucination["chair_s"], hallucination["chair_i"]
+    return metrics, mod["image_shares"]
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float] | float]:
+    """Per metric: {"mean", "std"} over seeds (population std; 0 for one seed)."""
+    return {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))} for k in rows[0]}
+
+
+def _cell(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}" if stat["std"] else f"{stat['mean']:.3f}"
+
+
+def _summary(m: dict[str, float]) -> str:
+    keys = ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s")
+    return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
+
+
+def _last_q_and_margins(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged q and reward margins of each negative type (what NaPO adapts on)."""
+    last: dict[str, float] = {}
+    for entry in log_history:
+        last.update({k: v for k, v in entry.items() if k.endswith("/q") or k.endswith("rewards/margins") or k == "loss"})
+    return last
+
+
+def _findings(report: dict[str, Any]) -> list[str]:
+    """Plain sentences on the numbers: the SFT bias, what DPO and NaPO changed, and which is better."""
+    m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in report["models"].items()}
+    s = {name: {k: v["std"] for k, v in stats.items()} for name, stats in report["models"].items()}
+    sft = m["sft"]
+    gap = sft["prior_consistent_accuracy"] - sft["counterfactual_accuracy"]
+    lines = [
+        f"- **Bias after SFT**: counterfactual accuracy {sft['counterfactual_accuracy']:.3f} vs prior-consistent "
+        f"{sft['prior_consistent_accuracy']:.3f} (gap {gap:.3f}, {'above' if gap > 0.2 else 'NOT above'} the 0.2 the lab asks for); "
+        f"{sft['prior_following_rate']:.3f} of counterfactual answers are the prior colour; blind agreement "
+        f"{sft['blind_agreement']:.3f}; image share {sft['image_share']:.3f}.",
+    ]
+    for name in ("dpo", "napo"):
+        d = m[name]
+        lines.append(
+            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual {sft['counterfactual_accuracy']:.3f} → "
+            f"{d['counterfactual_accuracy']:.3f} ± {s[name]['counterfactual_accuracy']:.3f}, while prior-consistent "
+            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± {s[name]['prior_consistent_accuracy']:.3f}; "
+            f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; image share "
+            f"{sft['image_share']:.3f} → {d['image_share']:.3f}; POPE F1 {sft['pope_f1']:.3f} → {d['pope_f1']:.3f}; "
+            f"CHAIRs {sft['chair_s']:.3f} → {d['chair_s']:.3f}."
+        )
+    diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
+    noise = max(s["napo"]["counterfactual_accuracy"], s["dpo"]["counterfactual_accuracy"])
+    if abs(diff) <= 2 * noise or abs(diff) < 0.01:
+        verdict = (
+            f"- **NaPO vs DPO**: counterfactual accuracy differs by {diff:+.3f}, within twice the seed spread "
+            f"({noise:.3f}): on these clean pairs NaPO does not beat DPO. That is expected: NaPO's adaptive q only "
+            "reweights pairs by how confidently they are already separated, which matters when labels are noisy "
+            "(see `napo compare`); with clean labels both optimise nearly the same direction, and with β = 0.1 the "
+            "margins stay near |z| ≈ 1 where σ(z)^q barely reweights."
+        )
+    else:
+        better = "NaPO" if diff > 0 else "DPO"
+        verdict = (
+            f"- **NaPO vs DPO**: {better} is ahead on counterfactual accuracy by {abs(diff):.3f} (seed spread {noise:.3f})."
+        )
+    lines.append(verdict)
+    return lines
+
+
+def _plots(out: Path, report: dict[str, Any], shares: dict[str, list[float]]) -> dict[str, str]:
+    """metrics.png (bars with ±std per model) and image_share.png (histograms before and after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["models"])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / len(names)
+    x = np.arange(len(REPORT_METRICS))
+    for i, name in enumerate(names):
+        stats = report["models"][name]
+        ax.bar(x + i * width, [stats[k]["mean"] for k in REPORT_METRICS], width, yerr=[stats[k]["std"] for k in REPORT_METRICS],
+               capsize=2, label=name)
+    ax.set_xticks(x + width * (len(names) - 1) / 2, REPORT_METRICS, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("bias lab: metrics per model (mean ± std over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+        ax.hist(shares[name], bins=20, range=(0, 1), histtype="step", density=True, linewidth=1.5, label=name)
+    ax.set_xlabel("image share of the reference answer's log-prob (counterfactual rows)")
+    ax.set_ylabel("density")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "image_share.png", dpi=110)
+    plt.close(fig)
+    return {"metrics.png": str(out / "metrics.png"), "image_share.png": str(out / "image_share.png")}
+
+
+def _device() -> str:
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} torch threads ({os.cpu_count()} cores visible)"
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "trl", "datasets", "numpy")
+    return {"python": sys.version.split()[0], **{n: md.version(n) for n in names}}
