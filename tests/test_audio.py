@@ -1,0 +1,144 @@
+"""The audio bias lab: clips that carry what their rows say, priors at the recipe's rates, and the whole
+pipeline (SFT -> `napo pairs` audio negatives -> DPO/NaPO steps -> audio metrics) on a tiny Qwen2-Audio."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from napo.lab import sounds
+from napo.lab.scenes import words
+
+RECIPE = sounds.load_recipe()
+
+
+def _clean(recipe: dict) -> dict:
+    """The recipe without noise, detuning, gain or bursts: what a row says must be measurable exactly."""
+    rec = copy.deepcopy(recipe)
+    rec["audio"].update(snr_db=200.0, detune_cents=0, gain_db=[0.0, 0.0], burst_probability=0.0)
+    return rec
+
+
+def _peak_hz(wave: np.ndarray, rate: int = 16000) -> float:
+    """Frequency (Hz) of the strongest FFT bin of a Hann-windowed wave."""
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(wave.size)))
+    return float(np.fft.rfftfreq(wave.size, 1 / rate)[spectrum.argmax()])
+
+
+def test_rows_are_deterministic_and_prefix_stable() -> None:
+    a = sounds.make_split(RECIPE, "train", 6, seed=3)
+    b = sounds.make_split(RECIPE, "train", 3, seed=3)
+    for x, y in zip(a, b):
+        assert x["prompt"] == y["prompt"] and x["answer"] == y["answer"]
+        np.testing.assert_array_equal(x["audios"][0], y["audios"][0])
+    row = a[0]
+    assert row["sampling_rate"] == 16000 and row["audios"][0].dtype == np.float32 and row["audios"][0].shape == (16000,)
+    assert np.abs(row["audios"][0]).max() <= 1.0
+    assert sounds.make_split(RECIPE, "train", 1, seed=4)[0]["audios"][0].tolist() != row["audios"][0].tolist()
+
+
+def test_train_split_follows_the_priors() -> None:
+    rows = sounds.make_split(RECIPE, "train", 600, seed=0)
+    attribute = [r for r in rows if r["kind"] == "attribute" and r["prior_answer"] is not None]
+    typical_rate = np.mean([r["answer"] == r["prior_answer"] for r in attribute])
+    assert 0.9 <= typical_rate <= 0.99  # recipe: 0.95
+    existence = [r for r in rows if r["kind"] == "existence"]
+    assert 0.65 <= np.mean([r["answer"] == "yes" for r in existence]) <= 0.92  # recipe: 0.8
+    assert {r["kind"] for r in rows} == set(sounds.KINDS)
+
+
+def test_counterfactual_contradicts_and_prior_consistent_matches_the_prior() -> None:
+    counterfactual = sounds.make_split(RECIPE, "counterfactual", 40, seed=0)
+    consistent = sounds.make_split(RECIPE, "prior_consistent", 40, seed=0)
+    assert all(r["prior_answer"] and r["answer"] != r["prior_answer"] for r in counterfactual)
+    assert all(r["answer"] == r["prior_answer"] for r in consistent)
+    assert len({r["answer"] for r in counterfactual}) >= 4  # atypical notes are spread, not one note
+
+
+def test_clip_plays_the_note_the_row_names() -> None:
+    rec = _clean(RECIPE)
+    for row in sounds.make_split(rec, "counterfactual", 12, seed=1):
+        hz = rec["notes"][row["answer"]]
+        # The fundamental is every timbre's strongest harmonic (amplitude 1.0 is each list's max).
+        assert abs(_peak_hz(row["audios"][0]) - hz) < 2.0, row
+
+
+def test_beeps_are_counted_as_the_row_says() -> None:
+    rec = _clean(RECIPE)
+    rows = [r for r in sounds.make_split(rec, "train", 80, seed=2) if r["kind"] in ("count", "existence")]
+    assert rows
+    beep_hz, rate = rec["beeps"]["frequency"], 16000
+    t = np.arange(rate) / rate
+    for row in rows:
+        # Demodulate at the beep frequency and low-pass (10 ms frames): beeps are the loud runs.
+        wave = row["audios"][0].astype(np.float64)
+        frames = np.abs((wave * np.exp(-2j * np.pi * beep_hz * t)).reshape(-1, 160).mean(axis=1))
+        loud = frames > 0.5 * frames.max() if frames.max() > 0.01 else np.zeros_like(frames, dtype=bool)
+        runs = int(np.sum(loud[1:] & ~loud[:-1]) + loud[0])
+        if row["answer"] == "yes":
+            assert runs >= 1, row
+        else:
+            assert runs == (0 if row["answer"] == "no" else sounds.NUMBER_WORDS.index(row["answer"])), row
+
+
+def test_note_synthesis_is_harmonic_and_peak_normalised() -> None:
+    rec = _clean(RECIPE)
+    wave = sounds.synthesize_note(rec, "clarinet", 300.0, 16000)
+    assert wave.dtype == np.float32 and abs(np.abs(wave).max() - 0.5) < 1e-6
+    spectrum = np.abs(np.fft.rfft(wave))  # 1 Hz bins
+    # clarinet: odd harmonics only (1, 3, 5, 7), even ones absent.
+    assert spectrum[900] > 0.2 * spectrum[300] and spectrum[600] < 1e-3 * spectrum[300]
+
+
+def test_vocabulary_covers_every_prompt_and_answer() -> None:
+    vocab = set(sounds.vocabulary(RECIPE))
+    for split in sounds.SPLITS:
+        for row in sounds.make_split(RECIPE, split, 30, seed=0):
+            assert set(words(row["prompt"])) <= vocab and set(words(row["answer"])) <= vocab
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("audio", "detune_cents"), 60, "audio.detune_cents"),
+        (("instruments", "tuba", "typical"), "xx", "instruments.tuba.typical"),
+        (("instruments", "tuba", "envelope"), "boom", "instruments.tuba.envelope"),
+        (("beeps", "count_weights"), {9: 1.0}, "beeps.count_weights"),
+    ],
+)
+def test_bad_recipe_names_the_field(path: tuple[str, ...], value: object, field: str) -> None:
+    rec = copy.deepcopy(RECIPE)
+    target = rec
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(ValueError, match=f"recipe field {field}"):
+        sounds.make_split(rec, "train", 1, seed=0)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_a_tiny_audio_lm(tmp_path) -> None:
+    """SFT -> pairs with the audio defaults -> NaPO and DPO steps -> the audio lab metrics."""
+    import datasets
+
+    from napo.lab.audio import evaluate_audio_model, prepare_audio_lab, render_audio_report, run_audio_lab
+    from napo.lab.pipeline import train_preference
+
+    lab = prepare_audio_lab(tmp_path, quick=True)
+    pairs = datasets.load_from_disk(lab["pairs_dir"])
+    assert lab["pairs_stats"]["negatives"]["rejected_language_bias"]["spec"] == "audio.drop"
+    assert {"audios", "chosen", "rejected_language_bias", "rejected_audio_bias"} <= set(pairs.column_names)
+    assert len(pairs[0]["audios"][0]) == 16000
+    run = train_preference(lab["sft_dir"], pairs, tmp_path / "napo", objective="napo", seed=0, max_steps=2,
+                           per_device_train_batch_size=4, logging_steps=1)
+    assert any("language_bias/q" in entry for entry in run["log_history"])
+    metrics = evaluate_audio_model(run["model_dir"], lab, n=4)
+    assert set(metrics) == {"counterfactual_accuracy", "prior_consistent_accuracy", "prior_following_rate",
+                            "blind_agreement", "question_blind_agreement", "audio_share"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # The whole report from the cached SFT and pairs: one seed, both objectives.
+    report = run_audio_lab(tmp_path, seeds=(0,), quick=True, log=lambda _: None)
+    assert report["sft_wall_time_s"] == 0.0 and set(report["models"]) == {"sft", "dpo", "napo"}
+    assert (tmp_path / "audio_report.json").exists() and "| counterfactual_accuracy |" in render_audio_report(report)
