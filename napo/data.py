@@ -62,12 +62,13 @@ def read_dataset(path: str, *, on_bad_row: str = "raise") -> tuple[datasets.Data
     else:
         source = _load_arrow(path)
         rows, base_dir, source_features = _arrow_rows(source), os.path.abspath(path), source.features
-    decoded, bad_rows = [], []
+    decoded, bad_rows, column_types = [], [], {}
     for index, row in rows:
         try:
             if isinstance(row, RowError):
                 raise row
             decoded.append(_decode_row(index, row, base_dir))
+            _check_column_types(index, decoded[-1], column_types)
         except RowError as error:
             if on_bad_row == "raise":
                 raise
@@ -176,7 +177,8 @@ def _arrow_rows(source: datasets.Dataset) -> Iterator[tuple[int, dict]]:
 def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
     """(row index, row) per non-blank line; a line that is not a JSON object yields a RowError in its place."""
     index = 0
-    with open(path, encoding="utf-8") as handle:
+    # Bytes: json.loads decodes each line, so a line that is not UTF-8 becomes that row's error, not the file's.
+    with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -188,6 +190,20 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
                 row = RowError(index, "<json>", f"line {line_number} of {path} is not valid JSON: {error}")
             yield index, row
             index += 1
+
+
+def _check_column_types(index: int, row: dict, column_types: dict[str, type]) -> None:
+    """Raise `RowError` when a non-media value has another type (str, list, dict, number, bool) than the same column
+    in earlier rows — Arrow would refuse the whole dataset without naming the row. Records each column's first type
+    in `column_types`; None is allowed anywhere."""
+    for name, value in row.items():
+        if value is None or name in ("images", "audios", "sampling_rate"):
+            continue
+        kind = float if type(value) is int else type(value)  # 1 and 1.5 share a column
+        expected = column_types.setdefault(name, kind)
+        if kind is not expected:
+            problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}: use one type per column"
+            raise RowError(index, name, problem)
 
 
 def _decode_row(index: int, row: dict, base_dir: str) -> dict:

@@ -6,12 +6,31 @@ import json
 import os
 
 from peft import LoraConfig
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from napo.config import NaPOConfig
 from napo.data import read_dataset
 from napo.models import load_model
 from napo.trainer import NaPOTrainer
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The `checkpoint-<step>` folder of `output_dir` with the highest step that was written completely, or None.
+
+    The Trainer writes a checkpoint's weights, optimizer, scheduler and RNG states first and `trainer_state.json`
+    last, so a job killed while saving leaves a folder without it: resuming from such a folder would fail, or
+    load half-written weights. Those folders are passed over.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = {}
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        complete = os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE_NAME))
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() and complete:
+            steps[int(step)] = os.path.join(output_dir, name)
+    return steps[max(steps)] if steps else None
 
 
 def train_from_paths(
@@ -56,11 +75,12 @@ def train_from_paths(
         processing_class=processing_class,
         peft_config=peft_config,
     )
-    checkpoint = get_last_checkpoint(config.output_dir) if resume and os.path.isdir(config.output_dir) else None
+    checkpoint = last_complete_checkpoint(config.output_dir) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     log_path = os.path.join(config.output_dir, "log_history.json")
-    with open(log_path + ".tmp", "w") as f:
-        json.dump(trainer.state.log_history, f, indent=1)
-    os.replace(log_path + ".tmp", log_path)
+    if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+        with open(log_path + ".tmp", "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        os.replace(log_path + ".tmp", log_path)
     return {"model": config.output_dir, "log_history": log_path}
