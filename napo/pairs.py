@@ -126,17 +126,20 @@ def _run(
     dataset, read_rejects = read_dataset(config.source, on_bad_row="collect")
     source_rows = len(dataset) + len(read_rejects)
     negatives = _resolve_negatives(config.negatives, dataset)
-    _check_or_write_args(out, {**dataclasses.asdict(config), "negatives": negatives, "source_rows": source_rows})
+    # Local paths are recorded absolute: the same command run from another folder still resumes.
+    where = {name: os.path.abspath(getattr(config, name)) for name in ("source", "model", "output_dir") if os.path.exists(getattr(config, name))}
+    _check_or_write_args(out, {**dataclasses.asdict(config), **where, "negatives": negatives, "source_rows": source_rows})
 
     # read_dataset leaves bad rows out in order: the k-th kept row is the k-th source index not rejected.
     bad = {reject["row"] for reject in read_rejects}
     source_index = [i for i in range(source_rows) if i not in bad]
     rejects = [dict(reject) for reject in read_rejects]
     valid = []
-    for position, row in enumerate(dataset.select_columns(["prompt", "chosen"])):
+    answers = dataset.select_columns(["prompt", "chosen"])[:]  # column access: far faster than row by row
+    for position, (prompt, chosen) in enumerate(zip(answers["prompt"], answers["chosen"])):
         try:
-            check_prompt(source_index[position], row["prompt"])
-            check_answer(source_index[position], "chosen", row["chosen"])
+            check_prompt(source_index[position], prompt)
+            check_answer(source_index[position], "chosen", chosen)
             valid.append(position)
         except RowError as error:
             rejects.append({"row": error.row, "field": error.field, "reason": error.problem})
@@ -144,6 +147,8 @@ def _run(
     shards = [valid[start : start + config.shard_size] for start in range(0, len(valid), config.shard_size)]
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
+    for stale in shard_dir.glob("*.tmp-*"):  # half-written by a killed run; its shard is redone below
+        stale.unlink()
     todo = [i for i, _ in enumerate(shards) if not (shard_dir / f"{i:05d}.parquet").exists()]
     if todo and model is None:
         from napo.models import load_model  # only a job with work left needs the model
@@ -235,8 +240,9 @@ def _write_shard(
     """Generate every negative of one shard of rows and write the shard's rows and counts atomically."""
     rows = dataset.select(positions)
     media = [name for name in ("prompt", "images", "audios", "sampling_rate") if name in dataset.column_names]
-    samples = list(rows.select_columns(media))
-    chosen = list(rows["chosen"])
+    columns = rows.select_columns([*media, "chosen"])[:]  # one batched decode of the shard's images
+    samples = [{name: columns[name][k] for name in media} for k in range(len(rows))]
+    chosen = columns["chosen"]
     rejects: list[dict] = []
     degraded: dict[str, list[dict]] = {column: [] for column in negatives}
     keep = []

@@ -108,9 +108,11 @@ def test_interrupted_job_resumes_every_row_exactly_once(tmp_path, vlm_path, clea
     with pytest.raises(KeyboardInterrupt):
         build_pairs(config, progress=False, on_shard=crash_after_first_shard)
     assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.parquet")) == ["00000.parquet"]
+    (tmp_path / "out" / "shards" / "00001.parquet.tmp-4242").write_bytes(b"half a shard")  # a kill mid-write
     finished = []
     build_pairs(config, progress=False, on_shard=finished.append)
     assert finished == [1, 2]  # shard 0 was not redone
+    assert not list((tmp_path / "out" / "shards").glob("*.tmp-*"))
     dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     assert dataset["id"] == list(range(N_ROWS))
     uninterrupted = datasets.load_from_disk(str(clean_run[1] / "dataset"))
