@@ -18,6 +18,7 @@ import torch
 from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import perturb
+from napo.data import SAMPLING_RATE
 from napo.inference import _render, generate
 
 _TRAILING_PUNCTUATION = ".,!?;:"
@@ -216,11 +217,11 @@ def answer_batch(
 
     The prompt is rendered as `napo.inference.generate` renders it (messages through the chat
     template with the generation prompt; a string as is), so the answer tokens follow exactly the
-    context the model generates from. Every sample must have images, or none may (processors refuse
-    a batch where only some texts carry images).
+    context the model generates from. Every sample must have images, or none may, and the same for
+    audios (processors refuse a batch where only some texts carry media).
 
     Returns the model inputs (input_ids, attention_mask of shape (B, L), plus the processor's image
-    tensors) and answer_mask (B, L): 1 on the answer's tokens and its closing EOS, 0 on prompt and
+    or audio tensors) and answer_mask (B, L): 1 on the answer's tokens and its closing EOS, 0 on prompt and
     padding. Right padding keeps every token at the position it has in an unbatched forward.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -228,12 +229,14 @@ def answer_batch(
     if not isinstance(samples[0]["prompt"], str):
         kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>
     texts = [_render(processing_class, sample) for sample in samples]
-    with_images = bool(samples[0].get("images"))
-    if any(bool(s.get("images")) != with_images for s in samples):
-        raise ValueError("answer_batch: some samples have images and some have none; batch them separately")
+    with_images, with_audio = bool(samples[0].get("images")), bool(samples[0].get("audios"))
+    if any(bool(s.get("images")) != with_images or bool(s.get("audios")) != with_audio for s in samples):
+        raise ValueError("answer_batch: some samples have images (or audios) and some have none; batch them separately")
     if processing_class is tokenizer:
         prompts = tokenizer(texts, **kwargs)
     else:
+        if with_audio:  # as `napo.inference.generate` passes audio: all clips of the batch, flat, at 16 kHz
+            kwargs.update(audio=[wave for s in samples for wave in s["audios"]], sampling_rate=SAMPLING_RATE)
         prompts = processing_class(text=texts, images=[s["images"] for s in samples] if with_images else None, **kwargs)
     answer_ids = tokenizer([a + tokenizer.eos_token for a in answers], add_special_tokens=False)["input_ids"]
     prompt_lengths = prompts["attention_mask"].sum(dim=1).tolist()
@@ -263,20 +266,21 @@ def answer_log_probs(
     """log π(answer | sample) in nats: the sum of the log-probabilities of the answer's tokens and
     of the EOS that ends it (what the preference trainer scores), under the full sample.
 
-    Samples with and without images may be mixed; they are batched separately. Shape (n,), float64.
+    Samples with and without images (or audios) may be mixed; they are batched separately. Shape (n,), float64.
     """
     _check_pairs("answer_log_probs", samples, answers)
     out = np.zeros(len(samples), dtype=np.float64)
-    groups: dict[bool, list[int]] = {}
+    groups: dict[tuple[bool, bool], list[int]] = {}
     for i, sample in enumerate(samples):
-        groups.setdefault(bool(sample.get("images")), []).append(i)
+        groups.setdefault((bool(sample.get("images")), bool(sample.get("audios"))), []).append(i)
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
             inputs, answer_mask = answer_batch(processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk])
             inputs = inputs.to(model.device)
-            if "pixel_values" in inputs:
-                inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            for key in ("pixel_values", "input_features"):  # image / audio features in the model's dtype (bf16 models)
+                if key in inputs:
+                    inputs[key] = inputs[key].to(model.dtype)
             logits = model(**inputs).logits[:, :-1].float()
             targets = inputs["input_ids"][:, 1:]
             # log-softmax over the vocabulary, then keep only the target token of each position.
