@@ -11,7 +11,7 @@ lost or written twice. The job's arguments are kept in `<output_dir>/args.json` 
 ones is refused. Output layout:
 
     <output_dir>/args.json     the job's arguments (checked on resume)
-    <output_dir>/shards/       NNNNN.parquet + NNNNN.json (rows and counts of each finished shard)
+    <output_dir>/shards/       NNNNN/ (save_to_disk) + NNNNN.json: rows and counts of each finished shard
     <output_dir>/dataset/      the preference dataset (`datasets.load_from_disk`)
     <output_dir>/data.parquet  the same rows as one parquet file
     <output_dir>/rejects.jsonl source rows left out, one {"row", "field", "reason"} per line
@@ -45,7 +45,7 @@ AUDIO_NEGATIVES = {
     "rejected_audio_bias": "text.drop_question(prompt='Describe the audio.')",
 }
 # Files and folders a job writes; `overwrite` removes exactly these, never anything else in output_dir.
-_OUTPUTS = ("args.json", "shards", "dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md", ".cache")
+_OUTPUTS = ("args.json", "shards", "dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md")
 # Upper edges (inclusive) of the answer-length histogram bins, in words; the last bin is open.
 _LENGTH_BINS = (0, 1, 2, 4, 8, 16, 32, 64)
 
@@ -148,8 +148,8 @@ def _run(
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     for stale in shard_dir.glob("*.tmp-*"):  # half-written by a killed run; its shard is redone below
-        stale.unlink()
-    todo = [i for i, _ in enumerate(shards) if not (shard_dir / f"{i:05d}.parquet").exists()]
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    todo = [i for i, _ in enumerate(shards) if not (shard_dir / f"{i:05d}").exists()]
     if todo and model is None:
         from napo.models import load_model  # only a job with work left needs the model
 
@@ -293,9 +293,9 @@ def _write_shard(
         "rejects": rejects,
     }
     _write_text(shard_dir / f"{shard_id:05d}.json", json.dumps(stats) + "\n")
-    tmp = shard_dir / f"{shard_id:05d}.parquet.tmp-{os.getpid()}"
-    shard.to_parquet(str(tmp))
-    os.replace(tmp, shard_dir / f"{shard_id:05d}.parquet")  # the parquet file's existence marks the shard done
+    tmp = shard_dir / f"{shard_id:05d}.tmp-{os.getpid()}"
+    shard.save_to_disk(str(tmp))
+    os.replace(tmp, shard_dir / f"{shard_id:05d}")  # the folder's existence marks the shard done
 
 
 def _finish(
@@ -308,12 +308,11 @@ def _finish(
     source_rows: int,
 ) -> dict[str, Any]:
     """Join the shards, inject label noise, write the dataset, parquet copy, rejects and stats."""
-    shard_files = [str(out / "shards" / f"{i:05d}.parquet") for i in range(n_shards)]
     shard_stats = [json.loads((out / "shards" / f"{i:05d}.json").read_text()) for i in range(n_shards)]
-    features = datasets.Features({**dataset.features, **{column: datasets.Value("string") for column in negatives}})
-    if shard_files:
-        final = datasets.Dataset.from_parquet(shard_files, features=features, cache_dir=str(out / ".cache"))
+    if n_shards:  # memory-mapped shards: joining them copies nothing
+        final = datasets.concatenate_datasets([datasets.load_from_disk(str(out / "shards" / f"{i:05d}")) for i in range(n_shards)])
     else:
+        features = datasets.Features({**dataset.features, **{column: datasets.Value("string") for column in negatives}})
         final = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     noisy_rows: list[int] = []
     if config.inject_label_noise > 0:
@@ -351,7 +350,6 @@ def _finish(
     }
     _write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     _write_text(out / "stats.md", _stats_markdown(stats, config))
-    shutil.rmtree(out / ".cache", ignore_errors=True)
     return stats
 
 

@@ -107,8 +107,8 @@ def test_interrupted_job_resumes_every_row_exactly_once(tmp_path, vlm_path, clea
 
     with pytest.raises(KeyboardInterrupt):
         build_pairs(config, progress=False, on_shard=crash_after_first_shard)
-    assert sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.parquet")) == ["00000.parquet"]
-    (tmp_path / "out" / "shards" / "00001.parquet.tmp-4242").write_bytes(b"half a shard")  # a kill mid-write
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["00000", "00000.json"]
+    (tmp_path / "out" / "shards" / "00001.tmp-4242").mkdir()  # a kill mid-write leaves a half-written folder
     finished = []
     build_pairs(config, progress=False, on_shard=finished.append)
     assert finished == [1, 2]  # shard 0 was not redone
