@@ -193,17 +193,21 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
 
 
 def _check_column_types(index: int, row: dict, column_types: dict[str, type]) -> None:
-    """Raise `RowError` when a non-media value has another type (str, list, dict, number, bool) than the same column
-    in earlier rows — Arrow would refuse the whole dataset without naming the row. Records each column's first type
-    in `column_types`; None is allowed anywhere."""
+    """Raise `RowError` for a value of the wrong type, which Arrow would refuse for the whole dataset without naming
+    the row: `prompt` and the answer columns are checked against their rules (`check_prompt`, `check_answer`); any
+    other non-media column must keep the type (str, list, dict, number, bool) of its first value, recorded in
+    `column_types`. None is allowed in every column but `prompt`."""
     for name, value in row.items():
-        if value is None or name in ("images", "audios", "sampling_rate"):
-            continue
-        kind = float if type(value) is int else type(value)  # 1 and 1.5 share a column
-        expected = column_types.setdefault(name, kind)
-        if kind is not expected:
-            problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}: use one type per column"
-            raise RowError(index, name, problem)
+        if name == "prompt":
+            check_prompt(index, value)
+        elif name in ("chosen", *REJECTED_COLUMNS):
+            check_answer(index, name, value, allow_none=True)
+        elif value is not None and name not in ("images", "audios", "sampling_rate"):
+            kind = float if type(value) is int else type(value)  # 1 and 1.5 share a column
+            expected = column_types.setdefault(name, kind)
+            if kind is not expected:
+                problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}: use one type per column"
+                raise RowError(index, name, problem)
 
 
 def _decode_row(index: int, row: dict, base_dir: str) -> dict:

@@ -405,7 +405,15 @@ class NaPOTrainer(DPOTrainer):
         dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset", num_proc=args.dataset_num_proc)
         if args.max_length is not None and args.truncation_mode == "keep_start":
             # A prompt that fills max_length leaves no completion token to learn from.
-            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, num_proc=args.dataset_num_proc)
+            dataset = _with_row_index(dataset)  # a no-op, except for a dataset first seen by `evaluate()`
+            kept = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, num_proc=args.dataset_num_proc)
+            if len(kept) < len(dataset):
+                dropped = sorted(set(dataset[ROW_INDEX]) - set(kept[ROW_INDEX]))
+                logger.warning(
+                    f"{dataset_name} dataset: dropped rows {dropped}: their prompt fills max_length={args.max_length} "
+                    f"tokens and leaves no answer token to learn from (raise --max_length to keep them)"
+                )
+            dataset = kept
         return dataset
 
     # ------------------------------------------------------------------------------- reference log-probs
