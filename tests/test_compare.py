@@ -257,3 +257,11 @@ def test_default_recipe_is_the_full_grid():
     recipe = compare.load_recipe(str(Path(__file__).parents[1] / "data" / "recipes" / "compare.yaml"))
     config = CompareConfig(**recipe)
     assert len(config.objectives) * len(config.noise_rates) * len(config.seeds) == 120
+
+
+def test_threads_per_worker(monkeypatch):
+    monkeypatch.setattr(compare, "_cores", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [compare._threads_per_worker(w) for w in (1, 4, 32)] == [16, 4, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert compare._threads_per_worker(1) == 2
