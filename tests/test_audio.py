@@ -120,25 +120,37 @@ def test_bad_recipe_names_the_field(path: tuple[str, ...], value: object, field:
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_a_tiny_audio_lm(tmp_path) -> None:
-    """SFT -> pairs with the audio defaults -> NaPO and DPO steps -> the audio lab metrics."""
+    """SFT -> pairs with the audio defaults -> DPO and NaPO steps -> the audio lab metrics and report."""
     import datasets
 
-    from napo.lab.audio import evaluate_audio_model, prepare_audio_lab, render_audio_report, run_audio_lab
-    from napo.lab.pipeline import train_preference
+    from napo.lab.audio import REPORT_METRICS, prepare_audio_lab, run_audio_lab
 
     lab = prepare_audio_lab(tmp_path, quick=True)
     pairs = datasets.load_from_disk(lab["pairs_dir"])
     assert lab["pairs_stats"]["negatives"]["rejected_language_bias"]["spec"] == "audio.drop"
     assert {"audios", "chosen", "rejected_language_bias", "rejected_audio_bias"} <= set(pairs.column_names)
     assert len(pairs[0]["audios"][0]) == 16000
-    run = train_preference(lab["sft_dir"], pairs, tmp_path / "napo", objective="napo", seed=0, max_steps=2,
-                           per_device_train_batch_size=4, logging_steps=1)
-    assert any("language_bias/q" in entry for entry in run["log_history"])
-    metrics = evaluate_audio_model(run["model_dir"], lab, n=4)
-    assert set(metrics) == {"counterfactual_accuracy", "prior_consistent_accuracy", "prior_following_rate",
-                            "blind_agreement", "question_blind_agreement", "audio_share"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    # The whole report from the cached SFT and pairs: one seed, both objectives.
-    report = run_audio_lab(tmp_path, seeds=(0,), quick=True, log=lambda _: None)
+    report = run_audio_lab(tmp_path, seeds=(0,), quick=True, log=lambda _: None)  # SFT and pairs from the cache
     assert report["sft_wall_time_s"] == 0.0 and set(report["models"]) == {"sft", "dpo", "napo"}
-    assert (tmp_path / "audio_report.json").exists() and "| counterfactual_accuracy |" in render_audio_report(report)
+    for stats in report["models"].values():
+        assert set(stats) == set(REPORT_METRICS) and all(0.0 <= v["mean"] <= 1.0 for v in stats.values())
+    napo_run = next(r for r in report["runs"] if r["objective"] == "napo")
+    assert "language_bias/q" in napo_run["final_log"]  # audio_bias too when some row's negative differs from chosen
+    assert "| counterfactual_accuracy |" in (tmp_path / "audio_report.md").read_text()
+    assert (tmp_path / "audio_report.json").exists()
+
+
+def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
+    """napo.evaluate's scorer with audio: batched (mixed with audio-free rows) = each row alone."""
+    import perturb
+    from napo.evaluate import answer_log_probs
+    from napo.lab.audio import _build_model, _rows, AudioLabSettings
+
+    model, processor = _build_model(RECIPE, AudioLabSettings.quick(), seed=0)
+    rows = _rows(RECIPE, "train", 3, seed=0)
+    samples = rows + [perturb.apply("audio.drop", rows[0])]
+    answers = [r["answer"] for r in rows] + [rows[0]["answer"]]
+    batched = answer_log_probs(model, processor, samples, answers)
+    alone = [answer_log_probs(model, processor, [s], [a])[0] for s, a in zip(samples, answers)]
+    np.testing.assert_allclose(batched, alone, rtol=1e-4)
+    assert batched[3] != batched[0]  # the audio is seen

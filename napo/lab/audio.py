@@ -1,0 +1,402 @@
+"""The audio bias lab end to end: SFT a tiny Qwen2-Audio on the biased clips of `napo.lab.sounds`, build
+language- and audio-biased pairs with it (`napo pairs`' audio defaults), train DPO and NaPO from the
+same SFT checkpoint, and measure every model's bias.
+
+    lab = prepare_audio_lab("out")                       # SFT checkpoint + pairs (cached in out/cache/audio-*/)
+    run = train_preference(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
+    metrics = evaluate_audio_model(run["model_dir"], lab)
+    report = run_audio_lab("benchmarks/lab")             # all of it, plus audio_report.md / audio_report.json
+
+    python -m napo.lab.audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]
+
+Preference training is the vision lab's `napo.lab.pipeline.train_preference` (it only needs a checkpoint
+and pairs); the SFT loop and the evaluation are the audio twins of the vision lab's: the clips, the
+model family and the modality that `audio.drop` removes differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+import perturb
+from napo.evaluate import accuracy, agreement, answer_batch, answer_log_probs, modality_shapley, prior_following_rate
+from napo.inference import generate
+from napo.lab.pipeline import _cell, _device, _last_q_and_margins, _mean_std, _versions, train_preference
+from napo.lab.sounds import load_recipe, make_split, vocabulary
+from napo.models import build_tiny_model, build_tokenizer, load_model
+from napo.pairs import AUDIO_NEGATIVES
+
+# What the audio-blind and question-blind answers are generated from: the same degradations `napo pairs`
+# uses for audio data, so the lab measures the biases the pairs target.
+NO_AUDIO = AUDIO_NEGATIVES["rejected_language_bias"]  # "audio.drop"
+NO_QUESTION = AUDIO_NEGATIVES["rejected_audio_bias"]  # "text.drop_question(prompt='Describe the audio.')"
+GENERIC_PROMPT_WORDS = ("describe", "the", "audio", ".")  # words of NO_QUESTION's prompt, for the tokenizer
+REPORT_METRICS = (
+    "counterfactual_accuracy",
+    "prior_consistent_accuracy",
+    "prior_following_rate",
+    "blind_agreement",
+    "question_blind_agreement",
+    "audio_share",
+)
+
+
+@dataclass(frozen=True)
+class AudioLabSettings:
+    """Sizes of one audio lab run. `full()` is the default lab; `quick()` the CI variant.
+
+    The model is a Qwen2-Audio built from a config: a 2-layer audio encoder and a 2-layer Qwen2 of width
+    `hidden` (1 s clips -> 100 mel frames -> 25 audio tokens). SFT: AdamW, warm-up then cosine, loss on
+    the answer tokens and EOS only.
+    """
+
+    n_train: int = 3000  # SFT rows of the biased train split
+    sft_steps: int = 300
+    sft_batch_size: int = 32
+    sft_lr: float = 2e-3
+    n_pairs: int = 320  # source rows of the pair generator (held-out `pairs` split)
+    pref_steps: int = 40
+    pref_batch_size: int = 16
+    pref_lr: float = 1e-4
+    beta: float = 0.1
+    n_eval: int = 150  # rows per evaluation split
+    hidden: int = 64
+    layers: int = 2
+
+    @classmethod
+    def full(cls) -> AudioLabSettings:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> AudioLabSettings:
+        return cls(n_train=64, sft_steps=4, sft_batch_size=16, n_pairs=8, pref_steps=2, pref_batch_size=4, n_eval=4)
+
+
+def prepare_audio_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False) -> dict[str, Any]:
+    """SFT the audio lab model and build its preference pairs, reusing both when cached with the same settings.
+
+    Args:
+        out_dir: the lab's output folder; artifacts go to `<out_dir>/cache/audio-<key>/{sft,pairs}`, key
+            hashing the recipe, the settings and the seed (`cache/` is the vision lab's git-ignored folder).
+        recipe: a recipe path, an already loaded recipe, or None for `napo/lab/recipes/sounds.yaml`.
+        seed: seed of the model weights and of SFT batch order (clips use the recipe's seed).
+        quick: the tiny CI variant (`AudioLabSettings.quick()`).
+
+    Returns a JSON-able dict: sft_dir (model + processor folder), pairs_dir (`save_to_disk` preference
+    rows with `rejected_language_bias` and `rejected_audio_bias`), pairs_stats, recipe, settings, seed,
+    sft_wall_time_s and pairs_wall_time_s (0 when cached).
+    """
+    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe)
+    settings = AudioLabSettings.quick() if quick else AudioLabSettings.full()
+    key = hashlib.sha256(json.dumps([rec, asdict(settings), seed], sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(out_dir) / "cache" / f"audio-{key}"
+    sft_dir, sft_time = _sft(cache / "sft", rec, settings, seed)
+    pairs_dir, stats, pairs_time = _pairs(cache / "pairs", sft_dir, rec, settings)
+    return {
+        "sft_dir": str(sft_dir),
+        "pairs_dir": str(pairs_dir),
+        "pairs_stats": stats,
+        "recipe": rec,
+        "settings": asdict(settings),
+        "seed": seed,
+        "sft_wall_time_s": sft_time,
+        "pairs_wall_time_s": pairs_time,
+    }
+
+
+def audio_modality_metrics(
+    model: PreTrainedModel, processor: ProcessorMixin, rows: Sequence[dict], *, batch_size: int = 64, max_new_tokens: int = 4
+) -> dict[str, Any]:
+    """Answer rows with and without each modality and measure how much the answer rests on the audio.
+
+    Rows need "prompt", "audios" and "answer". The model answers greedily (a) the full row, (b) the row
+    without its audio (`audio.drop`), (c) the row with its question replaced by "Describe the audio.".
+    The reference answer's log-prob (nats) is scored under {full, no audio, no question, neither} for the
+    exact two-player Shapley values of `napo.evaluate.modality_shapley` (audio is its first player).
+
+    Returns floats in [0, 1]: accuracy (a vs answer), blind_agreement (a vs b: high = the audio barely
+    matters, language bias), question_blind_agreement (a vs c: high = the question barely matters, audio
+    bias), audio_share (mean per-row |φ_audio| / (|φ_audio| + |φ_text|)); and per-row lists answers,
+    blind_answers and audio_shares.
+    """
+    rows = list(rows)
+    reference = [row["answer"] for row in rows]
+    variants = {
+        "full": rows,
+        "no_audio": [perturb.apply(NO_AUDIO, row) for row in rows],
+        "no_question": [perturb.apply(NO_QUESTION, row) for row in rows],
+        "neither": [perturb.apply(f"{NO_AUDIO}+{NO_QUESTION}", row) for row in rows],
+    }
+    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    answers = {name: generate(model, processor, variants[name], **kwargs) for name in ("full", "no_audio", "no_question")}
+    values = {name: answer_log_probs(model, processor, samples, reference, batch_size=batch_size) for name, samples in variants.items()}
+    shapley = modality_shapley(values["full"], values["no_audio"], values["no_question"], values["neither"])
+    return {
+        "accuracy": accuracy(answers["full"], reference),
+        "blind_agreement": agreement(answers["full"], answers["no_audio"]),
+        "question_blind_agreement": agreement(answers["full"], answers["no_question"]),
+        "audio_share": shapley["image_share_mean"],  # the first player's share: here the audio
+        "answers": answers["full"],
+        "blind_answers": answers["no_audio"],
+        "audio_shares": shapley["image_share"].tolist(),
+    }
+
+
+def evaluate_audio_model(
+    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin], lab: dict[str, Any], *, n: int | None = None
+) -> dict[str, float]:
+    """The audio lab's bias metrics of one model, all in [0, 1].
+
+    Args:
+        model_dir_or_model_and_processor: a `save_pretrained` folder, or (model, processor).
+        lab: `prepare_audio_lab`'s dict (only "recipe" and "settings" are read).
+        n: rows per evaluation split; None: the settings' `n_eval`.
+
+    Returns counterfactual_accuracy, prior_consistent_accuracy, prior_following_rate (counterfactual
+    rows answered with the instrument's typical note), blind_agreement and question_blind_agreement
+    (counterfactual rows: answer unchanged without the audio / without the question) and audio_share
+    (mean Shapley audio share of the reference answer's log-prob, counterfactual rows).
+    """
+    if isinstance(model_dir_or_model_and_processor, (str, Path)):
+        model, processor = load_model(str(model_dir_or_model_and_processor))
+    else:
+        model, processor = model_dir_or_model_and_processor
+    recipe, n = lab["recipe"], n or lab["settings"]["n_eval"]
+    counterfactual = _rows(recipe, "counterfactual", n, recipe["seed"])
+    mod = audio_modality_metrics(model, processor, counterfactual)
+    consistent = _rows(recipe, "prior_consistent", n, recipe["seed"])
+    answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
+    return {
+        "counterfactual_accuracy": mod["accuracy"],
+        "prior_consistent_accuracy": accuracy(answers, [r["answer"] for r in consistent]),
+        "prior_following_rate": prior_following_rate(mod["answers"], [r["prior_answer"] for r in counterfactual]),
+        "blind_agreement": mod["blind_agreement"],
+        "question_blind_agreement": mod["question_blind_agreement"],
+        "audio_share": mod["audio_share"],
+    }
+
+
+def run_audio_lab(
+    out_dir: str | Path = "benchmarks/lab",
+    *,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    recipe: str | None = None,
+    quick: bool = False,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """SFT, pairs, DPO and NaPO for every seed, evaluation, then audio_report.json and audio_report.md.
+
+    As in the vision lab, the SFT checkpoint and the pairs are built once (seed 0) and shared, so the
+    seeds vary preference training only (batch order). Returns the report dict (what the JSON holds).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lab = prepare_audio_lab(out, recipe=recipe, quick=quick)
+    log(f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows")
+    settings = lab["settings"]
+    metrics: dict[str, list[dict[str, float]]] = {"sft": [evaluate_audio_model(lab["sft_dir"], lab)], "dpo": [], "napo": []}
+    log(f"[audio lab] sft: {_summary(metrics['sft'][0])}")
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for objective in ("dpo", "napo"):
+            run = train_preference(
+                lab["sft_dir"], lab["pairs_dir"], Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
+                objective=objective, seed=seed, max_steps=settings["pref_steps"], beta=settings["beta"],
+                learning_rate=settings["pref_lr"], per_device_train_batch_size=settings["pref_batch_size"],
+                logging_steps=1,  # short runs: the report's final q and margins are those of the last step
+            )
+            m = evaluate_audio_model(run["model_dir"], lab)
+            metrics[objective].append(m)
+            runs.append({"objective": objective, "seed": seed, "train_wall_time_s": run["wall_time_s"], "metrics": m,
+                         "final_log": _last_q_and_margins(run["log_history"])})
+            log(f"[audio lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
+    report = {
+        "command": command or "python -m napo.lab.audio" + (" --quick" if quick else ""),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "seeds": list(seeds),
+        "settings": settings,
+        "recipe": "napo/lab/recipes/sounds.yaml" if recipe is None else str(recipe),
+        "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
+        "sft_wall_time_s": lab["sft_wall_time_s"],
+        "pairs_wall_time_s": lab["pairs_wall_time_s"],
+        "models": {name: _mean_std(rows) for name, rows in metrics.items()},
+        "runs": runs,
+    }
+    report["wall_time_s"] = time.perf_counter() - start
+    (out / "audio_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "audio_report.md").write_text(render_audio_report(report))
+    return report
+
+
+def render_audio_report(report: dict[str, Any]) -> str:
+    """The markdown audio report: metrics per model (mean ± std over seeds) and plain sentences on them."""
+    models = report["models"]
+    lines = [
+        "# napo audio bias lab",
+        "",
+        f"`{report['command']}` — {report['date']}, {report['device']}, {report['wall_time_s']:.0f} s end to end "
+        f"(SFT {report['sft_wall_time_s']:.0f} s, pairs {report['pairs_wall_time_s']:.0f} s; 0 = cached).",
+        f"Seeds {report['seeds']} (preference training; SFT and pairs are shared, SFT is one model). "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}.",
+        "",
+        "Clips: one instrument plays one note (1 s, 16 kHz) with white noise at the recipe's SNR; each instrument "
+        "with a typical note plays it in 95% of training clips. Counterfactual rows play another note.",
+        "",
+        "| metric | " + " | ".join(models) + " |",
+        "|---" * (len(models) + 1) + "|",
+    ]
+    lines += [f"| {metric} | " + " | ".join(_cell(models[name][metric]) for name in models) + " |" for metric in REPORT_METRICS]
+    m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in models.items()}
+    sft = m["sft"]
+    lines += [
+        "",
+        "## What it shows",
+        "",
+        f"- **Bias after SFT**: counterfactual accuracy {sft['counterfactual_accuracy']:.3f} vs prior-consistent "
+        f"{sft['prior_consistent_accuracy']:.3f}; {sft['prior_following_rate']:.3f} of counterfactual answers are the "
+        f"typical note; blind agreement {sft['blind_agreement']:.3f}; audio share {sft['audio_share']:.3f}.",
+    ]
+    for name in ("dpo", "napo"):
+        d, s = m[name], {k: v["std"] for k, v in models[name].items()}
+        lines.append(
+            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual {sft['counterfactual_accuracy']:.3f} → "
+            f"{d['counterfactual_accuracy']:.3f} ± {s['counterfactual_accuracy']:.3f}, prior-consistent "
+            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± {s['prior_consistent_accuracy']:.3f}; "
+            f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; audio share "
+            f"{sft['audio_share']:.3f} → {d['audio_share']:.3f}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m napo.lab.audio`: run the audio lab and write the report into --out."""
+    parser = argparse.ArgumentParser(prog="python -m napo.lab.audio", description=run_audio_lab.__doc__)
+    parser.add_argument("--out", default="benchmarks/lab", help="folder for audio_report.{json,md} and the cache (default: benchmarks/lab)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)")
+    parser.add_argument("--recipe", default=None, help="an audio recipe YAML (default: napo/lab/recipes/sounds.yaml)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
+    args = parser.parse_args(argv)
+    command = "python -m napo.lab.audio " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run_audio_lab(args.out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=command.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _rows(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """Lab rows as samples: the question becomes a one-turn chat with the audio before it."""
+    rows = make_split(recipe, split, n, seed)
+    for row in rows:
+        row["prompt"] = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": row["prompt"]}]}]
+    return rows
+
+
+def _build_model(recipe: dict[str, Any], settings: AudioLabSettings, seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A fresh lab Qwen2-Audio whose feature extractor keeps the whole clip (whole seconds, rounded up)."""
+    tokenizer = build_tokenizer([*vocabulary(recipe), *GENERIC_PROMPT_WORDS])
+    seconds = math.ceil(recipe["audio"]["seconds"])
+    return build_tiny_model("qwen2_audio", tokenizer, hidden_size=settings.hidden, num_layers=settings.layers, audio_seconds=seconds, seed=seed)
+
+
+def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed: int) -> tuple[Path, float]:
+    """Supervised fine-tuning on prompt -> answer (loss on the answer tokens and EOS); cached in `folder`."""
+    if (folder / "config.json").exists():
+        return folder, 0.0
+    start = time.perf_counter()
+    model, processor = _build_model(recipe, settings, seed)
+    rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.sft_lr, weight_decay=0.0)
+    warmup = max(1, settings.sft_steps // 20)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.sft_steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = np.random.default_rng(seed)
+    order = np.array([], dtype=int)
+    model.train()
+    for step in range(settings.sft_steps):
+        if len(order) < settings.sft_batch_size:  # a new epoch, reshuffled
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        batch_idx, order = order[: settings.sft_batch_size], order[settings.sft_batch_size :]
+        batch = [rows[i] for i in batch_idx]
+        inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
+        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == settings.sft_steps - 1:
+            print(f"[audio lab] sft step {step + 1}/{settings.sft_steps} loss {loss.item():.3f}", flush=True)
+    model.eval()
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, folder)  # a killed run leaves no half-written checkpoint that looks cached
+    return folder, time.perf_counter() - start
+
+
+def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioLabSettings) -> tuple[Path, dict[str, Any], float]:
+    """Language- and audio-biased negatives from the SFT model on held-out clips, with `napo pairs`' audio defaults."""
+    from napo.pairs import PairsConfig, build_pairs
+
+    stats_file = folder / "stats.json"
+    if stats_file.exists():
+        return folder / "dataset", json.loads(stats_file.read_text()), 0.0
+    start = time.perf_counter()
+    rows = _rows(recipe, "pairs", settings.n_pairs, recipe["seed"])
+    source = datasets.Dataset.from_dict(
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "audios": [r["audios"] for r in rows],
+            "sampling_rate": [r["sampling_rate"] for r in rows],
+            "chosen": [r["answer"] for r in rows],
+        },
+        features=datasets.Features(
+            {
+                "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+                "audios": datasets.List(datasets.List(datasets.Value("float32"))),
+                "sampling_rate": datasets.Value("int32"),
+                "chosen": datasets.Value("string"),
+            }
+        ),
+    )
+    source_dir = folder.parent / "pairs-source"
+    source.save_to_disk(str(source_dir))
+    model, processor = load_model(str(sft_dir))
+    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=8)
+    stats = build_pairs(config, model=model, processing_class=processor, progress=False)
+    return folder / "dataset", stats, time.perf_counter() - start
+
+
+def _summary(m: dict[str, float]) -> str:
+    return ", ".join(f"{k} {m[k]:.3f}" for k in REPORT_METRICS)
+
+
+if __name__ == "__main__":
+    main()
