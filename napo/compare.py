@@ -100,6 +100,7 @@ class CompareConfig:
         default_factory=lambda: max(1, _cores() // 2),
         metadata={"help": "cells trained in parallel (a process pool); torch threads per worker = cores / workers (at most OMP_NUM_THREADS)"},
     )
+    report_only: bool = field(default=False, metadata={"help": "train nothing: write the report from the finished cells in results.jsonl"})
     keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
     train: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "extra NaPOConfig fields for every cell, e.g. {learning_rate: 1e-4}"}
@@ -197,7 +198,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         for seed in config.seeds
         for rate in config.noise_rates
         for objective in config.objectives
-        if cell_key(objective, rate, seed) not in done
+        if cell_key(objective, rate, seed) not in done and not config.report_only
     ]
     total = len(config.objectives) * len(config.noise_rates) * len(config.seeds)
     failed = 0
@@ -544,8 +545,9 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- wall time of this invocation: {meta['run_wall_s']:.0f} s ({meta['cells_run']} cells run, "
-        f"{meta['cells_failed']} failed); total training time of the {len(rows)} finished cells: {train_time:.0f} s, "
-        f"cell time {sum(r['cell_wall_s'] for r in rows):.0f} s",
+        f"{meta['cells_failed']} failed; a resumed grid's earlier cells ran in earlier invocations); summed over the "
+        f"{len(rows)} finished cells: training {train_time:.0f} s, training + evaluation + scoring "
+        f"{sum(r['cell_wall_s'] for r in rows):.0f} s (cells of parallel workers overlap)",
         f"- cells finished: {len(rows)} of {meta['cells_total']}",
         f"- device: {_device()}",
         f"- versions: {_versions()}",

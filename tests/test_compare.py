@@ -128,6 +128,11 @@ def test_user_dataset_grid_runs_resumes_and_reports(user_setup, tmp_path, count_
     assert count_cells == [] and again["cells_run"] == 0
     assert (tmp_path / "run" / "results.jsonl").read_bytes() == before
 
+    # --report-only on a larger grid trains none of its missing cells and reports what is there.
+    wider = user_config(user_setup, tmp_path / "run", objectives=["dpo", "napo-paper", "ipo"], report_only=True)
+    run_compare(wider, progress=False)
+    assert count_cells == [] and "cells finished: 4 of 6" in (tmp_path / "run" / "README.md").read_text()
+
 
 @pytest.mark.slow
 def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, count_cells):
