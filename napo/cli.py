@@ -231,13 +231,17 @@ def _lab_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/lab, or benchmarks/lab/quick with --quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)")
     p.add_argument("--recipe", default=None, help="lab recipe YAML (default: the packaged colors.yaml)")
+    p.add_argument("--audio", action="store_true", help="the audio lab instead: a tiny Qwen2-Audio on synthetic notes with a "
+                   "note prior (recipe default: the packaged sounds.yaml); writes audio_report.md / .json (default: off)")
 
     def run(args: argparse.Namespace) -> None:
+        from napo.lab.audio import run_audio_lab
         from napo.lab.pipeline import run_lab
 
         out = args.out or ("benchmarks/lab/quick" if args.quick else "benchmarks/lab")
         command = "napo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["lab"] else None
-        report = run_lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=command)
+        lab = run_audio_lab if args.audio else run_lab
+        report = lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=command)
         print(f"wall time: {report['wall_time_s']:.0f} s")
         for name, path in report["outputs"].items():
             print(f"{name}: {path}")

@@ -154,3 +154,10 @@ def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
     alone = [answer_log_probs(model, processor, [s], [a])[0] for s, a in zip(samples, answers)]
     np.testing.assert_allclose(batched, alone, rtol=1e-4)
     assert batched[3] != batched[0]  # the audio is seen
+
+
+def test_napo_lab_audio_flag_parses() -> None:
+    from napo.cli import build_parser
+
+    args = build_parser().parse_args(["lab", "--audio", "--quick", "--seeds", "0"])
+    assert args.audio and args.quick and args.seeds == [0]

@@ -7,7 +7,7 @@ same SFT checkpoint, and measure every model's bias.
     metrics = evaluate_audio_model(run["model_dir"], lab)
     report = run_audio_lab("benchmarks/lab")             # all of it, plus audio_report.md / audio_report.json
 
-    python -m napo.lab.audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]
+    napo lab --audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]    (or: python -m napo.lab.audio ...)
 
 Preference training is the vision lab's `napo.lab.pipeline.train_preference` (it only needs a checkpoint
 and pairs); the SFT loop and the evaluation are the audio twins of the vision lab's: the clips, the
@@ -244,6 +244,7 @@ def run_audio_lab(
         "runs": runs,
     }
     report["wall_time_s"] = time.perf_counter() - start
+    report["outputs"] = {name: str(out / name) for name in ("audio_report.json", "audio_report.md")}
     (out / "audio_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "audio_report.md").write_text(render_audio_report(report))
     return report
