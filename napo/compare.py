@@ -62,8 +62,12 @@ SMOOTHING_RANGE = (0.05, 0.45)
 LOWER_IS_BETTER = frozenset(
     {"blind_agreement", "chair_s", "chair_i", "margin_flipped_mean", "margin_flipped_fitted", "train_wall_s", "cell_wall_s"}
 )
-# Metrics the verdict compares NaPO and DPO on, by source.
-PRIMARY_METRIC = {"lab": "counterfactual_accuracy", "dataset": "heldout_reward_accuracy"}
+# Metrics the verdict compares NaPO and DPO on, by source: the debiasing gain, what it may cost (NOTES: DPO on
+# these pairs over-corrects against the prior), and whether the flipped pairs were learned.
+VERDICT_METRICS = {
+    "lab": ("counterfactual_accuracy", "prior_consistent_accuracy", "margin_flipped_fitted"),
+    "dataset": ("heldout_reward_accuracy", "margin_flipped_fitted"),
+}
 # Shown first in the report and plotted (when present); every other value gets a table after them.
 KEY_METRICS = (
     "counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s",
@@ -222,6 +226,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         "cells_total": total,
         "max_steps": context["max_steps"],
         "lab_settings": context.get("lab", {}).get("settings"),
+        "sft_metrics": context.get("sft_metrics", {}),
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
@@ -244,8 +249,22 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
 
         lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=config.lab_seed, quick=config.quick)
         steps = config.max_steps or lab["settings"]["pref_steps"]  # quick mode trains fewer steps
-        return {**context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": lab["pairs_dir"]}
+        return {
+            **context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": lab["pairs_dir"],
+            "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
+        }
     return {**context, "sft_dir": config.model, **_split_dataset(config, out / "data")}
+
+
+def _sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
+    """The lab's metrics of the SFT model itself (every cell's starting point), computed once per `n`."""
+    if path.exists() and json.loads(path.read_text())["n"] == n:
+        return json.loads(path.read_text())["metrics"]
+    from napo.lab.pipeline import evaluate_lab_model
+
+    metrics = evaluate_lab_model(lab["sft_dir"], lab, n=n)
+    _write_text(path, json.dumps({"n": n, "metrics": metrics}) + "\n")
+    return metrics
 
 
 def _split_dataset(config: CompareConfig, data_dir: Path) -> dict[str, str]:
@@ -461,7 +480,7 @@ def write_report(out: Path, rows: list[dict], config: CompareConfig, meta: dict)
     summary = summarize(rows)
     outputs = {"results": out / "results.jsonl", "summary": out / "summary.csv", "report": out / "README.md"}
     _write_csv(outputs["summary"], summary)
-    outputs.update(_plots(out, rows, summary, config))
+    outputs.update(_plots(out, rows, summary, config, meta.get("sft_metrics", {})))
     _write_text(outputs["report"], _markdown(rows, summary, config, meta))
     if (out / "errors.jsonl").exists():
         outputs["errors"] = out / "errors.jsonl"
@@ -474,8 +493,9 @@ def _write_csv(path: Path, summary: list[dict]) -> None:
     _write_text(path, "\n".join(lines) + "\n")
 
 
-def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[float]) -> list[str]:
-    """A markdown table of one metric: objectives x noise rates, mean ± std, the best mean of each column in bold."""
+def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[float], start: float | None = None) -> list[str]:
+    """A markdown table of one metric: objectives x noise rates, mean ± std, the best mean of each column in bold;
+    `start`: the SFT model's value, shown in a first row (it does not depend on the noise rate)."""
     cells = {(s["objective"], s["noise_rate"]): s for s in summary if s["metric"] == metric}
     pick = min if metric in LOWER_IS_BETTER else max
     best = {}
@@ -483,6 +503,8 @@ def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[
         means = [cells[(o, rate)]["mean"] for o in objectives if (o, rate) in cells]
         best[rate] = pick(means) if means else None
     lines = ["| objective | " + " | ".join(f"noise {r:g}" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    if start is not None:
+        lines.append("| *SFT (start)* | " + " | ".join(f"*{start:.3f}*" for _ in rates) + " |")
     for objective in objectives:
         entries = []
         for rate in rates:
@@ -496,34 +518,35 @@ def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[
     return lines
 
 
-def _verdict(rows: list[dict], metric: str, rates: list[float], objectives: list[str]) -> list[str]:
-    """NaPO variants against DPO per noise rate on `metric`: mean paired difference (same flipped rows per seed)
-    and whether it exceeds twice its standard error."""
-    by_cell = {(r["objective"], r["noise_rate"], r["seed"]): r["metrics"].get(metric) for r in rows}
+def _verdict(rows: list[dict], metrics: tuple[str, ...], rates: list[float], objectives: list[str]) -> list[str]:
+    """NaPO variants against DPO per noise rate and metric: the mean paired difference over seeds (the same flipped
+    rows per seed) and whether it exceeds twice its standard error, in the metric's better direction."""
+    values = {(r["objective"], r["noise_rate"], r["seed"]): cell_values(r) for r in rows}
     lines = []
-    for napo in [o for o in objectives if o.startswith("napo")]:
-        for rate in rates:
-            diffs = [
-                by_cell[(napo, rate, s)] - by_cell[("dpo", rate, s)]
-                for (o, r, s) in by_cell
-                if o == napo and r == rate and by_cell.get(("dpo", rate, s)) is not None and by_cell[(o, r, s)] is not None
-            ]
-            if not diffs:
-                continue
-            mean = float(np.mean(diffs))
-            se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
-            if math.isnan(se):
-                call = "one seed: no error bar"
-            elif abs(mean) > 2 * se:
-                call = "NaPO better" if mean > 0 else "DPO better"
-            else:
-                call = "within noise"
-            lines.append(f"| {napo} | {rate:g} | {mean:+.3f} | {'—' if math.isnan(se) else f'{se:.3f}'} | {len(diffs)} | {call} |")
+    for metric in metrics:
+        for napo in [o for o in objectives if o.startswith("napo")]:
+            for rate in rates:
+                diffs = [
+                    v[metric] - values[("dpo", rate, s)][metric]
+                    for (o, r, s), v in values.items()
+                    if o == napo and r == rate and metric in v and metric in values.get(("dpo", rate, s), {})
+                ]
+                if not diffs:
+                    continue
+                mean = float(np.mean(diffs))
+                se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+                if math.isnan(se):
+                    call = "one seed: no error bar"
+                elif abs(mean) > 2 * se:
+                    call = "NaPO better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
+                else:
+                    call = "within noise"
+                lines.append(f"| {metric} | {napo} | {rate:g} | {mean:+.3f} | {'—' if math.isnan(se) else f'{se:.3f}'} | {len(diffs)} | {call} |")
     if not lines:
         return []
     return [
-        f"| objective | noise | Δ {metric} vs DPO (paired mean) | std. error | seeds | verdict (|Δ| > 2 s.e.) |",
-        "|---|---|---|---|---|---|",
+        "| metric | objective | noise | Δ vs DPO (paired mean over seeds) | std. error | seeds | verdict (Δ beyond 2 s.e.) |",
+        "|---|---|---|---|---|---|---|",
         *lines,
     ]
 
@@ -533,7 +556,6 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     rates = [r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows)]
     present = {s["metric"] for s in summary}
     metrics = [m for m in KEY_METRICS if m in present] + sorted(present - set(KEY_METRICS))
-    primary = PRIMARY_METRIC[config.source]
     train_time = sum(r["train_wall_s"] for r in rows)
     if config.source == "lab":
         source = "the bias lab" + (" (quick mode)" if config.quick else "")
@@ -569,10 +591,9 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         "## Does NaPO beat DPO under label noise?",
         "",
     ]
-    verdict = _verdict(rows, primary, rates, objectives)
-    lines += verdict or [f"(no DPO and NaPO cells to compare on {primary})"]
+    lines += _verdict(rows, VERDICT_METRICS[config.source], rates, objectives) or ["(no DPO and NaPO cells to compare yet)"]
     for metric in metrics:
-        lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates)]
+        lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]
     lines += [
         "",
         "## Plots",
@@ -588,7 +609,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     return "\n".join(lines) + "\n"
 
 
-def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConfig) -> dict[str, Path]:
+def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConfig, sft: dict[str, float]) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -608,6 +629,8 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
             if points:
                 x, y, e = zip(*points)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=objective, color=colours[objective])
+        if metric in sft:
+            ax.axhline(sft[metric], color="grey", linestyle=":", label="SFT (start)")
         ax.set_title(metric)
         ax.set_xlabel("label-noise rate")
     for ax in list(axes.flat)[len(metrics):]:

@@ -206,7 +206,8 @@ def test_lab_quick_grid_end_to_end(tmp_path):
             assert 0 <= row["metrics"][metric] <= 1
         assert row["margins"]["n_flipped"] > 0 if row["noise_rate"] else row["margins"]["n_flipped"] == 0
     assert_csv_matches(tmp_path / "lab" / "summary.csv", recompute_from_jsonl(tmp_path / "lab" / "results.jsonl"))
-    assert "counterfactual_accuracy vs DPO" in (tmp_path / "lab" / "README.md").read_text()
+    report = (tmp_path / "lab" / "README.md").read_text()
+    assert "| counterfactual_accuracy | napo-paper | 0.2 |" in report and "*SFT (start)*" in report
 
 
 # ------------------------------------------------------------------------------------------ small parts
