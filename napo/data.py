@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -251,8 +252,11 @@ def _image_cell(index: int, field: str, value: Any, base_dir: str) -> dict:
     else:
         data, where = _media_bytes(index, field, value, base_dir)
         try:
-            image = Image.open(io.BytesIO(data))
-            image.load()
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes hundreds of MB: refuse those too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                image.load()
         except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
             raise RowError(index, field, f"{where} cannot be decoded as an image: {error}") from error
     if data is not None and image.mode == "RGB" and image.format in ("PNG", "JPEG", "WEBP"):
