@@ -264,7 +264,9 @@ class NaPOTrainer(DPOTrainer):
     Arguments as `trl.DPOTrainer`; `args` is a `NaPOConfig`. Rows: `prompt` (string or messages), optional
     `images`, `chosen`, and the negative columns (strings; None where a row lacks that negative).
     Logged per negative type (prefix `language_bias/`, `vision_bias/`, `audio_bias/`; none for `rejected`):
-    `q` (NaPO), `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`.
+    `q` (NaPO), `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`; and
+    `nonfinite/skipped` (see `NaPOConfig.on_nonfinite`). Datasets get a `row_index` column (0-based position in the
+    dataset passed in) so that errors and warnings name the rows they are about.
     """
 
     _tag_names = ["trl", "dpo", "napo"]
