@@ -287,6 +287,14 @@ def render_audio_report(report: dict[str, Any]) -> str:
             f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; audio share "
             f"{sft['audio_share']:.3f} → {d['audio_share']:.3f}."
         )
+    diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
+    spread = max(models[name]["counterfactual_accuracy"]["std"] for name in ("dpo", "napo"))
+    if abs(diff) <= max(2 * spread, 0.01):
+        lines.append(f"- **NaPO vs DPO**: counterfactual accuracy differs by {diff:+.3f}, within twice the seed spread "
+                     f"({spread:.3f}): on these clean pairs neither objective is ahead.")
+    else:
+        lines.append(f"- **NaPO vs DPO**: {'NaPO' if diff > 0 else 'DPO'} is ahead on counterfactual accuracy by "
+                     f"{abs(diff):.3f} (seed spread {spread:.3f}, {len(report['seeds'])} seeds).")
     return "\n".join(lines) + "\n"
 
 
