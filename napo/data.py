@@ -207,8 +207,8 @@ def _check_column_types(index: int, row: dict, column_types: dict[str, type]) ->
             kind = float if type(value) is int else type(value)  # 1 and 1.5 share a column
             expected = column_types.setdefault(name, kind)
             if kind is not expected:
-                problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}: use one type per column"
-                raise RowError(index, name, problem)
+                problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}"
+                raise RowError(index, name, f"{problem}: use one type per column")
 
 
 def _decode_row(index: int, row: dict, base_dir: str) -> dict:

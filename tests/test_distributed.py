@@ -76,12 +76,14 @@ def test_two_cpu_processes_share_q_and_match_a_single_process_run(tmp_path: Path
     per_rank = [[json.loads(line) for line in (tmp_path / "q" / f"rank{r}.jsonl").read_text().splitlines()]
                 for r in (0, 1)]
     assert len(per_rank[0]) == 3 * 2  # 3 steps x 2 negative types
-    assert [(e["step"], e["column"], e["q"]) for e in per_rank[0]] == [(e["step"], e["column"], e["q"]) for e in per_rank[1]]
+    rank0, rank1 = ([(e["step"], e["column"], e["q"]) for e in records] for records in per_rank)
+    assert rank0 == rank1
     assert len({e["q"] for e in per_rank[0]}) > 1  # q moved: the comparison is not between constants
 
     two, one = (json.loads((tmp_path / run / "log_history.json").read_text()) for run in ("two", "one"))
     for metric in ("loss", "language_bias/q", "vision_bias/q"):
-        assert [h[metric] for h in two if "loss" in h] == pytest.approx([h[metric] for h in one if "loss" in h], abs=1e-5)
+        curve_two, curve_one = ([h[metric] for h in history if "loss" in h] for history in (two, one))
+        assert curve_two == pytest.approx(curve_one, abs=1e-5)
     weights_two, weights_one = (load_file(tmp_path / run / "model.safetensors") for run in ("two", "one"))
     start = load_file(tmp_path / "model" / "model.safetensors")
     assert any((weights_one[name] - start[name]).abs().max() > 1e-4 for name in start)  # training moved the weights

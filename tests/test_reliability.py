@@ -3,12 +3,13 @@ and files, long prompts with images, and the safe model-loading path of `napo tr
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import tracemalloc
@@ -20,7 +21,7 @@ import pytest
 import soundfile
 import torch
 from datasets import Dataset
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
@@ -38,7 +39,7 @@ TINY_TRAINING = dict(
 CLI_TRAINING = ["--gradient_checkpointing", "false", "--use_cpu", "true", "--report_to", "none", "--logging_steps", "1",
                 "--seed", "0"]
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
-PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 
 
 def preference_rows(n: int, *, subjects=("banana", "cat", "frog"), image_files: list[str] | None = None) -> list[dict]:
@@ -147,7 +148,8 @@ def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Pat
     q_min=st.floats(1e-6, 1.0),
 )
 @PROPERTY_SETTINGS
-def test_adaptive_q_stays_in_its_range_for_any_margin(psi: list[float], alpha: float, variant: str, q_min: float) -> None:
+def test_adaptive_q_stays_in_its_range_for_any_margin(psi: list[float], alpha: float, variant: str,
+                                                      q_min: float) -> None:
     q = adaptive_q(torch.tensor(psi), alpha, variant, q_min)
     assert torch.all((q >= q_min) & (q <= 1.0)), (psi, q)
 
@@ -234,19 +236,16 @@ def header_only_png(width: int, height: int) -> bytes:
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"napo-{os.getpid()}.png"
-    Image.fromarray(array, mode).save(path)
-    data = path.read_bytes()
-    path.unlink()
-    return data
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"napo-{os.getpid()}.wav"
-    soundfile.write(path, samples, rate)
-    data = path.read_bytes()
-    path.unlink()
-    return data
+    """A WAV file of `samples`, shape (frames,) mono or (frames, channels), at `rate` Hz."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV")
+    return buffer.getvalue()
 
 
 GOOD_IMAGE = png_bytes(np.zeros((8, 8, 3), np.uint8))
@@ -277,8 +276,11 @@ ROW_KINDS: dict[str, tuple[dict[str, bytes], dict, str | None]] = {
 @given(kinds=st.lists(st.sampled_from(sorted(ROW_KINDS)), min_size=1, max_size=4))
 @settings(max_examples=60, deadline=None)
 def test_hostile_rows_give_a_clean_dataset_or_an_error_naming_the_row(kinds: list[str]) -> None:
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"napo-hostile-{os.getpid()}"
-    folder.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        check_hostile_rows(kinds, Path(folder))
+
+
+def check_hostile_rows(kinds: list[str], folder: Path) -> None:
     lines = []
     for index, kind in enumerate(kinds):
         files, changes, _ = ROW_KINDS[kind]
@@ -400,7 +402,8 @@ def test_napo_train_never_runs_model_code_unless_trusted(saved_llava: Path, tmp_
     (model / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
                                                  "from transformers import LlavaConfig as EvilConfig\n")
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(config))
     args = ["train", "--dataset", str(write_llava_jsonl(tmp_path, 2)), "--model", str(model), "--max_steps", "1",
             "--per_device_train_batch_size", "2", "--save_strategy", "no", *CLI_TRAINING]
     main([*args, "--output-dir", str(tmp_path / "safe")])
