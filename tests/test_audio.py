@@ -57,6 +57,17 @@ def test_counterfactual_contradicts_and_prior_consistent_matches_the_prior() -> 
     assert len({r["answer"] for r in counterfactual}) >= 4  # atypical notes are spread, not one note
 
 
+def test_no_prior_split_asks_only_about_instruments_without_a_typical_note() -> None:
+    rows = sounds.make_split(RECIPE, "no_prior", 60, seed=0)
+    assert {r["objects"][0] for r in rows} == {n for n, i in RECIPE["instruments"].items() if i["typical"] is None}
+    assert all(r["prior_answer"] is None and r["kind"] == "attribute" for r in rows)
+    assert len({r["answer"] for r in rows}) == len(RECIPE["notes"])  # every note, none favoured
+    rec = copy.deepcopy(RECIPE)
+    rec["instruments"] = {n: i for n, i in rec["instruments"].items() if i["typical"]}
+    with pytest.raises(ValueError, match="no_prior"):
+        sounds.make_split(rec, "no_prior", 1, seed=0)
+
+
 def test_clip_plays_the_note_the_row_names() -> None:
     rec = _clean(RECIPE)
     for row in sounds.make_split(rec, "counterfactual", 12, seed=1):

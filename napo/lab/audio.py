@@ -55,6 +55,7 @@ REPORT_METRICS = (
     "blind_agreement",
     "question_blind_agreement",
     "audio_share",
+    "no_prior_accuracy",
 )
 
 
@@ -171,8 +172,10 @@ def evaluate_audio_model(
 
     Returns counterfactual_accuracy, prior_consistent_accuracy, prior_following_rate (counterfactual
     rows answered with the instrument's typical note), blind_agreement and question_blind_agreement
-    (counterfactual rows: answer unchanged without the audio / without the question) and audio_share
-    (mean Shapley audio share of the reference answer's log-prob, counterfactual rows).
+    (counterfactual rows: answer unchanged without the audio / without the question), audio_share
+    (mean Shapley audio share of the reference answer's log-prob, counterfactual rows) and
+    no_prior_accuracy (instruments without a typical note: whether the model hears the note at all;
+    chance is 1 / number of notes).
     """
     if isinstance(model_dir_or_model_and_processor, (str, Path)):
         model, processor = load_model(str(model_dir_or_model_and_processor))
@@ -183,6 +186,8 @@ def evaluate_audio_model(
     mod = audio_modality_metrics(model, processor, counterfactual)
     consistent = _rows(recipe, "prior_consistent", n, recipe["seed"])
     answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
+    no_prior = _rows(recipe, "no_prior", n, recipe["seed"])
+    no_prior_answers = generate(model, processor, no_prior, batch_size=64, max_new_tokens=4)
     return {
         "counterfactual_accuracy": mod["accuracy"],
         "prior_consistent_accuracy": accuracy(answers, [r["answer"] for r in consistent]),
@@ -190,6 +195,7 @@ def evaluate_audio_model(
         "blind_agreement": mod["blind_agreement"],
         "question_blind_agreement": mod["question_blind_agreement"],
         "audio_share": mod["audio_share"],
+        "no_prior_accuracy": accuracy(no_prior_answers, [r["answer"] for r in no_prior]),
     }
 
 

@@ -33,7 +33,7 @@ import yaml
 
 from napo.lab.scenes import NUMBER_WORDS, _weighted, words
 
-SPLITS = ("train", "pairs", "counterfactual", "prior_consistent")
+SPLITS = ("train", "pairs", "counterfactual", "prior_consistent", "no_prior")
 KINDS = ("attribute", "existence", "count")
 ENVELOPES = ("sustain", "pluck", "swell")
 _FADE_S = 0.02  # fade-in/out of every sound, seconds: a hard onset would click across the spectrum
@@ -77,6 +77,8 @@ def make_split(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[di
       beeps with probability `train.existence_present`; count clips have 1-3 beeps.
     - counterfactual / prior_consistent: attribute questions about an instrument with a typical
       note, playing another note / the typical note.
+    - no_prior: attribute questions about an instrument without a typical note (any note, uniformly):
+      only hearing the note answers them; chance is 1 / number of notes. `prior_answer` is None.
 
     `prior_answer` is what the language prior predicts: the typical note (None for instruments
     without one), the frequent existence answer of the train split, the most frequent beep count.
@@ -86,6 +88,8 @@ def make_split(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[di
     if n < 0 or seed < 0:
         raise ValueError(f"make_split: n and seed must be non-negative, got n={n}, seed={seed}")
     rec = _checked(recipe)
+    if split == "no_prior" and all(i["typical"] for i in rec["instruments"].values()):
+        raise ValueError("make_split: split 'no_prior' needs an instrument without `typical` in the recipe")
     split_id = zlib.crc32(("audio/" + split).encode())  # a stable per-split stream, unlike hash()
     rows = []
     for i in range(n):
@@ -191,6 +195,8 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
     typical = {"counterfactual": False, "prior_consistent": True}.get(split)
     if typical is not None:  # only instruments that have a prior
         names = [n for n in names if rec["instruments"][n]["typical"]]
+    elif split == "no_prior":
+        names = [n for n in names if not rec["instruments"][n]["typical"]]
     instrument = _weighted(names, [rec["instruments"][n]["weight"] for n in names], rng)
     note = _note(rec, instrument, rng, typical)
     counts = rec["beeps"]["count_weights"]
