@@ -249,6 +249,7 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
                 variants.append(replace(napo, name=f"napo+{lever}", attn=attn))
         elif lever == "images-once":
             variants.append(replace(napo, name="napo+images-once", images_once=True))
+            variants.append(replace(napo, name="napo-precomputed+images-once", precompute=True, images_once=True))
         elif lever == "fused":
             if base.optim == "adamw_torch_fused":
                 skipped[lever] = "the base optimizer is already adamw_torch_fused"
@@ -632,8 +633,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device),
         "dtype": "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32",
         "versions": versions(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable.rsplit("/", 1)[-1], *sys.argv]) if argv is None
-        else "python scripts/bench_train.py " + " ".join(shlex.quote(a) for a in argv),
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
+        + "python scripts/bench_train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "batch_rows", "attn",
                                                    "gradient_checkpointing", "optim", "dataloader_workers")},

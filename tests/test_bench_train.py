@@ -187,4 +187,4 @@ def test_script_runs_on_cpu_and_records_cuda_only_levers_as_skipped(tmp_path, ca
     # TRL holds the same parameters and reference and forwards more sequences per row.
     assert record["peak_mem_ratio_vs_trl"]["napo"] < 1
     assert record["variants"]["napo-precomputed"]["resident_bytes"] < record["variants"]["napo"]["resident_bytes"]
-    assert record["command"].startswith("python scripts/bench_train.py --model-size tiny")
+    assert "python scripts/bench_train.py --model-size tiny" in record["command"]
