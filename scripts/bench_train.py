@@ -16,9 +16,12 @@ One step of every variant covers `--batch-rows` rows (TRL gets K·rows pairs per
 same number of optimizer steps per row. Throughput is rows/s; `speedup_vs_trl` is the per-round ratio of a
 variant's rows/s to TRL's in the same round, mean ± std over rounds.
 
-Run on CPU (tests, CI, no GPU lent):  python scripts/bench_train.py --model-size cpu-50m --out benchmarks/gpu/cpu-50m.json
-On a GPU:                             python scripts/bench_train.py --model-size 2b --batch-rows 8 --steps 10 \
-                                          --warmup 3 --levers gc,eager,fused,flash,xformers --out benchmarks/gpu/2b.json
+On a CPU (no GPU lent; one thread, since OpenMP spin-waiting distorts shared machines):
+    OMP_NUM_THREADS=1 python scripts/bench_train.py --model-size cpu-50m --steps 1 --warmup 1 --repeats 5 \
+        --batch-rows 1 --out benchmarks/gpu/cpu-50m.json
+On a GPU (benchmarks/gpu/README.md has the 7b-lora command and the memory estimate behind the batch size):
+    python scripts/bench_train.py --model-size 2b --batch-rows 2 --steps 10 --warmup 3 --repeats 3 \
+        --dataloader-workers 4 --levers gc,eager,fused,images-once,flash,xformers --out benchmarks/gpu/2b.json
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import copy
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -313,6 +317,11 @@ def make_trainer(
     return NaPOTrainer(model, ref_model, args=args, train_dataset=rows, processing_class=processor)
 
 
+def unwrapped(model: PreTrainedModel) -> PreTrainedModel:
+    """The transformers model inside a PEFT model, or `model` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass(frozen=True)
 class FlopCounter:
     """Parameter counts and attention widths that turn a batch into FLOPs (model FLOPs: recomputation by gradient
@@ -339,7 +348,7 @@ class FlopCounter:
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> FlopCounter:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrapped(model)
         text, vision = base.config.get_text_config(), base.config.vision_config
         inner = base.model
         tower = inner.visual if hasattr(inner, "visual") else inner.vision_tower
@@ -400,11 +409,11 @@ def set_levers(trainer: Trainer, variant: Variant) -> None:
     its separate reference model, if any, in the same attention and image encoding."""
     for model in (trainer.model, trainer.ref_model):
         if model is not None:
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            base = unwrapped(model)
             if base.config._attn_implementation != variant.attn:
                 base.set_attn_implementation(variant.attn)
             encode_images_once(model, variant.images_once)
-    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    base = unwrapped(trainer.model)
     if base.is_activation_checkpointing != variant.gradient_checkpointing:
         if variant.gradient_checkpointing:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -575,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
             rates[variant.name]["rows_cpu"].append(args.steps * args.batch_rows / cpu_seconds)
             rates[variant.name]["tokens"].append(tokens / seconds)
             rates[variant.name]["flops"].append(flops / seconds)
-            print(f"repeat {repeat} {variant.name:>18}: {args.steps * args.batch_rows / seconds:.3f} rows/s", flush=True)
+            print(f"repeat {repeat} {variant.name:>28}: {rates[variant.name]['rows'][-1]:.3f} rows/s", flush=True)
 
     params_bytes = tensor_bytes(model.parameters())
     ref_bytes = tensor_bytes(ref_model.parameters()) if ref_model is not None else 0
