@@ -103,7 +103,9 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
                 lora_target_modules=args.lora_target_modules, resume=args.resume, allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code,
             )
-        except (ValueError, OSError) as error:  # a bad row, column, path or argument: a message, not a traceback
+        # A bad row, column, path or argument, or non-finite log-probs (on_nonfinite="stop"): a message naming the
+        # rows, not a traceback.
+        except (ValueError, OSError, FloatingPointError) as error:
             sys.exit(f"napo train: {error}")
         for name, path in outputs.items():
             print(f"{name}: {path}")

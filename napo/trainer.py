@@ -535,7 +535,10 @@ class NaPOTrainer(DPOTrainer):
                 per_pair = objective_loss(
                     self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
                 )
-                loss = loss + self._type_weights[column] * per_pair.mean()
+                # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
+                # over processes this is the mean over all pairs, however unevenly the processes hold them.
+                pairs_per_process = pairs_everywhere / self.accelerator.num_processes
+                loss = loss + self._type_weights[column] * per_pair.sum() / pairs_per_process
             chosen_rewards = self.beta * logratios[chosen].detach()
             metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
             metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(self.beta * logratios[negative].detach())))

@@ -52,11 +52,11 @@ def test_two_cpu_processes_share_q_and_match_a_single_process_run(tmp_path: Path
     model, tokenizer = build_tiny_model("text", seed=0)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    # Every row has both negatives: the per-type loss is then a mean over the same number of pairs on each rank,
-    # so averaging the ranks' gradients equals the gradient of the global batch.
+    # Five of the twelve rows lack the vision-biased negative, so the ranks hold unequal numbers of pairs of that type:
+    # the per-type loss must still average over the global batch's pairs, not over each rank's.
     rows = [{"prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
              "chosen": COLOURS[i % 6], "rejected_language_bias": COLOURS[(i + 1) % 6],
-             "rejected_vision_bias": f"{COLOURS[(i + 2) % 6]} cat"} for i in range(12)]
+             "rejected_vision_bias": None if i < 5 else f"{COLOURS[(i + 2) % 6]} cat"} for i in range(12)]
     dataset = tmp_path / "pairs.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["train", "--dataset", str(dataset), "--model", str(tmp_path / "model"), *TRAINING]
