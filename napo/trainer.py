@@ -46,6 +46,7 @@ from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
 from napo.config import NEGATIVE_TYPES, NaPOConfig
 from napo.data import RowError, validate_preference_dataset
+from napo.fast import encode_images_once
 from napo.objectives import adaptive_q, objective_loss
 
 logger = logging.getLogger(__name__)
@@ -326,6 +327,11 @@ class NaPOTrainer(DPOTrainer):
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
         if data_collator is None:
             self.data_collator = self._default_collator()
+        if args.encode_images_once and self._is_vision_dataset:
+            # Before precomputing: the reference pass gains as much as training does.
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    encode_images_once(module)
         if precompute:
             batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)

@@ -267,3 +267,17 @@ def test_audio_language_model_trains_with_precomputed_reference(tmp_path):
         histories[precompute] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert any("audio_bias/q" in h for h in trainer.state.log_history)
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
+
+
+def test_encode_images_once_flag_keeps_the_losses(tmp_path):
+    dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
+    histories = {}
+    for once in (False, True):
+        model, processor = build_tiny_model("llava", seed=0)
+        trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path / str(once)), max_steps=2,
+                                                           learning_rate=2e-3, encode_images_once=once, **COMMON),
+                              train_dataset=dataset, processing_class=processor)
+        assert getattr(trainer.model.model, "_napo_encode_images_once", False) == once  # the lever is really on
+        trainer.train()
+        histories[once] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
