@@ -243,6 +243,7 @@ def run_audio_lab(
         "seeds": list(seeds),
         "settings": settings,
         "recipe": "napo/lab/recipes/sounds.yaml" if recipe is None else str(recipe),
+        "no_prior_chance": 1 / len(lab["recipe"]["notes"]),  # no_prior_accuracy of a model that cannot hear the note
         "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
         "sft_wall_time_s": lab["sft_wall_time_s"],
         "pairs_wall_time_s": lab["pairs_wall_time_s"],
@@ -292,6 +293,14 @@ def render_audio_report(report: dict[str, Any]) -> str:
             f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± {s['prior_consistent_accuracy']:.3f}; "
             f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; audio share "
             f"{sft['audio_share']:.3f} → {d['audio_share']:.3f}."
+        )
+    chance = report["no_prior_chance"]
+    if sft["no_prior_accuracy"] < 2 * chance:
+        lines.append(
+            f"- **The SFT model does not hear the note**: on instruments without a typical note it is right "
+            f"{sft['no_prior_accuracy']:.3f} of the time (chance {chance:.3f}). Preference pairs cannot teach a "
+            "perception the model lacks: at this model size and SFT budget the audio does not separate the notes "
+            "(raise the SFT steps, the model size or `audio.snr_db` before reading the DPO / NaPO rows as a comparison)."
         )
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
     spread = max(models[name]["counterfactual_accuracy"]["std"] for name in ("dpo", "napo"))
