@@ -553,7 +553,7 @@ def _verdict(rows: list[dict], metrics: tuple[str, ...], rates: list[float], obj
 
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
     objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
-    rates = [r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows)]
+    rates = sorted(r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows))
     present = {s["metric"] for s in summary}
     metrics = [m for m in KEY_METRICS if m in present] + sorted(present - set(KEY_METRICS))
     train_time = sum(r["train_wall_s"] for r in rows)
