@@ -1,0 +1,108 @@
+"""The bias lab end to end (`napo lab --quick`), `napo eval` on its model, and the committed full report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from napo.cli import main
+from napo.lab.pipeline import REPORT_METRICS, _rows, lab_spec
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "lab" / "report.json"
+FIELDS = ("wall_time_s", "command", "date", "device", "versions", "seeds", "models")
+
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("lab")
+    main(["lab", "--quick", "--out", str(out), "--seeds", "0"])
+    return out
+
+
+def _check_report(report: dict, seeds: list[int]) -> None:
+    for field in FIELDS:
+        assert field in report, field
+    assert report["seeds"] == seeds
+    assert set(report["models"]) == {"sft", "dpo", "napo"}
+    for name, metrics in report["models"].items():
+        for metric in REPORT_METRICS:
+            stat = metrics[metric]
+            assert 0.0 <= stat["mean"] <= 1.0, (name, metric, stat)
+            assert stat["std"] >= 0.0
+    for package in ("torch", "transformers", "trl"):
+        assert report["versions"][package]
+
+
+@pytest.mark.slow
+def test_quick_lab_writes_a_complete_report_and_sft_is_biased(quick_lab: Path) -> None:
+    report = json.loads((quick_lab / "report.json").read_text())
+    _check_report(report, [0])
+    for name in ("report.md", "metrics.png", "image_share.png"):
+        assert (quick_lab / name).stat().st_size > 0
+    sft = report["models"]["sft"]
+    # Even the quick SFT model has learnt the prior: it reads prior-consistent colours far better.
+    assert sft["prior_consistent_accuracy"]["mean"] - sft["counterfactual_accuracy"]["mean"] > 0.2
+    # Both objectives trained from the same SFT model and logged per negative type; NaPO logged its q.
+    runs = {r["objective"]: r for r in report["runs"]}
+    assert "language_bias/q" in runs["napo"]["final_log"] and "language_bias/q" not in runs["dpo"]["final_log"]
+    assert "vision_bias/rewards/margins" in runs["dpo"]["final_log"]
+    assert "| counterfactual_accuracy |" in (quick_lab / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_lab_pairs_follow_the_design(quick_lab: Path) -> None:
+    (pairs,) = quick_lab.glob("cache/*/pairs/dataset")
+    rows = datasets.load_from_disk(str(pairs))
+    for row in rows:
+        # negatives identical to chosen were dropped; every kept row has at least one negative
+        assert row["rejected_language_bias"] != row["chosen"] and row["rejected_vision_bias"] != row["chosen"]
+        assert row["rejected_language_bias"] is not None or row["rejected_vision_bias"] is not None
+        assert len(row["images"]) == 1  # negatives are scored with the full input
+
+
+@pytest.mark.slow
+def test_rerun_reuses_the_cached_sft_model_and_pairs(quick_lab: Path) -> None:
+    from napo.lab.pipeline import prepare_lab
+
+    lab = prepare_lab(quick_lab, quick=True)
+    assert lab["sft_wall_time_s"] == 0.0 and lab["pairs_wall_time_s"] == 0.0
+    assert Path(lab["sft_dir"], "config.json").exists()
+
+
+@pytest.mark.slow
+def test_napo_eval_on_the_lab_and_on_a_user_dataset(quick_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (sft,) = quick_lab.glob("cache/*/sft")
+    out = tmp_path / "metrics.json"
+    main(["eval", "--model", str(sft), "--n", "6", "--out", str(out)])
+    metrics = json.loads(out.read_text())
+    for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s"):
+        assert 0.0 <= metrics[metric] <= 1.0
+
+    rows = _rows(lab_spec()["recipe"], "counterfactual", 5, 7)
+    user = datasets.Dataset.from_dict({"prompt": [r["prompt"] for r in rows],
+                                       "images": [r["images"] for r in rows], "answer": [r["answer"] for r in rows]})
+    user.save_to_disk(str(tmp_path / "user"))
+    main(["eval", "--model", str(sft), "--dataset", str(tmp_path / "user"), "--out", str(tmp_path / "user.json")])
+    user_metrics = json.loads((tmp_path / "user.json").read_text())
+    assert set(user_metrics) == {"accuracy", "blind_agreement", "question_blind_agreement", "image_share"}
+    assert "metrics:" in capsys.readouterr().out
+
+
+def test_committed_full_report_shows_the_bias_and_its_change() -> None:
+    """The report `make lab` wrote and the repository publishes (benchmarks/lab/report.json)."""
+    report = json.loads(REPORT.read_text())
+    _check_report(report, report["seeds"])
+    assert len(report["seeds"]) >= 3
+    # the budget is 10 minutes on 2 CPU cores; on a shared machine the process's CPU time is what it used of them
+    assert report.get("cpu_time_s", report["wall_time_s"]) < 600
+    assert report["command"].startswith("napo lab")
+    m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in report["models"].items()}
+    # the SFT model is measurably biased: prior-consistent far above counterfactual, answers survive blinding
+    assert m["sft"]["prior_consistent_accuracy"] - m["sft"]["counterfactual_accuracy"] > 0.2
+    assert m["sft"]["blind_agreement"] > 0.5
+    # preference training moves the model towards the image
+    assert m["napo"]["counterfactual_accuracy"] > m["sft"]["counterfactual_accuracy"]
+    assert m["napo"]["image_share"] > m["sft"]["image_share"]
