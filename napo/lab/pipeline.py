@@ -88,7 +88,7 @@ class LabSettings:
 
     @classmethod
     def quick(cls) -> LabSettings:
-        return cls(n_train=1024, sft_steps=120, n_pairs=128, n_counterfactual_pairs=32, pref_steps=12, n_eval=48)
+        return cls(n_train=1024, sft_steps=80, n_pairs=96, n_counterfactual_pairs=32, pref_steps=10, n_eval=32)
 
 
 def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False) -> dict[str, Any]:
