@@ -6,7 +6,7 @@ preference pairs; the cell's seed picks which `round(rate · rows)` rows get the
 comparison is paired), then seeds training. A trained cell is evaluated and its row appended to `results.jsonl`:
 
     {"key": "napo-paper/noise=0.2/seed=1", "objective": "napo-paper", "noise_rate": 0.2, "seed": 1,
-     "label_smoothing": null, "metrics": {...}, "train_wall_s": 14.2, "cell_wall_s": 31.0,
+     "label_smoothing": null, "source_dir": "<out>/lab/cache/<hash of the lab's settings>", "metrics": {...}, "train_wall_s": 14.2, "cell_wall_s": 31.0,
      "margins": {"clean_mean": ..., "flipped_mean": ..., "clean_fitted": ..., "flipped_fitted": ..., ...},
      "q_trajectory": {"language_bias": [[step, q], ...]}, "finished": "2026-11-25T03:40:00+00:00"}
 
@@ -23,14 +23,16 @@ and retried on the next run. Output layout under `output_dir`:
     results.jsonl   one line per finished cell        errors.jsonl    one line per failed attempt
     summary.csv     mean and std over seeds           README.md       the report (tables, verdict)
     metrics_vs_noise.png  q_trajectory.png  margins_clean_vs_flipped.png
-    lab/ or data/   the shared SFT model and pairs    cells/<key>/    a cell's training folder (removed
-                                                                       after success unless keep_models)
+    lab/cache/<hash> or data/<hash>   the shared SFT model and pairs; a row's `source_dir` names the one it used,
+                                      and only rows of the current source count as done or enter the report
+    cells/<key>/    a cell's training folder (removed after success unless keep_models)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -195,7 +197,8 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     context = _prepare(config, out)
-    done = {row["key"] for row in read_results(results_path)}
+    # Only cells trained from this very SFT model and pairs count: after the lab (or the data) changes, every cell reruns.
+    done = {row["key"] for row in read_results(results_path) if row.get("source_dir") == context["source_dir"]}
     # Seed-major order: a run stopped early holds whole replicates of the grid, not whole noise rates.
     todo = [
         (objective, rate, seed)
@@ -216,7 +219,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
             else:
                 _append_line(results_path, outcome)
                 bar.update(1)
-    rows = [row for row in read_results(results_path) if row["key"] in _grid_keys(config)]
+    rows = [row for row in read_results(results_path) if row["key"] in _grid_keys(config) and row.get("source_dir") == context["source_dir"]]
     meta = {
         "command": command or "napo.compare.run_compare (Python API)",
         "date": _now(),
@@ -237,6 +240,7 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
     """Build (or reuse) what every cell shares; a plain dict of paths and settings, sent to worker processes."""
     context = {
         "source": config.source,
+        "source_dir": None,
         "out": str(out),
         "beta": config.beta,
         "max_steps": config.max_steps,
@@ -251,19 +255,25 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
         steps = config.max_steps or lab["settings"]["pref_steps"]  # quick mode trains fewer steps
         return {
             **context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": lab["pairs_dir"],
+            # The lab's cache folder names a hash of its recipe and settings: a changed lab is another source.
+            "source_dir": str(Path(lab["sft_dir"]).parent),
             "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
         }
-    return {**context, "sft_dir": config.model, **_split_dataset(config, out / "data")}
+    # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
+    key = hashlib.sha256(json.dumps([os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed]).encode()).hexdigest()[:12]
+    data_dir = out / "data" / key
+    return {**context, "source_dir": str(data_dir), "sft_dir": config.model, **_split_dataset(config, data_dir)}
 
 
 def _sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
     """The lab's metrics of the SFT model itself (every cell's starting point), computed once per `n`."""
-    if path.exists() and json.loads(path.read_text())["n"] == n:
-        return json.loads(path.read_text())["metrics"]
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("n") == n and saved.get("sft_dir") == lab["sft_dir"]:
+        return saved["metrics"]
     from napo.lab.pipeline import evaluate_lab_model
 
     metrics = evaluate_lab_model(lab["sft_dir"], lab, n=n)
-    _write_text(path, json.dumps({"n": n, "metrics": metrics}) + "\n")
+    _write_text(path, json.dumps({"n": n, "sft_dir": lab["sft_dir"], "metrics": metrics}) + "\n")
     return metrics
 
 
@@ -364,6 +374,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "noise_rate": noise_rate,
         "seed": seed,
         "label_smoothing": settings.get("label_smoothing"),
+        "source_dir": context["source_dir"],
         "metrics": {name: float(value) for name, value in metrics.items()},
         "train_wall_s": float(trained["wall_time_s"]),
         "cell_wall_s": time.perf_counter() - started,

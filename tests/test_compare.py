@@ -271,3 +271,17 @@ def test_threads_per_worker(monkeypatch):
     assert [compare._threads_per_worker(w) for w in (1, 4, 32)] == [16, 4, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert compare._threads_per_worker(1) == 2
+
+
+@pytest.mark.slow
+def test_other_data_is_another_source(user_setup, tmp_path, count_cells):
+    """Cells trained from other pairs never count as done: the same output folder with another dataset retrains."""
+    config = user_config(user_setup, tmp_path / "run", objectives=["dpo"], noise_rates=[0.0])
+    run_compare(config, progress=False)
+    other = tmp_path / "other_pairs"
+    colour_pairs(24).save_to_disk(str(other))
+    count_cells.clear()
+    stats = run_compare(user_config((str(other), user_setup[1]), tmp_path / "run", objectives=["dpo"], noise_rates=[0.0]), progress=False)
+    assert count_cells == ["dpo/noise=0/seed=0"] and stats["cells_run"] == 1
+    rows = read_results(tmp_path / "run" / "results.jsonl")
+    assert len(rows) == 2 and rows[0]["source_dir"] != rows[1]["source_dir"]
