@@ -399,8 +399,11 @@ def test_napo_train_never_runs_model_code_unless_trusted(saved_llava: Path, tmp_
     model = tmp_path / "remote"
     copy_model_folder(saved_llava, model, weights=True)
     marker = tmp_path / "code-ran"
+    # A subclass, not LlavaConfig itself: loading remote code registers the class for auto-saving, which would
+    # otherwise make every later LLaVA save_pretrained in this process try to copy transformers' own source files.
     (model / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                                 "from transformers import LlavaConfig as EvilConfig\n")
+                                                 "from transformers import LlavaConfig\n"
+                                                 "class EvilConfig(LlavaConfig):\n    pass\n")
     config = json.loads((model / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
     (model / "config.json").write_text(json.dumps(config))
