@@ -96,8 +96,9 @@ def test_committed_full_report_shows_the_bias_and_its_change() -> None:
     report = json.loads(REPORT.read_text())
     _check_report(report, report["seeds"])
     assert len(report["seeds"]) >= 3
-    # the budget is 10 minutes on 2 CPU cores; on a shared machine the process's CPU time is what it used of them
-    assert report.get("cpu_time_s", report["wall_time_s"]) < 600
+    # the budget: end to end, SFT included (not read from a cache), in 10 minutes on 2 CPU cores
+    assert report["sft_wall_time_s"] > 0 and report["pairs_wall_time_s"] > 0
+    assert report["wall_time_s"] < 600 and report["cpu_time_s"] < 2 * 600
     assert report["command"].startswith("napo lab")
     m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in report["models"].items()}
     # the SFT model is measurably biased: prior-consistent far above counterfactual, answers survive blinding

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -31,14 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 import perturb
-from napo.evaluate import accuracy, agreement, answer_batch, answer_log_probs, modality_shapley, prior_following_rate
+from napo.evaluate import accuracy, agreement, answer_log_probs, modality_shapley, prior_following_rate
 from napo.inference import generate
-from napo.lab.pipeline import _cell, _device, _last_q_and_margins, _mean_std, _versions, train_preference
+from napo.lab.pipeline import (
+    _cell,
+    _device,
+    _last_q_and_margins,
+    _mean_std,
+    _versions,
+    supervised_fine_tune,
+    train_preference,
+)
 from napo.lab.sounds import load_recipe, make_split, vocabulary
 from napo.models import build_tiny_model, build_tokenizer, load_model
 from napo.pairs import AUDIO_NEGATIVES
@@ -371,43 +377,14 @@ def _build_model(recipe: dict[str, Any], settings: AudioLabSettings, seed: int) 
 
 
 def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed: int) -> tuple[Path, float]:
-    """Supervised fine-tuning on prompt -> answer (loss on the answer tokens and EOS); cached in `folder`."""
+    """The audio lab's SFT checkpoint, trained on the biased train split; cached in `folder`."""
     if (folder / "config.json").exists():
         return folder, 0.0
     start = time.perf_counter()
     model, processor = _build_model(recipe, settings, seed)
     rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.sft_lr, weight_decay=0.0)
-    warmup = max(1, settings.sft_steps // 20)
-
-    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.sft_steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    rng = np.random.default_rng(seed)
-    order = np.array([], dtype=int)
-    model.train()
-    for step in range(settings.sft_steps):
-        if len(order) < settings.sft_batch_size:  # a new epoch, reshuffled
-            order = np.concatenate([order, rng.permutation(len(rows))])
-        batch_idx, order = order[: settings.sft_batch_size], order[settings.sft_batch_size :]
-        batch = [rows[i] for i in batch_idx]
-        inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
-        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == settings.sft_steps - 1:
-            print(f"[audio lab] sft step {step + 1}/{settings.sft_steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    os.replace(tmp, folder)  # a killed run leaves no half-written checkpoint that looks cached
+    supervised_fine_tune(folder, model, processor, rows, steps=settings.sft_steps, batch_size=settings.sft_batch_size,
+                         lr=settings.sft_lr, seed=seed, log_prefix="[audio lab]", log_every=50)
     return folder, time.perf_counter() - start
 
 

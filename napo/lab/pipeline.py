@@ -360,45 +360,67 @@ def _build_model(recipe: dict[str, Any], settings: LabSettings, seed: int) -> tu
 
 
 def _sft(folder: Path, recipe: dict[str, Any], settings: LabSettings, seed: int) -> tuple[Path, float]:
-    """Supervised fine-tuning on prompt -> answer (loss on the answer tokens and EOS); cached in `folder`."""
+    """The lab's SFT checkpoint, trained on the biased train split; cached in `folder`. Returns (folder, seconds)."""
     if (folder / "config.json").exists():
         return folder, 0.0
     start = time.perf_counter()
     model, processor = _build_model(recipe, settings, seed)
     rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.sft_lr, weight_decay=0.0)
-    warmup = max(1, settings.sft_steps // 20)
+    supervised_fine_tune(folder, model, processor, rows, steps=settings.sft_steps, batch_size=settings.sft_batch_size,
+                         lr=settings.sft_lr, seed=seed, log_prefix="[lab]", log_every=100)
+    return folder, time.perf_counter() - start
+
+
+def supervised_fine_tune(
+    folder: Path,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    rows: list[dict[str, Any]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_prefix: str,
+    log_every: int,
+) -> None:
+    """SFT on prompt -> answer rows (loss on the answer tokens and EOS), then save model and processor to `folder`.
+
+    AdamW at `lr` with a linear warm-up over 5% of `steps` and a cosine decay to 0; batches of `batch_size` rows
+    in a seeded order, reshuffled each epoch; gradients clipped to norm 1. Saved atomically: a killed run leaves
+    no half-written folder that would look cached.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.sft_steps - warmup)))
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     rng = np.random.default_rng(seed)
     order = np.array([], dtype=int)
     model.train()
-    for step in range(settings.sft_steps):
-        if len(order) < settings.sft_batch_size:  # a new epoch, reshuffled
+    for step in range(steps):
+        if len(order) < batch_size:  # a new epoch, reshuffled
             order = np.concatenate([order, rng.permutation(len(rows))])
-        batch_idx, order = order[: settings.sft_batch_size], order[settings.sft_batch_size :]
+        batch_idx, order = order[:batch_size], order[batch_size:]
         batch = [rows[i] for i in batch_idx]
         inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
-        labels = inputs["input_ids"].masked_fill(answer_mask == 0, -100)
-        loss = model(**inputs, labels=labels).loss
+        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == settings.sft_steps - 1:
-            print(f"[lab] sft step {step + 1}/{settings.sft_steps} loss {loss.item():.3f}", flush=True)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"{log_prefix} sft step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
     model.eval()
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    os.replace(tmp, folder)  # a killed run leaves no half-written checkpoint that looks cached
-    return folder, time.perf_counter() - start
+    os.replace(tmp, folder)
 
 
 def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings) -> tuple[Path, dict[str, Any], float]:
