@@ -19,7 +19,7 @@ from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase,
 
 import perturb
 from napo.data import SAMPLING_RATE
-from napo.inference import _render, generate
+from napo.inference import generate, render_prompt
 
 _TRAILING_PUNCTUATION = ".,!?;:"
 _YES_NO = re.compile(r"^(yes|no)\b")
@@ -228,7 +228,7 @@ def answer_batch(
     kwargs: dict[str, Any] = dict(padding=True, padding_side="right", return_tensors="pt")
     if not isinstance(samples[0]["prompt"], str):
         kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>
-    texts = [_render(processing_class, sample) for sample in samples]
+    texts = [render_prompt(processing_class, sample) for sample in samples]
     with_images, with_audio = bool(samples[0].get("images")), bool(samples[0].get("audios"))
     if any(bool(s.get("images")) != with_images or bool(s.get("audios")) != with_audio for s in samples):
         raise ValueError("answer_batch: some samples have images (or audios) and some have none; batch them separately")

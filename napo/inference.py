@@ -74,7 +74,7 @@ def _generate_batch(
     temperature: float,
 ) -> list[str]:
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    texts = [_render(processing_class, sample) for sample in samples]
+    texts = [render_prompt(processing_class, sample) for sample in samples]
     chat = not isinstance(samples[0]["prompt"], str)
     kwargs: dict = dict(padding=True, padding_side="left", return_tensors="pt")
     if chat:
@@ -99,7 +99,7 @@ def _generate_batch(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def _render(processing_class: PreTrainedTokenizerBase | ProcessorMixin, sample: dict) -> str:
+def render_prompt(processing_class: PreTrainedTokenizerBase | ProcessorMixin, sample: dict) -> str:
     """The model's input text for one sample: a string prompt as is, messages through the chat template."""
     prompt = sample["prompt"]
     if isinstance(prompt, str):
