@@ -404,7 +404,6 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
          "column": (n_pairs,) the negative column of each pair}; rows without a negative in a column give no pair.
     """
     import torch
-    from torch.utils.data import DataLoader
 
     from napo import NaPOConfig, NaPOTrainer
 
@@ -414,18 +413,7 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
     trainer = NaPOTrainer(model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class)
     trainer.model.eval()
     columns = ("chosen", *trainer.negative_columns)
-    logratios = np.full((len(pairs), len(columns)), np.nan)
-    first_row = 0
-    loader = DataLoader(trainer.train_dataset, batch_size=batch_size, collate_fn=trainer.data_collator, shuffle=False)
-    for batch in loader:
-        batch = trainer._prepare_inputs(batch)
-        model_kwargs, labels, seq_len = trainer._model_inputs(batch)
-        with torch.no_grad():
-            policy = trainer.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs[:, -seq_len:].sum(dim=1)
-        ref = trainer._reference_logps(model_kwargs, labels, seq_len)
-        rows = batch["sequence_row"].cpu().numpy() + first_row
-        logratios[rows, batch["sequence_type"].cpu().numpy()] = (policy - ref).float().cpu().numpy()
-        first_row += int((batch["sequence_type"] == 0).sum())  # one chosen sequence per row
+    logratios = trainer.log_prob_table(trainer.train_dataset, batch_size, logratio=True)
     noisy_rows = np.asarray(pairs["noisy"], dtype=bool) if "noisy" in pairs.column_names else np.zeros(len(pairs), dtype=bool)
     margins, noisy, column = [], [], []
     for k, name in enumerate(columns[1:], start=1):

@@ -103,6 +103,16 @@ class NaPOConfig(DPOConfig):
             "other families fall back to the plain path. Off by default until checked on more families."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack the chosen and negative sequences of a batch into one row of their real tokens, positions "
+            "restarting at each sequence, instead of padding them to the longest (napo.fast.pack_sequences): same "
+            "loss, no FLOP spent on padding. Works with sdpa/eager attention (a block-diagonal mask) and "
+            "flash-attention (variable-length kernels); Qwen2-VL-family positions are packed too. Unlike trl 1.16, "
+            "where this flag is disabled."
+        },
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata={

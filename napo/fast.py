@@ -5,10 +5,16 @@ plain path (tests/test_bench_train.py).
 chosen and K negatives, K+1 copies; TRL: 2 per pair), and the vision tower encodes every copy. With this lever
 identical images of a batch go through the tower once and their features are shared by index, so autograd adds the
 gradients of all the copies, as if each had been encoded: same loss and gradients, (K+1)× fewer vision FLOPs.
+
+`pack_sequences` (padding-free batches): the N sequences of a padded batch become one row of their T real tokens,
+with positions restarting at every sequence. transformers then builds a block-diagonal causal mask (SDPA/eager) or
+variable-length kernels (flash-attention) from the positions, so no FLOP is spent on padding: a preference batch
+pads every sequence to the longest answer of the batch, and a row's K negatives often differ in length by several×.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,3 +82,57 @@ def encode_images_once(model: PreTrainedModel, enabled: bool = True) -> None:
 
         inner.get_image_features = get_image_features
     inner._napo_encode_images_once = enabled
+
+
+# Per-token model inputs that packing flattens like `input_ids`; every other input (pixels, grids, audio features)
+# describes media in sequence order and is kept as it is.
+_PER_TOKEN_INPUTS = ("input_ids", "mm_token_type_ids")
+
+
+def pack_sequences(
+    model_kwargs: dict[str, Any],
+    completion_mask: torch.Tensor,
+    rope_index: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Packs a padded batch of N sequences into one row of its T real tokens.
+
+    `model_kwargs` holds `input_ids` and `attention_mask` of shape (N, L) (any padding side) and the model's other
+    inputs; `completion_mask` (N, L) marks the answer tokens whose log-probs are scored. `rope_index`, for multimodal
+    rotary models (Qwen2-VL's `get_rope_index`), gives the (3, N, L) positions of the padded batch, which are packed
+    too and preceded by the 1-D text positions that tell transformers where sequences start.
+
+    Raises ValueError for prefix-LM batches (`token_type_ids`, PaliGemma), which cannot be packed exactly.
+
+    Returns the packed model inputs (`input_ids` (1, T), `position_ids` (1, T) or (4, 1, T), no `attention_mask`),
+    labels (1, T) — the answer tokens, -100 elsewhere and at the first token of every sequence, so no sequence is
+    scored from the end of the one packed before it — and `sequence_of_token` (T,), the sequence each token is from.
+    """
+    if "token_type_ids" in model_kwargs:
+        # PaliGemma marks every prompt token as one bidirectional block (token_type_ids == 0): in a packed row the
+        # prompts of all sequences would attend to each other.
+        raise ValueError(
+            "padding_free does not support prefix-LM models (PaliGemma: the batch carries token_type_ids), whose "
+            "bidirectional prompt block would join the prompts of the packed sequences: set padding_free=False"
+        )
+    attention_mask = model_kwargs["attention_mask"]
+    real = attention_mask.bool()
+    packed = {key: value for key, value in model_kwargs.items() if key != "attention_mask"}
+    for key in _PER_TOKEN_INPUTS:
+        if key in packed:
+            packed[key] = model_kwargs[key][real].unsqueeze(0)
+    text_positions = (attention_mask.long().cumsum(dim=1) - 1)[real].unsqueeze(0)
+    positions = text_positions
+    if rope_index is not None:
+        rope_positions, _ = rope_index(
+            model_kwargs["input_ids"],
+            mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
+            image_grid_thw=model_kwargs.get("image_grid_thw"),
+            video_grid_thw=model_kwargs.get("video_grid_thw"),
+            attention_mask=attention_mask,
+        )
+        positions = torch.cat((text_positions.unsqueeze(0), rope_positions[:, real].unsqueeze(1)))
+    packed["position_ids"] = positions
+    labels = model_kwargs["input_ids"].masked_fill(completion_mask == 0, -100)[real].unsqueeze(0)
+    labels[text_positions == 0] = -100  # the padded path never scores a sequence's first token either
+    sequence_of_token = torch.arange(real.size(0), device=real.device).unsqueeze(1).expand_as(real)[real]
+    return packed, labels, sequence_of_token

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
 from napo.config import NEGATIVE_TYPES, NaPOConfig
 from napo.data import RowError, validate_preference_dataset
-from napo.fast import encode_images_once
+from napo.fast import encode_images_once, pack_sequences
 from napo.objectives import adaptive_q, objective_loss
 
 logger = logging.getLogger(__name__)
@@ -305,8 +306,9 @@ class NaPOTrainer(DPOTrainer):
 
         # TRL refuses precomputed reference log-probs for vision data and would precompute with its two-sequence
         # collator: napo precomputes itself once the trainer is built (see `_precompute_ref_logps`).
-        precompute = args.precompute_ref_log_probs
-        args.precompute_ref_log_probs = False
+        precompute, padding_free = args.precompute_ref_log_probs, args.padding_free
+        # TRL 1.16 turns padding_free off with a warning; napo packs the batch itself (see `_model_inputs`).
+        args.precompute_ref_log_probs = args.padding_free = False
         if ref_model is None and isinstance(model, PreTrainedModel) and peft_config is None and not is_peft_model(model):
             # TRL would rebuild the reference from the model's name, which fails for a model never saved. A frozen
             # copy is the reference; with precomputation it is dropped once the log-probs are cached.
@@ -325,6 +327,7 @@ class NaPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
+        args.padding_free = self.padding_free = padding_free
         if data_collator is None:
             self.data_collator = self._default_collator()
         if args.encode_images_once and self._is_vision_dataset:
@@ -425,7 +428,7 @@ class NaPOTrainer(DPOTrainer):
         return dataset
 
     # ------------------------------------------------------------------------------- reference log-probs
-    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence) -> torch.Tensor:
         """Summed completion log-probs of every sequence under the reference policy. Shape (N,)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
@@ -435,7 +438,7 @@ class NaPOTrainer(DPOTrainer):
                     outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
             else:
                 outputs = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-        return outputs.log_probs[:, -seq_len:].sum(dim=1)
+        return sum_per_sequence(outputs.log_probs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
@@ -453,16 +456,7 @@ class NaPOTrainer(DPOTrainer):
         if os.path.exists(cache):
             table = np.load(cache)
         else:
-            table = np.full((len(dataset), len(answer_columns)), np.nan, dtype=np.float32)
-            loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-            first_row = 0
-            for batch in tqdm(loader, desc=f"Reference log-probs for the {name} dataset", disable=not self.is_world_process_zero()):
-                batch = self._prepare_inputs(batch)
-                model_kwargs, labels, seq_len = self._model_inputs(batch)
-                logps = self._reference_logps(model_kwargs, labels, seq_len).float().cpu().numpy()
-                rows = batch["sequence_row"].cpu().numpy() + first_row
-                table[rows, batch["sequence_type"].cpu().numpy()] = logps
-                first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence
+            table = self.log_prob_table(dataset, batch_size, f"Reference log-probs for the {name} dataset")
             if self.is_world_process_zero():
                 os.makedirs(os.path.dirname(cache), exist_ok=True)
                 np.save(cache + ".tmp.npy", table)
@@ -470,6 +464,32 @@ class NaPOTrainer(DPOTrainer):
         for k, column in enumerate(answer_columns):
             dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
         return dataset
+
+    def log_prob_table(
+        self, dataset: Dataset, batch_size: int, description: str | None = None, logratio: bool = False
+    ) -> np.ndarray:
+        """Summed completion log-probs of every row's answers under the reference policy — or, with `logratio`, the
+        policy's log-ratio to the reference, log π(y|x) − log π_ref(y|x) — without gradients.
+
+        Returns float32 (len(dataset), 1 + K): column 0 the chosen answer, column k the k-th negative column, NaN
+        where a row lacks that negative. Batches go through the trainer's collator, as in training. `description`
+        labels a progress bar (none when None).
+        """
+        table = np.full((len(dataset), 1 + len(self.negative_columns)), np.nan, dtype=np.float32)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        first_row = 0
+        for batch in tqdm(loader, desc=description, disable=description is None or not self.is_world_process_zero()):
+            batch = self._prepare_inputs(batch)
+            model_kwargs, labels, sum_per_sequence = self._model_inputs(batch)
+            logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
+            if logratio:
+                with torch.no_grad():
+                    policy = self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
+                logps = sum_per_sequence(policy) - logps
+            rows = batch["sequence_row"].cpu().numpy() + first_row
+            table[rows, batch["sequence_type"].cpu().numpy()] = logps.float().cpu().numpy()
+            first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence
+        return table
 
     # ------------------------------------------------------------------------------------------ resume
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -492,12 +512,39 @@ class NaPOTrainer(DPOTrainer):
         unwrapped.load_state_dict(saved.state_dict())  # strict: a key that does not match is an error, not a warning
 
     # ------------------------------------------------------------------------------------------ loss
-    @staticmethod
-    def _model_inputs(inputs: dict) -> tuple[dict, torch.Tensor, int]:
+    def _model_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The model's keyword arguments and labels for a collated batch of N sequences, and `sum_per_sequence`,
+        which maps the fused LM head's per-token log-probs (B, L-1) to each sequence's summed completion log-prob
+        (N,). With `padding_free` the sequences are packed into one row (`napo.fast.pack_sequences`, B = 1)."""
         model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
         model_kwargs["use_cache"] = False
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return model_kwargs, labels, inputs["completion_mask"].size(1) - 1
+        if not self.padding_free:
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            seq_len = labels.size(1) - 1
+
+            def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
+                # The last seq_len positions: prompt-learning PEFT prepends virtual tokens to the model's outputs.
+                return log_probs[:, -seq_len:].sum(dim=1)
+
+            return model_kwargs, labels, sum_per_sequence
+
+        packed, labels, sequence_of_token = pack_sequences(
+            model_kwargs, inputs["completion_mask"], self._rope_index(model_kwargs)
+        )
+        n_sequences, seq_len = inputs["input_ids"].size(0), labels.size(1) - 1
+
+        def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
+            return log_probs.new_zeros(n_sequences).index_add(0, sequence_of_token[1:], log_probs[0, -seq_len:])
+
+        return packed, labels, sum_per_sequence
+
+    def _rope_index(self, model_kwargs: dict) -> Callable | None:
+        """The model's multimodal rotary position function (Qwen2-VL family) when the batch holds images, else None."""
+        if model_kwargs.get("image_grid_thw") is None and model_kwargs.get("video_grid_thw") is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if is_peft_model(model) else model
+        return getattr(getattr(model, "model", model), "get_rope_index", None)
 
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
@@ -507,13 +554,13 @@ class NaPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        model_kwargs, labels, seq_len = self._model_inputs(inputs)
+        model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)  # (N,), summed over completion tokens
+        logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"].to(logps.dtype)
         else:
-            ref_logps = self._reference_logps(model_kwargs, labels, seq_len)
+            ref_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
         if self._nonfinite_batch(inputs, logratios):
@@ -553,7 +600,7 @@ class NaPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**model_kwargs)
+                outputs = model(**{k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS})
             return loss, outputs
         return loss
 

@@ -9,7 +9,8 @@ them alike. A row holds one chosen answer and K negatives:
     trl               trl.DPOTrainer on the same rows as K separate pairs (2K sequences per row), reference on the fly
     napo+<lever>      `napo` with one lever flipped: gc (gradient checkpointing), eager / sdpa (attention),
                       fused (AdamW `adamw_torch_fused`), images-once (`napo.fast.encode_images_once`: each row's
-                      image through the vision tower once, not once per sequence), flash (flash_attention_2, CUDA
+                      image through the vision tower once, not once per sequence), packed (`padding_free`: the
+                      batch's sequences in one row of their real tokens, no padding), flash (flash_attention_2, CUDA
                       only), xformers (CUDA only)
 
 One step of every variant covers `--batch-rows` rows (TRL gets K·rows pairs per step), so all variants take the
@@ -21,7 +22,7 @@ On a CPU (no GPU lent; one thread, since OpenMP spin-waiting distorts shared mac
         --batch-rows 1 --out benchmarks/gpu/cpu-50m.json
 On a GPU (benchmarks/gpu/README.md has the 7b-lora command and the memory estimate behind the batch size):
     python scripts/bench_train.py --model-size 2b --batch-rows 2 --steps 10 --warmup 3 --repeats 3 \
-        --dataloader-workers 4 --levers gc,eager,fused,images-once,flash,xformers --out benchmarks/gpu/2b.json
+        --dataloader-workers 4 --levers gc,eager,fused,images-once,packed,flash,xformers --out benchmarks/gpu/2b.json
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class Variant:
     attn: str  # transformers attn_implementation
     optim: str  # transformers optim name
     images_once: bool = False  # napo.fast.encode_images_once
+    padding_free: bool = False  # NaPOConfig.padding_free: the batch's sequences packed into one row
 
 
 def build_model(size: Size, device: torch.device, attn: str) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -199,10 +201,13 @@ def build_model(size: Size, device: torch.device, attn: str) -> tuple[PreTrained
     return model, processor
 
 
-def synthesise_rows(size: Size, n: int, seed: int = 0) -> Dataset:
+def synthesise_rows(size: Size, n: int, seed: int = 0, length_spread: float = 0.5) -> Dataset:
     """`n` preference rows: a chat prompt of `size.prompt_words` random words with one random-noise image of
-    `size.image_size` px, a `chosen` answer and one answer per `NEGATIVE_COLUMNS`, `size.answer_words` random words
-    each (strings, as napo takes them)."""
+    `size.image_size` px, a `chosen` answer and one answer per `NEGATIVE_COLUMNS` (strings, as napo takes them).
+
+    Each answer has a word count drawn uniformly from size.answer_words · [1 − length_spread, 1 + length_spread]: in
+    real preference data a row's answers differ in length (a language-biased negative is often a few words, a
+    hallucinated caption long), which is the padding a padded batch pays for."""
     rng = np.random.default_rng(seed)
     words = np.array(DEFAULT_WORDS)
     rows = []
@@ -212,8 +217,9 @@ def synthesise_rows(size: Size, n: int, seed: int = 0) -> Dataset:
             "prompt": [{"role": "user", "content": " ".join(rng.choice(words, size.prompt_words))}],
             "images": [Image.fromarray(pixels)],
         }
+        low, high = round(size.answer_words * (1 - length_spread)), round(size.answer_words * (1 + length_spread))
         for column in ("chosen", *NEGATIVE_COLUMNS):
-            row[column] = " ".join(rng.choice(words, size.answer_words))
+            row[column] = " ".join(rng.choice(words, max(1, int(rng.integers(low, high + 1)))))
         rows.append(row)
     return Dataset.from_list(rows)
 
@@ -254,6 +260,9 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
         elif lever == "images-once":
             variants.append(replace(napo, name="napo+images-once", images_once=True))
             variants.append(replace(napo, name="napo-precomputed+images-once", precompute=True, images_once=True))
+        elif lever == "packed":
+            variants.append(replace(napo, name="napo+packed", padding_free=True))
+            variants.append(replace(napo, name="napo-precomputed+packed", precompute=True, padding_free=True))
         elif lever == "fused":
             if base.optim == "adamw_torch_fused":
                 skipped[lever] = "the base optimizer is already adamw_torch_fused"
@@ -272,7 +281,7 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
     return variants, skipped
 
 
-LEVERS = ("gc", "eager", "sdpa", "fused", "images-once", "flash", "xformers")
+LEVERS = ("gc", "eager", "sdpa", "fused", "images-once", "packed", "flash", "xformers")
 
 
 def make_trainer(
@@ -406,7 +415,10 @@ def batches_of(trainer: Trainer) -> Iterator[dict[str, torch.Tensor]]:
 
 def set_levers(trainer: Trainer, variant: Variant) -> None:
     """Put the shared policy in `variant`'s attention implementation, gradient checkpointing and image encoding, and
-    its separate reference model, if any, in the same attention and image encoding."""
+    its separate reference model, if any, in the same attention and image encoding; a NaPOTrainer in `variant`'s
+    padding-free setting."""
+    if isinstance(trainer, NaPOTrainer):
+        trainer.padding_free = variant.padding_free
     for model in (trainer.model, trainer.ref_model):
         if model is not None:
             base = unwrapped(model)
@@ -515,8 +527,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn", default="sdpa", help="base attention implementation: sdpa or eager")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off")
     parser.add_argument("--optim", default="adamw_torch", help="base optimizer (a transformers optim name)")
-    parser.add_argument("--levers", default="gc,eager,fused,images-once,flash,xformers",
+    parser.add_argument("--levers", default="gc,eager,fused,images-once,packed,flash,xformers",
                         help=f"comma-separated levers flipped on `napo`, each a variant: {', '.join(LEVERS)}")
+    parser.add_argument("--answer-length-spread", type=float, default=0.5,
+                        help="answer lengths are uniform in answer_words·[1−s, 1+s] (0: every answer equally long)")
     parser.add_argument("--dataloader-workers", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense bf16 peak of the accelerator for MFU (default: datasheet value for H100/H200/A100)")
@@ -536,7 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Full fine-tune: one frozen copy serves every variant that computes the reference on the fly (TRL too).
     ref_model = None if size.lora else copy.deepcopy(model).eval().requires_grad_(False)
     counter = FlopCounter.of(model)
-    rows = synthesise_rows(size, 4 * args.batch_rows)
+    rows = synthesise_rows(size, 4 * args.batch_rows, length_spread=args.answer_length_spread)
     pairs = as_pairs(rows)
     workdir = tempfile.mkdtemp(prefix="bench_train-")  # fresh: precomputed reference log-probs are not reused
 
@@ -635,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict:
             "negatives_per_row": args.negatives,
             "prompt_words": size.prompt_words,
             "answer_words": size.answer_words,
+            "answer_length_spread": args.answer_length_spread,
             "image_px": size.image_size,
             "tokens_per_napo_sequence": float(next(batches["napo"])["attention_mask"].sum(1).double().mean()),
             "vision_share_of_forward_flops": vision_flops / (lm_flops + vision_flops),

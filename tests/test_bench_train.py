@@ -125,6 +125,17 @@ def test_images_encoded_once_give_the_same_loss_and_gradients(setup):
     assert_close_grads(once[1], plain[1], rtol=1e-5)
 
 
+def test_packed_batches_give_the_same_loss_and_gradients(setup):
+    """The benchmark's rows have answers of different lengths, so its padded batches hold padding that packing drops."""
+    trainer = trainer_of(setup, PLAIN)
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(ROWS)])
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
+    plain = loss_and_grads(trainer)
+    packed = loss_and_grads(trainer, replace(PLAIN, padding_free=True))
+    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert_close_grads(packed[1], plain[1], rtol=1e-3)
+
+
 def test_images_encoded_once_keep_llava_logits():
     """Fixed-size image tensors (LLaVA): two copies of one image and another image give the plain logits."""
     model, processor = build_tiny_model("llava", seed=0)
