@@ -87,6 +87,9 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir (default: off)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights; safetensors only by default")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (default: off)")
+    p.add_argument("--attn-implementation", default=None,
+                   choices=["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
+                   help="attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: transformers' sdpa)")
 
     def run(args: argparse.Namespace) -> None:
         from transformers import HfArgumentParser
@@ -101,11 +104,11 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
             outputs = train_from_paths(
                 args.dataset, args.model, config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                 lora_target_modules=args.lora_target_modules, resume=args.resume, allow_pickle=args.allow_pickle,
-                trust_remote_code=args.trust_remote_code,
+                trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation,
             )
         # A bad row, column, path or argument, or non-finite log-probs (on_nonfinite="stop"): a message naming the
         # rows, not a traceback.
-        except (ValueError, OSError, FloatingPointError) as error:
+        except (ValueError, OSError, FloatingPointError, ImportError) as error:
             sys.exit(f"napo train: {error}")
         for name, path in outputs.items():
             print(f"{name}: {path}")

@@ -509,6 +509,7 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
     """Load a user's model and its processing class from a Hugging Face id or a local directory.
 
@@ -519,6 +520,8 @@ def load_model(
         allow_pickle: also accept ``pytorch_model.bin`` (pickle can run arbitrary code on load);
             by default only safetensors weights are loaded.
         dtype: e.g. ``torch.bfloat16`` or ``"auto"``; ``None`` keeps transformers' default (fp32).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, or ``"xformers"`` (napo's adapter,
+            ``napo.attention``: CUDA and the ``gpu`` extra); ``None`` keeps transformers' default (sdpa).
 
     Returns:
         ``(model, processing_class)``: ``AutoProcessor`` for models with a vision or audio
@@ -542,8 +545,15 @@ def load_model(
     model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
     # use_safetensors=None: safetensors when present, else pickled weights.
     use_safetensors = None if allow_pickle else True
+    if attn_implementation == "xformers":
+        from napo.attention import register_xformers_attention
+
+        register_xformers_attention()
     try:
-        model = model_class.from_pretrained(path, config=config, use_safetensors=use_safetensors, dtype=dtype, **common)
+        model = model_class.from_pretrained(
+            path, config=config, use_safetensors=use_safetensors, dtype=dtype, attn_implementation=attn_implementation,
+            **common,
+        )
     except OSError as error:  # a hub repository without safetensors weights
         if allow_pickle or "safetensors" not in str(error):
             raise

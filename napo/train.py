@@ -44,6 +44,7 @@ def train_from_paths(
     resume: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> dict[str, str]:
     """Train `model` on the preference rows at `dataset` and save the result in `config.output_dir`.
 
@@ -58,12 +59,15 @@ def train_from_paths(
         lora_target_modules: modules that get adapters ("all-linear" or comma-separated names).
         resume: continue from the last checkpoint in `config.output_dir` (same data order, optimizer and
             scheduler state); starts from scratch when there is none.
+        attn_implementation: the model's attention kernels (see `napo.models.load_model`); None: transformers' default.
 
     Returns:
         Paths of what was written: the model (or adapter) folder and the training log.
     """
     train_dataset, _ = read_dataset(dataset)
-    policy, processing_class = load_model(model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    policy, processing_class = load_model(
+        model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, attn_implementation=attn_implementation
+    )
     peft_config = None
     if lora_rank:
         targets = lora_target_modules if lora_target_modules == "all-linear" else lora_target_modules.split(",")

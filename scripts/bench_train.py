@@ -11,7 +11,7 @@ them alike. A row holds one chosen answer and K negatives:
                       fused (AdamW `adamw_torch_fused`), images-once (`napo.fast.encode_images_once`: each row's
                       image through the vision tower once, not once per sequence), packed (`padding_free`: the
                       batch's sequences in one row of their real tokens, no padding), flash (flash_attention_2, CUDA
-                      only), xformers (CUDA only)
+                      only), xformers (`napo.attention`, CUDA only)
 
 One step of every variant covers `--batch-rows` rows (TRL gets K·rows pairs per step), so all variants take the
 same number of optimizer steps per row. Throughput is rows/s; `speedup_vs_trl` is the per-round ratio of a
@@ -55,6 +55,7 @@ from transformers import PreTrainedModel, ProcessorMixin, Trainer
 from trl import DPOConfig, DPOTrainer
 
 from napo import NaPOConfig, NaPOTrainer
+from napo.attention import register_xformers_attention
 from napo.fast import encode_images_once, image_chunks, unique_images
 from napo.models import DEFAULT_WORDS, build_tiny_model
 
@@ -269,11 +270,12 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
             else:
                 variants.append(replace(napo, name="napo+fused", optim="adamw_torch_fused"))
         elif lever == "xformers":
-            skipped[lever] = (
-                "xformers is CUDA-only" if device.type != "cuda"
-                else "no xformers attention is registered in napo yet (it needs an AttentionInterface entry checked "
-                "against sdpa on a GPU); sdpa already dispatches to its memory-efficient kernel"
-            )
+            if device.type != "cuda":
+                skipped[lever] = "xformers is CUDA-only"
+            elif importlib.util.find_spec("xformers") is None:
+                skipped[lever] = "the xformers package is not installed (pip install 'napo[gpu]')"
+            else:
+                variants.append(replace(napo, name="napo+xformers", attn=register_xformers_attention()))
         else:
             raise ValueError(f"unknown lever {lever!r}: expected some of {', '.join(LEVERS)}")
     for lever, reason in skipped.items():

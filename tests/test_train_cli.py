@@ -1,5 +1,6 @@
 """`napo train` end to end from paths: a tiny model saved to disk, a JSONL dataset with image files."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -77,3 +78,17 @@ def test_bad_passthrough_argument_is_rejected(saved_llava, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pairs", "source", "model", "out", "--learning_rate", "1"])
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_attention_and_padding_free_options(saved_llava, tmp_path):
+    model, _ = load_model(str(saved_llava), attn_implementation="eager")
+    assert model.config.get_text_config()._attn_implementation == "eager"
+    out = tmp_path / "out"
+    main(["train", "--dataset", str(write_jsonl(tmp_path)), "--model", str(saved_llava), "--output-dir", str(out),
+          "--attn-implementation", "eager", "--padding_free", "true", *TRAIN_ARGS])
+    history = json.loads((out / "log_history.json").read_text())
+    assert len([h for h in history if "loss" in h]) == 2
+    if importlib.util.find_spec("xformers") is None:  # the gpu extra is absent: the error says how to get it
+        with pytest.raises(SystemExit, match=r"napo train: .*napo\[gpu\]"):
+            main(["train", "--dataset", str(write_jsonl(tmp_path)), "--model", str(saved_llava),
+                  "--output-dir", str(tmp_path / "x"), "--attn-implementation", "xformers", *TRAIN_ARGS])
