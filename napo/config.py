@@ -116,9 +116,10 @@ class NaPOConfig(DPOConfig):
     on_nonfinite: str = field(
         default="stop",
         metadata={
-            "help": "What a batch with a NaN/inf log-probability does: 'stop' (default) raises an error naming its "
-            "dataset rows before the model is updated; 'skip' logs the rows, skips the batch (zero loss, no weight "
-            "update) and counts it in the `nonfinite/skipped` metric."
+            "help": "What a batch with a NaN/inf log-probability, or an optimizer step with NaN/inf gradients, does: "
+            "'stop' (default) raises an error naming its dataset rows before the model is updated; 'skip' logs the "
+            "rows and skips the batch (zero loss) or the optimizer step (no weight update), counted in the "
+            "`nonfinite/skipped` and `nonfinite/skipped_steps` metrics."
         },
     )
 

@@ -328,6 +328,7 @@ class NaPOTrainer(DPOTrainer):
         )
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
         args.padding_free = self.padding_free = padding_free
+        self._rows_since_step: list[int] = []  # dataset rows of the micro-batches since the last optimizer step
         if data_collator is None:
             self.data_collator = self._default_collator()
         if args.encode_images_once and self._is_vision_dataset:
@@ -554,6 +555,8 @@ class NaPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and ROW_INDEX in inputs:
+            self._rows_since_step.extend(inputs[ROW_INDEX].tolist())
         model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
@@ -625,6 +628,30 @@ class NaPOTrainer(DPOTrainer):
             )
         logger.warning(f"{message}: batch skipped (on_nonfinite='skip')")
         return True
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The step's gradient norm (transformers computes it before every optimizer step; identical on every process,
+        also with FSDP) — and the guard against NaN/inf gradients behind a finite loss (an overflow in backward, the
+        gradient of sqrt at 0): `on_nonfinite="stop"` raises before the optimizer step, naming the dataset rows of
+        the step's micro-batches on this process; "skip" drops the step's gradients (the optimizer then leaves every
+        weight and its state as they were; the learning-rate schedule still advances) and logs
+        `nonfinite/skipped_steps`, the fraction of optimizer steps skipped in the logging window."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        rows, self._rows_since_step = sorted(set(self._rows_since_step)), []
+        finite = bool(np.isfinite(float(grad_norm)))
+        self._metrics["train"]["nonfinite/skipped_steps"].append(float(not finite))
+        if finite:
+            return grad_norm
+        message = f"non-finite (NaN/inf) gradients behind a finite loss at step {self.state.global_step} (dataset rows {rows})"
+        if self.args.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"{message}: stopped before updating the model with them. Check the model's numerics (dtype, learning "
+                f"rate), or pass --on_nonfinite skip to skip such steps"
+            )
+        logger.warning(f"{message}: optimizer step skipped (on_nonfinite='skip')")
+        for parameter in model.parameters():
+            parameter.grad = None  # torch optimizers leave parameters without a gradient untouched, state included
+        return grad_norm
 
     def _q(self, column: str, z: torch.Tensor, mean_logratio_margins: torch.Tensor) -> torch.Tensor:
         """q of one negative type: fixed, or adapted from ψ = the batch mean margin over all processes."""

@@ -226,6 +226,35 @@ def test_nan_from_the_model_skips_the_step_when_asked(tmp_path: Path, caplog: py
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
 
 
+def nan_gradient_trainer(on_nonfinite: str, tmp_path: Path) -> tuple[NaPOTrainer, dict[str, torch.Tensor]]:
+    """A finite loss whose backward turns one weight's gradient NaN (as an overflow in backward would)."""
+    model, tokenizer = build_tiny_model("text", seed=0)
+    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
+                        on_nonfinite=on_nonfinite, learning_rate=1e-2, **TINY_TRAINING)
+    rows = preference_rows(4, subjects=("banana", "cat", "frog", "cat"))
+    trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return trainer, before
+
+
+def test_nan_gradients_behind_a_finite_loss_stop_the_job(tmp_path: Path) -> None:
+    trainer, before = nan_gradient_trainer("stop", tmp_path)
+    with pytest.raises(FloatingPointError, match=r"gradients behind a finite loss at step 0 \(dataset rows \[\d, \d\]\)"):
+        trainer.train()
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_nan_gradients_skip_the_optimizer_step_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trainer, before = nan_gradient_trainer("skip", tmp_path)
+    trainer.train()
+    assert "optimizer step skipped" in caplog.text
+    (step,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert np.isfinite(step["loss"]) and step["nonfinite/skipped_steps"] == 1.0
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+    assert not trainer.optimizer.state  # AdamW never saw a gradient: its moments were not started
+
+
 # ------------------------------------------------------------------------------------------ hostile inputs
 def header_only_png(width: int, height: int) -> bytes:
     """A valid PNG header announcing width×height RGB pixels, with no pixel data (a few dozen bytes)."""
