@@ -621,13 +621,18 @@ class NaPOTrainer(DPOTrainer):
         row_ids = inputs[ROW_INDEX][batch_rows] if ROW_INDEX in inputs else batch_rows
         where = f"dataset rows {row_ids.tolist()}" if bad.any() else "rows of another process"
         message = f"non-finite (NaN/inf) log-probabilities at step {self.state.global_step} in {where}"
+        self._stop_or_skip(message, "batch")
+        return True
+
+    def _stop_or_skip(self, message: str, unit: str) -> None:
+        """Raise FloatingPointError about non-finite values (`on_nonfinite="stop"`), or log that the `unit` ("batch",
+        "optimizer step") they came in is skipped."""
         if self.args.on_nonfinite == "stop":
             raise FloatingPointError(
                 f"{message}: stopped before updating the model with them. Check those rows and the model's numerics "
-                f"(dtype, learning rate), or pass --on_nonfinite skip to skip such batches"
+                f"(dtype, learning rate), or pass --on_nonfinite skip to skip such a {unit}"
             )
-        logger.warning(f"{message}: batch skipped (on_nonfinite='skip')")
-        return True
+        logger.warning(f"{message}: {unit} skipped (on_nonfinite='skip')")
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The step's gradient norm (transformers computes it before every optimizer step; identical on every process,
@@ -643,12 +648,7 @@ class NaPOTrainer(DPOTrainer):
         if finite:
             return grad_norm
         message = f"non-finite (NaN/inf) gradients behind a finite loss at step {self.state.global_step} (dataset rows {rows})"
-        if self.args.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"{message}: stopped before updating the model with them. Check the model's numerics (dtype, learning "
-                f"rate), or pass --on_nonfinite skip to skip such steps"
-            )
-        logger.warning(f"{message}: optimizer step skipped (on_nonfinite='skip')")
+        self._stop_or_skip(message, "optimizer step")
         for parameter in model.parameters():
             parameter.grad = None  # torch optimizers leave parameters without a gradient untouched, state included
         return grad_norm
