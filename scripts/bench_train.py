@@ -637,7 +637,8 @@ def main(argv: list[str] | None = None) -> dict:
         "reference precomputed (napo-precomputed vs napo)": ("napo-precomputed", "napo"),
         **{f"{v.name} vs napo": (v.name, "napo") for v in variants[3:]},
     }
-    lm_flops, vision_flops = counter.forward(next(batches["napo"]))
+    napo_batch = next(batches["napo"])
+    lm_flops, vision_flops = counter.forward(napo_batch)
     record = {
         "model_size": args.model_size,
         "model": {
@@ -653,7 +654,9 @@ def main(argv: list[str] | None = None) -> dict:
             "answer_words": size.answer_words,
             "answer_length_spread": args.answer_length_spread,
             "image_px": size.image_size,
-            "tokens_per_napo_sequence": float(next(batches["napo"])["attention_mask"].sum(1).double().mean()),
+            "tokens_per_napo_sequence": float(napo_batch["attention_mask"].sum(1).double().mean()),
+            # What the packed lever removes: padding tokens in napo's padded batches.
+            "padding_share_of_napo_batch": 1 - float(napo_batch["attention_mask"].double().mean()),
             "vision_share_of_forward_flops": vision_flops / (lm_flops + vision_flops),
         },
         "device": device_name(device),
