@@ -643,6 +643,8 @@ class NaPOTrainer(DPOTrainer):
         `nonfinite/skipped_steps`, the fraction of optimizer steps skipped in the logging window."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
         rows, self._rows_since_step = sorted(set(self._rows_since_step)), []
+        if grad_norm is None:  # DeepSpeed keeps the norm to itself and skips overflowing steps on its own
+            return grad_norm
         finite = bool(np.isfinite(float(grad_norm)))
         self._metrics["train"]["nonfinite/skipped_steps"].append(float(not finite))
         if finite:
