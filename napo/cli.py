@@ -26,8 +26,8 @@ def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
     types = {"int": int, "float": float, "str | None": str}
     for f in dataclasses.fields(PairsConfig):
         help_line = f.metadata["help"]
-        if f.default is dataclasses.MISSING:
-            p.add_argument(f.name, help=help_line)
+        if f.default is dataclasses.MISSING:  # --source, --model, --output-dir: named like `napo train`'s
+            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=True, help=help_line)
         elif f.name == "negatives":
             p.add_argument(
                 "--negative", dest="negatives", action="append", metavar="COLUMN=SPEC", default=None,

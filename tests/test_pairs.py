@@ -59,7 +59,7 @@ def clean_run(tmp_path_factory, vlm_path):
     """One uninterrupted CLI run on N_ROWS rows: (source path, output dir)."""
     folder = tmp_path_factory.mktemp("clean")
     source = _write_source(folder)
-    main(["pairs", source, vlm_path, str(folder / "out"), "--max-new-tokens", "6", "--batch-size", "4", "--shard-size", "8", "--no-progress"])
+    main(["pairs", "--source", source, "--model", vlm_path, "--output-dir", str(folder / "out"), "--max-new-tokens", "6", "--batch-size", "4", "--shard-size", "8", "--no-progress"])
     return source, folder / "out"
 
 
@@ -121,7 +121,7 @@ def test_interrupted_job_resumes_every_row_exactly_once(tmp_path, vlm_path, clea
 
 def test_resume_with_other_arguments_is_refused(tmp_path, vlm_path, capsys):
     source = _write_source(tmp_path, n=3)
-    args = ["pairs", source, vlm_path, str(tmp_path / "out"), "--max-new-tokens", "3", "--no-progress"]
+    args = ["pairs", "--source", source, "--model", vlm_path, "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "3", "--no-progress"]
     main(args)
     assert str(tmp_path / "out" / "data.parquet") in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"other arguments \(batch_size: 8 -> 2\).*--overwrite"):

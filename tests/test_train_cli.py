@@ -76,7 +76,7 @@ def test_bad_passthrough_argument_is_rejected(saved_llava, tmp_path, capsys):
     with pytest.raises(SystemExit, match="napo train: .*does not exist"):
         main(["train", "--dataset", str(tmp_path / "nothing.jsonl"), "--model", str(saved_llava)])
     with pytest.raises(SystemExit):
-        main(["pairs", "source", "model", "out", "--learning_rate", "1"])
+        main(["pairs", "--source", "s", "--model", "m", "--output-dir", "o", "--learning_rate", "1"])
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
