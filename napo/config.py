@@ -99,8 +99,9 @@ class NaPOConfig(DPOConfig):
         metadata={
             "help": "Image datasets: send each distinct image of a batch through the vision tower once instead of once "
             "per sequence (a row's chosen answer and its K negatives all carry the row's images): same loss and "
-            "gradients, (K+1)x fewer vision-tower FLOPs (napo.fast.encode_images_once). Tested on LLaVA and Qwen2-VL; "
-            "other families fall back to the plain path. Off by default until checked on more families."
+            "gradients, (K+1)x fewer vision-tower FLOPs (napo.fast.encode_images_once). Tested on LLaVA, Qwen2-VL and "
+            "PaliGemma; Idefics3 (tiled images with a pixel mask) falls back to the plain path. Off by default: a "
+            "family whose image features come in another layout is not covered by those tests."
         },
     )
     padding_free: bool = field(

@@ -14,6 +14,7 @@ pads every sequence to the longest answer of the batch, and a row's K negatives 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -57,27 +58,45 @@ def encode_images_once(model: PreTrainedModel, enabled: bool = True) -> None:
 
     Wraps the inner model's `get_image_features` once; the wrapper encodes each distinct image of the batch once
     when `enabled`, and calls the original otherwise. Handles Qwen2-VL-style packed patches (`image_grid_thw`) and
-    fixed-size image tensors (LLaVA); other layouts go through the original unchanged.
+    fixed-size image tensors (LLaVA, PaliGemma); other layouts (Idefics3's tiled images with their pixel mask, LLaVA-NeXT's
+    image sizes) go through the original unchanged.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = base.model
     if not hasattr(inner, "_napo_plain_get_image_features"):
         inner._napo_plain_get_image_features = plain = inner.get_image_features
+        signature = inspect.signature(plain)
 
-        def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            grid = args[0] if args else kwargs.get("image_grid_thw")
+        def get_image_features(*args: Any, **kwargs: Any) -> Any:
+            # By name: the second positional argument is image_grid_thw for Qwen2-VL but pixel_attention_mask for
+            # Idefics3.
+            call = signature.bind(*args, **kwargs)
+            pixel_values, grid = call.arguments["pixel_values"], call.arguments.get("image_grid_thw")
+            # Another per-image tensor (image_sizes, pixel_attention_mask, ...) would need the same de-duplication:
+            # such calls keep the plain path.
+            other_tensors = any(
+                isinstance(value, torch.Tensor)
+                for name, value in call.arguments.items()
+                if name not in ("pixel_values", "image_grid_thw")
+            )
             chunks = None
-            if inner._napo_encode_images_once and kwargs.get("image_sizes") is None:
+            if inner._napo_encode_images_once and not other_tensors:
                 chunks = image_chunks(pixel_values, grid)
             if chunks is None:
-                return plain(pixel_values, *args, **kwargs)
+                return plain(*args, **kwargs)
             first, inverse = unique_images(chunks)
-            pixels = torch.cat([chunks[i] for i in first]) if grid is not None else pixel_values[first]
+            call.arguments["pixel_values"] = torch.cat([chunks[i] for i in first]) if grid is not None else pixel_values[first]
             if grid is not None:
-                args, kwargs = (), {**kwargs, "image_grid_thw": grid[first]}
-            outputs = plain(pixels, *args, **kwargs)
+                call.arguments["image_grid_thw"] = grid[first]
+            # All by keyword: decorators of get_image_features (config defaults) fill in arguments by name.
+            extra = {k: v for k, v in call.arguments.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD}
+            named = {k: v for k, v in call.arguments.items() if k not in extra}
+            outputs = plain(**named, **{k: v for values in extra.values() for k, v in values.items()})
             features = outputs.pooler_output
-            outputs.pooler_output = tuple(features[u] for u in inverse)
+            if isinstance(features, torch.Tensor):  # one (tokens, dim) slice per image (LLaVA, PaliGemma)
+                outputs.pooler_output = features[torch.tensor(inverse, device=features.device)]
+            else:  # a sequence of per-image features (Qwen2-VL: images differ in token count)
+                outputs.pooler_output = tuple(features[u] for u in inverse)
             return outputs
 
         inner.get_image_features = get_image_features

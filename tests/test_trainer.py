@@ -281,3 +281,39 @@ def test_encode_images_once_flag_keeps_the_losses(tmp_path):
         trainer.train()
         histories[once] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,deduplicates", [("llava", True), ("qwen2_vl", True), ("paligemma", True),
+                                                 ("idefics3", False)])
+def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(family, deduplicates, tmp_path):
+    """Same loss and gradients with the lever on; the vision tower then sees each row's image once instead of once per
+    sequence (10 sequences from 4 rows here), except on Idefics3, whose tiled images with a pixel mask keep the plain
+    path."""
+    from napo.fast import encode_images_once
+
+    reference, processor = build_tiny_model(family, seed=0)
+    reference.eval().requires_grad_(False)
+    dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
+    trainer = NaPOTrainer(model=perturbed(reference).requires_grad_(True), ref_model=reference,
+                          args=NaPOConfig(output_dir=str(tmp_path), **COMMON), train_dataset=dataset,
+                          processing_class=processor)
+    tower = next(getattr(trainer.model.model, name) for name in ("vision_tower", "visual", "vision_model")
+                 if hasattr(trainer.model.model, name))
+    images_seen = []
+    tower.register_forward_hook(
+        lambda module, args, kwargs, output: images_seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True,
+    )
+    plain = loss_and_grads(trainer, fresh_rows(trainer, 4))
+    for model in (trainer.model, trainer.ref_model):
+        encode_images_once(model)
+    once = loss_and_grads(trainer, fresh_rows(trainer, 4))
+    torch.testing.assert_close(once[0], plain[0], rtol=1e-6, atol=1e-7)
+    assert once[1].keys() == plain[1].keys()
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(once[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Hooked on the policy's tower: the first call is the plain forward, the last the lever's.
+    sequences = sum(1 + sum(row[c] is not None for c in ("rejected_language_bias", "rejected_vision_bias"))
+                    for row in dataset)
+    assert sequences == 10
+    assert images_seen[0] * (4 if deduplicates else 1) == images_seen[-1] * (sequences if deduplicates else 1)
