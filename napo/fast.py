@@ -116,9 +116,9 @@ def pack_sequences(
     """Packs a padded batch of N sequences into one row of its T real tokens.
 
     `model_kwargs` holds `input_ids` and `attention_mask` of shape (N, L) (any padding side) and the model's other
-    inputs; `completion_mask` (N, L) marks the answer tokens whose log-probs are scored. `rope_index`, for multimodal
-    rotary models (Qwen2-VL's `get_rope_index`), gives the (3, N, L) positions of the padded batch, which are packed
-    too and preceded by the 1-D text positions that tell transformers where sequences start.
+    inputs; `completion_mask` (N, L) marks the answer tokens whose log-probs are scored. `rope_index`, given for
+    multimodal rotary models (Qwen2-VL's `get_rope_index`), gives the (3, N, L) positions of a padded batch with
+    images, which are packed too and preceded by the 1-D text positions that tell transformers where sequences start.
 
     Raises ValueError for prefix-LM batches (`token_type_ids`, PaliGemma), which cannot be packed exactly.
 
@@ -142,13 +142,19 @@ def pack_sequences(
     text_positions = (attention_mask.long().cumsum(dim=1) - 1)[real].unsqueeze(0)
     positions = text_positions
     if rope_index is not None:
-        rope_positions, _ = rope_index(
-            model_kwargs["input_ids"],
-            mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
-            image_grid_thw=model_kwargs.get("image_grid_thw"),
-            video_grid_thw=model_kwargs.get("video_grid_thw"),
-            attention_mask=attention_mask,
-        )
+        # The model takes (4, 1, T) positions: 1-D text positions (where sequences start), then its 3 rotary rows,
+        # which are the text positions again for a batch without images or videos. Given (1, T) positions instead,
+        # Qwen2-VL would not see the packing and let the sequences attend to each other.
+        if model_kwargs.get("image_grid_thw") is None and model_kwargs.get("video_grid_thw") is None:
+            rope_positions = (attention_mask.long().cumsum(dim=1) - 1).expand(3, -1, -1)
+        else:
+            rope_positions, _ = rope_index(
+                model_kwargs["input_ids"],
+                mm_token_type_ids=model_kwargs.get("mm_token_type_ids"),
+                image_grid_thw=model_kwargs.get("image_grid_thw"),
+                video_grid_thw=model_kwargs.get("video_grid_thw"),
+                attention_mask=attention_mask,
+            )
         positions = torch.cat((text_positions.unsqueeze(0), rope_positions[:, real].unsqueeze(1)))
     packed["position_ids"] = positions
     labels = model_kwargs["input_ids"].masked_fill(completion_mask == 0, -100)[real].unsqueeze(0)

@@ -530,7 +530,7 @@ class NaPOTrainer(DPOTrainer):
             return model_kwargs, labels, sum_per_sequence
 
         packed, labels, sequence_of_token = pack_sequences(
-            model_kwargs, inputs["completion_mask"], self._rope_index(model_kwargs)
+            model_kwargs, inputs["completion_mask"], self._rope_index()
         )
         n_sequences, seq_len = inputs["input_ids"].size(0), labels.size(1) - 1
 
@@ -539,10 +539,8 @@ class NaPOTrainer(DPOTrainer):
 
         return packed, labels, sum_per_sequence
 
-    def _rope_index(self, model_kwargs: dict) -> Callable | None:
-        """The model's multimodal rotary position function (Qwen2-VL family) when the batch holds images, else None."""
-        if model_kwargs.get("image_grid_thw") is None and model_kwargs.get("video_grid_thw") is None:
-            return None
+    def _rope_index(self) -> Callable | None:
+        """The model's multimodal rotary position function (Qwen2-VL family), or None for 1-D positions."""
         model = self.accelerator.unwrap_model(self.model)
         model = model.get_base_model() if is_peft_model(model) else model
         return getattr(getattr(model, "model", model), "get_rope_index", None)

@@ -14,7 +14,7 @@ from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed, preferen
 COLUMNS = ("rejected_language_bias", "rejected_vision_bias")
 
 
-def rows_for(family: str):
+def rows_for(family: str, vision: bool = True):
     if family == "qwen2_audio":
         rng = np.random.default_rng(0)
         dataset = preference_rows(4, vision=False, columns=("rejected_language_bias", "rejected_audio_bias"))
@@ -22,15 +22,19 @@ def rows_for(family: str):
         return dataset.add_column(
             "audios", [[(0.1 * rng.standard_normal(8000 + 1600 * i)).astype(np.float32)] for i in range(4)]
         )
-    return preference_rows(4, vision=family != "text", columns=COLUMNS)
+    return preference_rows(4, vision=vision and family != "text", columns=COLUMNS)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "paligemma"])
-def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, tmp_path):
+@pytest.mark.parametrize(
+    "family,vision",
+    [(f, True) for f in FAMILIES if f != "paligemma"] + [("qwen2_vl", False)],  # text rows on a multimodal-rotary model
+    ids=lambda value: {True: "", False: "text-rows"}.get(value, value) if isinstance(value, bool) else value,
+)
+def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, vision, tmp_path):
     reference, processor = build_tiny_model(family, seed=0)
     reference.eval().requires_grad_(False)
     policy = perturbed(reference).requires_grad_(True)
-    dataset = rows_for(family)
+    dataset = rows_for(family, vision)
     trainers = {}
     for padding_free in (False, True):
         args = NaPOConfig(output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free, **COMMON)
