@@ -110,8 +110,9 @@ class NaPOConfig(DPOConfig):
             "help": "Pack the chosen and negative sequences of a batch into one row of their real tokens, positions "
             "restarting at each sequence, instead of padding them to the longest (napo.fast.pack_sequences): same "
             "loss, no FLOP spent on padding. Works with sdpa/eager attention (a block-diagonal mask) and "
-            "flash-attention (variable-length kernels); Qwen2-VL-family positions are packed too. Unlike trl 1.16, "
-            "where this flag is disabled."
+            "flash-attention (variable-length kernels); Qwen2-VL-family positions are packed too. Tested equal to the "
+            "padded path on Llama/Qwen2 text, LLaVA, Qwen2-VL, Idefics3 and Qwen2-Audio; refused for PaliGemma "
+            "(prefix-LM mask). trl 1.16 disables its own flag of this name."
         },
     )
     on_nonfinite: str = field(
