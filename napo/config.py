@@ -112,7 +112,9 @@ class NaPOConfig(DPOConfig):
             "loss, no FLOP spent on padding. Works with sdpa/eager attention (a block-diagonal mask) and "
             "flash-attention (variable-length kernels); Qwen2-VL-family positions are packed too. Tested equal to the "
             "padded path on Llama/Qwen2 text, LLaVA, Qwen2-VL, Idefics3 and Qwen2-Audio; refused for PaliGemma "
-            "(prefix-LM mask). trl 1.16 disables its own flag of this name."
+            "(prefix-LM mask). Any model is checked on the first batch (two extra forwards without gradients): "
+            "packed log-probs that differ from the padded ones stop the job. trl 1.16 disables its own flag of this "
+            "name."
         },
     )
     on_nonfinite: str = field(

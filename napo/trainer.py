@@ -329,6 +329,7 @@ class NaPOTrainer(DPOTrainer):
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
         args.padding_free = self.padding_free = padding_free
         self._rows_since_step: list[int] = []  # dataset rows of the micro-batches since the last optimizer step
+        self._packing_verified = False
         if data_collator is None:
             self.data_collator = self._default_collator()
         if args.encode_images_once and self._is_vision_dataset:
@@ -516,28 +517,65 @@ class NaPOTrainer(DPOTrainer):
     def _model_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         """The model's keyword arguments and labels for a collated batch of N sequences, and `sum_per_sequence`,
         which maps the fused LM head's per-token log-probs (B, L-1) to each sequence's summed completion log-prob
-        (N,). With `padding_free` the sequences are packed into one row (`napo.fast.pack_sequences`, B = 1)."""
+        (N,). With `padding_free` the sequences are packed into one row (`napo.fast.pack_sequences`, B = 1); the
+        first packed batch is checked against the padded one (`_verify_packing`)."""
+        if not self.padding_free:
+            return self._padded_inputs(inputs)
+        packed = self._packed_inputs(inputs)
+        if not self._packing_verified:
+            self._verify_packing(self._padded_inputs(inputs), packed)
+            self._packing_verified = True
+        return packed
+
+    @staticmethod
+    def _padded_inputs(inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
         model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
         model_kwargs["use_cache"] = False
-        if not self.padding_free:
-            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-            seq_len = labels.size(1) - 1
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        seq_len = labels.size(1) - 1
 
-            def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
-                # The last seq_len positions: prompt-learning PEFT prepends virtual tokens to the model's outputs.
-                return log_probs[:, -seq_len:].sum(dim=1)
+        def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
+            # The last seq_len positions: prompt-learning PEFT prepends virtual tokens to the model's outputs.
+            return log_probs[:, -seq_len:].sum(dim=1)
 
-            return model_kwargs, labels, sum_per_sequence
+        return model_kwargs, labels, sum_per_sequence
 
-        packed, labels, sequence_of_token = pack_sequences(
-            model_kwargs, inputs["completion_mask"], self._rope_index()
-        )
+    def _packed_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
+        model_kwargs["use_cache"] = False
+        packed, labels, sequence_of_token = pack_sequences(model_kwargs, inputs["completion_mask"], self._rope_index())
         n_sequences, seq_len = inputs["input_ids"].size(0), labels.size(1) - 1
 
         def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
             return log_probs.new_zeros(n_sequences).index_add(0, sequence_of_token[1:], log_probs[0, -seq_len:])
 
         return packed, labels, sum_per_sequence
+
+    def _verify_packing(self, padded: tuple, packed: tuple) -> None:
+        """Raise ValueError unless the model gives the same summed log-probs for a batch packed and padded (once, on
+        the first batch: two extra forwards without gradients, in eval mode so dropout does not differ).
+
+        A family whose forward ignores packed `position_ids` (its attention never sees where sequences start) would
+        otherwise let packed sequences attend to each other and train on wrong log-probs without any error.
+        Tolerance: 0.1 nats + 1% per sequence, far above bf16 rounding, far below what a leak changes."""
+        model, was_training = self.model, self.model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logps = [
+                    sum_per_sequence(model(**kwargs, labels=labels, fused_lm_head=True).log_probs).float()
+                    for kwargs, labels, sum_per_sequence in (padded, packed)
+                ]
+        finally:
+            model.train(was_training)
+        difference = (logps[0] - logps[1]).abs()
+        if (difference > 0.1 + 0.01 * logps[0].abs()).any():
+            config = self.accelerator.unwrap_model(model).config
+            raise ValueError(
+                f"padding_free: this model ({config.model_type}, attention {config._attn_implementation!r}) gives "
+                f"packed sequences log-probs up to {float(difference.max()):.3g} nats away from the padded batch's: "
+                f"its attention does not keep packed sequences apart; set padding_free=False"
+            )
 
     def _rope_index(self) -> Callable | None:
         """The model's multimodal rotary position function (Qwen2-VL family), or None for 1-D positions."""
