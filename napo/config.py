@@ -109,8 +109,9 @@ class NaPOConfig(DPOConfig):
         metadata={
             "help": "Pack the chosen and negative sequences of a batch into one row of their real tokens, positions "
             "restarting at each sequence, instead of padding them to the longest (napo.fast.pack_sequences): same "
-            "loss, no FLOP spent on padding. Works with sdpa/eager attention (a block-diagonal mask) and "
-            "flash-attention (variable-length kernels); Qwen2-VL-family positions are packed too. Tested equal to the "
+            "loss, no FLOP spent on padding. sdpa/eager attention get a block-diagonal mask; flash-attention reads the "
+            "same positions for its variable-length kernels (CUDA, not run in the test suite); Qwen2-VL-family "
+            "positions are packed too. Tested equal to the "
             "padded path on Llama/Qwen2 text, LLaVA, Qwen2-VL, Idefics3 and Qwen2-Audio; refused for PaliGemma "
             "(prefix-LM mask). Any model is checked on the first batch (two extra forwards without gradients): "
             "packed log-probs that differ from the padded ones stop the job. trl 1.16 disables its own flag of this "

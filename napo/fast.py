@@ -8,7 +8,7 @@ gradients of all the copies, as if each had been encoded: same loss and gradient
 
 `pack_sequences` (padding-free batches): the N sequences of a padded batch become one row of their T real tokens,
 with positions restarting at every sequence. transformers then builds a block-diagonal causal mask (SDPA/eager) or
-variable-length kernels (flash-attention) from the positions, so no FLOP is spent on padding: a preference batch
+variable-length kernels (flash-attention, CUDA: not run here) from the positions, so no FLOP is spent on padding: a preference batch
 pads every sequence to the longest answer of the batch, and a row's K negatives often differ in length by several×.
 """
 
