@@ -192,22 +192,30 @@ def test_extreme_margins_give_finite_loss_gradients_and_q(text_trainer: NaPOTrai
         assert np.float32(text_trainer.args.q_min) <= q <= 1.0
 
 
-def nan_trainer(on_nonfinite: str, tmp_path: Path) -> tuple[NaPOTrainer, dict[str, torch.Tensor]]:
-    """Four rows in one batch; the policy's embeddings turn NaN for the sequences of row 2 (the only "frog" row)."""
+def nan_trainer(on_nonfinite: str, tmp_path: Path, where: str = "log_probs") -> tuple[NaPOTrainer, dict]:
+    """A 4-row dataset on a tiny text model, poisoned `where`:
+
+    - "log_probs": 4 rows in one batch; the policy's embeddings turn NaN for the sequences of row 2 (the only "frog"
+      row);
+    - "gradients": 2 rows per batch; the loss stays finite but backward turns the embedding's gradient NaN (as an
+      overflow in backward would).
+
+    Returns the trainer and the initial weights."""
     model, tokenizer = build_tiny_model("text", seed=0)
-    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
-                        on_nonfinite=on_nonfinite, learning_rate=1e-2, **TINY_TRAINING)
+    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4 if where == "log_probs" else 2,
+                        max_steps=1, on_nonfinite=on_nonfinite, learning_rate=1e-2, **TINY_TRAINING)
     rows = preference_rows(4, subjects=("banana", "cat", "frog", "cat"))
     trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    frog = tokenizer.convert_tokens_to_ids("frog")
-    assert frog != tokenizer.unk_token_id
-
-    def poison(module, args, output):
-        return output.masked_fill((args[0] == frog).any(dim=1)[:, None, None], float("nan"))
-
-    model.get_input_embeddings().register_forward_hook(poison)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return trainer, before
+    embeddings = model.get_input_embeddings()
+    if where == "log_probs":
+        frog = tokenizer.convert_tokens_to_ids("frog")
+        assert frog != tokenizer.unk_token_id
+        embeddings.register_forward_hook(
+            lambda module, args, output: output.masked_fill((args[0] == frog).any(dim=1)[:, None, None], float("nan"))
+        )
+    else:
+        embeddings.weight.register_hook(lambda grad: grad * float("nan"))
+    return trainer, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def test_nan_from_the_model_stops_the_job_naming_the_row(tmp_path: Path) -> None:
@@ -226,27 +234,15 @@ def test_nan_from_the_model_skips_the_step_when_asked(tmp_path: Path, caplog: py
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
 
 
-def nan_gradient_trainer(on_nonfinite: str, tmp_path: Path) -> tuple[NaPOTrainer, dict[str, torch.Tensor]]:
-    """A finite loss whose backward turns one weight's gradient NaN (as an overflow in backward would)."""
-    model, tokenizer = build_tiny_model("text", seed=0)
-    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1,
-                        on_nonfinite=on_nonfinite, learning_rate=1e-2, **TINY_TRAINING)
-    rows = preference_rows(4, subjects=("banana", "cat", "frog", "cat"))
-    trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    model.get_input_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    return trainer, before
-
-
 def test_nan_gradients_behind_a_finite_loss_stop_the_job(tmp_path: Path) -> None:
-    trainer, before = nan_gradient_trainer("stop", tmp_path)
+    trainer, before = nan_trainer("stop", tmp_path, where="gradients")
     with pytest.raises(FloatingPointError, match=r"gradients behind a finite loss at step 0 \(dataset rows \[\d, \d\]\)"):
         trainer.train()
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
 
 
 def test_nan_gradients_skip_the_optimizer_step_when_asked(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    trainer, before = nan_gradient_trainer("skip", tmp_path)
+    trainer, before = nan_trainer("skip", tmp_path, where="gradients")
     trainer.train()
     assert "optimizer step skipped" in caplog.text
     (step,) = [h for h in trainer.state.log_history if "loss" in h]
