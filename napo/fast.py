@@ -139,14 +139,15 @@ def pack_sequences(
     for key in _PER_TOKEN_INPUTS:
         if key in packed:
             packed[key] = model_kwargs[key][real].unsqueeze(0)
-    text_positions = (attention_mask.long().cumsum(dim=1) - 1)[real].unsqueeze(0)
+    padded_positions = attention_mask.long().cumsum(dim=1) - 1  # (N, L): 0, 1, ... along each sequence's tokens
+    text_positions = padded_positions[real].unsqueeze(0)
     positions = text_positions
     if rope_index is not None:
         # The model takes (4, 1, T) positions: 1-D text positions (where sequences start), then its 3 rotary rows,
         # which are the text positions again for a batch without images or videos. Given (1, T) positions instead,
         # Qwen2-VL would not see the packing and let the sequences attend to each other.
         if model_kwargs.get("image_grid_thw") is None and model_kwargs.get("video_grid_thw") is None:
-            rope_positions = (attention_mask.long().cumsum(dim=1) - 1).expand(3, -1, -1)
+            rope_positions = padded_positions.expand(3, -1, -1)
         else:
             rope_positions, _ = rope_index(
                 model_kwargs["input_ids"],

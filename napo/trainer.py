@@ -328,7 +328,7 @@ class NaPOTrainer(DPOTrainer):
         )
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
         args.padding_free = self.padding_free = padding_free
-        self._rows_since_step: list[int] = []  # dataset rows of the micro-batches since the last optimizer step
+        self._rows_since_step: list[torch.Tensor] = []  # row_index of each micro-batch since the last optimizer step
         self._packing_verified = False
         if data_collator is None:
             self.data_collator = self._default_collator()
@@ -528,9 +528,12 @@ class NaPOTrainer(DPOTrainer):
         return packed
 
     @staticmethod
-    def _padded_inputs(inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
-        model_kwargs["use_cache"] = False
+    def _model_kwargs(inputs: dict) -> dict:
+        """What the model takes from a collated batch (the entries describing the sequences left out)."""
+        return {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
+
+    def _padded_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        model_kwargs = {**self._model_kwargs(inputs), "use_cache": False}
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         seq_len = labels.size(1) - 1
 
@@ -541,8 +544,7 @@ class NaPOTrainer(DPOTrainer):
         return model_kwargs, labels, sum_per_sequence
 
     def _packed_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
-        model_kwargs["use_cache"] = False
+        model_kwargs = {**self._model_kwargs(inputs), "use_cache": False}
         packed, labels, sequence_of_token = pack_sequences(model_kwargs, inputs["completion_mask"], self._rope_index())
         n_sequences, seq_len = inputs["input_ids"].size(0), labels.size(1) - 1
 
@@ -592,7 +594,7 @@ class NaPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         if mode == "train" and ROW_INDEX in inputs:
-            self._rows_since_step.extend(inputs[ROW_INDEX].tolist())
+            self._rows_since_step.append(inputs[ROW_INDEX])  # read back only if the step's gradients are not finite
         model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
@@ -639,7 +641,7 @@ class NaPOTrainer(DPOTrainer):
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**{k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS})
+                outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
 
@@ -678,13 +680,14 @@ class NaPOTrainer(DPOTrainer):
         weight and its state as they were; the learning-rate schedule still advances) and logs
         `nonfinite/skipped_steps`, the fraction of optimizer steps skipped in the logging window."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        rows, self._rows_since_step = sorted(set(self._rows_since_step)), []
+        row_indices, self._rows_since_step = self._rows_since_step, []
         if grad_norm is None:  # DeepSpeed keeps the norm to itself and skips overflowing steps on its own
             return grad_norm
         finite = bool(np.isfinite(float(grad_norm)))
         self._metrics["train"]["nonfinite/skipped_steps"].append(float(not finite))
         if finite:
             return grad_norm
+        rows = sorted(set(torch.cat(row_indices).tolist())) if row_indices else []
         message = f"non-finite (NaN/inf) gradients behind a finite loss at step {self.state.global_step} (dataset rows {rows})"
         self._stop_or_skip(message, "optimizer step")
         for parameter in model.parameters():
