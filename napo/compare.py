@@ -42,7 +42,6 @@ import shutil
 import time
 import traceback
 from collections import defaultdict
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,8 @@ from typing import Any
 import numpy as np
 import yaml
 from tqdm.auto import tqdm
+
+from napo.sweep import BACKENDS, run_cells
 
 DEFAULT_OBJECTIVES = (
     "dpo", "cdpo", "rdpo", "ipo", "hinge", "napo-q0.3", "napo-q0.7", "napo-q1.0", "napo-paper", "napo-official",
@@ -102,9 +103,25 @@ class CompareConfig:
     max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
     beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
-    workers: int = field(
-        default_factory=lambda: max(1, _cores() // 2),
-        metadata={"help": "cells trained in parallel (a process pool); torch threads per worker = cores / workers (at most OMP_NUM_THREADS)"},
+    workers: int | None = field(
+        default=None,
+        metadata={"help": "local backend: cells trained in parallel (a process pool; None: half the CPU cores); torch "
+                  "threads per worker = cores / workers (at most OMP_NUM_THREADS)"},
+    )
+    backend: str = field(
+        default="local",
+        metadata={"help": "where cells run: local (this machine, --workers processes) or ray (one Ray task per cell; "
+                  "pip install napo[ray])"},
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "with --backend ray: the cluster to join ('auto', or ray://HOST:10001); None starts Ray on "
+                  "this machine"},
+    )
+    cell_cpus: float = field(default=1.0, metadata={"help": "with --backend ray: CPUs each cell reserves (its torch threads)"})
+    cell_gpus: float = field(default=0.0, metadata={"help": "with --backend ray: GPUs each cell reserves (fractions share a GPU)"})
+    cell_retries: int = field(
+        default=2, metadata={"help": "with --backend ray: reruns of a cell whose worker process died (killed, out of memory)"}
     )
     report_only: bool = field(default=False, metadata={"help": "train nothing: write the report from the finished cells in results.jsonl"})
     keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
@@ -122,8 +139,20 @@ class CompareConfig:
             raise ValueError("--dataset and --model go together: your pairs and the model to train from them")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout}: expected a fraction in (0, 1)")
-        if self.workers < 1:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.backend == "ray" and self.workers is not None:
+            raise ValueError("--workers sizes the local process pool; with --backend ray every cell is a Ray task sized "
+                             "by --cell-cpus / --cell-gpus")
+        if self.backend == "local" and self.workers is None:
+            self.workers = max(1, _cores() // 2)
+        if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers}: expected at least 1")
+        if self.backend == "local" and self.ray_address is not None:
+            raise ValueError("--ray-address is for --backend ray; with the local backend it would be ignored")
+        if self.cell_cpus <= 0 or self.cell_gpus < 0 or self.cell_retries < 0:
+            raise ValueError(f"cell_cpus={self.cell_cpus}, cell_gpus={self.cell_gpus}, cell_retries={self.cell_retries}: "
+                             "expected cpus > 0, gpus >= 0, retries >= 0")
         if len(set(self.objectives)) != len(self.objectives) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("objectives and seeds must not repeat")
         grid_owned = set(self.train) & {"objective", "q", "label_smoothing", "seed", "beta", "max_steps", "output_dir"}
@@ -209,9 +238,14 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     ]
     total = len(config.objectives) * len(config.noise_rates) * len(config.seeds)
     failed = 0
-    threads = _threads_per_worker(config.workers)
+    threads = _threads_per_worker(config.workers) if config.backend == "local" else 1
     with tqdm(total=total, initial=total - len(todo), unit="cell", desc="napo compare", disable=not progress) as bar:
-        for cell, outcome in _run_cells(context, todo, config.workers, threads):
+        cells = run_cells(
+            _attempt_cell, context, todo, backend=config.backend, workers=config.workers, threads=threads,
+            ray_address=config.ray_address, cell_cpus=config.cell_cpus, cell_gpus=config.cell_gpus,
+            cell_retries=config.cell_retries,
+        )
+        for cell, outcome in cells:
             if "error" in outcome:
                 failed += 1
                 _append_line(out / "errors.jsonl", {"key": cell_key(*cell), "error": outcome["error"], "time": _now()})
@@ -292,32 +326,6 @@ def _split_dataset(config: CompareConfig, data_dir: Path) -> dict[str, str]:
         split["test"].save_to_disk(str(heldout_dir) + ".tmp")
         os.replace(str(heldout_dir) + ".tmp", heldout_dir)  # written last: its presence marks the split done
     return {"pairs": str(train_dir), "heldout": str(heldout_dir)}
-
-
-def _run_cells(context: dict, cells: list[tuple], workers: int, threads: int):
-    """Yield (cell, outcome) as cells finish; in this process when workers == 1, else in a process pool."""
-    if workers == 1 or len(cells) <= 1:
-        import torch
-
-        torch.set_num_threads(threads)
-        for cell in cells:
-            yield cell, _attempt_cell(context, cell)
-        return
-    import multiprocessing
-
-    # spawn: a forked child would inherit torch's thread pools and locks from the parent.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(threads,)) as pool:
-        pending = {pool.submit(_attempt_cell, context, cell): cell for cell in cells}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield pending.pop(future), future.result()
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _attempt_cell(context: dict, cell: tuple) -> dict[str, Any]:
