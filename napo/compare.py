@@ -123,6 +123,11 @@ class CompareConfig:
     cell_retries: int = field(
         default=2, metadata={"help": "with --backend ray: reruns of a cell whose worker process died (killed, out of memory)"}
     )
+    share_reference: bool = field(
+        default=True,
+        metadata={"help": "score the pairs under the SFT reference once per grid and give every cell those log-probs "
+                  "(a flip swaps them with their answers); off: each cell recomputes them twice (training and scoring)"},
+    )
     report_only: bool = field(default=False, metadata={"help": "train nothing: write the report from the finished cells in results.jsonl"})
     keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
     train: dict[str, Any] = field(
@@ -287,8 +292,11 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
 
         lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=config.lab_seed, quick=config.quick)
         steps = config.max_steps or lab["settings"]["pref_steps"]  # quick mode trains fewer steps
+        pairs = lab["pairs_dir"]
+        if config.share_reference:
+            pairs = _with_reference_logps(pairs, lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", config.train)
         return {
-            **context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": lab["pairs_dir"],
+            **context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": pairs,
             # The lab's cache folder names a hash of its recipe and settings: a changed lab is another source.
             "source_dir": str(Path(lab["sft_dir"]).parent),
             "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
@@ -296,7 +304,47 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
     # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
     key = hashlib.sha256(json.dumps([os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed]).encode()).hexdigest()[:12]
     data_dir = out / "data" / key
-    return {**context, "source_dir": str(data_dir), "sft_dir": config.model, **_split_dataset(config, data_dir)}
+    splits = _split_dataset(config, data_dir)
+    if config.share_reference:
+        splits = {name: _with_reference_logps(path, config.model, data_dir / f"{name}_reference", config.train)
+                  for name, path in splits.items()}
+    return {**context, "source_dir": str(data_dir), "sft_dir": config.model, **splits}
+
+
+def _with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dict[str, Any]) -> str:
+    """Save the pairs at `pairs_dir` with the SFT reference's log-probs of every answer (`ref_chosen_logps`,
+    `ref_<column>_logps`, NaN where a row lacks the negative) at `target`, once; return `target`.
+
+    Scored by the cells' own trainer (NaPOTrainer's reference precomputation with the grid's `train` settings, so
+    tokenization and truncation are the cells'), then joined back to the pairs by row index: rows the trainer drops
+    (a prompt that fills max_length) get NaN, and every cell drops them too.
+    """
+    import datasets
+    import torch
+
+    from napo import NaPOConfig, NaPOTrainer
+    from napo.trainer import ROW_INDEX, reference_column
+
+    key = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    target = target.with_name(f"{target.name}-{key}")  # other train settings, other tokenization: another table
+    if (target / "dataset_info.json").exists():
+        return str(target)
+    pairs = datasets.load_from_disk(pairs_dir)
+    model, processing_class = _load(sft_dir)
+    args = NaPOConfig(**{
+        **train, "output_dir": str(target) + ".work", "report_to": "none", "precompute_ref_log_probs": True,
+        "use_cpu": not torch.cuda.is_available(), "gradient_checkpointing": False,
+    })
+    trainer = NaPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=processing_class)
+    scored = trainer.train_dataset
+    for column in ("chosen", *trainer.negative_columns):
+        values = np.full(len(pairs), np.nan)
+        values[np.asarray(scored[ROW_INDEX])] = scored[reference_column(column)]
+        pairs = pairs.add_column(reference_column(column), values.tolist())
+    pairs.save_to_disk(str(target) + ".tmp")
+    os.replace(str(target) + ".tmp", target)  # renamed last: a complete table or none
+    shutil.rmtree(str(target) + ".work", ignore_errors=True)
+    return str(target)
 
 
 def _sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
@@ -343,7 +391,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     from napo.lab.pipeline import train_preference
     from napo.pairs import inject_label_noise
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     key = cell_key(objective, noise_rate, seed)
     cell_dir = Path(context["out"], "cells", key.replace("/", "_"))
     shutil.rmtree(cell_dir, ignore_errors=True)  # a failed attempt's leftovers
@@ -360,7 +408,8 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         **context["train"],
     )
     model, processing_class = _load(trained["model_dir"])
-    reference, _ = _load(context["sft_dir"])
+    # With shared reference log-probs in the pairs, scoring needs no reference model.
+    reference = None if "ref_chosen_logps" in pairs.column_names else _load(context["sft_dir"])[0]
     if context["source"] == "lab":
         from napo.lab.pipeline import evaluate_lab_model
 
@@ -386,6 +435,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "metrics": {name: float(value) for name, value in metrics.items()},
         "train_wall_s": float(trained["wall_time_s"]),
         "cell_wall_s": time.perf_counter() - started,
+        "cell_cpu_s": time.process_time() - cpu_started,
         "margins": margin_summary(train_margins["margin"], train_margins["noisy"]),
         "q_trajectory": q_trajectory(trained["log_history"]),
         "finished": _now(),
@@ -402,6 +452,9 @@ def _load(path: str):
 def pair_margins(model, reference, processing_class, pairs, *, beta: float, work_dir: Path, batch_size: int = 32) -> dict[str, np.ndarray]:
     """The β-scaled reward margin z of every (row, negative column) pair of `pairs` under `model` vs `reference`.
 
+    Where `pairs` carry reference log-probs of every answer (`ref_chosen_logps`, `ref_<column>_logps`), those are the
+    reference and `reference` may be None.
+
         z = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]   (nats · β)
 
     with y_w the row's `chosen` as stored (for a flipped row: the biased answer), scored exactly as
@@ -415,14 +468,22 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
 
     from napo import NaPOConfig, NaPOTrainer
 
+    from napo.trainer import reference_column
+
     args = NaPOConfig(
         output_dir=str(work_dir), beta=beta, report_to="none", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False
     )
     trainer = NaPOTrainer(model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class)
     trainer.model.eval()
     columns = ("chosen", *trainer.negative_columns)
-    logratios = trainer.log_prob_table(trainer.train_dataset, batch_size, logratio=True)
-    noisy_rows = np.asarray(pairs["noisy"], dtype=bool) if "noisy" in pairs.column_names else np.zeros(len(pairs), dtype=bool)
+    scored = trainer.train_dataset
+    if all(reference_column(c) in scored.column_names for c in columns):  # precomputed: no reference pass
+        stored = np.stack([np.asarray(scored[reference_column(c)], dtype=np.float32) for c in columns], axis=1)
+        logratios = trainer.log_prob_table(scored, batch_size, of="policy") - stored
+    else:
+        logratios = trainer.log_prob_table(scored, batch_size, of="logratio")
+    # From the scored dataset: its rows are the table's (a row whose prompt fills max_length is not scored).
+    noisy_rows = np.asarray(scored["noisy"], dtype=bool) if "noisy" in scored.column_names else np.zeros(len(scored), dtype=bool)
     margins, noisy, column = [], [], []
     for k, name in enumerate(columns[1:], start=1):
         present = ~np.isnan(logratios[:, k])

@@ -360,7 +360,8 @@ def inject_label_noise(
 
     A row has one `chosen` for all its negatives, so a flipped row gets chosen := its first non-None negative
     (in the order of `negatives`) and every non-None negative := the original chosen: each of its pairs then
-    prefers a biased answer over the reference one. With one negative column this is a plain swap.
+    prefers a biased answer over the reference one. With one negative column this is a plain swap. Precomputed
+    reference log-probs (`ref_chosen_logps`, `ref_<column>_logps`), where present, move with their answers.
 
     Args:
         rate: fraction of rows to flip, in [0, 1].
@@ -379,19 +380,29 @@ def inject_label_noise(
         raise ValueError(f"no rejected column to flip (columns: {final.column_names})")
     count = round(rate * len(final))
     flipped = sorted(np.random.default_rng(seed).choice(len(final), size=count, replace=False).tolist())
-    columns = {name: list(final[name]) for name in ("chosen", *negatives)}
+    answers = ("chosen", *negatives)
+    # Each layer maps an answer column to a column that moves with it: the texts, then (when the dataset carries
+    # them) their reference log-probs, so that a shared precomputed reference stays right after the flip.
+    layers = [{name: name for name in answers}]
+    refs = {name: f"ref_{name}_logps" for name in answers if f"ref_{name}_logps" in final.column_names}
+    if refs and len(refs) < len(answers):
+        raise ValueError(f"reference log-prob columns {sorted(refs.values())} cover only some of {list(answers)}")
+    layers += [refs] if refs else []
+    features = {column: final.features[column] for layer in layers[1:] for column in layer.values()}
+    columns = {column: list(final[column]) for layer in layers for column in layer.values()}
     for i in flipped:
-        original = columns["chosen"][i]
-        columns["chosen"][i] = next(columns[n][i] for n in negatives if columns[n][i] is not None)
-        for name in negatives:
-            if columns[name][i] is not None:
-                columns[name][i] = original
+        present = [name for name in negatives if columns[name][i] is not None]
+        for layer in layers:
+            original = columns[layer["chosen"]][i]
+            columns[layer["chosen"]][i] = columns[layer[present[0]]][i]
+            for name in present:
+                columns[layer[name]][i] = original
     noisy = np.zeros(len(final), dtype=bool)
     noisy[flipped] = True
     order = final.column_names
     final = final.remove_columns(list(columns))
     for name, values in columns.items():
-        final = final.add_column(name, values, feature=datasets.Value("string"))
+        final = final.add_column(name, values, feature=features.get(name, datasets.Value("string")))
     final = final.add_column("noisy", noisy.tolist(), feature=datasets.Value("bool"))
     return final.select_columns([*order, "noisy"]), flipped
 

@@ -81,7 +81,8 @@ def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
     return messages
 
 
-def _ref_column(column: str) -> str:
+def reference_column(column: str) -> str:
+    """The column that holds the reference log-probs of answer column `column` (as TRL names `ref_chosen_logps`)."""
     return f"ref_{column}_logps"
 
 
@@ -131,7 +132,7 @@ class MultiNegativeCollator:
                 masks.append([0] * len(prompt) + [1] * len(completion))
                 rows.append(row)
                 types.append(kind)
-                refs.append(example.get(_ref_column(column)))
+                refs.append(example.get(reference_column(column)))
         if self.max_length is not None:
             cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
@@ -195,7 +196,7 @@ class MultiNegativeVisionCollator:
                 audios.extend(row_audios)  # the processor takes one flat list: a clip per audio placeholder
                 rows.append(row)
                 types.append(kind)
-                refs.append(example.get(_ref_column(column)))
+                refs.append(example.get(reference_column(column)))
 
         # Media arguments only when present: processors refuse an all-empty image batch, and image-only processors
         # take no audio argument.
@@ -380,7 +381,7 @@ class NaPOTrainer(DPOTrainer):
                            *answer_columns]
             else:
                 columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
-            self._signature_columns = columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
+            self._signature_columns = columns + [reference_column(c) for c in answer_columns] + [ROW_INDEX]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
@@ -464,30 +465,34 @@ class NaPOTrainer(DPOTrainer):
                 np.save(cache + ".tmp.npy", table)
                 os.replace(cache + ".tmp.npy", cache)  # atomic: a killed run never leaves a half-written cache
         for k, column in enumerate(answer_columns):
-            dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
+            dataset = dataset.add_column(reference_column(column), table[:, k].tolist())
         return dataset
 
     def log_prob_table(
-        self, dataset: Dataset, batch_size: int, description: str | None = None, logratio: bool = False
+        self, dataset: Dataset, batch_size: int, description: str | None = None, of: str = "reference"
     ) -> np.ndarray:
-        """Summed completion log-probs of every row's answers under the reference policy — or, with `logratio`, the
-        policy's log-ratio to the reference, log π(y|x) − log π_ref(y|x) — without gradients.
+        """Summed completion log-probs of every row's answers, without gradients: under the reference policy
+        (`of="reference"`), under the policy (`"policy"`), or the policy's log-ratio to the reference,
+        log π(y|x) − log π_ref(y|x) (`"logratio"`).
 
         Returns float32 (len(dataset), 1 + K): column 0 the chosen answer, column k the k-th negative column, NaN
         where a row lacks that negative. Batches go through the trainer's collator, as in training. `description`
         labels a progress bar (none when None).
         """
+        if of not in ("reference", "policy", "logratio"):
+            raise ValueError(f"of={of!r}: expected 'reference', 'policy' or 'logratio'")
         table = np.full((len(dataset), 1 + len(self.negative_columns)), np.nan, dtype=np.float32)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         first_row = 0
         for batch in tqdm(loader, desc=description, disable=description is None or not self.is_world_process_zero()):
             batch = self._prepare_inputs(batch)
             model_kwargs, labels, sum_per_sequence = self._model_inputs(batch)
-            logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
-            if logratio:
+            if of in ("policy", "logratio"):
                 with torch.no_grad():
-                    policy = self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
-                logps = sum_per_sequence(policy) - logps
+                    logps = sum_per_sequence(self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs)
+            if of in ("reference", "logratio"):
+                reference = self._reference_logps(model_kwargs, labels, sum_per_sequence)
+                logps = logps - reference if of == "logratio" else reference
             rows = batch["sequence_row"].cpu().numpy() + first_row
             table[rows, batch["sequence_type"].cpu().numpy()] = logps.float().cpu().numpy()
             first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence

@@ -52,7 +52,7 @@ def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, vis
     assert model_kwargs["input_ids"].shape == (1, real_tokens) and "attention_mask" not in model_kwargs
     assert int((labels != -100).sum()) == int(batch["completion_mask"][:, 1:].sum())
 
-    tables = {k: t.log_prob_table(t.train_dataset, batch_size=4, logratio=True) for k, t in trainers.items()}
+    tables = {k: t.log_prob_table(t.train_dataset, batch_size=4, of="logratio") for k, t in trainers.items()}
     assert np.isfinite(tables[False][:, 0]).all() and np.nanmax(np.abs(tables[False])) > 1e-2  # margins are not all 0
     np.testing.assert_allclose(tables[True], tables[False], rtol=1e-4, atol=1e-4)
 
