@@ -323,7 +323,7 @@ def _with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dic
     import torch
 
     from napo import NaPOConfig, NaPOTrainer
-    from napo.trainer import ROW_INDEX, reference_column
+    from napo.trainer import ROW_INDEX, _ref_column
 
     key = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
     target = target.with_name(f"{target.name}-{key}")  # other train settings, other tokenization: another table
@@ -339,8 +339,8 @@ def _with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dic
     scored = trainer.train_dataset
     for column in ("chosen", *trainer.negative_columns):
         values = np.full(len(pairs), np.nan)
-        values[np.asarray(scored[ROW_INDEX])] = scored[reference_column(column)]
-        pairs = pairs.add_column(reference_column(column), values.tolist())
+        values[np.asarray(scored[ROW_INDEX])] = scored[_ref_column(column)]
+        pairs = pairs.add_column(_ref_column(column), values.tolist())
     pairs.save_to_disk(str(target) + ".tmp")
     os.replace(str(target) + ".tmp", target)  # renamed last: a complete table or none
     shutil.rmtree(str(target) + ".work", ignore_errors=True)
@@ -468,7 +468,7 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
 
     from napo import NaPOConfig, NaPOTrainer
 
-    from napo.trainer import reference_column
+    from napo.trainer import _ref_column
 
     args = NaPOConfig(
         output_dir=str(work_dir), beta=beta, report_to="none", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False
@@ -477,8 +477,8 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
     trainer.model.eval()
     columns = ("chosen", *trainer.negative_columns)
     scored = trainer.train_dataset
-    if all(reference_column(c) in scored.column_names for c in columns):  # precomputed: no reference pass
-        stored = np.stack([np.asarray(scored[reference_column(c)], dtype=np.float32) for c in columns], axis=1)
+    if all(_ref_column(c) in scored.column_names for c in columns):  # precomputed: no reference pass
+        stored = np.stack([np.asarray(scored[_ref_column(c)], dtype=np.float32) for c in columns], axis=1)
         logratios = trainer.log_prob_table(scored, batch_size, of="policy") - stored
     else:
         logratios = trainer.log_prob_table(scored, batch_size, of="logratio")

@@ -81,8 +81,7 @@ def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
     return messages
 
 
-def reference_column(column: str) -> str:
-    """The column that holds the reference log-probs of answer column `column` (as TRL names `ref_chosen_logps`)."""
+def _ref_column(column: str) -> str:
     return f"ref_{column}_logps"
 
 
@@ -132,7 +131,7 @@ class MultiNegativeCollator:
                 masks.append([0] * len(prompt) + [1] * len(completion))
                 rows.append(row)
                 types.append(kind)
-                refs.append(example.get(reference_column(column)))
+                refs.append(example.get(_ref_column(column)))
         if self.max_length is not None:
             cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
             ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
@@ -196,7 +195,7 @@ class MultiNegativeVisionCollator:
                 audios.extend(row_audios)  # the processor takes one flat list: a clip per audio placeholder
                 rows.append(row)
                 types.append(kind)
-                refs.append(example.get(reference_column(column)))
+                refs.append(example.get(_ref_column(column)))
 
         # Media arguments only when present: processors refuse an all-empty image batch, and image-only processors
         # take no audio argument.
@@ -381,7 +380,7 @@ class NaPOTrainer(DPOTrainer):
                            *answer_columns]
             else:
                 columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
-            self._signature_columns = columns + [reference_column(c) for c in answer_columns] + [ROW_INDEX]
+            self._signature_columns = columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
@@ -465,7 +464,7 @@ class NaPOTrainer(DPOTrainer):
                 np.save(cache + ".tmp.npy", table)
                 os.replace(cache + ".tmp.npy", cache)  # atomic: a killed run never leaves a half-written cache
         for k, column in enumerate(answer_columns):
-            dataset = dataset.add_column(reference_column(column), table[:, k].tolist())
+            dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
         return dataset
 
     def log_prob_table(
