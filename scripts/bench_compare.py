@@ -34,9 +34,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="cell seeds (default: 0)")
     p.add_argument("--quick", action="store_true", help="the lab's quick mode (default: the full lab)")
     p.add_argument("--eval-n", type=int, default=None, help="lab evaluation rows per split (default: the lab's)")
+    p.add_argument("--shared-set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="NaPOConfig settings of the shared variant's cells only, e.g. encode_images_once=true (a lever "
+                   "that must not change results; value read as YAML; default: none)")
     p.add_argument("--work-dir", default=None, help="where the lab and the cells go (default: a temporary folder)")
     p.add_argument("--out", default="benchmarks/compare/cost.json", help="result JSON (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def _levers(args: argparse.Namespace) -> dict:
+    import yaml
+
+    pairs = [item.partition("=") for item in args.shared_set]
+    return {name: yaml.safe_load(value) for name, _, value in pairs}
 
 
 def _config(args: argparse.Namespace, out: Path, share: bool, cell: tuple[str, float, int]):
@@ -45,7 +55,7 @@ def _config(args: argparse.Namespace, out: Path, share: bool, cell: tuple[str, f
     objective, rate, seed = cell
     return CompareConfig(
         output_dir=str(out), objectives=[objective], noise_rates=[rate], seeds=[seed], quick=args.quick,
-        eval_n=args.eval_n, workers=1, share_reference=share,
+        eval_n=args.eval_n, workers=1, share_reference=share, train=_levers(args) if share else {},
     )
 
 
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     lab = prepare_lab(str(runs["per-cell"] / "lab"), quick=args.quick)
     start = time.perf_counter()  # the shared path's one-off cost: the reference scores the pairs once
-    _with_reference_logps(lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", {})
+    _with_reference_logps(lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args))
     shared_setup = time.perf_counter() - start
     for cell in cells:
         for name, share in (("per-cell", False), ("shared", True)):
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), 1 torch thread",
         "versions": {p: version(p) for p in ("torch", "transformers", "trl", "napo")},
+        "shared_variant_settings": _levers(args),
         "cells": per_cell,
         "wall_ratio": {"mean": float(wall.mean()), "min": float(wall.min()), "max": float(wall.max())},
         "cpu_ratio": {"mean": float(cpu.mean()), "min": float(cpu.min()), "max": float(cpu.max())},
