@@ -119,29 +119,104 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
 def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="bias and hallucination metrics of a model on an evaluation set",
+        help="bias and hallucination metrics of a model on an evaluation set or a standard benchmark",
         description="Without --dataset: the bias lab's evaluation splits (counterfactual and prior-consistent "
         "accuracy, prior following, blind and question-blind agreement, image share, POPE, CHAIR). With --dataset "
-        "(prompt, images, answer columns): accuracy, blind and question-blind agreement and image share.",
+        "(prompt, images, answer columns): accuracy, blind and question-blind agreement and image share. With "
+        "--benchmark pope|chair|amber|vlind: that benchmark scored as its reference script scores it, on answers the "
+        "model generates (--model; resumable answer file beside --out) or on any model's answer file (--predictions).",
     )
-    p.add_argument("--model", required=True, help="a save_pretrained folder or a Hugging Face id")
+    p.add_argument("--model", default=None, help="a save_pretrained folder or a Hugging Face id (needed unless --predictions)")
     p.add_argument("--recipe", default=None, help="lab recipe YAML for the lab splits (default: the packaged colors.yaml)")
     p.add_argument("--dataset", default=None, help="your eval set instead of the lab: save_to_disk folder, parquet or JSONL")
-    p.add_argument("--n", type=int, default=200, help="rows per lab split, or the first N rows of --dataset (default: 200)")
+    p.add_argument("--n", type=int, default=None, help="rows per lab split, or the first N rows of --dataset (default: 200)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward / generate call (default: 64)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest generated answer with --dataset (default: 16)")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest generated answer, in tokens (default: 16 with --dataset, 128 with --benchmark)")
+    p.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only; required with --benchmark)")
+    # Standard benchmarks (napo.benchmarks).
+    p.add_argument("--benchmark", default=None, choices=["pope", "chair", "amber", "vlind"],
+                   help="a standard hallucination benchmark instead of the lab or --dataset (default: none)")
+    p.add_argument("--data", nargs="+", default=[], help="benchmark files: pope: one question file per split; chair: "
+                   "an optional question file (default: the images of the instances file, or those --predictions "
+                   "names); amber: query JSON(s); vlind: VLind-Bench's data.json")
+    p.add_argument("--annotations", nargs="+", default=[], help="chair: a COCO instances JSON, then optional COCO captions "
+                   "JSONs; amber: AMBER's annotations.json (default: none)")
+    p.add_argument("--image-dir", default=None, help="folder the benchmark's image names are relative to (vlind: the one "
+                   "holding counterfactual/ and factual/; default: the current folder)")
+    p.add_argument("--predictions", nargs="+", default=None, help="score these answer files instead of generating: "
+                   "LLaVA layout {question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or one "
+                   "per --data file (default: generate with --model)")
+    p.add_argument("--allow-partial", action="store_true", help="score an answer file that misses some questions; the "
+                   "JSON records the coverage (default: missing answers are an error)")
+    p.add_argument("--prompt", default=None, help="chair: the question asked about each image (default: "
+                   "'Please describe this image in detail.')")
+    p.add_argument("--prompt-suffix", default="", help="appended to every benchmark question when generating, e.g. "
+                   "' Answer the question using a single word or phrase.' as LLaVA's POPE files do (default: none)")
+    p.add_argument("--amber-yes-no", default="exact", choices=["exact", "pope"], help="amber: read discriminative "
+                   "answers as the reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule (default: exact)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+
+    def run_benchmark(args: argparse.Namespace) -> None:
+        from napo.benchmarks import DEFAULT_CAPTION_PROMPT, BenchmarkSpec, evaluate
+
+        given = [flag for flag, value in (("--dataset", args.dataset), ("--recipe", args.recipe), ("--n", args.n)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to --benchmark")
+        if not args.out:
+            raise ValueError("--benchmark needs --out (the metrics JSON; generated answers go beside it)")
+        if args.prompt is not None and args.benchmark != "chair":
+            raise ValueError("--prompt is chair's caption question; other benchmarks' questions are in --data")
+        if args.amber_yes_no != "exact" and args.benchmark != "amber":
+            raise ValueError("--amber-yes-no applies to --benchmark amber only")
+        spec = BenchmarkSpec(args.benchmark, data=args.data, annotations=args.annotations, image_dir=args.image_dir,
+                             prompt=args.prompt or DEFAULT_CAPTION_PROMPT, amber_yes_no=args.amber_yes_no)
+        model = processor = None
+        if args.predictions is None:
+            if args.model is None:
+                raise ValueError("pass --model (to generate answers) or --predictions (answer files to score)")
+            from napo.models import load_model
+
+            model, processor = load_model(args.model)
+        elif args.model is not None or args.prompt_suffix or args.max_new_tokens is not None:
+            raise ValueError("--model, --prompt-suffix and --max-new-tokens generate answers; --predictions scores given ones")
+        record = evaluate(spec, out=args.out, predictions=args.predictions, model=model, processing_class=processor,
+                          model_id=args.model, allow_partial=args.allow_partial, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens or 128, prompt_suffix=args.prompt_suffix,
+                          progress=not args.no_progress)
+        from napo.benchmarks import flat_metrics
+
+        for name, value in flat_metrics(args.benchmark, record).items():
+            print(f"{name}: {value:.4f}")
+        print(f"coverage: {record['coverage']['answered']}/{record['coverage']['questions']}")
+        print(f"answers: {', '.join(record['answers'])}")
+        print(f"metrics: {args.out}")
 
     def run(args: argparse.Namespace) -> None:
         import json
 
+        if args.benchmark is not None:
+            try:
+                run_benchmark(args)
+            except (ValueError, OSError) as error:  # bad files or arguments: a message naming them, not a traceback
+                sys.exit(f"napo eval: {error}")
+            return
+        benchmark_only = [flag for flag, value in (
+            ("--data", args.data), ("--annotations", args.annotations), ("--image-dir", args.image_dir),
+            ("--predictions", args.predictions), ("--allow-partial", args.allow_partial), ("--prompt", args.prompt),
+            ("--prompt-suffix", args.prompt_suffix), ("--amber-yes-no", args.amber_yes_no != "exact")) if value]
+        if benchmark_only:
+            sys.exit(f"napo eval: {', '.join(benchmark_only)} need --benchmark")
+        if args.model is None:
+            sys.exit("napo eval: pass --model")
         from napo.models import load_model
 
+        n = 200 if args.n is None else args.n
         model, processor = load_model(args.model)
         if args.dataset is None:
             from napo.lab.pipeline import evaluate_lab_model, lab_spec
 
-            metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=args.n)
+            metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=n)
         else:
             from napo.data import read_dataset
             from napo.evaluate import modality_metrics
@@ -149,8 +224,9 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
             dataset, _ = read_dataset(args.dataset)
             if "answer" not in dataset.column_names:
                 sys.exit(f"napo eval: {args.dataset} has no 'answer' column (columns: {dataset.column_names})")
-            rows = list(dataset.select(range(min(args.n, len(dataset)))))
-            result = modality_metrics(model, processor, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            rows = list(dataset.select(range(min(n, len(dataset)))))
+            result = modality_metrics(model, processor, rows, batch_size=args.batch_size,
+                                      max_new_tokens=args.max_new_tokens or 16)
             metrics = {k: v for k, v in result.items() if isinstance(v, float)}
         for name, value in metrics.items():
             print(f"{name}: {value:.4f}")
