@@ -318,3 +318,50 @@ def test_parse_eval_spec_and_flat_metrics(tmp_path: Path) -> None:
     flat = flat_metrics("amber", {"generative": {"chair": 0.1, "n": 3}, "discriminative": {"all": {"f1": 0.5}},
                                   "coverage": {"fraction": 1.0}, "reference_printout": {"CHAIR": 10.0}})
     assert flat == {"amber/generative/chair": 0.1, "amber/discriminative/all/f1": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------------- --model
+def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_llava(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from napo.models import build_tiny_model
+
+    model, processor = build_tiny_model("llava", seed=0)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    questions_file, questions = _pope_files(tmp_path)
+    for q in questions:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / q["image"])
+    out = tmp_path / "results" / "pope.json"
+    command = ["eval", "--benchmark", "pope", "--model", str(tmp_path / "llava"), "--data", str(questions_file),
+               "--image-dir", str(images), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "4",
+               "--no-progress"]
+    main(command)
+    answer_file = tmp_path / "results" / "pope.answers.jsonl"
+    lines = [json.loads(line) for line in answer_file.read_text().splitlines()]
+    assert [a["question_id"] for a in lines] == [q["question_id"] for q in questions]
+    assert all(set(a) == {"question_id", "prompt", "text", "model_id"} for a in lines)
+    assert [a["prompt"] for a in lines] == [q["text"] for q in questions]
+    metrics = json.loads(out.read_text())
+    # The metrics are those of the answers written, by the reference rule transcribed here.
+    said_yes = [not any(w in ("No", "not", "no") for w in a["text"].split(".")[0].replace(",", "").split(" "))
+                for a in lines]
+    is_yes = [q["label"] == "yes" for q in questions]
+    assert metrics["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(said_yes, is_yes)]))
+    assert metrics["yes_ratio"] == pytest.approx(np.mean(said_yes))
+    assert metrics["answers"] == [str(answer_file)]
+
+    # Crash after 2 answers, the third half written: the rerun answers the rest, and greedy answers are the same.
+    answer_file.write_text("".join(json.dumps(a) + "\n" for a in lines[:2]) + '{"question_id": 3, "te')
+    main(command)
+    assert [json.loads(line) for line in answer_file.read_text().splitlines()] == lines
+    assert json.loads(out.read_text())["accuracy"] == metrics["accuracy"]
+    # Another model's answers are not mixed in.
+    lines[0]["model_id"] = "someone-else"
+    answer_file.write_text("".join(json.dumps(a) + "\n" for a in lines[:1]))
+    with pytest.raises(SystemExit, match="answer of model 'someone-else'"):
+        main(command)
