@@ -51,6 +51,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from napo.sweep import BACKENDS, run_cells
+from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 
 DEFAULT_OBJECTIVES = (
     "dpo", "cdpo", "rdpo", "ipo", "hinge", "napo-q0.3", "napo-q0.7", "napo-q1.0", "napo-paper", "napo-official",
@@ -64,7 +65,7 @@ SMOOTHING_RANGE = (0.05, 0.45)
 # Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
 LOWER_IS_BETTER = frozenset(
     {"blind_agreement", "chair_s", "chair_i", "margin_flipped_mean", "margin_flipped_fitted", "train_wall_s", "cell_wall_s"}
-)
+) | BENCHMARK_LOWER_IS_BETTER
 # Metrics the verdict compares NaPO and DPO on, by source: the debiasing gain, what it may cost (NOTES: DPO on
 # these pairs over-corrects against the prior), and whether the flipped pairs were learned.
 VERDICT_METRICS = {
@@ -103,6 +104,12 @@ class CompareConfig:
     max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
     beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
+    eval: str | None = field(
+        default=None,
+        metadata={"help": "standard benchmarks every trained cell is also evaluated on, as NAME=FILE[,NAME.option=VALUE] "
+                  "(napo.benchmarks.parse_eval_spec), e.g. pope=coco_pope_random.json,pope.image_dir=val2014; their "
+                  "metrics enter the tables as pope/f1, chair/chair_s, ...; cells finished earlier are not re-evaluated"},
+    )
     workers: int | None = field(
         default=None,
         metadata={"help": "local backend: cells trained in parallel (a process pool; None: half the CPU cores); torch "
@@ -158,6 +165,10 @@ class CompareConfig:
         if self.cell_cpus <= 0 or self.cell_gpus < 0 or self.cell_retries < 0:
             raise ValueError(f"cell_cpus={self.cell_cpus}, cell_gpus={self.cell_gpus}, cell_retries={self.cell_retries}: "
                              "expected cpus > 0, gpus >= 0, retries >= 0")
+        if self.eval:
+            from napo.benchmarks import parse_eval_spec
+
+            parse_eval_spec(self.eval)  # a bad --eval fails now, not after the first cell's training
         if len(set(self.objectives)) != len(self.objectives) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("objectives and seeds must not repeat")
         grid_owned = set(self.train) & {"objective", "q", "label_smoothing", "seed", "beta", "max_steps", "output_dir"}
@@ -284,6 +295,7 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
         "beta": config.beta,
         "max_steps": config.max_steps,
         "eval_n": config.eval_n,
+        "eval": config.eval,
         "keep_models": config.keep_models,
         "train": dict(config.train),
     }
@@ -421,6 +433,11 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
             "heldout_reward_accuracy": float(np.mean(held["margin"] > 0)),
             "heldout_mean_margin": float(np.mean(held["margin"])),
         }
+    if context.get("eval"):
+        from napo.benchmarks import evaluate_model
+
+        bench_dir = Path(context["out"], "benchmarks", key.replace("/", "_"))
+        metrics.update(evaluate_model(context["eval"], model, processing_class, bench_dir, model_id=key))
     # After evaluation: scoring wraps the model in a trainer, which patches its forward.
     train_margins = pair_margins(model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring")
     if not context["keep_models"]:

@@ -285,3 +285,23 @@ def test_other_data_is_another_source(user_setup, tmp_path, count_cells):
     assert count_cells == ["dpo/noise=0/seed=0"] and stats["cells_run"] == 1
     rows = read_results(tmp_path / "run" / "results.jsonl")
     assert len(rows) == 2 and rows[0]["source_dir"] != rows[1]["source_dir"]
+
+
+def test_eval_benchmarks_enter_every_cell_and_the_tables(user_setup, tmp_path):
+    """--eval pope=FILE: each cell answers the POPE file (text-only questions here: a text model) and its metrics are
+    in results.jsonl and the report, equal to scoring the cell's saved answer file with --predictions."""
+    from napo.benchmarks import BenchmarkSpec, evaluate
+
+    questions = tmp_path / "coco_pope_random.json"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": None, "text": f"is there a {o} ?",
+                                             "label": "yes" if i % 2 else "no"}) + "\n" for i, o in enumerate(OBJECTS)))
+    config = user_config(user_setup, tmp_path / "grid", objectives=["dpo"], noise_rates=[0.0], eval=f"pope={questions}")
+    run_compare(config, progress=False)
+    (row,) = [json.loads(line) for line in open(tmp_path / "grid" / "results.jsonl")]
+    answers = tmp_path / "grid" / "benchmarks" / "dpo_noise=0_seed=0" / "pope.answers.jsonl"
+    rescored = evaluate(BenchmarkSpec("pope", data=[str(questions)]), out=tmp_path / "re.json", predictions=[str(answers)])
+    for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+        assert row["metrics"][f"pope/{metric}"] == pytest.approx(rescored[metric])
+    assert "## pope/f1" in (tmp_path / "grid" / "README.md").read_text()
+    with pytest.raises(ValueError, match="benchmark 'popes'"):
+        user_config(user_setup, tmp_path / "bad", eval=f"popes={questions}")

@@ -202,6 +202,20 @@ def evaluate(
     return record
 
 
+def evaluate_model(
+    eval_spec: str, model: Any, processing_class: Any, out_dir: str | os.PathLike, *, model_id: str, **options: Any
+) -> dict[str, float]:
+    """Every benchmark of an `parse_eval_spec` string on a model: metrics and answers under `out_dir`
+    (<name>.json, <name>.answers*.jsonl; resumable), returned flat as {"pope/f1": ..., "chair/chair_s": ...}.
+    `options` go to `evaluate` (batch_size, max_new_tokens, prompt_suffix, ...)."""
+    flat: dict[str, float] = {}
+    for name, spec in parse_eval_spec(eval_spec).items():
+        record = evaluate(spec, out=Path(out_dir, f"{name}.json"), model=model, processing_class=processing_class,
+                          model_id=model_id, progress=False, **options)
+        flat.update(flat_metrics(name, record))
+    return flat
+
+
 def _chair_questions(path: str, objects: dict[str, set[str]], prompt: str) -> list[Question]:
     """Caption questions of a question file: {question_id or image_id (a COCO image id), image, text (default:
     prompt)} per record; an image absent from the annotations is refused, naming the line."""
