@@ -155,6 +155,8 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
                    "' Answer the question using a single word or phrase.' as LLaVA's POPE files do (default: none)")
     p.add_argument("--amber-yes-no", default="exact", choices=["exact", "pope"], help="amber: read discriminative "
                    "answers as the reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule (default: exact)")
+    p.add_argument("--vlind-prompts", default="instructblip", choices=["instructblip", "gpt4o"], help="vlind: the prompt set "
+                   "of the reference's eval/instructblip_eval.py or eval/gpt4o_eval.py (default: instructblip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
 
     def run_benchmark(args: argparse.Namespace) -> None:
@@ -169,8 +171,11 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
             raise ValueError("--prompt is chair's caption question; other benchmarks' questions are in --data")
         if args.amber_yes_no != "exact" and args.benchmark != "amber":
             raise ValueError("--amber-yes-no applies to --benchmark amber only")
+        if args.vlind_prompts != "instructblip" and args.benchmark != "vlind":
+            raise ValueError("--vlind-prompts applies to --benchmark vlind only")
         spec = BenchmarkSpec(args.benchmark, data=args.data, annotations=args.annotations, image_dir=args.image_dir,
-                             prompt=args.prompt or DEFAULT_CAPTION_PROMPT, amber_yes_no=args.amber_yes_no)
+                             prompt=args.prompt or DEFAULT_CAPTION_PROMPT, amber_yes_no=args.amber_yes_no,
+                             vlind_prompts=args.vlind_prompts)
         model = processor = None
         if args.predictions is None:
             if args.model is None:
@@ -204,7 +209,8 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
         benchmark_only = [flag for flag, value in (
             ("--data", args.data), ("--annotations", args.annotations), ("--image-dir", args.image_dir),
             ("--predictions", args.predictions), ("--allow-partial", args.allow_partial), ("--prompt", args.prompt),
-            ("--prompt-suffix", args.prompt_suffix), ("--amber-yes-no", args.amber_yes_no != "exact")) if value]
+            ("--prompt-suffix", args.prompt_suffix), ("--amber-yes-no", args.amber_yes_no != "exact"),
+            ("--vlind-prompts", args.vlind_prompts != "instructblip")) if value]
         if benchmark_only:
             sys.exit(f"napo eval: {', '.join(benchmark_only)} need --benchmark")
         if args.model is None:

@@ -304,6 +304,41 @@ def test_vlind_pipeline_scores_by_hand(tmp_path: Path) -> None:
     assert metrics["language_prior_rate"] == pytest.approx((0.5 + 0.0) / 2)
     assert true_or_false("Yes, it is TRUE.") == "True" and true_or_false("truly") == "NA"
 
+    # The same answers in the file VLind-Bench's own eval/instructblip_eval.py writes: data.json + "<model>_pred_*".
+    written = json.loads(data.read_text())
+    for i, item in enumerate(written[:2]):
+        for test, field in [("a1", "a1_image"), ("a2", "a2_image"), ("b1", "b1"), ("b2", "b2"), ("c1", "c1_image"),
+                            ("c2", "c2_image")]:
+            item[f"instructblip_pred_{field}"] = {"response": answers[f"{i}/{test}"]}
+        for test in ("d1", "d2"):
+            item[f"instructblip_pred_{test}"] = {k.rsplit("/", 1)[1]: {"response": v} for k, v in answers.items()
+                                                 if k.startswith(f"{i}/{test}/")}
+    reference = _json(tmp_path / "data_instructblip_7b.json", written)
+    again = evaluate(BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v2.json", predictions=[str(reference)])
+    assert {k: again[k] for k in metrics if k not in ("answers", "coverage")} == {
+        k: metrics[k] for k in metrics if k not in ("answers", "coverage")}
+
+
+def test_vlind_questions_use_the_reference_prompts_and_image_paths(tmp_path: Path) -> None:
+    from napo.benchmarks.vlind import load_vlind
+
+    questions, instances = load_vlind(_vlind(tmp_path))
+    by_id = {q.question_id: q for q in questions}
+    assert [i["index"] for i in instances] == [0, 1]
+    # instructblip_eval.py: prompt(false_statement, 'commonsense_TF_reversed') on the factual image.
+    assert by_id["0/a1"].text == ("Only respond in True or False.\nStatement: The lemon is yellow.\n"
+                                  "Based on common sense, is the given statement true or false?")
+    assert by_id["0/a1"].image == "factual/color/0_lemons are yellow/0.jpg"
+    assert by_id["0/b2"].text.startswith("Only respond in True or False.\nStatement: There is a dog in the given image.")
+    assert by_id["0/c1"].text == ("Only respond in True or False.\nContext: lemons are blue\nStatement: The lemon is "
+                                  "blue.\nBased on the context, is the given statement true or false?")
+    assert by_id["0/d2/1"].image == "counterfactual/color/0_lemons are blue/1.jpg"
+    assert "0/d1/2" not in by_id  # image 2 has 1 vote, under the threshold of 2
+    gpt4o = {q.question_id: q for q in load_vlind(tmp_path / "data.json", "gpt4o")[0]}
+    assert gpt4o["0/d1/0"].text == ("Statement: The lemon is blue.\nBased on the image, is the given statement true or "
+                                    "false? Forget real-world common sense and just follow the information provided in "
+                                    "the image. Only respond in True or False.")
+
 
 # ----------------------------------------------------------------------------------------------------- compare
 def test_parse_eval_spec_and_flat_metrics(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ class BenchmarkSpec:
     annotations: chair: a COCO instances file, optionally followed by COCO captions files; amber: annotations.json.
     image_dir: the folder the questions' image names are relative to (vlind: the one holding counterfactual/ and
     factual/). prompt: chair's question for images without one. amber_yes_no: "exact" (the reference) or "pope".
+    vlind_prompts: the reference's prompt set, "instructblip" or "gpt4o" (`napo.benchmarks.vlind.load_vlind`).
     """
 
     name: str
@@ -48,6 +49,7 @@ class BenchmarkSpec:
     image_dir: str | None = None
     prompt: str = DEFAULT_CAPTION_PROMPT
     amber_yes_no: str = "exact"
+    vlind_prompts: str = "instructblip"
 
     def __post_init__(self) -> None:
         if self.name not in BENCHMARKS:
@@ -67,6 +69,8 @@ class BenchmarkSpec:
             raise ValueError(f"chair: at most one question file, got {self.data}")
         if self.amber_yes_no not in ("exact", "pope"):
             raise ValueError(f"amber_yes_no={self.amber_yes_no!r}: expected 'exact' or 'pope'")
+        if self.vlind_prompts not in ("instructblip", "gpt4o"):
+            raise ValueError(f"vlind_prompts={self.vlind_prompts!r}: expected 'instructblip' or 'gpt4o'")
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Benchmark:
     spec: BenchmarkSpec
     parts: dict[str | None, list[Question]]
     score: Callable[[dict[str | None, dict[str, str]]], dict[str, Any]]
+    read: Callable[[str], dict[str, tuple[str, str]]] = read_answers  # answer file -> {id key: (text, where)}
 
 
 def load_benchmark(spec: BenchmarkSpec, answers: dict[str, tuple[str, str]] | None = None) -> Benchmark:
@@ -121,10 +126,11 @@ def load_benchmark(spec: BenchmarkSpec, answers: dict[str, tuple[str, str]] | No
         questions, annotations = load_amber(spec.data, spec.annotations[0])
         return Benchmark(spec, {None: questions},
                          lambda answers: amber_scores(answers[None], annotations, yes_no=spec.amber_yes_no))
-    from napo.benchmarks.vlind import load_vlind, vlind_scores
+    from napo.benchmarks.vlind import load_vlind, read_reference_predictions, vlind_scores
 
-    questions, instances = load_vlind(spec.data[0])
-    return Benchmark(spec, {None: questions}, lambda answers: vlind_scores(answers[None], instances))
+    questions, instances = load_vlind(spec.data[0], spec.vlind_prompts)
+    return Benchmark(spec, {None: questions}, lambda answers: vlind_scores(answers[None], instances),
+                     read=lambda path: read_reference_predictions(path, instances) or read_answers(path))
 
 
 def evaluate(
@@ -162,10 +168,10 @@ def evaluate(
         ]
     keys = {part: [id_key(q.question_id, "question") for q in questions] for part, questions in parts.items()}
     if len(predictions) == len(parts):
-        per_part = {part: read_answers(path) for part, path in zip(parts, predictions)}
+        per_part = {part: benchmark.read(path) for part, path in zip(parts, predictions)}
         sources = dict(zip(parts, predictions))
     elif len(predictions) == 1:
-        answers = read_answers(predictions[0])
+        answers = benchmark.read(predictions[0])
         owner: dict[str, str | None] = {}
         for part, ids in keys.items():
             for key in ids:
@@ -273,11 +279,11 @@ def parse_eval_spec(text: str) -> dict[str, BenchmarkSpec]:
         option = option or "data"
         if option in ("data", "annotations"):
             entry[option].append(value)
-        elif option in ("image_dir", "prompt", "amber_yes_no"):
+        elif option in ("image_dir", "prompt", "amber_yes_no", "vlind_prompts"):
             entry[option] = value
         else:
-            raise ValueError(f"--eval entry {item!r}: option {option!r}; expected image_dir, annotations, prompt or "
-                             "amber_yes_no")
+            raise ValueError(f"--eval entry {item!r}: option {option!r}; expected image_dir, annotations, prompt, "
+                             "amber_yes_no or vlind_prompts")
     specs = {}
     for name, entry in fields.items():
         if "image_dir" not in entry and entry["data"]:

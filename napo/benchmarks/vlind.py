@@ -47,10 +47,21 @@ def true_or_false(response: str) -> str:
     return "NA"
 
 
-def load_vlind(data: str | os.PathLike) -> tuple[list[Question], list[dict]]:
+PROMPT_SETS = ("instructblip", "gpt4o")
+
+
+def load_vlind(data: str | os.PathLike, prompts: str = "instructblip") -> tuple[list[Question], list[dict]]:
     """The questions (ids "<instance index>/<test>[/<image id>]", image paths under the image folder) and the kept
-    instances ({"index", "concept", "good_images"}). Raises ValueError naming the item for a missing field."""
-    templates = json.loads(data_text("vlind_prompts.json"))
+    instances ({"index", "concept", "context_id", "good_images"}). Raises ValueError naming the item for a missing
+    field.
+
+    prompts: the reference's prompt set of `eval/instructblip_eval.py` ("instructblip": the instruction first,
+    "simple" prompts) or of `eval/gpt4o_eval.py` ("gpt4o": the instruction last, "detailed" prompts for c and d).
+    """
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"vlind prompts {prompts!r}: expected one of {', '.join(PROMPT_SETS)}")
+    table = json.loads(data_text("vlind_prompts.json"))
+    templates, object_statement = table[prompts], table["object"]
     fields = ("concept", "context_id", "context", "factual_context", "true_statement", "false_statement",
               "existent_noun", "non-existent_noun", "best_img_id", "aggregated_human_label_good_images")
     questions, kept = [], []
@@ -69,16 +80,16 @@ def load_vlind(data: str | os.PathLike) -> tuple[list[Question], list[dict]]:
         def ask(test: str, template: str, image: str, **fill: str) -> None:
             questions.append(Question(f"{index}/{test}", templates[template].format(**fill), image))
 
-        ask("a1", "commonsense", factual, statement=false)
-        ask("a2", "commonsense", factual, statement=true)
-        ask("b1", "image", best, statement=templates["object"].format(noun=item["existent_noun"]))
-        ask("b2", "image", best, statement=templates["object"].format(noun=item["non-existent_noun"]))
-        ask("c1", "context", best, context=item["context"], statement=true)
-        ask("c2", "context", best, context=item["context"], statement=false)
+        ask("a1", "a", factual, statement=false)
+        ask("a2", "a", factual, statement=true)
+        ask("b1", "b", best, statement=object_statement.format(noun=item["existent_noun"]))
+        ask("b2", "b", best, statement=object_statement.format(noun=item["non-existent_noun"]))
+        ask("c1", "c", best, context=item["context"], statement=true)
+        ask("c2", "c", best, context=item["context"], statement=false)
         for image_id in good:
-            ask(f"d1/{image_id}", "image", f"{counterfactual}/{image_id}.jpg", statement=true)
-            ask(f"d2/{image_id}", "image", f"{counterfactual}/{image_id}.jpg", statement=false)
-        kept.append({"index": index, "concept": item["concept"], "good_images": good})
+            ask(f"d1/{image_id}", "d", f"{counterfactual}/{image_id}.jpg", statement=true)
+            ask(f"d2/{image_id}", "d", f"{counterfactual}/{image_id}.jpg", statement=false)
+        kept.append({"index": index, "concept": item["concept"], "context_id": item["context_id"], "good_images": good})
     if not kept:
         raise ValueError(f"{data}: no instance has an image with >= {VOTE_THRESHOLD} annotator votes")
     return questions, kept
@@ -120,3 +131,32 @@ def vlind_scores(answers: dict[str, str], instances: list[dict]) -> dict[str, fl
         "instances": n,
     }
 
+
+
+def read_reference_predictions(path: str | os.PathLike, instances: list[dict]) -> dict[str, tuple[str, str]] | None:
+    """Answers from a file the reference's own eval scripts wrote (data.json with "<model>_pred_a1_image",
+    "_b1", "_c1_image", "_d1": {image id: {"response"}} ... per instance), as {question id: (response, where)};
+    None when `path` is not such a file. Instances are matched by position and must have the same concept and
+    context_id as the data file's."""
+    records = read_records(path)
+    suffix = "_a1_image"
+    prefix = next((k[: -len(suffix)] for _, r in records[:1] for k in r if k.endswith(suffix)), None)
+    if prefix is None:
+        return None
+    fields = {"a1": "a1_image", "a2": "a2_image", "b1": "b1", "b2": "b2", "c1": "c1_image", "c2": "c2_image"}
+    answers: dict[str, tuple[str, str]] = {}
+    for inst in instances:
+        i = inst["index"]
+        if i >= len(records):
+            raise ValueError(f"{path}: {len(records)} instances, fewer than the data file's")
+        where, record = records[i]
+        if (record.get("concept"), record.get("context_id")) != (inst["concept"], inst["context_id"]):
+            raise ValueError(f"{where}: concept/context_id {record.get('concept')!r}/{record.get('context_id')!r}, "
+                             f"but the data file's instance {i} is {inst['concept']!r}/{inst['context_id']!r}")
+        for test, field in fields.items():
+            if f"{prefix}_{field}" in record:
+                answers[f"{i}/{test}"] = (record[f"{prefix}_{field}"]["response"], where)
+        for test in ("d1", "d2"):
+            for image_id, answer in record.get(f"{prefix}_{test}", {}).items():
+                answers[f"{i}/{test}/{image_id}"] = (answer["response"], where)
+    return answers
