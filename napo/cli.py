@@ -126,27 +126,30 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
         "--benchmark pope|chair|amber|vlind: that benchmark scored as its reference script scores it, on answers the "
         "model generates (--model; resumable answer file beside --out) or on any model's answer file (--predictions).",
     )
-    p.add_argument("--model", default=None, help="a save_pretrained folder or a Hugging Face id (needed unless --predictions)")
+    p.add_argument("--model", default=None,
+                   help="a save_pretrained folder or a Hugging Face id (needed unless --predictions)")
     p.add_argument("--recipe", default=None, help="lab recipe YAML for the lab splits (default: the packaged colors.yaml)")
     p.add_argument("--dataset", default=None, help="your eval set instead of the lab: save_to_disk folder, parquet or JSONL")
-    p.add_argument("--n", type=int, default=None, help="rows per lab split, or the first N rows of --dataset (default: 200)")
+    p.add_argument("--n", type=int, default=None,
+                   help="rows per lab split, or the first N rows of --dataset (default: 200)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward / generate call (default: 64)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest generated answer, in tokens (default: 16 with --dataset, 128 with --benchmark)")
-    p.add_argument("--out", default=None, help="write the metrics as JSON here (default: print only; required with --benchmark)")
+    p.add_argument("--out", default=None,
+                   help="write the metrics as JSON here (default: print only; required with --benchmark)")
     # Standard benchmarks (napo.benchmarks).
     p.add_argument("--benchmark", default=None, choices=["pope", "chair", "amber", "vlind"],
                    help="a standard hallucination benchmark instead of the lab or --dataset (default: none)")
     p.add_argument("--data", nargs="+", default=[], help="benchmark files: pope: one question file per split; chair: "
                    "an optional question file (default: the images of the instances file, or those --predictions "
                    "names); amber: query JSON(s); vlind: VLind-Bench's data.json")
-    p.add_argument("--annotations", nargs="+", default=[], help="chair: a COCO instances JSON, then optional COCO captions "
-                   "JSONs; amber: AMBER's annotations.json (default: none)")
-    p.add_argument("--image-dir", default=None, help="folder the benchmark's image names are relative to (vlind: the one "
-                   "holding counterfactual/ and factual/; default: the current folder)")
+    p.add_argument("--annotations", nargs="+", default=[], help="chair: a COCO instances JSON, then optional COCO "
+                   "captions JSONs; amber: AMBER's annotations.json (default: none)")
+    p.add_argument("--image-dir", default=None, help="folder the benchmark's image names are relative to (vlind: the "
+                   "one holding counterfactual/ and factual/; default: the current folder)")
     p.add_argument("--predictions", nargs="+", default=None, help="score these answer files instead of generating: "
-                   "LLaVA layout {question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or one "
-                   "per --data file (default: generate with --model)")
+                   "LLaVA layout {question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or "
+                   "one per --data file (default: generate with --model)")
     p.add_argument("--allow-partial", action="store_true", help="score an answer file that misses some questions; the "
                    "JSON records the coverage (default: missing answers are an error)")
     p.add_argument("--prompt", default=None, help="chair: the question asked about each image (default: "
@@ -155,14 +158,16 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
                    "' Answer the question using a single word or phrase.' as LLaVA's POPE files do (default: none)")
     p.add_argument("--amber-yes-no", default="exact", choices=["exact", "pope"], help="amber: read discriminative "
                    "answers as the reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule (default: exact)")
-    p.add_argument("--vlind-prompts", default="instructblip", choices=["instructblip", "gpt4o"], help="vlind: the prompt set "
-                   "of the reference's eval/instructblip_eval.py or eval/gpt4o_eval.py (default: instructblip)")
+    p.add_argument("--vlind-prompts", default="instructblip", choices=["instructblip", "gpt4o"], help="vlind: the "
+                   "prompt set of the reference's eval/instructblip_eval.py or eval/gpt4o_eval.py "
+                   "(default: instructblip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
 
     def run_benchmark(args: argparse.Namespace) -> None:
         from napo.benchmarks import DEFAULT_CAPTION_PROMPT, BenchmarkSpec, evaluate
 
-        given = [flag for flag, value in (("--dataset", args.dataset), ("--recipe", args.recipe), ("--n", args.n)) if value is not None]
+        lab_options = (("--dataset", args.dataset), ("--recipe", args.recipe), ("--n", args.n))
+        given = [flag for flag, value in lab_options if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} do not apply to --benchmark")
         if not args.out:
@@ -184,7 +189,8 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
             model, processor = load_model(args.model)
         elif args.model is not None or args.prompt_suffix or args.max_new_tokens is not None:
-            raise ValueError("--model, --prompt-suffix and --max-new-tokens generate answers; --predictions scores given ones")
+            raise ValueError("--model, --prompt-suffix and --max-new-tokens generate answers; --predictions scores "
+                             "given ones")
         record = evaluate(spec, out=args.out, predictions=args.predictions, model=model, processing_class=processor,
                           model_id=args.model, allow_partial=args.allow_partial, batch_size=args.batch_size,
                           max_new_tokens=args.max_new_tokens or 128, prompt_suffix=args.prompt_suffix,

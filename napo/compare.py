@@ -106,9 +106,10 @@ class CompareConfig:
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
     eval: str | None = field(
         default=None,
-        metadata={"help": "standard benchmarks every trained cell is also evaluated on, as NAME=FILE[,NAME.option=VALUE] "
-                  "(napo.benchmarks.parse_eval_spec), e.g. pope=coco_pope_random.json,pope.image_dir=val2014; their "
-                  "metrics enter the tables as pope/f1, chair/chair_s, ...; cells finished earlier are not re-evaluated"},
+        metadata={"help": "standard benchmarks every trained cell is also evaluated on, as "
+                  "NAME=FILE[,NAME.option=VALUE] (napo.benchmarks.parse_eval_spec), e.g. "
+                  "pope=coco_pope_random.json,pope.image_dir=val2014; their metrics enter the tables as pope/f1, "
+                  "chair/chair_s, ...; cells finished earlier are not re-evaluated"},
     )
     workers: int | None = field(
         default=None,

@@ -157,7 +157,8 @@ def test_caption_objects_use_two_word_and_qualifier_rules() -> None:
         ("bird", "bird"), ("hot dog", "hot dog"), ("wine glass", "wine glass"), ("teddy bear", "teddy bear")]
     # "seat" is a synonym of chair, but not next to a toilet; "motor bike" is not an object in the reference list.
     assert caption_objects("the seat of the toilet") == [("toilet", "toilet")]
-    assert caption_objects("a seat and a motor bike and a motor cycle") == [("seat", "chair"), ("motor cycle", "motorcycle")]
+    assert caption_objects("a seat and a motor bike and a motor cycle") == [
+        ("seat", "chair"), ("motor cycle", "motorcycle")]
 
 
 def _coco(tmp_path: Path) -> tuple[Path, Path]:
@@ -205,11 +206,13 @@ def test_chair_on_hand_checked_captions_and_rohrbach_layout(tmp_path: Path) -> N
 
 def test_chair_refuses_captions_of_images_absent_from_the_annotations(tmp_path: Path) -> None:
     instances, _ = _coco(tmp_path)
-    predictions = _jsonl(tmp_path / "caps.jsonl", [{"image_id": 11, "caption": "a dog"}, {"image_id": 5, "caption": "x"}])
+    predictions = _jsonl(tmp_path / "caps.jsonl",
+                         [{"image_id": 11, "caption": "a dog"}, {"image_id": 5, "caption": "x"}])
     with pytest.raises(ValueError, match=r"caps.jsonl line 2: caption for image 5, which is not in"):
         evaluate(BenchmarkSpec("chair", annotations=[str(instances)]), out=tmp_path / "m.json",
                  predictions=[str(predictions)])
-    questions = _jsonl(tmp_path / "q.jsonl", [{"question_id": 11, "image": "a.jpg"}, {"question_id": 44, "image": "b.jpg"}])
+    questions = _jsonl(tmp_path / "q.jsonl",
+                       [{"question_id": 11, "image": "a.jpg"}, {"question_id": 44, "image": "b.jpg"}])
     with pytest.raises(ValueError, match=r"q.jsonl line 2: image 44 is not in the CHAIR annotations"):
         evaluate(BenchmarkSpec("chair", data=[str(questions)], annotations=[str(instances)]), out=tmp_path / "m.json",
                  predictions=[str(predictions)])
@@ -258,8 +261,8 @@ def test_amber_generative_and_discriminative_by_hand(tmp_path: Path) -> None:
     printout = metrics["reference_printout"]
     assert printout["CHAIR"] == round(100 * 2 / 7.001, 1) and printout["discriminative/all"]["Recall"] == 33.3
     assert printout["discriminative/all"]["F1"] == round(2 * 0.5 * 0.333 / (0.5 + 0.333 + 0.0001) * 100, 1)
-    pope_read = evaluate(BenchmarkSpec("amber", data=[str(queries)], annotations=[str(annotations)], amber_yes_no="pope"),
-                         out=tmp_path / "a2.json", predictions=[str(tmp_path / "r.json")])
+    pope_spec = BenchmarkSpec("amber", data=[str(queries)], annotations=[str(annotations)], amber_yes_no="pope")
+    pope_read = evaluate(pope_spec, out=tmp_path / "a2.json", predictions=[str(tmp_path / "r.json")])
     assert pope_read["discriminative"]["all"]["accuracy"] == pytest.approx(3 / 5)  # "No." now read as No
 
 
@@ -276,7 +279,8 @@ def test_amber_refuses_ids_outside_its_annotations(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- VLind
 def _vlind(tmp_path: Path) -> Path:
     def instance(concept: str, votes: dict[str, int]) -> dict:
-        return {"concept": concept, "context_id": 0, "context": "lemons are blue", "factual_context": "lemons are yellow",
+        return {"concept": concept, "context_id": 0, "context": "lemons are blue",
+                "factual_context": "lemons are yellow",
                 "true_statement": "The lemon is blue.", "false_statement": "The lemon is yellow.",
                 "existent_noun": "a lemon", "non-existent_noun": "a dog", "best_img_id": 0,
                 "aggregated_human_label_good_images": votes}
@@ -295,7 +299,8 @@ def test_vlind_pipeline_scores_by_hand(tmp_path: Path) -> None:
         "1/a1": f, "1/a2": f, "1/b1": t, "1/b2": f, "1/c1": t, "1/c2": f, "1/d1/0": "maybe", "1/d2/0": f,
     }
     predictions = _jsonl(tmp_path / "a.jsonl", [{"question_id": k, "text": v} for k, v in answers.items()])
-    metrics = evaluate(BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v.json", predictions=[str(predictions)])
+    metrics = evaluate(BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v.json",
+                       predictions=[str(predictions)])
     assert metrics["instances"] == 2
     assert metrics["commonsense_knowledge"] == 0.5 and metrics["visual_perception"] == 1.0
     assert metrics["commonsense_bias"] == 1.0  # c passes among a passes: 1 / 1
@@ -329,7 +334,8 @@ def test_vlind_questions_use_the_reference_prompts_and_image_paths(tmp_path: Pat
     assert by_id["0/a1"].text == ("Only respond in True or False.\nStatement: The lemon is yellow.\n"
                                   "Based on common sense, is the given statement true or false?")
     assert by_id["0/a1"].image == "factual/color/0_lemons are yellow/0.jpg"
-    assert by_id["0/b2"].text.startswith("Only respond in True or False.\nStatement: There is a dog in the given image.")
+    assert by_id["0/b2"].text.startswith(
+        "Only respond in True or False.\nStatement: There is a dog in the given image.")
     assert by_id["0/c1"].text == ("Only respond in True or False.\nContext: lemons are blue\nStatement: The lemon is "
                                   "blue.\nBased on the context, is the given statement true or false?")
     assert by_id["0/d2/1"].image == "counterfactual/color/0_lemons are blue/1.jpg"

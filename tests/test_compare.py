@@ -299,7 +299,8 @@ def test_eval_benchmarks_enter_every_cell_and_the_tables(user_setup, tmp_path):
     run_compare(config, progress=False)
     (row,) = [json.loads(line) for line in open(tmp_path / "grid" / "results.jsonl")]
     answers = tmp_path / "grid" / "benchmarks" / "dpo_noise=0_seed=0" / "pope.answers.jsonl"
-    rescored = evaluate(BenchmarkSpec("pope", data=[str(questions)]), out=tmp_path / "re.json", predictions=[str(answers)])
+    rescored = evaluate(BenchmarkSpec("pope", data=[str(questions)]), out=tmp_path / "re.json",
+                        predictions=[str(answers)])
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert row["metrics"][f"pope/{metric}"] == pytest.approx(rescored[metric])
     assert "## pope/f1" in (tmp_path / "grid" / "README.md").read_text()

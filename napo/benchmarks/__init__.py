@@ -161,9 +161,10 @@ def evaluate(
         model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
         image_dir = spec.image_dir
         predictions = [
-            str(generate_answers(model, processing_class, questions, answer_file_for(out, part if len(parts) > 1 else None),
-                                 model_id=model_id, image_dir=image_dir, prompt_suffix=prompt_suffix,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress))
+            str(generate_answers(model, processing_class, questions,
+                                 answer_file_for(out, part if len(parts) > 1 else None), model_id=model_id,
+                                 image_dir=image_dir, prompt_suffix=prompt_suffix, batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens, progress=progress))
             for part, questions in parts.items()
         ]
     keys = {part: [id_key(q.question_id, "question") for q in questions] for part, questions in parts.items()}

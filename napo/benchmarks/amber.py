@@ -159,8 +159,10 @@ def amber_scores(
         out["discriminative"] = {}
         for name, keys in groups.items():
             # The reference's existence F1 adds 0.001 to its denominator, the others 0.0001.
-            scores, printout = _yes_no_scores([discriminative[k] for k in keys], [annotations[k]["truth"] for k in keys],
-                                              f1_epsilon=0.001 if name == "existence" else 0.0001)
+            scores, printout = _yes_no_scores(
+                [discriminative[k] for k in keys], [annotations[k]["truth"] for k in keys],
+                f1_epsilon=0.001 if name == "existence" else 0.0001,
+            )
             out["discriminative"][name] = scores
             out.setdefault("reference_printout", {})[f"discriminative/{name}"] = printout
     return out

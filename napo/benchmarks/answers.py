@@ -177,8 +177,8 @@ def generate_answers(
                 if q.image is not None:
                     path = Path(image_dir or ".", q.image)
                     if not path.is_file():
-                        raise ValueError(f"question {q.question_id}: image {path} not found; pass --image-dir, the folder "
-                                         "the benchmark's image names are relative to")
+                        raise ValueError(f"question {q.question_id}: image {path} not found; pass --image-dir, the "
+                                         "folder the benchmark's image names are relative to")
                     with Image.open(path) as image:
                         sample["images"] = [image.convert("RGB")]
                 samples.append(sample)
