@@ -438,6 +438,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         from napo.benchmarks import evaluate_model
 
         bench_dir = Path(context["out"], "benchmarks", key.replace("/", "_"))
+        shutil.rmtree(bench_dir, ignore_errors=True)  # a failed attempt's answers came from other weights
         metrics.update(evaluate_model(context["eval"], model, processing_class, bench_dir, model_id=key))
     # After evaluation: scoring wraps the model in a trainer, which patches its forward.
     train_margins = pair_margins(model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring")

@@ -202,6 +202,11 @@ def test_chair_on_hand_checked_captions_and_rohrbach_layout(tmp_path: Path) -> N
         str(k): {"image_id": k, "caption": v, "CIDEr": 1.0} for k, v in CAPTIONS.items()}})
     again = evaluate(spec, out=tmp_path / "c3.json", predictions=[str(rohrbach)])
     assert (again["chair_s"], again["chair_i"]) == (metrics["chair_s"], metrics["chair_i"])
+    # A LLaVA-layout caption file numbering its lines as question_id: the image_id decides.
+    numbered = _jsonl(tmp_path / "numbered.jsonl", [{"question_id": i, "image_id": k, "text": v}
+                                                    for i, (k, v) in enumerate(CAPTIONS.items())])
+    again = evaluate(spec, out=tmp_path / "c4.json", predictions=[str(numbered)])
+    assert (again["chair_s"], again["chair_i"]) == (metrics["chair_s"], metrics["chair_i"])
 
 
 def test_chair_refuses_captions_of_images_absent_from_the_annotations(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from napo.benchmarks.answers import Question, answer_file_for, generate_answers, id_key, match_answers, read_answers
 
 BENCHMARKS = ("pope", "chair", "amber", "vlind")
+CHAIR_ID_KEYS = ("image_id", "question_id", "id")  # a caption's image id first
 DEFAULT_CAPTION_PROMPT = "Please describe this image in detail."
 # Metrics of `flat_metrics` where lower is better (hallucination rates, the prior followed).
 LOWER_IS_BETTER = frozenset({
@@ -119,7 +120,8 @@ def load_benchmark(spec: BenchmarkSpec, answers: dict[str, tuple[str, str]] | No
             questions = [q for q in images if id_key(q.question_id, "image") in answers]
         else:
             questions = images
-        return Benchmark(spec, {None: questions}, lambda answers: chair_scores(answers[None], objects))
+        return Benchmark(spec, {None: questions}, lambda answers: chair_scores(answers[None], objects),
+                         read=lambda path: read_answers(path, CHAIR_ID_KEYS))
     if spec.name == "amber":
         from napo.benchmarks.amber import amber_scores, load_amber
 
@@ -154,7 +156,8 @@ def evaluate(
     """
     if (predictions is None) == (model is None):
         raise ValueError("pass either answer files (--predictions) or a model (--model), not both or neither")
-    given = read_answers(predictions[0]) if spec.name == "chair" and not spec.data and predictions else None
+    chair_scored_ids = spec.name == "chair" and not spec.data and predictions
+    given = read_answers(predictions[0], CHAIR_ID_KEYS) if chair_scored_ids else None
     benchmark = load_benchmark(spec, given)
     parts = benchmark.parts
     if model is not None:

@@ -83,18 +83,19 @@ def read_records(path: str | os.PathLike) -> list[tuple[str, dict]]:
     return records
 
 
-def read_answers(path: str | os.PathLike) -> dict[str, tuple[str, str]]:
-    """{id key: (answer text, location)} of an answer file in any layout of the module docstring.
+def read_answers(path: str | os.PathLike, id_keys: Sequence[str] = ID_KEYS) -> dict[str, tuple[str, str]]:
+    """{id key: (answer text, location)} of an answer file in any layout of the module docstring; a record's id is
+    the first of `id_keys` it has (CHAIR puts image_id first: a caption file may number its lines as question_id).
 
     Raises ValueError naming the line for a record without an id or an answer, an answer that is not a string, and
     a duplicate id (with both lines).
     """
     answers: dict[str, tuple[str, str]] = {}
     for where, record in read_records(path):
-        id_field = next((k for k in ID_KEYS if k in record), None)
+        id_field = next((k for k in id_keys if k in record), None)
         text_field = next((k for k in TEXT_KEYS if k in record), None)
         if id_field is None or text_field is None:
-            raise ValueError(f"{where}: expected an id ({'/'.join(ID_KEYS)}) and an answer ({'/'.join(TEXT_KEYS)}); "
+            raise ValueError(f"{where}: expected an id ({'/'.join(id_keys)}) and an answer ({'/'.join(TEXT_KEYS)}); "
                              f"got keys {sorted(record)}")
         key = id_key(record[id_field], where)
         if not isinstance(record[text_field], str):
