@@ -367,23 +367,36 @@ def test_parse_eval_spec_and_flat_metrics(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- --model
-def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_llava(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory) -> Path:
+    from napo.models import build_tiny_model
+
+    folder = tmp_path_factory.mktemp("llava")
+    model, processor = build_tiny_model("llava", seed=0)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _random_images(folder: Path, names: list[str]) -> Path:
     import numpy as np
     from PIL import Image
 
-    from napo.models import build_tiny_model
-
-    model, processor = build_tiny_model("llava", seed=0)
-    model.save_pretrained(tmp_path / "llava")
-    processor.save_pretrained(tmp_path / "llava")
-    images = tmp_path / "val2014"
-    images.mkdir()
+    folder.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_llava(tiny_llava: Path,
+                                                                                   tmp_path: Path) -> None:
+    import numpy as np
+
     questions_file, questions = _pope_files(tmp_path)
-    for q in questions:
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / q["image"])
+    images = _random_images(tmp_path / "val2014", [q["image"] for q in questions])
     out = tmp_path / "results" / "pope.json"
-    command = ["eval", "--benchmark", "pope", "--model", str(tmp_path / "llava"), "--data", str(questions_file),
+    command = ["eval", "--benchmark", "pope", "--model", str(tiny_llava), "--data", str(questions_file),
                "--image-dir", str(images), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "4",
                "--no-progress"]
     main(command)
@@ -411,3 +424,22 @@ def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_lla
     answer_file.write_text("".join(json.dumps(a) + "\n" for a in lines[:1]))
     with pytest.raises(SystemExit, match="answer of model 'someone-else'"):
         main(command)
+
+
+def test_napo_eval_chair_captions_the_images_of_the_annotations_with_a_tiny_llava(tiny_llava: Path,
+                                                                                  tmp_path: Path) -> None:
+    instances, _ = _coco(tmp_path)
+    images = _random_images(tmp_path / "val2014", [f"COCO_val2014_{i:012d}.jpg" for i in (11, 22, 33)])
+    out = tmp_path / "chair.json"
+    main(["eval", "--benchmark", "chair", "--model", str(tiny_llava), "--annotations", str(instances),
+          "--image-dir", str(images), "--out", str(out), "--max-new-tokens", "6", "--prompt", "Describe it.",
+          "--no-progress"])
+    answers = [json.loads(line) for line in (tmp_path / "chair.answers.jsonl").read_text().splitlines()]
+    assert [(a["question_id"], a["prompt"]) for a in answers] == [(11, "Describe it."), (22, "Describe it."),
+                                                                  (33, "Describe it.")]
+    metrics = json.loads(out.read_text())
+    rescored = evaluate(BenchmarkSpec("chair", annotations=[str(instances)]), out=tmp_path / "re.json",
+                        predictions=[str(tmp_path / "chair.answers.jsonl")])
+    assert [s["caption"] for s in metrics["sentences"]] == [a["text"] for a in answers]
+    assert (metrics["chair_s"], metrics["chair_i"], metrics["recall"]) == (
+        rescored["chair_s"], rescored["chair_i"], rescored["recall"])

@@ -31,8 +31,9 @@ Differences from the reference (numbers are therefore close to but not the same 
   therefore counts, and a lemma WordNet would shorten past the AMBER word ("pants" -> "pant") is kept;
 - near-synonyms: the reference also accepts a mention whose spaCy en_core_web_lg similarity to a truth or
   association word exceeds 0.8 (and marks Cog for similarity to a "hallu" word); napo matches exact words only,
-  unless a `similar(word, other) -> bool` is passed. Without it CHAIR and Hal can only be higher and Cover and Cog
-  lower than the reference's.
+  unless a `similar(word, other) -> bool` is passed. On the same nouns, exact matching alone can only raise CHAIR
+  and Hal and lower Cover and Cog; counting other parts of speech can move them either way. How far napo's numbers
+  are from the reference's on real responses has not been measured (no spaCy model offline).
 `reference_printout` holds the numbers as the script prints them: percent, one decimal, with its 0.001 starting
 denominators and F1's +0.0001.
 """
