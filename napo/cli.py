@@ -161,7 +161,8 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vlind-prompts", default="instructblip", choices=["instructblip", "gpt4o"], help="vlind: the "
                    "prompt set of the reference's eval/instructblip_eval.py or eval/gpt4o_eval.py "
                    "(default: instructblip)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="with --benchmark: no progress bar while answering, e.g. in logs (default: show it)")
 
     def run_benchmark(args: argparse.Namespace) -> None:
         from napo.benchmarks import DEFAULT_CAPTION_PROMPT, BenchmarkSpec, evaluate
@@ -216,7 +217,7 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
             ("--data", args.data), ("--annotations", args.annotations), ("--image-dir", args.image_dir),
             ("--predictions", args.predictions), ("--allow-partial", args.allow_partial), ("--prompt", args.prompt),
             ("--prompt-suffix", args.prompt_suffix), ("--amber-yes-no", args.amber_yes_no != "exact"),
-            ("--vlind-prompts", args.vlind_prompts != "instructblip")) if value]
+            ("--vlind-prompts", args.vlind_prompts != "instructblip"), ("--no-progress", args.no_progress)) if value]
         if benchmark_only:
             sys.exit(f"napo eval: {', '.join(benchmark_only)} need --benchmark")
         if args.model is None:
