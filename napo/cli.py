@@ -8,7 +8,34 @@ binds a `run` function that calls into the library and prints where it wrote its
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+
+def _add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """One flag per `napo.data.DatasetOptions` field (how the dataset is read), spelled --dataset-split or
+    --dataset_split alike."""
+    import dataclasses
+
+    from napo.data import DatasetOptions
+
+    group = p.add_argument_group("reading the dataset")
+    for f in dataclasses.fields(DatasetOptions):
+        flags = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
+        if f.type == "bool":
+            group.add_argument(*flags, dest=f"data_{f.name}", action="store_true", help=f"{f.metadata['help']} (default: off)")
+        else:
+            kind = int if f.type == "int" else str
+            group.add_argument(*flags, dest=f"data_{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
+                               help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _dataset_options(args: argparse.Namespace):
+    import dataclasses
+
+    from napo.data import DatasetOptions
+
+    return DatasetOptions(**{f.name: getattr(args, f"data_{f.name}") for f in dataclasses.fields(DatasetOptions)})
 
 
 def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +53,8 @@ def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
     types = {"int": int, "float": float, "str | None": str}
     for f in dataclasses.fields(PairsConfig):
         help_line = f.metadata["help"]
+        if f.name == "data":  # DatasetOptions: flags of their own (_add_dataset_options)
+            continue
         if f.default is dataclasses.MISSING:  # --source, --model, --output-dir: named like `napo train`'s
             p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=True, help=help_line)
         elif f.name == "negatives":
@@ -43,9 +72,11 @@ def _pairs_parser(subparsers: argparse._SubParsersAction) -> None:
             )
     p.add_argument("--overwrite", action="store_true", help="delete this output folder's previous job and start over (default: resume)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+    _add_dataset_options(p)
 
     def run(args: argparse.Namespace) -> None:
-        job = {f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig)}
+        job = {f.name: getattr(args, f.name) for f in dataclasses.fields(PairsConfig) if f.name != "data"}
+        job["data"] = _dataset_options(args)
         try:
             job["negatives"] = parse_negatives(args.negatives) if args.negatives else None
             stats = build_pairs(PairsConfig(**job), overwrite=args.overwrite, progress=not args.no_progress)
@@ -90,6 +121,7 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attn-implementation", default=None,
                    choices=["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
                    help="attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: transformers' sdpa)")
+    _add_dataset_options(p)
 
     def run(args: argparse.Namespace) -> None:
         from transformers import HfArgumentParser
@@ -105,6 +137,7 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
                 args.dataset, args.model, config, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                 lora_target_modules=args.lora_target_modules, resume=args.resume, allow_pickle=args.allow_pickle,
                 trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation,
+                dataset_options=_dataset_options(args),
             )
         # A bad row, column, path or argument, or non-finite log-probs (on_nonfinite="stop"): a message naming the
         # rows, not a traceback.
@@ -355,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    napo_logger = logging.getLogger("napo")  # napo's own INFO lines (e.g. the layout read and its row count)
+    if not napo_logger.handlers:
+        napo_logger.addHandler(logging.StreamHandler(sys.stderr))
+        napo_logger.setLevel(logging.INFO)
     parser = build_parser()
     # Unknown options are TRL / transformers arguments for `napo train`; any other command rejects them.
     args, passthrough = parser.parse_known_args(argv)

@@ -1,19 +1,25 @@
 """Reading source and preference datasets, and checking preference rows before training.
 
-`read_dataset` turns any of the formats users have (an HF `save_to_disk` folder, parquet, JSONL with
-media file paths) into one `datasets.Dataset` whose media columns follow DESIGN.md's preference rows:
-`images` is a list of RGB images (an `Image` feature, decoded to PIL on access) and `audios` a list of
-1-D float32 arrays at 16 kHz with an int `sampling_rate` column. `validate_preference_dataset` checks
-the answer columns the trainer needs and says which row or column is wrong and what to do.
+`read_dataset` reads the data users have (JSONL, `.json` arrays, parquet files or folders, `save_to_disk` folders
+including `DatasetDict`, Hugging Face hub ids through `datasets.load_dataset`), detects its row layout
+(`napo.formats.LAYOUTS`: TRL, RLAIF-V, NaPO's RLAIF-V-Bias, LLaVA, ShareGPT / LLaMA-Factory, ms-swift, Alpaca),
+converts every row to napo's canonical row and checks it, so one bad row is a reject naming its row, field and
+reason, never a crash of the job. Media columns follow DESIGN.md's preference rows: `images` is a list of RGB images
+(an `Image` feature, decoded to PIL on access) and `audios` a list of 1-D float32 arrays at 16 kHz with an int
+`sampling_rate` column. `validate_preference_dataset` checks the answer columns the trainer needs.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import math
 import os
+import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -21,11 +27,45 @@ import librosa
 import numpy as np
 from PIL import Image
 
+from napo.formats import MEDIA_TAGS, Layout, LayoutError, detect_layout, parse_columns, split_implicit_prompt
+
+logger = logging.getLogger(__name__)
+
 REJECTED_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias", "rejected_audio_bias")
 SAMPLING_RATE = 16_000  # Hz: every audio array napo stores or feeds a model is at this rate
 IMAGE_FIELDS = ("images", "image")  # source field names; a single "image" becomes a one-item "images"
 AUDIO_FIELDS = ("audios", "audio")
 ON_BAD_ROW = ("raise", "collect")
+KINDS = ("preference", "source", "rows")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class DatasetOptions:
+    """How `read_dataset` finds and reads a dataset; `napo pairs`, `napo train` expose every field as a flag."""
+
+    dataset_split: str = field(
+        default="train", metadata={"help": "split of a DatasetDict folder or a hub dataset to read"}
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "configuration name of a hub dataset (datasets.load_dataset's `name`)"}
+    )
+    columns: str | None = field(
+        default=None,
+        metadata={"help": "rename your columns before the layout is detected, as YOURS=NAPO pairs, e.g. "
+                  "question=prompt,answer=chosen; None: keep the names"},
+    )
+    layout: str = field(
+        default="auto", metadata={"help": "row layout (see README, 'Your data'); auto: detect it from the columns"}
+    )
+    allow_outside_paths: bool = field(
+        default=False,
+        metadata={"help": "read media paths that point outside the data file's folder (../, absolute paths)"},
+    )
+    max_media_bytes: int = field(
+        default=256 * 2**20,
+        metadata={"help": "largest media file read, in bytes; bigger files are rejected before being read"},
+    )
 
 
 class RowError(ValueError):
@@ -37,52 +77,87 @@ class RowError(ValueError):
         super().__init__(f"{where}, field {field!r}: {problem}")
 
 
-def read_dataset(path: str, *, on_bad_row: str = "raise") -> tuple[datasets.Dataset, list[dict]]:
-    """Read a dataset of prompts (+ images / audios) and answers, decoding and checking every media file.
+def read_dataset(
+    path: str, options: DatasetOptions | None = None, *, on_bad_row: str = "raise", kind: str = "preference"
+) -> tuple[datasets.Dataset, list[dict]]:
+    """Read a dataset of prompts (+ images / audios) and answers in any supported layout, checking every row.
 
     Args:
-        path: an HF `save_to_disk` folder, a `.parquet` file or a folder of parquet shards, or a `.jsonl`
-            file whose "images"/"image"/"audios"/"audio" fields are file paths (relative to the JSONL's
-            folder) or lists of them.
-        on_bad_row: "raise" raises `RowError` on the first row with a missing or undecodable media file
-            (or, in JSONL, invalid JSON); "collect" leaves such rows out and reports them.
+        path: a `.jsonl` file, a `.json` array (or JSON lines), a `.parquet` file or a folder of parquet shards, an HF
+            `save_to_disk` folder (a `DatasetDict` folder: `options.dataset_split`), a folder of data files, or a hub
+            id read with `datasets.load_dataset` (offline: from the local cache only). Relative media paths resolve
+            against the data file's folder (the folder itself for folders, the working directory for hub ids).
+        options: split, hub config, column renames, layout and media limits; None: `DatasetOptions()`.
+        on_bad_row: "raise" raises `RowError` on the first bad row; "collect" leaves bad rows out and reports them.
+        kind: "preference" (training rows: answers may be TRL assistant messages), "source" (`napo pairs` rows:
+            `chosen` must be a string, negatives optional) or "rows" (any rows with a prompt, e.g. an eval set: a
+            dataset that fits no layout is kept as it is).
 
     Returns:
-        `(dataset, bad_rows)`. `dataset` keeps every other column as it was and, when the source has media,
-        has `images` (list of RGB images, `Image` feature) and/or `audios` (list of 1-D float32 arrays,
-        mono, 16 kHz) plus `sampling_rate` (16000); rows without media get empty lists. `bad_rows` is
-        `[{"row": i, "field": ..., "reason": ...}]` with `i` the 0-based row index in the source (for
-        JSONL, the index among its non-blank lines), always empty with on_bad_row="raise".
+        `(dataset, bad_rows)`. `dataset` holds canonical rows (DESIGN.md, `napo.formats`): every column the layout
+        does not consume kept, `images` (list of RGB images, `Image` feature) and/or `audios` (list of 1-D float32
+        arrays, mono, 16 kHz) plus `sampling_rate` (16000) when the source has media; rows without media get empty
+        lists. `bad_rows` is `[{"row": i, "field": ..., "reason": ...}]` with `i` the 0-based row index in the source
+        (for JSONL, the index among its non-blank lines), always empty with on_bad_row="raise".
+
+    Raises:
+        FileNotFoundError: `path` is neither a local file or folder nor a hub id.
+        ValueError: a job-level problem (unknown or ambiguous layout, missing split, unreadable file), naming the file.
+        RowError: with on_bad_row="raise", the first bad row.
     """
+    options = options or DatasetOptions()
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row={on_bad_row!r}: expected one of {ON_BAD_ROW}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: pass a save_to_disk folder, a .parquet file/folder or a .jsonl file")
-    if path.endswith(".jsonl"):
-        rows, base_dir, source_features = _jsonl_rows(path), os.path.dirname(os.path.abspath(path)), None
-    else:
-        source = _load_arrow(path)
-        rows, base_dir, source_features = _arrow_rows(source), os.path.abspath(path), source.features
-    decoded, bad_rows, column_types = [], [], {}
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    rows, columns, base_dir, source_features = _load_rows(path, options)
+    mapping = parse_columns(options.columns)
+    missing = [name for name in mapping if name not in columns]
+    if missing:
+        raise ValueError(f"{path}: --columns names {missing}, which the data does not have (columns: {sorted(columns)})")
+    columns = [mapping.get(name, name) for name in columns]
+    try:
+        layout = detect_layout(columns, options.layout)
+    except ValueError as error:
+        if kind != "rows" or options.layout != "auto":
+            raise ValueError(f"{path}: {error}") from None
+        layout = None  # an eval set (prompt, answer, ...): kept as it is
+    decoded, bad_rows = [], []
     for index, row in rows:
         try:
             if isinstance(row, RowError):
                 raise row
-            decoded.append(_decode_row(index, row, base_dir))
-            _check_column_types(index, decoded[-1], column_types)
+            decoded.append(_canonical_row(index, {mapping.get(k, k): v for k, v in row.items()}, layout, kind,
+                                          base_dir, options))
         except RowError as error:
             if on_bad_row == "raise":
                 raise
             bad_rows.append({"row": error.row, "field": error.field, "reason": error.problem})
-    return _to_dataset(decoded, source_features), bad_rows
+    _check_column_types(decoded, bad_rows, on_bad_row)
+    dataset = _to_dataset(path, decoded, source_features)
+    logger.info(f"{path}: {len(dataset)} rows read as {layout.name if layout else 'plain rows'}"
+                f"{f', {len(bad_rows)} rejected' if bad_rows else ''}")
+    return dataset, bad_rows
+
+
+def prepare_preference_dataset(dataset: datasets.Dataset) -> datasets.Dataset:
+    """A TRL dataset as napo's trainer takes it: without a `prompt` column, the shared prefix of `chosen` and the
+    rejected answers becomes the prompt (TRL's implicit prompt); every other dataset is returned as it is."""
+    columns = dataset.column_names or list(next(iter(dataset)))  # an IterableDataset may not know its columns
+    if "prompt" in columns or "chosen" not in columns:
+        return dataset
+    answers = tuple(c for c in ("chosen", *REJECTED_COLUMNS) if c in columns)
+    described = {"desc": "Extracting the implicit prompts"} if isinstance(dataset, datasets.Dataset) else {}
+    return dataset.map(split_implicit_prompt, fn_kwargs={"answer_columns": answers}, **described)
 
 
 def validate_preference_dataset(dataset: datasets.Dataset, *, require_rejected: bool = True) -> list[str]:
     """Check a preference dataset before training; return the rejected columns present, in REJECTED_COLUMNS order.
 
     Checks: a `prompt` and a `chosen` column; (when `require_rejected`) at least one of REJECTED_COLUMNS;
-    in every row a non-empty prompt, a non-empty string `chosen`, and rejected values that are non-empty
-    strings or None (None = that kind of negative is missing for this row), with at least one negative.
+    in every row a non-empty prompt, a `chosen` that is a non-empty string or TRL assistant messages, and rejected
+    values of the same kinds or None (None = that kind of negative is missing for this row), with at least one
+    negative.
 
     Raises:
         ValueError: a column is missing (the message lists the columns found and what to add).
@@ -125,12 +200,21 @@ def check_prompt(row: int | str, prompt: Any) -> None:
             raise RowError(row, "prompt", f"has message {message!r}: expected {{'role': ..., 'content': ...}}")
 
 
-def check_answer(row: int | str, field: str, value: Any, *, allow_none: bool = False) -> None:
-    """Raise `RowError` unless `value` is a non-empty string (or None when `allow_none`)."""
+def check_answer(row: int | str, field: str, value: Any, *, allow_none: bool = False, allow_messages: bool = True) -> None:
+    """Raise `RowError` unless `value` is a non-empty string, a non-empty list of assistant messages (TRL's
+    conversational answers, when `allow_messages`), or None when `allow_none`."""
     if value is None and allow_none:
         return
+    if allow_messages and isinstance(value, list) and value:
+        for message in value:
+            if not isinstance(message, dict) or message.get("role") != "assistant" or (
+                not message.get("content") and not message.get("tool_calls")
+            ):
+                raise RowError(row, field, f"has message {message!r}: expected assistant turns with content")
+        return
     if not isinstance(value, str) or not value.strip():
-        allowed = "a non-empty string or None (negative missing)" if allow_none else "a non-empty string"
+        allowed = "a non-empty string" + (" or assistant messages" if allow_messages else "")
+        allowed += " or None (negative missing)" if allow_none else ""
         raise RowError(row, field, f"is {_describe(value)}: expected {allowed}")
 
 
@@ -142,22 +226,63 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _load_arrow(path: str) -> datasets.Dataset:
-    """A save_to_disk folder, a parquet file or a folder of parquet shards, with media left undecoded."""
+# ------------------------------------------------------------------------------------------- reading files
+def _load_rows(path: str, options: DatasetOptions) -> tuple[Iterator, list[str], str, datasets.Features | None]:
+    """(rows as (index, row or RowError), column names, folder media paths resolve against, Arrow features)."""
+    if not os.path.exists(path):
+        if not _HUB_ID.match(path):
+            raise FileNotFoundError(
+                f"{path} does not exist: pass a .jsonl/.json file, a .parquet file/folder, a save_to_disk folder "
+                f"or a Hugging Face dataset id"
+            )
+        return _arrow(_load_hub(path, options), os.getcwd())
+    if path.endswith((".jsonl", ".json")):
+        rows = list(_json_rows(path))
+        columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+        return iter(rows), columns, os.path.dirname(os.path.abspath(path)), None
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        splits = datasets.load_from_disk(path)
+        if options.dataset_split not in splits:
+            raise ValueError(f"{path} has the splits {list(splits)}, not {options.dataset_split!r}: pass --dataset-split")
+        return _arrow(_undecoded_media(splits[options.dataset_split]), os.path.abspath(path))
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
-        source = datasets.load_from_disk(path)
-        if isinstance(source, datasets.DatasetDict):
-            raise ValueError(f"{path} holds several splits {list(source)}: pass the folder of one split")
-    elif path.endswith(".parquet"):
+        return _arrow(_undecoded_media(datasets.load_from_disk(path)), os.path.abspath(path))
+    if path.endswith(".parquet"):
         source = datasets.Dataset.from_parquet(path)
-    elif os.path.isdir(path):
+        return _arrow(_undecoded_media(source), os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(path):
         shards = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".parquet"))
-        if not shards:
-            raise ValueError(f"{path} is neither a save_to_disk folder nor a folder of .parquet files")
-        source = datasets.Dataset.from_parquet(shards)
-    else:
-        raise ValueError(f"{path}: expected a save_to_disk folder, a .parquet file/folder or a .jsonl file")
-    # Decoding ourselves (PIL, librosa) gives one error path for every format, per row.
+        if shards:
+            return _arrow(_undecoded_media(datasets.Dataset.from_parquet(shards)), os.path.abspath(path))
+        return _arrow(_load_hub(path, options), os.path.abspath(path))  # a hub-style folder of data files
+    raise ValueError(
+        f"{path}: expected a save_to_disk folder, a .parquet file/folder, a .jsonl/.json file or a hub dataset id"
+    )
+
+
+def _arrow(source: datasets.Dataset, base_dir: str) -> tuple[Iterator, list[str], str, datasets.Features]:
+    return enumerate(source), list(source.column_names), base_dir, source.features
+
+
+def _load_hub(path: str, options: DatasetOptions) -> datasets.Dataset:
+    """`datasets.load_dataset(path, options.dataset_config, split=options.dataset_split)` with media undecoded."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    try:
+        source = datasets.load_dataset(path, options.dataset_config, split=options.dataset_split)
+    except (ValueError, OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        hint = (" Offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set), only datasets already in the local cache load: "
+                "load it once online, or pass a local file." if offline else "")
+        raise ValueError(
+            f"{path} is not a local file or folder, and datasets.load_dataset({path!r}, "
+            f"{options.dataset_config!r}, split={options.dataset_split!r}) failed: {error}.{hint}"
+        ) from None
+    if isinstance(source, datasets.IterableDataset):
+        raise ValueError(f"{path}: a streamed dataset cannot be read here; save it with save_to_disk first")
+    return _undecoded_media(source)
+
+
+def _undecoded_media(source: datasets.Dataset) -> datasets.Dataset:
+    """Media columns left undecoded: decoding ourselves (PIL, librosa) gives one error path per row, every format."""
     undecoded = datasets.Features({name: _undecoded(feature) for name, feature in source.features.items()})
     return source.cast(undecoded) if undecoded != source.features else source
 
@@ -170,13 +295,22 @@ def _undecoded(feature: Any) -> Any:
     return feature
 
 
-def _arrow_rows(source: datasets.Dataset) -> Iterator[tuple[int, dict]]:
-    for index, row in enumerate(source):
-        yield index, row
-
-
-def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
-    """(row index, row) per non-blank line; a line that is not a JSON object yields a RowError in its place."""
+def _json_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
+    """(row index, row) per object of a JSON array, or per non-blank line of JSON lines; an entry that is not a JSON
+    object yields a RowError in its place."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
+        try:
+            with open(path, "rb") as handle:
+                entries = json.load(handle)
+        except ValueError as error:
+            raise ValueError(f"{path} starts like a JSON array but is not valid JSON: {error}") from None
+        for index, entry in enumerate(entries):
+            yield index, entry if isinstance(entry, dict) else RowError(
+                index, "<json>", f"entry {index} of {path} is a {type(entry).__name__}: expected a JSON object"
+            )
+        return
     index = 0
     # Bytes: json.loads decodes each line, so a line that is not UTF-8 becomes that row's error, not the file's.
     with open(path, "rb") as handle:
@@ -193,40 +327,119 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
             index += 1
 
 
-def _check_column_types(index: int, row: dict, column_types: dict[str, type]) -> None:
-    """Raise `RowError` for a value of the wrong type, which Arrow would refuse for the whole dataset without naming
-    the row: `prompt` and the answer columns are checked against their rules (`check_prompt`, `check_answer`); any
-    other non-media column must keep the type (str, list, dict, number, bool) of its first value, recorded in
-    `column_types`. None is allowed in every column but `prompt`."""
-    for name, value in row.items():
-        if name == "prompt":
-            check_prompt(index, value)
-        elif name in ("chosen", *REJECTED_COLUMNS):
-            check_answer(index, name, value, allow_none=True)
-        elif value is not None and name not in ("images", "audios", "sampling_rate"):
-            kind = float if type(value) is int else type(value)  # 1 and 1.5 share a column
-            expected = column_types.setdefault(name, kind)
-            if kind is not expected:
-                problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}"
-                raise RowError(index, name, f"{problem}: use one type per column")
+# ------------------------------------------------------------------------------------------- one row
+def _canonical_row(index: int, row: dict, layout: Layout | None, kind: str, base_dir: str, options: DatasetOptions) -> dict:
+    """One source row -> napo's canonical row with decoded media, checked; raises `RowError` naming the field."""
+    if layout is not None:
+        try:
+            row = layout.convert(row, kind)
+        except LayoutError as error:
+            raise RowError(index, error.field, error.problem) from None
+        except (KeyError, TypeError, AttributeError, IndexError) as error:  # a value of an unexpected shape
+            raise RowError(index, "<layout>", f"does not fit the {layout.name} layout: {error!r}") from None
+    row = _decode_row(index, row, base_dir, options)
+    if "prompt" in row or kind != "rows":
+        check_prompt(index, row.get("prompt"))
+    for name in ("chosen", *REJECTED_COLUMNS):
+        if name in row or (name == "chosen" and kind != "rows"):
+            messages_ok = kind == "preference" or name != "chosen"
+            check_answer(index, name, row.get(name), allow_none=name != "chosen", allow_messages=messages_ok)
+    _check_media(index, row)
+    return row
 
 
-def _decode_row(index: int, row: dict, base_dir: str) -> dict:
+def _check_media(index: int, row: dict) -> None:
+    """Raise `RowError` for a row with both images and audio, or whose prompt has another number of placeholders
+    (typed parts, or `<image>`/`<audio>` tags in strings) than it has images / audio clips (0 placeholders: TRL puts
+    one per item before the first user text)."""
+    counts = {"image": len(row.get("images") or []), "audio": len(row.get("audios") or [])}
+    if counts["image"] and counts["audio"]:
+        raise RowError(index, "images/audios", "has both images and audio: napo trains one modality per row")
+    prompt = row.get("prompt")
+    for kind, count in counts.items():
+        tag = next(t for t, k in MEDIA_TAGS.items() if k == kind)
+        if isinstance(prompt, str):
+            placeholders = prompt.count(tag)
+        elif isinstance(prompt, list):
+            placeholders = sum(
+                part.get("type") == kind if isinstance(part, dict) else 0
+                for message in prompt if isinstance(message.get("content"), list) for part in message["content"]
+            ) + sum(message["content"].count(tag) for message in prompt if isinstance(message.get("content"), str))
+        else:
+            placeholders = 0
+        if placeholders and placeholders != count:
+            raise RowError(index, "prompt", f"has {placeholders} {kind} placeholder(s) for {count} {kind} item(s): "
+                                            f"give one {tag} tag or {{'type': '{kind}'}} part per item, or none")
+
+
+def _check_column_types(rows: list[dict], bad_rows: list[dict], on_bad_row: str) -> None:
+    """Reject (in place) rows whose value in a non-media column has another type than the column's first value:
+    Arrow would refuse the whole dataset without naming the row. 1 and 1.5 share a column; None fits any column;
+    an answer column may mix strings and messages (strings are then turned into assistant messages), and message
+    contents may mix strings and typed parts (strings then become one text part)."""
+    column_types: dict[str, type] = {}
+    kept = []
+    for row in rows:
+        try:
+            for name, value in row.items():
+                if value is None or name in ("images", "audios", "sampling_rate", "_row"):
+                    continue
+                kind = float if type(value) is int else type(value)
+                if name in ("chosen", *REJECTED_COLUMNS):
+                    continue
+                expected = column_types.setdefault(name, kind)
+                if kind is not expected:
+                    problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}"
+                    raise RowError(row["_row"], name, f"{problem}: use one type per column")
+            kept.append(row)
+        except RowError as error:
+            if on_bad_row == "raise":
+                raise
+            bad_rows.append({"row": error.row, "field": error.field, "reason": error.problem})
+    rows[:] = kept
+    # Arrow holds one type per column: once some message content is a list of typed parts, string contents become
+    # one text part (chat templates render both alike).
+    prompts = [row["prompt"] for row in rows if isinstance(row.get("prompt"), list)]
+    if any(isinstance(m.get("content"), list) for prompt in prompts for m in prompt):
+        for prompt in prompts:
+            for k, message in enumerate(prompt):
+                if isinstance(message.get("content"), str):
+                    prompt[k] = {**message, "content": [{"type": "text", "text": message["content"]}]}
+    for name in ("chosen", *REJECTED_COLUMNS):
+        values = [row.get(name) for row in rows]
+        if any(isinstance(v, list) for v in values) and any(isinstance(v, str) for v in values):
+            for row in rows:
+                if isinstance(row.get(name), str):
+                    row[name] = [{"role": "assistant", "content": row[name]}]
+
+
+def _decode_row(index: int, row: dict, base_dir: str, options: DatasetOptions) -> dict:
     """Replace the source's image/audio fields, in place in the column order, by `images` (list of encoded RGB
-    images) and `audios` + `sampling_rate`."""
+    images) and `audios` + `sampling_rate`; `_row` records the source index for later checks."""
     image_field = _media_field(index, row, IMAGE_FIELDS)
     audio_field = _media_field(index, row, AUDIO_FIELDS)
-    out = {}
+    out = {"_row": index}
     for name, value in row.items():
         if name == image_field:
-            out["images"] = [_image_cell(index, name, item, base_dir) for item in _as_list(value)]
+            out["images"] = [_image_cell(index, name, item, base_dir, options) for item in _as_list(value, audio=False)]
         elif name == audio_field:
-            source_rate = row.get("sampling_rate") or SAMPLING_RATE
-            out["audios"] = [_audio_array(index, name, item, base_dir, source_rate) for item in _as_list(value)]
+            source_rate = _sampling_rate(index, "sampling_rate", row.get("sampling_rate"))
+            items = _as_list(value, audio=True)
+            out["audios"] = [_audio_array(index, name, item, base_dir, source_rate, options) for item in items]
             out["sampling_rate"] = SAMPLING_RATE
         elif name not in IMAGE_FIELDS + AUDIO_FIELDS + ("sampling_rate",):
             out[name] = value
     return out
+
+
+def _sampling_rate(index: int, field: str, value: Any) -> int:
+    """A source sampling rate in Hz: a positive whole number; None means SAMPLING_RATE."""
+    if value is None:
+        return SAMPLING_RATE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+            or value != int(value):
+        raise RowError(index, field, f"is {value!r}: expected a positive whole number of Hz, e.g. 16000")
+    return int(value)
 
 
 def _media_field(index: int, row: dict, names: tuple[str, str]) -> str | None:
@@ -236,21 +449,23 @@ def _media_field(index: int, row: dict, names: tuple[str, str]) -> str | None:
     return next((name for name in present if row[name] is not None), present[0] if present else None)
 
 
-def _as_list(value: Any) -> list:
+def _as_list(value: Any, *, audio: bool) -> list:
     if value is None:
         return []
-    if isinstance(value, (list, tuple)) and not (value and isinstance(value[0], (int, float))):
+    if audio and isinstance(value, (list, tuple)) and value and isinstance(value[0], (int, float)):
+        return [value]  # one raw waveform
+    if isinstance(value, (list, tuple)):
         return list(value)
-    return [value]  # one path, one image, or one raw waveform
+    return [value]  # one path, one image, or one waveform array
 
 
-def _image_cell(index: int, field: str, value: Any, base_dir: str) -> dict:
+def _image_cell(index: int, field: str, value: Any, base_dir: str, options: DatasetOptions) -> dict:
     """Decode one image fully (truncated files fail here, not in training); return it as an `Image` cell of RGB bytes."""
     if isinstance(value, Image.Image):
         data, where = None, "the in-memory image"
         image = value
     else:
-        data, where = _media_bytes(index, field, value, base_dir)
+        data, where = _media_bytes(index, field, value, base_dir, options)
         try:
             with warnings.catch_warnings():
                 # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes hundreds of MB: refuse those too.
@@ -266,49 +481,86 @@ def _image_cell(index: int, field: str, value: Any, base_dir: str) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _audio_array(index: int, field: str, value: Any, base_dir: str, source_rate: int) -> np.ndarray:
-    """One waveform as float32 mono at SAMPLING_RATE. Shape: (samples,)."""
+def _audio_array(index: int, field: str, value: Any, base_dir: str, source_rate: int, options: DatasetOptions) -> np.ndarray:
+    """One waveform as float32 mono at SAMPLING_RATE, every sample finite. Shape: (samples,)."""
     if isinstance(value, dict) and value.get("array") is not None:
-        value, source_rate = value["array"], value.get("sampling_rate") or source_rate
+        value, source_rate = value["array"], _sampling_rate(index, field, value.get("sampling_rate") or source_rate)
     if isinstance(value, (list, np.ndarray)):
-        wave = np.asarray(value, dtype=np.float32)
+        try:
+            wave = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as error:
+            raise RowError(index, field, f"is not a numeric waveform: {error}") from None
+        if wave.ndim not in (1, 2) or wave.size == 0:
+            raise RowError(index, field, f"has shape {wave.shape}: expected (samples,) or (channels, samples)")
         wave = wave.mean(axis=0) if wave.ndim == 2 else wave  # (channels, samples) -> mono
+        if not np.isfinite(wave).all():
+            raise RowError(index, field, "has NaN or infinite samples: fix or drop the clip")
         if source_rate != SAMPLING_RATE:
             wave = librosa.resample(wave, orig_sr=source_rate, target_sr=SAMPLING_RATE)
         return wave.astype(np.float32)
-    data, where = _media_bytes(index, field, value, base_dir)
+    data, where = _media_bytes(index, field, value, base_dir, options)
     try:
         wave, _ = librosa.load(io.BytesIO(data), sr=SAMPLING_RATE, mono=True)
     except Exception as error:  # soundfile / audioread raise several unrelated types
         raise RowError(index, field, f"{where} cannot be decoded as audio: {error}") from error
+    if not np.isfinite(wave).all():
+        raise RowError(index, field, f"{where} has NaN or infinite samples: fix or drop the clip")
     return wave.astype(np.float32)
 
 
-def _media_bytes(index: int, field: str, value: Any, base_dir: str) -> tuple[bytes, str]:
-    """The raw bytes of a media cell (a path, or an undecoded {"bytes", "path"} cell) and a name for messages."""
+def _media_bytes(index: int, field: str, value: Any, base_dir: str, options: DatasetOptions) -> tuple[bytes, str]:
+    """The raw bytes of a media cell (a path, or an undecoded {"bytes", "path"} cell) and a name for messages.
+
+    A path resolves against `base_dir`; one that leads outside it (`../`, an absolute path, a symlink) is refused
+    unless `options.allow_outside_paths`, and a file over `options.max_media_bytes` is refused before it is read."""
+    limit = options.max_media_bytes
     if isinstance(value, dict) and value.get("bytes") is not None:
+        if len(value["bytes"]) > limit:
+            raise RowError(index, field, f"embeds {len(value['bytes'])} bytes, over max_media_bytes={limit}")
         return value["bytes"], f"the embedded file {value.get('path') or ''}".rstrip()
     path = value.get("path") if isinstance(value, dict) else value
     if not isinstance(path, str) or not path:
         raise RowError(index, field, f"holds {_describe(path)}: expected a file path or image/audio bytes")
     full = os.path.join(base_dir, path)
+    if not options.allow_outside_paths:
+        folder = os.path.realpath(base_dir)
+        if os.path.commonpath([os.path.realpath(full), folder]) != folder:
+            raise RowError(index, field, f"{path} is outside the data folder {folder}: move the file there, or pass "
+                                         f"--allow-outside-paths if you trust this dataset")
     if not os.path.isfile(full):
         raise RowError(index, field, f"{full} does not exist: fix the path (relative to {base_dir}) or drop the row")
+    size = os.path.getsize(full)
+    if size > limit:
+        raise RowError(index, field, f"{full} has {size} bytes, over max_media_bytes={limit}: not read")
     with open(full, "rb") as handle:
         return handle.read(), full
 
 
-def _to_dataset(rows: list[dict], source_features: datasets.Features | None) -> datasets.Dataset:
-    """Build the output with explicit media features; other columns keep the source's features (inferred for JSONL)."""
-    media = {"images": datasets.List(datasets.Image()), "audios": datasets.List(datasets.List(datasets.Value("float32"))), "sampling_rate": datasets.Value("int32")}
+_MEDIA_FEATURES = {
+    "images": datasets.List(datasets.Image()),
+    "audios": datasets.List(datasets.List(datasets.Value("float32"))),
+    "sampling_rate": datasets.Value("int32"),
+}
+
+
+def _to_dataset(path: str, rows: list[dict], source_features: datasets.Features | None) -> datasets.Dataset:
+    """Build the output with explicit media features; columns the layout passed through keep the source's
+    features, the others (prompt, answers, JSON columns) are inferred."""
+    for row in rows:
+        row.pop("_row", None)
     names = list(dict.fromkeys(name for row in rows for name in row))
-    if source_features is not None:
-        other = {name: source_features[name] for name in names if name not in media and name in source_features}
-    else:
-        plain = [{name: row.get(name) for name in names if name not in media} for row in rows]
-        other = dict(datasets.Dataset.from_list(plain).features) if plain and plain[0] else {}
-    features = datasets.Features({name: media[name] if name in media else other[name] for name in names})
-    if not rows:
-        return datasets.Dataset.from_dict({name: [] for name in names}, features=features)
-    empty = {"images": [], "audios": [], "sampling_rate": SAMPLING_RATE}  # a row without media, in a dataset with some
-    return datasets.Dataset.from_list([{name: row.get(name, empty.get(name)) for name in names} for row in rows], features=features)
+    canonical = ("prompt", "chosen", *REJECTED_COLUMNS)
+    kept = {name: source_features[name] for name in names
+            if source_features is not None and name in source_features and name not in canonical
+            and name not in _MEDIA_FEATURES}
+    inferred = [name for name in names if name not in kept and name not in _MEDIA_FEATURES]
+    try:
+        plain = [{name: row.get(name) for name in inferred} for row in rows]
+        other = dict(datasets.Dataset.from_list(plain).features) if plain and inferred else {}
+        features = datasets.Features({name: _MEDIA_FEATURES.get(name) or kept.get(name) or other[name] for name in names})
+        if not rows:
+            return datasets.Dataset.from_dict({name: [] for name in names}, features=features)
+        empty = {"images": [], "audios": [], "sampling_rate": SAMPLING_RATE}  # a row without media, beside some with
+        return datasets.Dataset.from_list([{n: row.get(n, empty.get(n)) for n in names} for row in rows], features=features)
+    except (ValueError, TypeError, KeyError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError are ValueError/TypeError
+        raise ValueError(f"{path}: the rows that passed the checks still cannot form one table: {error}") from None

@@ -6,12 +6,14 @@ A sample is a preference-row-shaped dict (DESIGN.md): "prompt" (a string, or TRL
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from napo.data import SAMPLING_RATE
+from napo.formats import MEDIA_TAGS
 
 
 def generate(
@@ -100,10 +102,11 @@ def _generate_batch(
 
 
 def render_prompt(processing_class: PreTrainedTokenizerBase | ProcessorMixin, sample: dict) -> str:
-    """The model's input text for one sample: a string prompt as is, messages through the chat template."""
+    """The model's input text for one sample: a string prompt with its media tags expanded (`expand_media_tags`),
+    messages through the chat template."""
     prompt = sample["prompt"]
     if isinstance(prompt, str):
-        return prompt
+        return expand_media_tags(processing_class, prompt)
     messages = _with_placeholders(prompt, "image", len(sample.get("images") or []))
     messages = _with_placeholders(messages, "audio", len(sample.get("audios") or []))
     return processing_class.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -125,3 +128,48 @@ def _with_placeholders(messages: list[dict], kind: str, count: int) -> list[dict
             done = True
         out.append(message)
     return out
+
+
+_PLACEHOLDER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MARK = "\x00napo\x00"
+
+
+def media_placeholders(processing_class: PreTrainedTokenizerBase | ProcessorMixin) -> dict[str, str]:
+    """{"<image>": the model's image placeholder, "<audio>": its audio placeholder}, read from its chat template.
+
+    The template renders a user turn with and without a {"type": kind} part before the same text; what the first
+    adds before the text is the placeholder (LLaVA: "<image>", Qwen2-VL: "<|vision_start|><|image_pad|><|vision_end|>").
+    A template that does not render such parts leaves the tag as it is.
+    """
+    try:
+        return _PLACEHOLDER_CACHE[processing_class]
+    except (KeyError, TypeError):
+        pass
+    found = {}
+    for tag, kind in MEDIA_TAGS.items():
+        found[tag] = tag
+        try:
+            with_part, without = (
+                processing_class.apply_chat_template(
+                    [{"role": "user", "content": [*parts, {"type": "text", "text": _MARK}]}], tokenize=False
+                ).split(_MARK)[0]
+                for parts in ([{"type": kind}], [])
+            )
+        except Exception:  # no chat template, or one that refuses the part: keep the data's tag
+            continue
+        if with_part.startswith(without) and with_part[len(without):].strip():
+            found[tag] = with_part[len(without):]
+    try:
+        _PLACEHOLDER_CACHE[processing_class] = found
+    except TypeError:
+        pass
+    return found
+
+
+def expand_media_tags(processing_class: PreTrainedTokenizerBase | ProcessorMixin, text: str) -> str:
+    """`text` with every `<image>` / `<audio>` tag (the LLaVA / LLaMA-Factory convention of string prompts) replaced
+    by the model's own placeholder (`media_placeholders`); unchanged where the model's placeholder is the tag."""
+    for tag, placeholder in media_placeholders(processing_class).items():
+        if tag in text and placeholder.strip() != tag:
+            text = text.replace(tag, placeholder)
+    return text

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import perturb
-from napo.data import REJECTED_COLUMNS, RowError, check_answer, check_prompt, read_dataset
+from napo.data import REJECTED_COLUMNS, DatasetOptions, read_dataset
 from napo.inference import generate
 
 VISION_NEGATIVES = {"rejected_language_bias": "image.drop", "rejected_vision_bias": "text.drop_question"}
@@ -80,6 +80,9 @@ class PairsConfig:
     shard_size: int = field(default=64, metadata={"help": "rows per resumable shard; a kill loses at most one shard of work"})
     dtype: str | None = field(default=None, metadata={"help": "model dtype, e.g. bfloat16 or auto; None: float32"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the model's own code (read it first)"})
+    data: DatasetOptions = field(
+        default_factory=DatasetOptions, metadata={"help": "how the source is read (split, layout, columns, media limits)"}
+    )
 
 
 def build_pairs(
@@ -123,7 +126,9 @@ def _run(
 ) -> dict[str, Any]:
     out = Path(config.output_dir)
     _prepare_output(out, overwrite)
-    dataset, read_rejects = read_dataset(config.source, on_bad_row="collect")
+    data = config.data if isinstance(config.data, DatasetOptions) else DatasetOptions(**config.data)
+    # Every row is converted and checked here (kind="source": a string `chosen`); bad rows become rejects.
+    dataset, read_rejects = read_dataset(config.source, data, on_bad_row="collect", kind="source")
     source_rows = len(dataset) + len(read_rejects)
     negatives = _resolve_negatives(config.negatives, dataset)
     # Local paths are recorded absolute: the same command run from another folder still resumes.
@@ -134,15 +139,7 @@ def _run(
     bad = {reject["row"] for reject in read_rejects}
     source_index = [i for i in range(source_rows) if i not in bad]
     rejects = [dict(reject) for reject in read_rejects]
-    valid = []
-    answers = dataset.select_columns(["prompt", "chosen"])[:]  # column access: far faster than row by row
-    for position, (prompt, chosen) in enumerate(zip(answers["prompt"], answers["chosen"])):
-        try:
-            check_prompt(source_index[position], prompt)
-            check_answer(source_index[position], "chosen", chosen)
-            valid.append(position)
-        except RowError as error:
-            rejects.append({"row": error.row, "field": error.field, "reason": error.problem})
+    valid = list(range(len(dataset)))
 
     shards = [valid[start : start + config.shard_size] for start in range(0, len(valid), config.shard_size)]
     shard_dir = out / "shards"

@@ -10,7 +10,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from napo.config import NaPOConfig
-from napo.data import read_dataset
+from napo.data import DatasetOptions, read_dataset
 from napo.models import load_model
 from napo.trainer import NaPOTrainer
 
@@ -45,6 +45,7 @@ def train_from_paths(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    dataset_options: DatasetOptions | None = None,
 ) -> dict[str, str]:
     """Train `model` on the preference rows at `dataset` and save the result in `config.output_dir`.
 
@@ -60,11 +61,12 @@ def train_from_paths(
         resume: continue from the last checkpoint in `config.output_dir` (same data order, optimizer and
             scheduler state); starts from scratch when there is none.
         attn_implementation: the model's attention kernels (see `napo.models.load_model`); None: transformers' default.
+        dataset_options: how `dataset` is read (split, hub config, layout, column renames, media limits).
 
     Returns:
         Paths of what was written: the model (or adapter) folder and the training log.
     """
-    train_dataset, _ = read_dataset(dataset)
+    train_dataset, _ = read_dataset(dataset, dataset_options)
     policy, processing_class = load_model(
         model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, attn_implementation=attn_implementation
     )

@@ -20,6 +20,7 @@ Relies on private parts of trl 1.16.0 (`_compute_loss`, `_prepare_dataset`, `_pr
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -46,8 +47,9 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
 from napo.config import NEGATIVE_TYPES, NaPOConfig
-from napo.data import RowError, validate_preference_dataset
+from napo.data import RowError, prepare_preference_dataset, validate_preference_dataset
 from napo.fast import encode_images_once, pack_sequences
+from napo.inference import expand_media_tags
 from napo.objectives import adaptive_q, objective_loss
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,13 @@ def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
     messages = list(messages)
     messages[first_user] = {**messages[first_user], "content": audio_parts + list(messages[first_user]["content"])}
     return messages
+
+
+def _template_kwargs(example: dict[str, Any]) -> dict[str, Any]:
+    """The row's `tools` (a list, or its JSON string) and `chat_template_kwargs`, as TRL passes them to the template."""
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools or None, **(example.get("chat_template_kwargs") or {})}
 
 
 def _ref_column(column: str) -> str:
@@ -179,16 +188,19 @@ class MultiNegativeVisionCollator:
                     continue
                 if _is_chat(example["prompt"]):
                     prompt_messages = prepare_multimodal_messages(example["prompt"], images=row_images)
+                    template = _template_kwargs(example)
                     rendered = apply_chat_template(
                         {
                             "prompt": _with_audio_parts(prompt_messages, len(row_audios)),
                             "completion": prepare_multimodal_messages(_as_messages(answer)),
+                            "chat_template_kwargs": {k: v for k, v in template.items() if k != "tools"},
                         },
                         self.processor,
+                        tools=template["tools"],
                     )
                     prompt, completion = rendered["prompt"], rendered["completion"]
-                else:
-                    prompt, completion = example["prompt"], answer
+                else:  # a string prompt: its <image>/<audio> tags become the model's placeholders
+                    prompt, completion = expand_media_tags(self.processor, example["prompt"]), answer
                 prompts.append(prompt)
                 completions.append(completion)
                 images.append(row_images)
@@ -294,6 +306,12 @@ class NaPOTrainer(DPOTrainer):
             raise TypeError(f"args must be a NaPOConfig, got {type(args).__name__}")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        # TRL's implicit-prompt rows (no `prompt` column): the shared prefix of the answers is the prompt.
+        train_dataset = prepare_preference_dataset(train_dataset)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prepare_preference_dataset(d) for name, d in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = prepare_preference_dataset(eval_dataset)
         self.negative_columns = tuple(validate_preference_dataset(train_dataset))
         train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
         # Image and audio rows are processed on the fly by the multimodal collator; TRL only knows about images.
@@ -386,7 +404,8 @@ class NaPOTrainer(DPOTrainer):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
 
         Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
-        rows the completion starts where the rendered prompt and prompt+answer diverge.
+        rows the completion starts where the rendered prompt and prompt+answer diverge, and the row's `tools` and
+        `chat_template_kwargs` go to the chat template.
         """
         if "prompt_ids" in dataset.column_names or self._on_the_fly:
             return dataset
@@ -396,9 +415,10 @@ class NaPOTrainer(DPOTrainer):
         def tokenize(example):
             prompt = example["prompt"]
             if _is_chat(prompt):
-                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True)["input_ids"]
+                template = _template_kwargs(example)  # tools and chat_template_kwargs, as TRL passes them
+                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template)["input_ids"]
                 full = {
-                    c: _tokenize(processing_class, prompt + _as_messages(example[c]))["input_ids"]
+                    c: _tokenize(processing_class, prompt + _as_messages(example[c]), **template)["input_ids"]
                     for c in answer_columns
                     if example[c] is not None
                 }

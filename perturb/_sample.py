@@ -102,11 +102,21 @@ def sampling_rate(sample: dict) -> int:
     return DEFAULT_SAMPLING_RATE if rate is None else int(rate)
 
 
+MEDIA_TAGS = {"image": "<image>", "audio": "<audio>"}  # the tags of string prompts (LLaVA / LLaMA-Factory data)
+
+
 def remove_placeholders(prompt: Prompt, part_type: str) -> Prompt:
-    """Drop every ``{"type": part_type}`` part from conversational messages; a str is returned as is."""
+    """Drop every ``{"type": part_type}`` part from conversational messages, and every ``<image>`` / ``<audio>``
+    tag of that type (with the newline that usually follows it) from string prompts and string contents."""
+    tag = MEDIA_TAGS.get(part_type)
+
+    def untagged(text: str) -> str:
+        return text.replace(tag + "\n", "").replace(tag, "") if tag else text
+
     if isinstance(prompt, str):
-        return prompt
+        return untagged(prompt)
     return [
-        {**m, "content": [p for p in m["content"] if p["type"] != part_type]} if isinstance(m["content"], list) else m
+        {**m, "content": [p for p in m["content"] if p["type"] != part_type]} if isinstance(m["content"], list)
+        else {**m, "content": untagged(m["content"])}
         for m in prompt
     ]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from perturb._sample import Prompt
+from perturb._sample import MEDIA_TAGS, Prompt
 
 _WHITESPACE = re.compile(r"(\s+)")
 
@@ -66,10 +66,11 @@ def _with_words(sample: dict, rewrite: Callable[[list[str]], list[str]]) -> dict
 def drop_question(sample: dict, rng: np.random.Generator, *, prompt: str = "Describe the image.") -> dict:
     """Replace the question by a generic instruction `prompt` (the vision-bias negative).
 
-    The model then answers from the image alone. A str prompt becomes `prompt`; in a
-    conversational prompt the last user message's text parts are replaced by one text part
-    holding `prompt`, placed where the first text part was (appended if there was none), and its
-    image/audio placeholders stay. Use e.g. ``prompt="Describe the audio."`` for audio models.
+    The model then answers from the image alone. A str prompt (or str message content) becomes its
+    ``<image>`` / ``<audio>`` tags, each on its own line, then `prompt`; in a conversational prompt
+    the last user message's text parts are replaced by one text part holding `prompt`, placed where
+    the first text part was (appended if there was none), and its image/audio placeholders stay.
+    Use e.g. ``prompt="Describe the audio."`` for audio models.
     """
     original = sample.get("prompt")
     if isinstance(original, list) and (index := _last_user(original)) is not None:
@@ -80,7 +81,10 @@ def drop_question(sample: dict, rng: np.random.Generator, *, prompt: str = "Desc
             kept = [p for p in parts if p["type"] != "text"]
             content = [*kept[:first], {"type": "text", "text": prompt}, *kept[first:]]
             return {**sample, "prompt": [*original[:index], {**message, "content": content}, *original[index + 1 :]]}
-    return _with_question(sample, lambda texts: [prompt])
+    return _with_question(sample, lambda texts: ["".join(t + "\n" for t in _TAGS.findall(texts[0])) + prompt])
+
+
+_TAGS = re.compile("|".join(re.escape(tag) for tag in MEDIA_TAGS.values()))
 
 
 def mask_tokens(sample: dict, rng: np.random.Generator, *, ratio: float = 0.3, mask: str = "<unk>") -> dict:
