@@ -267,7 +267,7 @@ def _eval_parser(subparsers: argparse._SubParsersAction) -> None:
             from napo.data import read_dataset
             from napo.evaluate import modality_metrics
 
-            dataset, _ = read_dataset(args.dataset)
+            dataset, _ = read_dataset(args.dataset, kind="rows")  # prompt + answer rows: no preference layout
             if "answer" not in dataset.column_names:
                 sys.exit(f"napo eval: {args.dataset} has no 'answer' column (columns: {dataset.column_names})")
             rows = list(dataset.select(range(min(n, len(dataset)))))
