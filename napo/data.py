@@ -117,7 +117,7 @@ def read_dataset(
         raise ValueError(f"{path}: --columns names {missing}, which the data does not have (columns: {sorted(columns)})")
     columns = [mapping.get(name, name) for name in columns]
     try:
-        layout = detect_layout(columns, options.layout)
+        layout = detect_layout(columns, options.layout) if columns else None  # no row parsed: each one is a reject
     except ValueError as error:
         if kind != "rows" or options.layout != "auto":
             raise ValueError(f"{path}: {error}") from None
@@ -545,22 +545,37 @@ _MEDIA_FEATURES = {
 
 def _to_dataset(path: str, rows: list[dict], source_features: datasets.Features | None) -> datasets.Dataset:
     """Build the output with explicit media features; columns the layout passed through keep the source's
-    features, the others (prompt, answers, JSON columns) are inferred."""
-    for row in rows:
-        row.pop("_row", None)
+    features, the others (prompt, answers, JSON columns) are inferred. Should the rows still not form one Arrow
+    table, the error names the file and the first row that breaks it (found by bisecting the prefixes)."""
+    sources = [row.pop("_row", k) for k, row in enumerate(rows)]  # the source index of each kept row
+    try:
+        return _table(rows, source_features)
+    except (ValueError, TypeError, KeyError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError are ValueError/TypeError
+        good, bad = 0, len(rows)  # _table(rows[:good]) works, _table(rows[:bad]) fails
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            try:
+                _table(rows[:middle], source_features)
+                good = middle
+            except (ValueError, TypeError, KeyError):
+                bad = middle
+        raise ValueError(
+            f"{path}: the rows that passed the checks still cannot form one table; the first row that breaks it is "
+            f"row {sources[bad - 1]} ({error}). Give every row of a column the same structure"
+        ) from None
+
+
+def _table(rows: list[dict], source_features: datasets.Features | None) -> datasets.Dataset:
     names = list(dict.fromkeys(name for row in rows for name in row))
     canonical = ("prompt", "chosen", *REJECTED_COLUMNS)
     kept = {name: source_features[name] for name in names
             if source_features is not None and name in source_features and name not in canonical
             and name not in _MEDIA_FEATURES}
     inferred = [name for name in names if name not in kept and name not in _MEDIA_FEATURES]
-    try:
-        plain = [{name: row.get(name) for name in inferred} for row in rows]
-        other = dict(datasets.Dataset.from_list(plain).features) if plain and inferred else {}
-        features = datasets.Features({name: _MEDIA_FEATURES.get(name) or kept.get(name) or other[name] for name in names})
-        if not rows:
-            return datasets.Dataset.from_dict({name: [] for name in names}, features=features)
-        empty = {"images": [], "audios": [], "sampling_rate": SAMPLING_RATE}  # a row without media, beside some with
-        return datasets.Dataset.from_list([{n: row.get(n, empty.get(n)) for n in names} for row in rows], features=features)
-    except (ValueError, TypeError, KeyError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError are ValueError/TypeError
-        raise ValueError(f"{path}: the rows that passed the checks still cannot form one table: {error}") from None
+    plain = [{name: row.get(name) for name in inferred} for row in rows]
+    other = dict(datasets.Dataset.from_list(plain).features) if plain and inferred else {}
+    features = datasets.Features({name: _MEDIA_FEATURES.get(name) or kept.get(name) or other[name] for name in names})
+    if not rows:
+        return datasets.Dataset.from_dict({name: [] for name in names}, features=features)
+    empty = {"images": [], "audios": [], "sampling_rate": SAMPLING_RATE}  # a row without media, beside some with
+    return datasets.Dataset.from_list([{n: row.get(n, empty.get(n)) for n in names} for row in rows], features=features)

@@ -25,6 +25,7 @@ from napo.cli import main
 from napo.data import DatasetOptions, RowError, read_dataset
 from napo.inference import render_prompt
 from napo.models import build_tiny_model
+from test_trainer import COMMON, perturbed
 
 TRAIN_ARGS = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_checkpointing", "false",
               "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
@@ -324,6 +325,13 @@ def test_bad_rows_are_each_rejected_once_with_row_field_and_reason(tmp_path):
         read_dataset(str(path))
 
 
+def test_a_nested_structure_arrow_cannot_hold_names_the_file_and_first_row(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "meta": {"k": [1]}}] * 3 + [{"prompt": "p", "chosen": "a", "meta": {"k": 2}}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"m\.jsonl: .*the first row that breaks it is row 3"):
+        read_dataset(str(tmp_path / "m.jsonl"), kind="source")
+
+
 def test_napo_pairs_counts_bad_rows_right(tmp_path, saved_llava, capsys):
     """A 6-row source with `chosen: 42` and `chosen: ""`: 4 written, 2 rejected (no ArrowTypeError, no valid row
     blamed)."""
@@ -372,19 +380,6 @@ def test_string_prompt_tags_become_the_model_placeholder_and_leave_with_the_moda
 
 
 # ------------------------------------------------------------------------------------------ the trainer (Python API)
-COMMON = dict(per_device_train_batch_size=4, gradient_checkpointing=False, report_to="none", save_strategy="no",
-              use_cpu=True, logging_steps=1, seed=0, dataloader_drop_last=False, bf16=False)
-
-
-def _perturbed(model, seed=1):
-    policy = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return policy
-
-
 def _first_batch_loss(trainer, n):
     trainer.model.train()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(n)]))
@@ -398,7 +393,7 @@ def _napo_and_trl_losses(family, rows, tmp_path, processing=None):
     losses = []
     for trainer_class, config in ((NaPOTrainer, NaPOConfig(output_dir=str(tmp_path / "n"), objective="dpo", **COMMON)),
                                   (DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), **COMMON))):
-        trainer = trainer_class(model=_perturbed(base), ref_model=copy.deepcopy(base), args=config,
+        trainer = trainer_class(model=perturbed(base), ref_model=copy.deepcopy(base), args=config,
                                 train_dataset=datasets.Dataset.from_list(copy.deepcopy(rows)), processing_class=processing)
         losses.append(_first_batch_loss(trainer, len(rows)))
     return losses
