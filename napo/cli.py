@@ -303,6 +303,8 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
     types = {"int | None": int, "float": float, "int": int, "str": str, "str | None": str}
     lists = {"list[str]": str, "list[float]": float, "list[int]": int}
     for f in dataclasses.fields(CompareConfig):
+        if f.name == "data":  # DatasetOptions: flags of their own (_add_dataset_options)
+            continue
         flag, help_line = f"--{f.name.replace('_', '-')}", f.metadata["help"]
         default = "half the CPU cores" if f.name == "workers" else getattr(defaults, f.name)
         if f.type == "bool":
@@ -318,15 +320,22 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> None:
         else:
             p.add_argument(flag, type=types[f.type], default=None, help=f"{help_line} (default: {default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar, e.g. in logs (default: show it)")
+    _add_dataset_options(p)
 
     def run(args: argparse.Namespace) -> None:
         import yaml
 
         from napo.compare import load_recipe, run_compare
+        from napo.data import DatasetOptions
 
         try:
             job = load_recipe(args.recipe) if args.recipe else {}
+            given = dataclasses.asdict(_dataset_options(args))  # flags given override the recipe's `data`
+            defaults = dataclasses.asdict(DatasetOptions())
+            job["data"] = {**job.get("data", {}), **{k: v for k, v in given.items() if v != defaults[k]}}
             for f in dataclasses.fields(CompareConfig):
+                if f.name == "data":
+                    continue
                 value = getattr(args, f.name)
                 if f.name == "train" and value is not None:
                     pairs = [item.partition("=") for item in value]

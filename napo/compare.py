@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from napo.data import DatasetOptions
 from napo.sweep import BACKENDS, run_cells
 from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 
@@ -101,6 +102,9 @@ class CompareConfig:
     dataset: str | None = field(default=None, metadata={"help": "your preference dataset (save_to_disk, parquet or JSONL) instead of the lab"})
     model: str | None = field(default=None, metadata={"help": "your model (Hugging Face id or folder) to train from; needed with --dataset"})
     holdout: float = field(default=0.1, metadata={"help": "with --dataset: fraction of rows held out clean for evaluation"})
+    data: DatasetOptions = field(
+        default_factory=DatasetOptions, metadata={"help": "with --dataset: how it is read (split, layout, columns, media limits)"}
+    )
     max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
     beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
@@ -143,6 +147,8 @@ class CompareConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.data, dict):  # from a recipe YAML or a results file
+            self.data = DatasetOptions(**self.data)
         for name in self.objectives:
             objective_settings(name, 0.0)  # a typo fails now, not after an hour of other cells
         for rate in self.noise_rates:
@@ -315,7 +321,8 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
             "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
         }
     # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
-    key = hashlib.sha256(json.dumps([os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed]).encode()).hexdigest()[:12]
+    source = [os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed, dataclasses.asdict(config.data)]
+    key = hashlib.sha256(json.dumps(source).encode()).hexdigest()[:12]
     data_dir = out / "data" / key
     splits = _split_dataset(config, data_dir)
     if config.share_reference:
@@ -378,7 +385,7 @@ def _split_dataset(config: CompareConfig, data_dir: Path) -> dict[str, str]:
     if not heldout_dir.exists():
         from napo.data import read_dataset, validate_preference_dataset
 
-        dataset, _ = read_dataset(config.dataset)
+        dataset, _ = read_dataset(config.dataset, config.data)
         validate_preference_dataset(dataset)
         if "noisy" in dataset.column_names:  # the user's pairs count as clean: only injected flips are "noisy"
             dataset = dataset.remove_columns("noisy")

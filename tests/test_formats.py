@@ -16,6 +16,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
@@ -325,6 +327,52 @@ def test_bad_rows_are_each_rejected_once_with_row_field_and_reason(tmp_path):
         read_dataset(str(path))
 
 
+# kind -> (row changes, the field a reject must name, or None for a valid row)
+ROW_VARIANTS = {
+    "plain": ({}, None),
+    "messages": ({"prompt": [{"role": "user", "content": "what ?"}]}, None),
+    "assistant answer": ({"chosen": [{"role": "assistant", "content": "red"}]}, None),
+    "one negative missing": ({"rejected_vision_bias": None}, None),
+    "image": ({"images": ["ok.png"]}, None),
+    "tagged image": ({"prompt": "<image> what ?", "images": ["ok.png"]}, None),
+    "chosen int": ({"chosen": 42}, "chosen"),
+    "chosen empty": ({"chosen": " "}, "chosen"),
+    "rejected list of str": ({"rejected": ["blue"]}, "rejected"),
+    "prompt dict": ({"prompt": {"text": "what ?"}}, "prompt"),
+    "image int": ({"images": [12345]}, "images"),
+    "missing image": ({"images": ["nope.png"]}, "images"),
+    "outside image": ({"images": ["../ok.png"]}, "images"),
+    "tags without image": ({"prompt": "<image> what ?"}, "prompt"),
+    "image and audio": ({"images": ["ok.png"], "audios": [[0.0, 0.1]]}, "images/audios"),
+    "rate nan": ({"audios": [[0.0, 0.1]], "sampling_rate": float("nan")}, "sampling_rate"),
+    "rate negative": ({"audios": [[0.0, 0.1]], "sampling_rate": -3}, "sampling_rate"),
+    "nan sample": ({"audios": [[0.0, float("nan")]]}, "audios"),
+    "extra str": ({"note": "x"}, None),
+    "extra int": ({"note": 7}, None),  # a reject where the column's first `note` is a string (worked out below)
+}
+
+
+@given(kinds=st.lists(st.sampled_from(sorted(ROW_VARIANTS)), min_size=1, max_size=8))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_valid_row_is_kept_once_and_every_bad_row_rejected_once(kinds, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("rows")
+    _png(str(folder / "data" / "ok.png"))
+    _png(str(folder / "ok.png"))
+    good = {"prompt": "what ?", "chosen": "red", "rejected": "blue", "rejected_vision_bias": "a red cat"}
+    rows = [{**good, **ROW_VARIANTS[kind][0], "id": index} for index, kind in enumerate(kinds)]
+    expected = {index: ROW_VARIANTS[kind][1] for index, kind in enumerate(kinds) if ROW_VARIANTS[kind][1]}
+    # A column's type is its first value's (among rows not rejected for another reason): other types are rejects
+    # (answers excepted: strings beside messages become assistant messages).
+    for column in ("prompt", "note"):
+        types = [(i, type(row[column])) for i, row in enumerate(rows) if column in row and i not in expected]
+        expected.update({i: column for i, kind in types if kind is not types[0][1]})
+    (folder / "data" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset, bad = read_dataset(str(folder / "data" / "rows.jsonl"), on_bad_row="collect")
+    assert sorted(b["row"] for b in bad) == sorted(expected), kinds  # each bad row once, no good row
+    assert {b["row"]: b["field"] for b in bad} == expected, kinds
+    assert (dataset["id"] if len(dataset) else []) == [i for i in range(len(rows)) if i not in expected]
+
+
 def test_a_nested_structure_arrow_cannot_hold_names_the_file_and_first_row(tmp_path):
     rows = [{"prompt": "p", "chosen": "a", "meta": {"k": [1]}}] * 3 + [{"prompt": "p", "chosen": "a", "meta": {"k": 2}}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -444,3 +492,22 @@ def test_trainer_passes_tools_and_chat_template_kwargs_as_stock_trl(tmp_path):
     plain = [{k: v for k, v in r.items() if k not in ("tools", "chat_template_kwargs")} for r in rows]
     napo_plain, _ = _napo_and_trl_losses("text", plain, tmp_path, processing=tokenizer)
     assert abs(napo_plain - napo_loss) > 1e-4  # the tools and the switch reached the template
+
+
+def test_napo_compare_reads_a_layout_with_renamed_columns(tmp_path):
+    """`napo compare --dataset` reads through the same reader: an ms-swift file whose answer column has another name,
+    renamed with --columns, trains one grid cell."""
+    model, tokenizer = build_tiny_model("text", seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = [{"dialogue": [{"role": "user", "content": f"what colour is the cat {i} ?"},
+                          {"role": "assistant", "content": COLOURS[i % 4]}], "rejected_response": "brown"}
+            for i in range(8)]
+    (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "grid"
+    main(["compare", "--dataset", str(tmp_path / "swift.jsonl"), "--model", str(tmp_path / "model"),
+          "--columns", "dialogue=messages", "--output-dir", str(out), "--objectives", "dpo", "--noise-rates", "0",
+          "--seeds", "0", "--max-steps", "1", "--workers", "1", "--holdout", "0.25", "--no-progress",
+          "--set", "per_device_train_batch_size=2"])
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 1 and "heldout_reward_accuracy" in results[0]["metrics"]  # failed cells go elsewhere
