@@ -27,7 +27,15 @@ import librosa
 import numpy as np
 from PIL import Image
 
-from napo.formats import MEDIA_TAGS, Layout, LayoutError, detect_layout, parse_columns, split_implicit_prompt
+from napo.formats import (
+    LAYOUT_NAMES,
+    MEDIA_TAGS,
+    Layout,
+    LayoutError,
+    detect_layout,
+    parse_columns,
+    split_implicit_prompt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class DatasetOptions:
     """How `read_dataset` finds and reads a dataset; `napo pairs`, `napo train` expose every field as a flag."""
 
-    dataset_split: str = field(
-        default="train", metadata={"help": "split of a DatasetDict folder or a hub dataset to read"}
+    dataset_split: str | None = field(
+        default=None, metadata={"help": "split of a DatasetDict folder or a hub dataset; None: train"}
     )
     dataset_config: str | None = field(
         default=None, metadata={"help": "configuration name of a hub dataset (datasets.load_dataset's `name`)"}
@@ -56,7 +64,9 @@ class DatasetOptions:
                   "question=prompt,answer=chosen; None: keep the names"},
     )
     layout: str = field(
-        default="auto", metadata={"help": "row layout (see README, 'Your data'); auto: detect it from the columns"}
+        default="auto",
+        metadata={"help": "row layout (see README, 'Your data'); auto: detect it from the columns",
+                  "choices": ("auto", *LAYOUT_NAMES)},
     )
     allow_outside_paths: bool = field(
         default=False,
@@ -66,6 +76,18 @@ class DatasetOptions:
         default=256 * 2**20,
         metadata={"help": "largest media file read, in bytes; bigger files are rejected before being read"},
     )
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", *LAYOUT_NAMES):
+            raise ValueError(f"layout {self.layout!r}: expected 'auto' or one of {list(LAYOUT_NAMES)}")
+        if not isinstance(self.max_media_bytes, int) or self.max_media_bytes <= 0:
+            raise ValueError(f"max_media_bytes={self.max_media_bytes!r}: expected a positive number of bytes")
+        parse_columns(self.columns)  # a malformed mapping fails now, not after the file is read
+
+    @property
+    def split(self) -> str:
+        """The split read from a DatasetDict folder or a hub dataset."""
+        return self.dataset_split or "train"
 
 
 class RowError(ValueError):
@@ -84,7 +106,7 @@ def read_dataset(
 
     Args:
         path: a `.jsonl` file, a `.json` array (or JSON lines), a `.parquet` file or a folder of parquet shards, an HF
-            `save_to_disk` folder (a `DatasetDict` folder: `options.dataset_split`), a folder of data files, or a hub
+            `save_to_disk` folder (a `DatasetDict` folder: `options.split`), a folder of data files, or a hub
             id read with `datasets.load_dataset` (offline: from the local cache only). Relative media paths resolve
             against the data file's folder (the folder itself for folders, the working directory for hub ids).
         options: split, hub config, column renames, layout and media limits; None: `DatasetOptions()`.
@@ -115,6 +137,9 @@ def read_dataset(
     missing = [name for name in mapping if name not in columns]
     if missing:
         raise ValueError(f"{path}: --columns names {missing}, which the data does not have (columns: {sorted(columns)})")
+    clashes = [target for target in mapping.values() if target in columns and target not in mapping]
+    if clashes:
+        raise ValueError(f"{path}: --columns renames onto {clashes}, which the data already has: rename those too")
     columns = [mapping.get(name, name) for name in columns]
     try:
         layout = detect_layout(columns, options.layout) if columns else None  # no row parsed: each one is a reject
@@ -229,6 +254,10 @@ def _describe(value: Any) -> str:
 # ------------------------------------------------------------------------------------------- reading files
 def _load_rows(path: str, options: DatasetOptions) -> tuple[Iterator, list[str], str, datasets.Features | None]:
     """(rows as (index, row or RowError), column names, folder media paths resolve against, Arrow features)."""
+    single = path.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(os.path.join(path, "state.json"))
+    if os.path.exists(path) and single and (options.dataset_split or options.dataset_config):
+        raise ValueError(f"{path} holds one table: --dataset-split and --dataset-config apply to DatasetDict folders and "
+                         f"hub datasets only")
     if not os.path.exists(path):
         if not _HUB_ID.match(path):
             raise FileNotFoundError(
@@ -241,10 +270,12 @@ def _load_rows(path: str, options: DatasetOptions) -> tuple[Iterator, list[str],
         columns = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
         return iter(rows), columns, os.path.dirname(os.path.abspath(path)), None
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if options.dataset_config:
+            raise ValueError(f"{path} is a DatasetDict folder: --dataset-config applies to hub datasets only")
         splits = datasets.load_from_disk(path)
-        if options.dataset_split not in splits:
-            raise ValueError(f"{path} has the splits {list(splits)}, not {options.dataset_split!r}: pass --dataset-split")
-        return _arrow(_undecoded_media(splits[options.dataset_split]), os.path.abspath(path))
+        if options.split not in splits:
+            raise ValueError(f"{path} has the splits {list(splits)}, not {options.split!r}: pass --dataset-split")
+        return _arrow(_undecoded_media(splits[options.split]), os.path.abspath(path))
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         return _arrow(_undecoded_media(datasets.load_from_disk(path)), os.path.abspath(path))
     if path.endswith(".parquet"):
@@ -265,16 +296,16 @@ def _arrow(source: datasets.Dataset, base_dir: str) -> tuple[Iterator, list[str]
 
 
 def _load_hub(path: str, options: DatasetOptions) -> datasets.Dataset:
-    """`datasets.load_dataset(path, options.dataset_config, split=options.dataset_split)` with media undecoded."""
+    """`datasets.load_dataset(path, options.dataset_config, split=options.split)` with media undecoded."""
     offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     try:
-        source = datasets.load_dataset(path, options.dataset_config, split=options.dataset_split)
+        source = datasets.load_dataset(path, options.dataset_config, split=options.split)
     except (ValueError, OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
         hint = (" Offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set), only datasets already in the local cache load: "
                 "load it once online, or pass a local file." if offline else "")
         raise ValueError(
             f"{path} is not a local file or folder, and datasets.load_dataset({path!r}, "
-            f"{options.dataset_config!r}, split={options.dataset_split!r}) failed: {error}.{hint}"
+            f"{options.dataset_config!r}, split={options.split!r}) failed: {error}.{hint}"
         ) from None
     if isinstance(source, datasets.IterableDataset):
         raise ValueError(f"{path}: a streamed dataset cannot be read here; save it with save_to_disk first")

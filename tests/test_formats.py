@@ -239,6 +239,10 @@ def test_parquet_media_paths_resolve_against_its_folder_and_dataset_dict_splits(
     assert len(read_dataset(str(tmp_path / "dict"), DatasetOptions(dataset_split="test"))[0]) == 1
     with pytest.raises(ValueError, match=r"has the splits \['train', 'test'\], not 'dev'"):
         read_dataset(str(tmp_path / "dict"), DatasetOptions(dataset_split="dev"))
+    with pytest.raises(ValueError, match=r"train\.parquet holds one table: --dataset-split and --dataset-config apply"):
+        read_dataset(str(tmp_path / "data" / "train.parquet"), DatasetOptions(dataset_split="test"))  # not ignored
+    with pytest.raises(ValueError, match=r"layout 'llama': expected 'auto' or one of \['trl'"):
+        DatasetOptions(layout="llama")
 
 
 def test_rlaif_v_bias_parquet_with_embedded_image_bytes(tmp_path):
@@ -511,3 +515,18 @@ def test_napo_compare_reads_a_layout_with_renamed_columns(tmp_path):
           "--set", "per_device_train_batch_size=2"])
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 1 and "heldout_reward_accuracy" in results[0]["metrics"]  # failed cells go elsewhere
+
+
+def test_trainer_expands_string_prompt_tags_for_a_model_with_another_placeholder(tmp_path):
+    """Qwen2-VL's placeholder is not `<image>`: a string prompt's tag must become it, or the processor finds no image
+    token for the image (and fails)."""
+    base, processor = build_tiny_model("qwen2_vl", seed=0)
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": "<image>\nwhat colour is the cat ?", "chosen": c, "rejected": "brown",
+             "images": [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))]} for c in COLOURS]
+    trainer = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), processing_class=processor,
+                          args=NaPOConfig(output_dir=str(tmp_path), objective="dpo", **COMMON),
+                          train_dataset=datasets.Dataset.from_list(rows))
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(4)])
+    assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).any()
+    assert np.isfinite(_first_batch_loss(trainer, 4))
