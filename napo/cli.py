@@ -23,7 +23,8 @@ def _add_dataset_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(DatasetOptions):
         flags = dict.fromkeys([f"--{f.name.replace('_', '-')}", f"--{f.name}"])
         if f.type == "bool":
-            group.add_argument(*flags, dest=f"data_{f.name}", action="store_true", help=f"{f.metadata['help']} (default: off)")
+            group.add_argument(*flags, dest=f"data_{f.name}", action="store_true",
+                               help=f"{f.metadata['help']} (default: off)")
         else:
             kind = int if f.type == "int" else str
             group.add_argument(*flags, dest=f"data_{f.name}", type=kind, default=f.default, metavar=f.name.upper(),
@@ -109,8 +110,9 @@ def _train_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, help="preference rows in any layout of README 'Your data': JSONL, .json, "
-                   "parquet, a save_to_disk folder or a hub id")
+    p.add_argument("--dataset", required=True,
+                   help="preference rows in any layout of README 'Your data': JSONL, .json, parquet, a save_to_disk "
+                   "folder or a hub id")
     p.add_argument("--model", required=True, help="model folder or Hugging Face id to start from")
     p.add_argument("--output-dir", default="outputs/napo-train", help="where checkpoints and the model go (default: %(default)s)")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tune (default: %(default)s)")

@@ -103,7 +103,8 @@ class CompareConfig:
     model: str | None = field(default=None, metadata={"help": "your model (Hugging Face id or folder) to train from; needed with --dataset"})
     holdout: float = field(default=0.1, metadata={"help": "with --dataset: fraction of rows held out clean for evaluation"})
     data: DatasetOptions = field(
-        default_factory=DatasetOptions, metadata={"help": "with --dataset: how it is read (split, layout, columns, media limits)"}
+        default_factory=DatasetOptions,
+        metadata={"help": "with --dataset: how it is read (split, layout, columns, media limits)"},
     )
     max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
     beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
@@ -321,7 +322,8 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
             "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
         }
     # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
-    source = [os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed, dataclasses.asdict(config.data)]
+    source = [os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed,
+              dataclasses.asdict(config.data)]
     key = hashlib.sha256(json.dumps(source).encode()).hexdigest()[:12]
     data_dir = out / "data" / key
     splits = _split_dataset(config, data_dir)

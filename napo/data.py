@@ -136,7 +136,9 @@ def read_dataset(
     mapping = parse_columns(options.columns)
     missing = [name for name in mapping if name not in columns]
     if missing:
-        raise ValueError(f"{path}: --columns names {missing}, which the data does not have (columns: {sorted(columns)})")
+        raise ValueError(
+            f"{path}: --columns names {missing}, which the data does not have (columns: {sorted(columns)})"
+        )
     clashes = [target for target in mapping.values() if target in columns and target not in mapping]
     if clashes:
         raise ValueError(f"{path}: --columns renames onto {clashes}, which the data already has: rename those too")
@@ -225,7 +227,9 @@ def check_prompt(row: int | str, prompt: Any) -> None:
             raise RowError(row, "prompt", f"has message {message!r}: expected {{'role': ..., 'content': ...}}")
 
 
-def check_answer(row: int | str, field: str, value: Any, *, allow_none: bool = False, allow_messages: bool = True) -> None:
+def check_answer(
+    row: int | str, field: str, value: Any, *, allow_none: bool = False, allow_messages: bool = True
+) -> None:
     """Raise `RowError` unless `value` is a non-empty string, a non-empty list of assistant messages (TRL's
     conversational answers, when `allow_messages`), or None when `allow_none`."""
     if value is None and allow_none:
@@ -256,8 +260,10 @@ def _load_rows(path: str, options: DatasetOptions) -> tuple[Iterator, list[str],
     """(rows as (index, row or RowError), column names, folder media paths resolve against, Arrow features)."""
     single = path.endswith((".jsonl", ".json", ".parquet")) or os.path.exists(os.path.join(path, "state.json"))
     if os.path.exists(path) and single and (options.dataset_split or options.dataset_config):
-        raise ValueError(f"{path} holds one table: --dataset-split and --dataset-config apply to DatasetDict folders and "
-                         f"hub datasets only")
+        raise ValueError(
+            f"{path} holds one table: --dataset-split and --dataset-config apply to DatasetDict folders and hub "
+            f"datasets only"
+        )
     if not os.path.exists(path):
         if not _HUB_ID.match(path):
             raise FileNotFoundError(
@@ -297,7 +303,8 @@ def _arrow(source: datasets.Dataset, base_dir: str) -> tuple[Iterator, list[str]
 
 def _load_hub(path: str, options: DatasetOptions) -> datasets.Dataset:
     """`datasets.load_dataset(path, options.dataset_config, split=options.split)` with media undecoded."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
+                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     try:
         source = datasets.load_dataset(path, options.dataset_config, split=options.split)
     except (ValueError, OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
@@ -359,7 +366,9 @@ def _json_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
 
 
 # ------------------------------------------------------------------------------------------- one row
-def _canonical_row(index: int, row: dict, layout: Layout | None, kind: str, base_dir: str, options: DatasetOptions) -> dict:
+def _canonical_row(
+    index: int, row: dict, layout: Layout | None, kind: str, base_dir: str, options: DatasetOptions
+) -> dict:
     """One source row -> napo's canonical row with decoded media, checked; raises `RowError` naming the field."""
     if layout is not None:
         try:
@@ -512,7 +521,9 @@ def _image_cell(index: int, field: str, value: Any, base_dir: str, options: Data
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _audio_array(index: int, field: str, value: Any, base_dir: str, source_rate: int, options: DatasetOptions) -> np.ndarray:
+def _audio_array(
+    index: int, field: str, value: Any, base_dir: str, source_rate: int, options: DatasetOptions
+) -> np.ndarray:
     """One waveform as float32 mono at SAMPLING_RATE, every sample finite. Shape: (samples,)."""
     if isinstance(value, dict) and value.get("array") is not None:
         value, source_rate = value["array"], _sampling_rate(index, field, value.get("sampling_rate") or source_rate)
@@ -581,7 +592,7 @@ def _to_dataset(path: str, rows: list[dict], source_features: datasets.Features 
     sources = [row.pop("_row", k) for k, row in enumerate(rows)]  # the source index of each kept row
     try:
         return _table(rows, source_features)
-    except (ValueError, TypeError, KeyError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError are ValueError/TypeError
+    except (ValueError, TypeError, KeyError) as error:  # pyarrow's ArrowInvalid / ArrowTypeError subclass these
         good, bad = 0, len(rows)  # _table(rows[:good]) works, _table(rows[:bad]) fails
         while bad - good > 1:
             middle = (good + bad) // 2

@@ -171,7 +171,8 @@ def _keep(row: dict, *drop: str) -> dict:
 
 def _user_turn(text: Any, has_image: bool, field: str) -> list[dict]:
     if not isinstance(text, str) or not text.strip():
-        raise LayoutError(field, f"is {_kind(text) if not isinstance(text, str) else 'an empty string'}: expected the question")
+        what = _kind(text) if not isinstance(text, str) else "an empty string"
+        raise LayoutError(field, f"is {what}: expected the question")
     content = with_media_parts(text)
     if has_image and isinstance(content, str):
         content = [{"type": "image"}, {"type": "text", "text": content}]
@@ -257,7 +258,8 @@ LAYOUTS: tuple[Layout, ...] = (
         "trl", "TRL standard or conversational: prompt, chosen (+ rejected*), images/image optional",
         (("prompt",), ("chosen",)), _trl,
         {"prompt": [{"role": "user", "content": "<image>What colour is the bear?"}], "images": ["img/0.png"],
-         "chosen": [{"role": "assistant", "content": "White."}], "rejected": [{"role": "assistant", "content": "Brown."}]},
+         "chosen": [{"role": "assistant", "content": "White."}],
+         "rejected": [{"role": "assistant", "content": "Brown."}]},
     ),
     Layout(
         "trl-implicit-prompt", "TRL implicit prompt: chosen and rejected share the prompt as their prefix",
@@ -272,7 +274,8 @@ LAYOUTS: tuple[Layout, ...] = (
     ),
     Layout(
         "napo-rlaif-v-bias",
-        "NaPO's RLAIF-V-Bias: RLAIF-V + image_only (-> rejected_vision_bias) + question_only (-> rejected_language_bias)",
+        "NaPO's RLAIF-V-Bias: RLAIF-V + image_only (-> rejected_vision_bias) + question_only "
+        "(-> rejected_language_bias)",
         (("question",), ("chosen",), ("image_only", "question_only", "question_only_None")), _napo_rlaif_v_bias,
         {**_RLAIF_EXAMPLE, "image_only": "A cat on a sofa next to a lamp.", "question_only": "A dog."},
     ),
@@ -323,7 +326,9 @@ def detect_layout(columns: list[str] | set[str], requested: str = "auto") -> Lay
             raise ValueError(f"layout {requested!r}: expected 'auto' or one of {list(by_name)}")
         layout = by_name[requested]
         if not all(found & set(group) for group in layout.requires):
-            raise ValueError(f"layout {requested!r} needs the columns {_describe_requires(layout)}; found {sorted(found)}")
+            raise ValueError(
+                f"layout {requested!r} needs the columns {_describe_requires(layout)}; found {sorted(found)}"
+            )
         return layout
     matching = [layout for layout in LAYOUTS if layout.matches(found)]
     best = max((len(layout.requires) for layout in matching), default=0)

@@ -81,7 +81,8 @@ class PairsConfig:
     dtype: str | None = field(default=None, metadata={"help": "model dtype, e.g. bfloat16 or auto; None: float32"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the model's own code (read it first)"})
     data: DatasetOptions = field(
-        default_factory=DatasetOptions, metadata={"help": "how the source is read (split, layout, columns, media limits)"}
+        default_factory=DatasetOptions,
+        metadata={"help": "how the source is read (split, layout, columns, media limits)"},
     )
 
 

@@ -62,8 +62,7 @@ def _image_bytes(seed=0) -> bytes:
 # layout -> (one source row, with "IMG" for an image path, the canonical prompt / chosen / rejected* expected)
 LAYOUTS = {
     "trl-conversational": (
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the cat ?"}]}],
-         "images": ["IMG"], "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+        {"prompt": IMAGE_TURN, "images": ["IMG"], "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
          "rejected": [{"role": "assistant", "content": "blue"}]},
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1},
     ),
@@ -232,7 +231,8 @@ def test_parquet_media_paths_resolve_against_its_folder_and_dataset_dict_splits(
     assert dataset[0]["images"][0].size == (16, 16)
 
     embedded = [{**rows[0], "images": [{"bytes": _image_bytes(), "path": None}]}]
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(embedded * 2), "test": datasets.Dataset.from_list(embedded)})
+    splits = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(embedded * 2), "test": datasets.Dataset.from_list(embedded)})
     splits = splits.cast_column("images", datasets.List(datasets.Image()))
     splits.save_to_disk(str(tmp_path / "dict"))
     assert len(read_dataset(str(tmp_path / "dict"))[0]) == 2  # default split: train
@@ -255,7 +255,8 @@ def test_rlaif_v_bias_parquet_with_embedded_image_bytes(tmp_path):
     source.to_parquet(str(tmp_path / "bias.parquet"))
     dataset, _ = read_dataset(str(tmp_path / "bias.parquet"))
     got = dataset[0]
-    assert (got["rejected_vision_bias"], got["rejected_language_bias"], got["rejected"]) == ("a red cat", "brown", "blue")
+    negatives = (got["rejected_vision_bias"], got["rejected_language_bias"], got["rejected"])
+    assert negatives == ("a red cat", "brown", "blue")
     assert got["ds_name"] == "RLAIF-V" and got["image_path"] == "coco/1.jpg" and len(got["images"]) == 1
     assert "image_only" not in dataset.column_names and "question_only" not in dataset.column_names
 
@@ -264,7 +265,8 @@ def test_hub_ids_load_through_datasets_and_say_when_absent_offline(tmp_path):
     # A hub-style folder (data files + a README declaring configs) goes through datasets.load_dataset, config included.
     (tmp_path / "repo" / "colours").mkdir(parents=True)
     (tmp_path / "repo" / "shapes").mkdir()
-    (tmp_path / "repo" / "colours" / "train.jsonl").write_text(json.dumps({"prompt": "c ?", "chosen": "a", "rejected": "b"}) + "\n")
+    (tmp_path / "repo" / "colours" / "train.jsonl").write_text(
+        json.dumps({"prompt": "c ?", "chosen": "a", "rejected": "b"}) + "\n")
     (tmp_path / "repo" / "shapes" / "train.jsonl").write_text(
         "".join(json.dumps({"prompt": "s ?", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(3)))
     (tmp_path / "repo" / "README.md").write_text(
@@ -272,14 +274,16 @@ def test_hub_ids_load_through_datasets_and_say_when_absent_offline(tmp_path):
         "- config_name: shapes\n  data_files:\n  - split: train\n    path: shapes/train.jsonl\n---\n")
     dataset, _ = read_dataset(str(tmp_path / "repo"), DatasetOptions(dataset_config="shapes"))
     assert dataset["prompt"] == ["s ?"] * 3
-    with pytest.raises(ValueError, match=r"nobody-xyz/absent-dataset is not a local file.*only datasets already in the local cache"):
+    absent = r"nobody-xyz/absent-dataset is not a local file.*only datasets already in the local cache"
+    with pytest.raises(ValueError, match=absent):
         read_dataset("nobody-xyz/absent-dataset")
 
 
 def test_columns_mapping_and_unknown_or_ambiguous_layouts(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"q": "what ?", "good": "red", "bad": "blue"}) + "\n")
-    with pytest.raises(ValueError, match=r"has no layout napo knows \(columns found: \['bad', 'good', 'q'\]\). Layouts supported: trl"):
+    unknown = r"has no layout napo knows \(columns found: \['bad', 'good', 'q'\]\). Layouts supported: trl"
+    with pytest.raises(ValueError, match=unknown):
         read_dataset(str(path))
     dataset, _ = read_dataset(str(path), DatasetOptions(columns="q=prompt,good=chosen,bad=rejected"))
     assert (dataset[0]["prompt"], dataset[0]["chosen"], dataset[0]["rejected"]) == ("what ?", "red", "blue")
@@ -399,7 +403,8 @@ def test_napo_pairs_counts_bad_rows_right(tmp_path, saved_llava, capsys):
 def test_media_over_the_size_cap_is_refused_before_it_is_read(tmp_path):
     with open(tmp_path / "huge.wav", "wb") as handle:  # sparse: 800 MB long, no disk used
         handle.truncate(800 * 2**20)
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "audios": ["huge.wav"]}) + "\n")
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "audios": ["huge.wav"]}
+    (tmp_path / "rows.jsonl").write_text(json.dumps(row) + "\n")
     tracemalloc.start()
     with pytest.raises(RowError, match=r"row 0, field 'audios': .*huge\.wav has 838860800 bytes, over max_media_bytes"):
         read_dataset(str(tmp_path / "rows.jsonl"))
@@ -428,7 +433,8 @@ def test_string_prompt_tags_become_the_model_placeholder_and_leave_with_the_moda
     assert perturb.apply("image.drop", sample)["prompt"] == "what colour is the cat ?"
     assert perturb.apply("text.drop_question", sample)["prompt"] == "<image>\nDescribe the image."
     messages = [{"role": "user", "content": "<audio>\nwhat note ?"}]
-    assert perturb.apply("audio.drop", {"prompt": messages, "audios": [np.zeros(16, np.float32)]})["prompt"][0]["content"] == "what note ?"
+    dropped = perturb.apply("audio.drop", {"prompt": messages, "audios": [np.zeros(16, np.float32)]})
+    assert dropped["prompt"][0]["content"] == "what note ?"
 
 
 # ------------------------------------------------------------------------------------------ the trainer (Python API)
@@ -446,7 +452,8 @@ def _napo_and_trl_losses(family, rows, tmp_path, processing=None):
     for trainer_class, config in ((NaPOTrainer, NaPOConfig(output_dir=str(tmp_path / "n"), objective="dpo", **COMMON)),
                                   (DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), **COMMON))):
         trainer = trainer_class(model=perturbed(base), ref_model=copy.deepcopy(base), args=config,
-                                train_dataset=datasets.Dataset.from_list(copy.deepcopy(rows)), processing_class=processing)
+                                train_dataset=datasets.Dataset.from_list(copy.deepcopy(rows)),
+                                processing_class=processing)
         losses.append(_first_batch_loss(trainer, len(rows)))
     return losses
 
@@ -471,7 +478,8 @@ def test_trainer_takes_trl_conversational_rows_as_stock_trl(family, tmp_path):
 
 
 def test_trainer_extracts_the_implicit_prompt_as_stock_trl(tmp_path):
-    rows = [{"chosen": [{"role": "user", "content": f"what colour is the cat {i} ?"}, {"role": "assistant", "content": c}],
+    rows = [{"chosen": [{"role": "user", "content": f"what colour is the cat {i} ?"},
+                        {"role": "assistant", "content": c}],
              "rejected": [{"role": "user", "content": f"what colour is the cat {i} ?"},
                           {"role": "assistant", "content": "brown " + c}]} for i, c in enumerate(COLOURS)]
     napo_loss, trl_loss = _napo_and_trl_losses("text", rows, tmp_path)
@@ -487,7 +495,8 @@ def test_trainer_passes_tools_and_chat_template_kwargs_as_stock_trl(tmp_path):
         "{%- for m in messages -%}{{- '<|' + m['role'] + '|>' + m['content'] + eos_token -}}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
     )
-    tool = {"type": "function", "function": {"name": "colour", "description": "d", "parameters": {"type": "object", "properties": {}}}}
+    schema = {"type": "object", "properties": {}}
+    tool = {"type": "function", "function": {"name": "colour", "description": "d", "parameters": schema}}
     rows = [{"prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}],
              "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": "brown"}],
              "tools": json.dumps([tool]), "chat_template_kwargs": {"brief": True}} for i, c in enumerate(COLOURS)]
