@@ -62,7 +62,8 @@ def _image_bytes(seed=0) -> bytes:
 # layout -> (one source row, with "IMG" for an image path, the canonical prompt / chosen / rejected* expected)
 LAYOUTS = {
     "trl-conversational": (
-        {"prompt": IMAGE_TURN, "images": ["IMG"], "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+        {"prompt": IMAGE_TURN, "images": ["IMG"],
+         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
          "rejected": [{"role": "assistant", "content": "blue"}]},
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1},
     ),
