@@ -51,6 +51,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from napo.data import DatasetOptions
+from napo.jobs import locks_output
 from napo.sweep import BACKENDS, run_cells
 from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 
@@ -237,6 +238,7 @@ def read_results(path: Path) -> list[dict]:
     return rows
 
 
+@locks_output(lambda arguments: arguments["config"].output_dir)
 def run_compare(config: CompareConfig, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the grid, then write the report; return counts and the written paths under "outputs".
 

@@ -10,7 +10,7 @@ functions (`answer_batch`, `answer_log_probs`, `modality_metrics`) answer and sc
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -262,11 +262,13 @@ def answer_log_probs(
     answers: Sequence[str],
     *,
     batch_size: int = 64,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """log π(answer | sample) in nats: the sum of the log-probabilities of the answer's tokens and
     of the EOS that ends it (what the preference trainer scores), under the full sample.
 
     Samples with and without images (or audios) may be mixed; they are batched separately. Shape (n,), float64.
+    `on_batch` is called with the number of samples of each scored batch (progress bars).
     """
     _check_pairs("answer_log_probs", samples, answers)
     out = np.zeros(len(samples), dtype=np.float64)
@@ -287,7 +289,12 @@ def answer_log_probs(
             token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             mask = answer_mask[:, 1:].to(token_logps.device)
             out[chunk] = (token_logps * mask).sum(dim=1).double().cpu().numpy()
+            if on_batch is not None:
+                on_batch(len(chunk))
     return out
+
+
+MODALITY_PASSES = 7  # model passes of `modality_metrics` over its rows: 3 generations + 4 Shapley scorings
 
 
 def modality_metrics(
@@ -297,6 +304,7 @@ def modality_metrics(
     *,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Answer rows with and without each modality and measure how much the answer rests on the image.
 
@@ -309,6 +317,9 @@ def modality_metrics(
     barely matters, language bias), question_blind_agreement (a vs c: high = the question barely
     matters, vision bias), image_share (mean per-sample |φ_image| / (|φ_image| + |φ_text|)); and the
     per-row lists answers, blind_answers, question_blind_answers and image_shares.
+
+    The rows go through the model `MODALITY_PASSES` times (3 generations, 4 scorings); `on_batch` is called with the
+    number of samples of each finished batch of any pass (progress bars: total = MODALITY_PASSES · len(rows)).
     """
     rows = list(rows)
     answers_ref = [row["answer"] for row in rows]
@@ -317,12 +328,12 @@ def modality_metrics(
         for name, spec in (("full", None), ("no_image", "image.drop"), ("no_question", "text.drop_question"))
     }
     variants["neither"] = [perturb.apply("image.drop+text.drop_question", row) for row in rows]
-    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, on_batch=on_batch)
     full = generate(model, processing_class, variants["full"], **kwargs)
     blind = generate(model, processing_class, variants["no_image"], **kwargs)
     question_blind = generate(model, processing_class, variants["no_question"], **kwargs)
     values = {
-        name: answer_log_probs(model, processing_class, samples, answers_ref, batch_size=batch_size)
+        name: answer_log_probs(model, processing_class, samples, answers_ref, batch_size=batch_size, on_batch=on_batch)
         for name, samples in variants.items()
     }
     shapley = modality_shapley(values["full"], values["no_image"], values["no_question"], values["neither"])

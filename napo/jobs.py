@@ -24,14 +24,19 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
+import inspect
 import json
 import logging
 import os
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
+
+Job = TypeVar("Job", bound=Callable[..., Any])
 
 LOCK_NAME = ".napo-lock"
 logger = logging.getLogger(__name__)
@@ -95,6 +100,28 @@ def output_lock(folder: str | Path, command: str | None = None) -> Iterator[Path
             with contextlib.suppress(OSError):  # only if empty: a failed first run leaves no folder behind
                 if created:
                     path.rmdir()
+
+
+def locks_output(folder_of: Callable[[dict[str, Any]], str | Path]) -> Callable[[Job], Job]:
+    """Decorate a job function so that every call holds `output_lock` on its output folder.
+
+    `folder_of` gets the call's arguments by parameter name (defaults applied) and returns the folder, e.g.
+    `@locks_output(lambda a: a["config"].output_dir)`.
+    """
+
+    def decorate(job: Job) -> Job:
+        signature = inspect.signature(job)
+
+        @functools.wraps(job)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with output_lock(folder_of(bound.arguments)):
+                return job(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
+
+    return decorate
 
 
 def lock_holder(folder: str | Path) -> dict | None:

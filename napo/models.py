@@ -533,7 +533,7 @@ def load_model(
     local = Path(path).is_dir()
     pickle_hint = (
         "Pickled weights can run arbitrary code when loaded: load them only from a source you trust, "
-        "with load_model(..., allow_pickle=True) or `--allow-pickle` on the command line; "
+        "with load_model(..., allow_pickle=True) or the --allow-pickle option of napo train, pairs and eval; "
         "better, convert them once to safetensors."
     )
     if local and not allow_pickle and not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):

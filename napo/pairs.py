@@ -38,6 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 import perturb
 from napo.data import REJECTED_COLUMNS, DatasetOptions, read_dataset
 from napo.inference import generate
+from napo.jobs import LOCK_NAME, locks_output
 
 VISION_NEGATIVES = {"rejected_language_bias": "image.drop", "rejected_vision_bias": "text.drop_question"}
 AUDIO_NEGATIVES = {
@@ -86,6 +87,7 @@ class PairsConfig:
     )
 
 
+@locks_output(lambda arguments: arguments["config"].output_dir)
 def build_pairs(
     config: PairsConfig,
     *,
@@ -94,6 +96,7 @@ def build_pairs(
     overwrite: bool = False,
     progress: bool = True,
     on_shard: Callable[[int], None] | None = None,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a pairs job; return its stats, with the written paths under "outputs".
 
@@ -103,6 +106,9 @@ def build_pairs(
         overwrite: delete a previous job's outputs in `config.output_dir` and start over.
         progress: show a tqdm bar (rows and rows/s).
         on_shard: called with the shard index after each shard is written (progress hooks, tests).
+        allow_pickle: let `load_model` read pickled (.bin) weights (not recorded in args.json: a safety opt-in).
+
+    The output folder is locked for the call (`napo.jobs.output_lock`): a second job on it is refused.
 
     Raises:
         ValueError: a bad negative column or spec, a source without a `prompt` or `chosen` column, or an
@@ -111,7 +117,7 @@ def build_pairs(
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # one bar for the job, not one per shard write
     try:
-        return _run(config, model, processing_class, overwrite, progress, on_shard)
+        return _run(config, model, processing_class, overwrite, progress, on_shard, allow_pickle)
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
@@ -124,6 +130,7 @@ def _run(
     overwrite: bool,
     progress: bool,
     on_shard: Callable[[int], None] | None,
+    allow_pickle: bool,
 ) -> dict[str, Any]:
     out = Path(config.output_dir)
     _prepare_output(out, overwrite)
@@ -151,7 +158,9 @@ def _run(
     if todo and model is None:
         from napo.models import load_model  # only a job with work left needs the model
 
-        model, processing_class = load_model(config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype)
+        model, processing_class = load_model(
+            config.model, trust_remote_code=config.trust_remote_code, dtype=config.dtype, allow_pickle=allow_pickle
+        )
     done_rows = sum(len(shard) for i, shard in enumerate(shards) if i not in todo)
     with tqdm(total=len(valid), initial=done_rows, unit="row", desc="napo pairs", disable=not progress) as bar:
         for shard_id in todo:
@@ -196,7 +205,7 @@ def _resolve_negatives(negatives: dict[str, str] | None, dataset: datasets.Datas
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Create `out`; refuse a non-empty folder that holds no job (even with overwrite: it may be anything)."""
-    if out.exists() and any(out.iterdir()) and not (out / "args.json").exists():
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / "args.json").exists():
         raise ValueError(f"{out} is not empty and holds no napo pairs job (no args.json): choose an empty or new folder")
     if overwrite:
         for name in _OUTPUTS:

@@ -1,18 +1,135 @@
-"""One preference-training job from paths: a dataset on disk, a model directory or id, a `NaPOConfig`."""
+"""One preference-training job from paths: a dataset on disk, a model directory or id, a `NaPOConfig`.
+
+`TrainArguments` holds what a job needs besides the `NaPOConfig`, under TRL's names (`dataset_name`,
+`model_name_or_path`, `use_peft`, `lora_r`, ...), so that `napo train` reads TRL's command lines; `run_training`
+runs it. The output folder is locked for the job (`napo.jobs.output_lock`), and `<output_dir>/napo_job.json`
+records the dataset's fingerprint and the training settings so that `--resume` can refuse a checkpoint written by
+another job.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
+import datasets
 from peft import LoraConfig
+from transformers import TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from napo.config import NaPOConfig
-from napo.data import DatasetOptions, read_dataset
+from napo.config import NEGATIVE_TYPES, NaPOConfig
+from napo.data import read_dataset
+from napo.jobs import output_lock
 from napo.models import load_model
 from napo.trainer import NaPOTrainer
+
+logger = logging.getLogger(__name__)
+JOB_RECORD = "napo_job.json"
+# NaPOConfig fields that change what is logged, saved or shown but not the weights a step computes: they may differ
+# between a job and its resumption. Every other field must match (or the resume is refused, see `resume_mismatch`).
+_RESUMABLE_CHANGES = (
+    "output_dir", "logging_dir", "run_name", "report_to", "project", "disable_tqdm", "resume_from_checkpoint",
+    "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
+    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context", "skip_memory_metrics", "log_level", "log_level_replica", "log_on_each_node",
+    "per_device_eval_batch_size", "eval_accumulation_steps", "prediction_loss_only", "include_for_metrics",
+    "eval_do_concat_batches", "eval_use_gather_object", "batch_eval_metrics", "do_train", "do_eval", "do_predict",
+    "ddp_timeout", "local_rank", "precompute_ref_batch_size", "include_num_input_tokens_seen",
+)
+_RESUMABLE_PREFIXES = ("logging_", "save_", "eval_", "trackio_", "metric_for_", "greater_is_", "load_best_")
+
+
+@dataclass
+class TrainArguments:
+    """What `napo train` needs besides the NaPOConfig: data, model, LoRA and resuming. Names follow TRL's scripts."""
+
+    dataset_name: str = field(
+        metadata={"aliases": ["--dataset"], "help": "preference rows: a save_to_disk folder, parquet or JSONL (required)"}
+    )
+    model_name_or_path: str = field(
+        metadata={"aliases": ["--model"], "help": "model folder or Hugging Face id to start from (required)"}
+    )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "preference rows to evaluate on (same formats as --dataset), for --eval_strategy steps/epoch"},
+    )
+    eval_split: float | None = field(
+        default=None,
+        metadata={"help": "instead of --eval_dataset: hold out this fraction of --dataset's rows (picked with --seed) "
+                  "for evaluation, in (0, 1)"},
+    )
+    use_peft: bool = field(
+        default=False, metadata={"help": "train a LoRA adapter (the model with the adapter disabled is the reference)"}
+    )
+    lora_r: int | None = field(
+        default=None,
+        metadata={"aliases": ["--lora-rank", "--lora_rank"],
+                  "help": "LoRA rank; giving it turns --use_peft on (default with --use_peft: 16)"},
+    )
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling α (default: 2 × lora_r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path (with --use_peft)"})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "modules that get adapters: all-linear, or module names (space or comma separated) "
+                  "(default with --use_peft: all-linear)"},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from the last complete checkpoint in --output_dir (same dataset and settings "
+                  "required); starts from scratch when there is none"},
+    )
+    resume_anyway: bool = field(
+        default=False,
+        metadata={"aliases": ["--resume-anyway"],
+                  "help": "resume even if the dataset or training settings differ from the checkpoint's job (the "
+                  "checkpoint's optimizer and scheduler state, and so its learning rate, still win)"},
+    )
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "allow pickled (.bin) weights, which can run code when loaded; safetensors only by default"}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
+                  "help": "attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: transformers' sdpa)"},
+    )
+    dtype: str | None = field(
+        default=None, metadata={"help": "dtype the model is loaded in, e.g. bfloat16 or auto (default: float32)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r is not None:
+            self.use_peft = True
+        lora_given = [name for name in ("lora_alpha", "lora_target_modules") if getattr(self, name) is not None]
+        if self.lora_dropout:
+            lora_given.append("lora_dropout")
+        if lora_given and not self.use_peft:
+            raise ValueError(f"{', '.join('--' + n for n in lora_given)} given without --use_peft: add --use_peft "
+                             "(or --lora_r N) to train a LoRA adapter, or drop them")
+        if self.use_peft and self.lora_r is None:
+            self.lora_r = 16
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r {self.lora_r}: expected a rank >= 1 (leave --use_peft off to train every weight)")
+        if self.eval_split is not None:
+            if self.eval_dataset is not None:
+                raise ValueError("--eval_dataset and --eval_split both given: pass one of them")
+            if not 0.0 < self.eval_split < 1.0:
+                raise ValueError(f"--eval_split {self.eval_split}: expected a fraction in (0, 1)")
+        if self.resume_anyway:
+            self.resume = True
+
+    def peft_config(self) -> LoraConfig | None:
+        """The LoRA configuration, or None for a full fine-tune."""
+        if not self.use_peft:
+            return None
+        modules = [m for item in (self.lora_target_modules or ["all-linear"]) for m in item.split(",") if m]
+        targets = "all-linear" if modules == ["all-linear"] else modules
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r, lora_dropout=self.lora_dropout,
+                          target_modules=targets)
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -33,60 +150,214 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return steps[max(steps)] if steps else None
 
 
-def train_from_paths(
-    dataset: str,
-    model: str,
-    config: NaPOConfig,
-    *,
-    lora_rank: int = 0,
-    lora_alpha: int | None = None,
-    lora_target_modules: str = "all-linear",
-    resume: bool = False,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    dataset_options: DatasetOptions | None = None,
-) -> dict[str, str]:
-    """Train `model` on the preference rows at `dataset` and save the result in `config.output_dir`.
+def train_from_paths(dataset: str, model: str, config: NaPOConfig, **options: Any) -> dict[str, str]:
+    """`run_training` with the dataset and model as arguments; `options` are the other `TrainArguments` fields."""
+    return run_training(TrainArguments(dataset_name=dataset, model_name_or_path=model, **options), config)
 
-    Args:
-        dataset: an HF `save_to_disk` folder, a parquet file or folder, or a JSONL file with image/audio paths.
-            A row whose media cannot be read stops the job before training, naming the row and field.
-        model: a local model folder or a Hugging Face model id (safetensors only unless `allow_pickle`).
-        config: the training configuration (objective, q, weights and every TRL / transformers argument).
-        lora_rank: 0 trains every weight against a frozen reference copy; r > 0 trains a LoRA adapter of rank r
-            and uses the model with the adapter disabled as the reference (no second model in memory).
-        lora_alpha: LoRA scaling α (default 2·r).
-        lora_target_modules: modules that get adapters ("all-linear" or comma-separated names).
-        resume: continue from the last checkpoint in `config.output_dir` (same data order, optimizer and
-            scheduler state); starts from scratch when there is none.
-        attn_implementation: the model's attention kernels (see `napo.models.load_model`); None: transformers' default.
-        dataset_options: how `dataset` is read (split, hub config, layout, column renames, media limits).
+
+def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
+    """Train `job.model_name_or_path` on the preference rows of `job.dataset_name`; save it in `config.output_dir`.
+
+    Before anything is loaded, the output folder is locked for this job and every tracker of `report_to` is checked
+    to be installed. A row whose media cannot be read stops the job before training, naming the row and field.
+    With `job.use_peft` a LoRA adapter is trained and the model with the adapter disabled is the reference (no
+    second model in memory); otherwise every weight is trained against a frozen copy.
+
+    Resuming (`job.resume`, or `config.resume_from_checkpoint` = a checkpoint folder) continues from the checkpoint
+    with the same data order, optimizer and scheduler state, after checking that the dataset and the training
+    settings are those recorded by the job that wrote it (`napo_job.json`); a mismatch is refused, naming what
+    changed, unless `job.resume_anyway`.
 
     Returns:
-        Paths of what was written: the model (or adapter) folder and the training log.
+        Paths of what was written: the model (or adapter) folder, its model card, the training log and, with an
+        evaluation set, the evaluation metrics.
     """
-    train_dataset, _ = read_dataset(dataset, dataset_options)
-    policy, processing_class = load_model(
-        model, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, attn_implementation=attn_implementation
+    with output_lock(config.output_dir):
+        _check_trackers(config.report_to)
+        train_dataset, _ = read_dataset(job.dataset_name)
+        fingerprint, rows = dataset_fingerprint(train_dataset), len(train_dataset)
+        eval_dataset = None
+        if job.eval_dataset is not None:
+            eval_dataset, _ = read_dataset(job.eval_dataset)
+        elif job.eval_split is not None:
+            split = train_dataset.train_test_split(test_size=job.eval_split, seed=config.seed)
+            train_dataset, eval_dataset = split["train"], split["test"]
+        if config.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(f"--eval_strategy {config.eval_strategy} needs evaluation rows: pass --eval_dataset PATH or "
+                             "--eval_split FRACTION")
+        record = _job_record(job, config, fingerprint, rows)
+        checkpoint = _checkpoint_to_resume(job, config, record)
+        _write_json(os.path.join(config.output_dir, JOB_RECORD), record)
+
+        policy, processing_class = load_model(
+            job.model_name_or_path, trust_remote_code=config.trust_remote_code, allow_pickle=job.allow_pickle,
+            dtype=job.dtype, attn_implementation=job.attn_implementation,
+        )
+        trainer = NaPOTrainer(
+            model=policy, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, peft_config=job.peft_config(), callbacks=[_RecordJob(record)],
+        )
+        trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model(config.output_dir)
+        outputs = {"model": config.output_dir}
+        if trainer.is_world_process_zero():  # one writer under `accelerate launch`
+            outputs["model_card"] = write_model_card(trainer, job, train_dataset)
+            outputs["log_history"] = os.path.join(config.output_dir, "log_history.json")
+            _write_json(outputs["log_history"], trainer.state.log_history)
+            if eval_dataset is not None:
+                outputs["eval_metrics"] = os.path.join(config.output_dir, "eval_results.json")
+                _write_json(outputs["eval_metrics"], trainer.evaluate())
+    return outputs
+
+
+def dataset_fingerprint(dataset: datasets.Dataset) -> str:
+    """SHA-256 of the dataset's columns and values (Arrow IPC serialisation of each record batch), hex.
+
+    Equal for the same rows read again from any of the supported formats' same file; any changed, added, removed or
+    reordered row or column changes it.
+    """
+    digest = hashlib.sha256(str(dataset.features).encode())
+    for batch in dataset.data.table.to_batches(max_chunksize=1024):
+        digest.update(batch.serialize())
+    return digest.hexdigest()
+
+
+def resume_mismatch(recorded: dict, current: dict) -> list[str]:
+    """What differs between the job that wrote a checkpoint and this one, as "name: old -> new" lines."""
+    changes = []
+    old_data, new_data = recorded.get("dataset", {}), current["dataset"]
+    if old_data.get("fingerprint") != new_data["fingerprint"]:
+        changes.append(f"dataset: {old_data.get('path')} ({old_data.get('rows')} rows, fingerprint "
+                       f"{str(old_data.get('fingerprint'))[:12]}) -> {new_data['path']} ({new_data['rows']} rows, "
+                       f"fingerprint {new_data['fingerprint'][:12]})")
+    for section in ("model", "settings"):
+        old, new = recorded.get(section, {}), current[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def write_model_card(trainer: NaPOTrainer, job: TrainArguments, train_dataset: datasets.Dataset) -> str:
+    """TRL's model card (README.md in the output folder; NaPO's paper and citation) plus what this job trained.
+
+    The card's front matter names the base model and the dataset when they are Hugging Face ids (a local path is
+    not a hub reference); the added section always names them, with the objective, its q and β, and the weight of
+    every negative column of the dataset.
+    """
+    config = trainer.args
+    local_data = os.path.exists(job.dataset_name)
+    trainer.create_model_card(
+        model_name=os.path.basename(os.path.normpath(config.output_dir)),
+        dataset_name=None if local_data else job.dataset_name,
+        tags=[config.objective],
     )
-    peft_config = None
-    if lora_rank:
-        targets = lora_target_modules if lora_target_modules == "all-linear" else lora_target_modules.split(",")
-        peft_config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, target_modules=targets)
-    trainer = NaPOTrainer(
-        model=policy,
-        args=config,
-        train_dataset=train_dataset,
-        processing_class=processing_class,
-        peft_config=peft_config,
-    )
-    checkpoint = last_complete_checkpoint(config.output_dir) if resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(config.output_dir)
-    log_path = os.path.join(config.output_dir, "log_history.json")
-    if trainer.is_world_process_zero():  # one writer under `accelerate launch`
-        with open(log_path + ".tmp", "w") as f:
-            json.dump(trainer.state.log_history, f, indent=1)
-        os.replace(log_path + ".tmp", log_path)
-    return {"model": config.output_dir, "log_history": log_path}
+    path = os.path.join(config.output_dir, "README.md")
+    if os.path.exists(job.model_name_or_path):  # TRL leaves a local base model out of the card
+        with open(path) as f:
+            card = f.read()
+        if card.startswith("---\n") and "base_model:" not in card.split("---\n")[1]:
+            card = card.replace("---\n", f"---\nbase_model: {os.path.abspath(job.model_name_or_path)}\n", 1)
+        with open(path, "w") as f:
+            f.write(card)
+    negatives = [c for c in NEGATIVE_TYPES if c in train_dataset.column_names]
+    weights = {c: config.negative_type_settings(c)[0] for c in negatives}
+    total = sum(weights.values()) or 1.0
+    lines = [
+        "",
+        "## NaPO training",
+        "",
+        f"- base model: `{job.model_name_or_path}`" + (" (LoRA adapter, rank %d)" % job.lora_r if job.use_peft else ""),
+        f"- dataset: `{job.dataset_name}`, {len(train_dataset)} rows",
+        f"- objective: `{config.objective}`" + (f", q = `{config.q}`" if config.objective == "napo" else "")
+        + f", β = {config.beta}",
+        "- negative columns (weight γ, renormalised over the columns present): "
+        + ", ".join(f"`{c}` {weights[c] / total:.3g}" for c in negatives),
+        f"- learning rate {config.learning_rate}, {trainer.state.global_step} optimizer steps, "
+        f"{config.per_device_train_batch_size} rows per device per step × {config.gradient_accumulation_steps} "
+        "accumulation",
+    ]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _check_trackers(report_to: list[str] | str | None) -> None:
+    """Refuse, before any loading, a `report_to` tracker that is not installed (transformers would raise later)."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    for callback in get_reporting_integration_callbacks(report_to):
+        try:
+            callback()
+        except (RuntimeError, ImportError) as error:
+            name = callback.__name__.removesuffix("Callback")
+            extra = "`pip install 'napo[track]'`" if "TensorBoard" in name else "install it"
+            raise ImportError(f"--report_to asks for {name}, which is not installed ({error}): {extra}, or pass "
+                              "--report_to none") from None
+
+
+def _job_record(job: TrainArguments, config: NaPOConfig, fingerprint: str, rows: int) -> dict:
+    """What resuming must find unchanged: the dataset, the model and LoRA setup, every weight-changing setting."""
+    settings = {
+        key: value for key, value in json.loads(json.dumps(config.to_dict(), default=str)).items()
+        if key not in _RESUMABLE_CHANGES and not key.startswith(_RESUMABLE_PREFIXES)
+    }
+    model = {
+        "model_name_or_path": os.path.abspath(job.model_name_or_path) if os.path.exists(job.model_name_or_path)
+        else job.model_name_or_path,
+        **{name: getattr(job, name) for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                                                 "eval_split", "dtype")},
+    }
+    data_path = os.path.abspath(job.dataset_name) if os.path.exists(job.dataset_name) else job.dataset_name
+    return {"dataset": {"path": data_path, "rows": rows, "fingerprint": fingerprint}, "model": model,
+            "settings": settings}
+
+
+def _checkpoint_to_resume(job: TrainArguments, config: NaPOConfig, record: dict) -> str | None:
+    """The checkpoint this job continues from (None: from scratch), after checking it belongs to the same job."""
+    checkpoint = config.resume_from_checkpoint
+    if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, TRAINER_STATE_NAME)):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint (no {TRAINER_STATE_NAME})")
+    if checkpoint is None and job.resume:
+        checkpoint = last_complete_checkpoint(config.output_dir)
+    if checkpoint is None:
+        return None
+    path = os.path.join(checkpoint, JOB_RECORD)
+    if not os.path.exists(path):  # a checkpoint napo killed before it recorded the job in it
+        path = os.path.join(config.output_dir, JOB_RECORD)
+    if not os.path.exists(path):
+        logger.warning("%s has no %s (written by napo since it checks resumes): cannot check that %s was trained "
+                       "on the same data with the same settings", config.output_dir, JOB_RECORD, checkpoint)
+        return checkpoint
+    with open(path) as f:
+        recorded = json.load(f)
+    changes = resume_mismatch(recorded, record)
+    if changes and not job.resume_anyway:
+        raise ValueError(
+            f"--resume: {checkpoint} was written by a job with another dataset or other settings ("
+            + "; ".join(changes) + "). Resuming would train on with the checkpoint's optimizer and scheduler (its "
+            "learning rate wins) on data it did not start with. Rerun with the recorded settings (see "
+            f"{path}), use another --output_dir to start over, or pass --resume-anyway."
+        )
+    if changes:
+        logger.warning("--resume-anyway: resuming %s although %s", checkpoint, "; ".join(changes))
+    return checkpoint
+
+
+class _RecordJob(TrainerCallback):
+    """Copies the job record into every checkpoint, so that resuming checks the checkpoint's own job."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(checkpoint):
+            _write_json(os.path.join(checkpoint, JOB_RECORD), self.record)
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, default=str)
+    os.replace(tmp, path)

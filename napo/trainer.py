@@ -23,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -285,6 +286,21 @@ class NaPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "napo"]
     _name = "NaPO"
+    # TRL's model card cites `_paper` (it would otherwise inherit DPO's).
+    _paper = {
+        "title": "Debiasing Multimodal Large Language Models via Noise-Aware Preference Optimization",
+        "id": "2503.17928",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{zhang2025napo,
+                title        = {{Debiasing Multimodal Large Language Models via Noise-Aware Preference Optimization}},
+                author       = {Zefeng Zhang and Hengzhu Tang and Jiawei Sheng and Zhenyu Zhang and Yiming Ren and
+                                Zhenyang Li and Dawei Yin and Duohe Ma and Tingwen Liu},
+                year         = 2025,
+                booktitle    = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+                pages        = {9423--9433}
+            }"""),
+    }
 
     def __init__(
         self,

@@ -168,9 +168,9 @@ def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
 
 
 def test_napo_lab_audio_flag_parses() -> None:
-    from napo.cli import build_parser
+    from napo.cli import LabArguments, parse_command
 
-    args = build_parser().parse_args(["lab", "--audio", "--quick", "--seeds", "0"])
+    args = parse_command(["lab", "--audio", "--quick", "--seeds", "0"])[LabArguments]
     assert args.audio and args.quick and args.seeds == [0]
 
 

@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 
 import napo.compare as compare
-from napo.cli import build_parser
+from napo.cli import main
 from napo.compare import CompareConfig, objective_settings, pair_margins, read_results, run_compare
 from napo.models import build_tiny_model
 
@@ -248,8 +248,7 @@ def test_cli_recipe_and_flags(tmp_path, monkeypatch):
         return {"cells_run": 0, "cells_failed": 0, "cells_total": 0, "outputs": {"report": "r.md"}}
 
     monkeypatch.setattr(compare, "run_compare", fake_run)
-    args = build_parser().parse_args(["compare", "--recipe", str(recipe), "--seeds", "5", "--set", "warmup_steps=2", "--workers", "1", "--no-progress"])
-    args.run(args)
+    main(["compare", "--recipe", str(recipe), "--seeds", "5", "--set", "warmup_steps=2", "--workers", "1", "--no-progress"])
     config = seen["config"]
     assert config.objectives == ["dpo", "napo-paper"] and config.noise_rates == [0.0, 0.1]
     assert config.seeds == [5] and config.workers == 1

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 import perturb
 from napo.evaluate import accuracy, agreement, answer_log_probs, modality_shapley, prior_following_rate
 from napo.inference import generate
+from napo.jobs import locks_output
 from napo.lab.pipeline import (
     _cell,
     _device,
@@ -214,6 +215,7 @@ def evaluate_audio_model(
     }
 
 
+@locks_output(lambda arguments: arguments["out_dir"])
 def run_audio_lab(
     out_dir: str | Path = "benchmarks/lab",
     *,

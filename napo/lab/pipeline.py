@@ -33,6 +33,7 @@ from transformers import CLIPVisionConfig, PreTrainedModel, ProcessorMixin
 
 from napo.evaluate import accuracy, answer_batch, chair, modality_metrics, pope_metrics, prior_following_rate
 from napo.inference import generate
+from napo.jobs import locks_output
 from napo.lab.scenes import load_recipe, make_split, vocabulary
 from napo.models import build_tiny_model, build_tokenizer, load_model
 
@@ -220,6 +221,7 @@ def lab_spec(recipe: str | dict | None = None, *, quick: bool = False) -> dict[s
     return {"recipe": rec, "settings": asdict(LabSettings.quick() if quick else LabSettings.full())}
 
 
+@locks_output(lambda arguments: arguments["out_dir"])
 def run_lab(
     out_dir: str | Path = "benchmarks/lab",
     *,
