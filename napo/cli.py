@@ -139,12 +139,12 @@ class NapoParser:
         self.parser.add_argument(
             "--config", metavar="YAML", default=None,
             help="YAML file setting any option of this command by field name; options given on the command line "
-            "override it",
+            "override it (default: no file)",
         )
         for m in mappings:
             self.parser.add_argument(
                 *m.flags, dest=m.dest, action=KeyValueOption, parse_value=m.parse_value, example=m.example,
-                metavar="KEY=VALUE", default=None, help=f"repeatable; {m.help}",
+                metavar="KEY=VALUE", default=None, help=f"repeatable; {m.help} (default: none)",
             )
         if defaults:
             self.parser.set_defaults(**defaults)
