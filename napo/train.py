@@ -187,7 +187,6 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
                              "--eval_split FRACTION")
         record = _job_record(job, config, fingerprint, rows)
         checkpoint = _checkpoint_to_resume(job, config, record)
-        _write_json(os.path.join(config.output_dir, JOB_RECORD), record)
 
         policy, processing_class = load_model(
             job.model_name_or_path, trust_remote_code=config.trust_remote_code, allow_pickle=job.allow_pickle,
@@ -197,6 +196,7 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
             model=policy, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, peft_config=job.peft_config(), callbacks=[_RecordJob(record)],
         )
+        _write_json(os.path.join(config.output_dir, JOB_RECORD), record)  # the rows passed the trainer's checks
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(config.output_dir)
         outputs = {"model": config.output_dir}

@@ -1,0 +1,151 @@
+"""Property tests: malformed rows among good ones, through `napo pairs` and `napo train` as the command runs them.
+
+napo pairs: every valid row is written exactly once, every invalid row is in rejects.jsonl exactly once with its
+index, and the job ends normally. napo train: the job stops before training with exit 3 naming an invalid row
+(types are checked while reading, the other rules after), or trains when every row is valid. Never exit 1 (a crash) in either.
+
+Row kinds whose validation is being built on the data branch (type checks of prompt/chosen: today such a row is both
+rejected and kept) are checked by `test_rows_the_data_branch_quarantines`, expected to fail until it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from napo.cli import main
+from napo.models import build_tiny_model
+
+COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
+# What makes a source row invalid for napo pairs, and files it needs (name -> bytes), by kind.
+SOURCE_KINDS_NOW = {
+    "valid": ({}, {}),
+    "missing image": ({}, {"images": ["img/nowhere.png"]}),
+    "truncated image": ({"bad.png": b"\x89PNG\r\n\x1a\n\0\0"}, {"images": ["img/bad.png"]}),
+    "0-byte image": ({"empty.png": b""}, {"images": ["img/empty.png"]}),
+    "image is a number": ({}, {"images": 12345}),
+    "images: [12345]": ({}, {"images": [12345]}),
+}
+SOURCE_KINDS_PENDING = {
+    "chosen is a number": ({}, {"chosen": 42}),
+    "empty chosen": ({}, {"chosen": ""}),
+    "empty prompt": ({}, {"prompt": ""}),
+    "prompt is a number": ({}, {"prompt": 7}),
+}
+# Preference rows for napo train (text model): what makes one invalid.
+PREFERENCE_KINDS = {
+    "valid": {},
+    "chosen is a number": {"chosen": 42},
+    "empty chosen": {"chosen": " "},
+    "empty prompt": {"prompt": ""},
+    "prompt is a number": {"prompt": 7},
+    "no negative": {"rejected_language_bias": None},
+    "negative is a list": {"rejected_language_bias": ["red"]},
+}
+PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                            HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory) -> Path:
+    model, processor = build_tiny_model("llava", seed=1)
+    model.generation_config.min_new_tokens = 2
+    path = tmp_path_factory.mktemp("llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    model, tokenizer = build_tiny_model("text", seed=0)
+    path = tmp_path_factory.mktemp("text")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_napo(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as ended:
+        return ended.code
+    return 0
+
+
+def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> None:
+    (folder / "img").mkdir()
+    lines = []
+    for i, kind in enumerate(kinds):
+        files, changes = table[kind]
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+        for name, data in files.items():
+            (folder / "img" / name).write_bytes(data)
+        row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour {i}?"}]}],
+               "images": [f"img/{i}.png"], "chosen": f"answer {i}", "id": i, **changes}
+        lines.append(json.dumps(row))
+    (folder / "source.jsonl").write_text("\n".join(lines) + "\n")
+    out = folder / "out"
+    code = run_napo(["pairs", "--source", str(folder / "source.jsonl"), "--model", str(llava), "--output_dir", str(out),
+                     "--max_new_tokens", "2", "--shard_size", "3", "--keep_identical", "--no_progress"])
+    assert code == 0, (kinds, code)
+    valid = [i for i, kind in enumerate(kinds) if kind == "valid"]
+    written = datasets.load_from_disk(str(out / "dataset"))["id"]
+    assert sorted(written) == valid, (kinds, written)  # each valid row once, no invalid one
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["row"] for r in rejects) == [i for i, kind in enumerate(kinds) if kind != "valid"], (kinds, rejects)
+    assert all(r["field"] and r["reason"] for r in rejects)
+
+
+@given(kinds=st.lists(st.sampled_from(sorted(SOURCE_KINDS_NOW)), min_size=1, max_size=6), at=st.integers(0, 6))
+@PROPERTY
+def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(llava, kinds, at):
+    kinds.insert(at % (len(kinds) + 1), "valid")  # at least one valid row: an all-invalid source is the next test's
+    with tempfile.TemporaryDirectory() as folder:
+        check_pairs(kinds, SOURCE_KINDS_NOW, Path(folder), llava)
+
+
+@pytest.mark.xfail(strict=False, reason="a source whose every row is rejected stops with \"no 'prompt' column "
+                   "(columns: [])\" instead of writing 0 rows and the rejects (data branch: napo/data.py, pairs.py)")
+def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
+    with tempfile.TemporaryDirectory() as folder:
+        check_pairs(["missing image", "0-byte image"], SOURCE_KINDS_NOW, Path(folder), llava)
+
+
+@pytest.mark.xfail(strict=False, reason="row type checks quarantine rows on the data branch; on main a row failing "
+                   "them is both rejected and kept")
+@pytest.mark.parametrize("kind", sorted(SOURCE_KINDS_PENDING))
+def test_rows_the_data_branch_quarantines(llava, kind):
+    with tempfile.TemporaryDirectory() as folder:
+        check_pairs(["valid", kind, "valid", "valid"], {**SOURCE_KINDS_NOW, **SOURCE_KINDS_PENDING}, Path(folder), llava)
+
+
+@given(kinds=st.lists(st.sampled_from(sorted(PREFERENCE_KINDS)), min_size=1, max_size=6))
+@PROPERTY
+def test_train_stops_naming_an_invalid_row_or_trains(text_model, kinds, capsys):
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [{"prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}], "chosen": COLOURS[i % 6],
+                 "rejected_language_bias": COLOURS[(i + 1) % 6], **PREFERENCE_KINDS[kind]} for i, kind in enumerate(kinds)]
+        path = Path(folder) / "prefs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        capsys.readouterr()
+        code = run_napo(["train", "--dataset", str(path), "--model", str(text_model), "--output_dir",
+                         str(Path(folder) / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+                         "--gradient_checkpointing", "false", "--use_cpu", "true", "--report_to", "none",
+                         "--save_strategy", "no"])
+        err = capsys.readouterr().err
+        invalid = [i for i, kind in enumerate(kinds) if kind != "valid"]
+        if invalid:
+            # Types are checked while reading, the other rules after: the message names one of the invalid rows.
+            assert code == 3 and any(f"row {i}," in err for i in invalid), (kinds, code, err[-500:])
+            assert not (Path(folder) / "out").exists()  # stopped before anything was written
+        else:
+            assert code == 0 and (Path(folder) / "out" / "model.safetensors").exists(), (kinds, err[-500:])
