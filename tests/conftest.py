@@ -12,3 +12,16 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def save_tiny_model(kind: str, folder, *, seed: int = 0, min_new_tokens: int | None = None):
+    """Build napo's tiny `kind` model (`napo.models.build_tiny_model`), save it with its processor to `folder`, and
+    return `folder`; `min_new_tokens` makes a random generator answer at least that many tokens."""
+    from napo.models import build_tiny_model
+
+    model, processor = build_tiny_model(kind, seed=seed)
+    if min_new_tokens is not None:
+        model.generation_config.min_new_tokens = min_new_tokens
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

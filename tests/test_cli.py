@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from napo.cli import COMMANDS, EvalArguments, PairsJob, describe_failure, main, parse_command
 from napo.config import NaPOConfig
 from napo.jobs import LOCK_NAME, output_lock
-from napo.models import build_tiny_model, load_model
 from napo.pairs import PairsConfig
 from napo.train import TrainArguments
+from conftest import save_tiny_model  # tests/conftest.py
 
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 QUICK = ["--per_device_train_batch_size", "2", "--gradient_checkpointing", "false", "--use_cpu", "true",
@@ -34,21 +34,12 @@ QUICK = ["--per_device_train_batch_size", "2", "--gradient_checkpointing", "fals
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> Path:
-    model, tokenizer = build_tiny_model("text", seed=0)
-    path = tmp_path_factory.mktemp("text-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model("text", tmp_path_factory.mktemp("text-model"))
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory) -> Path:
-    model, processor = build_tiny_model("llava", seed=1)
-    model.generation_config.min_new_tokens = 2  # non-empty negatives from a random model
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_model("llava", tmp_path_factory.mktemp("llava"), seed=1, min_new_tokens=2)  # non-empty answers
 
 
 def text_pairs(folder: Path, n: int = 8, name: str = "pairs.jsonl", shift: int = 0) -> Path:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from napo.cli import main
-from napo.models import build_tiny_model
+from conftest import save_tiny_model  # tests/conftest.py
 
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 # What makes a source row invalid for napo pairs, and files it needs (name -> bytes), by kind.
@@ -56,21 +56,12 @@ PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[Healt
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory) -> Path:
-    model, processor = build_tiny_model("llava", seed=1)
-    model.generation_config.min_new_tokens = 2
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_model("llava", tmp_path_factory.mktemp("llava"), seed=1, min_new_tokens=2)  # non-empty answers
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> Path:
-    model, tokenizer = build_tiny_model("text", seed=0)
-    path = tmp_path_factory.mktemp("text")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model("text", tmp_path_factory.mktemp("text-model"))
 
 
 def run_napo(argv: list[str]) -> int:
