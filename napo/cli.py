@@ -168,7 +168,7 @@ class NapoParser:
         return built
 
     def _apply_config_file(self, path: str) -> None:
-        """Set the defaults of this parser's options from a YAML mapping of field names, converting and checking them."""
+        """Set this parser's option defaults from a YAML mapping of field names, converting and checking them."""
         import yaml
 
         try:
@@ -180,7 +180,8 @@ class NapoParser:
             raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
         content = {} if content is None else content
         if not isinstance(content, dict):
-            raise UsageError(f"--config {path}: expected a mapping of option names to values, got {type(content).__name__}")
+            raise UsageError(f"--config {path}: expected a mapping of option names to values, "
+                             f"got {type(content).__name__}")
         for key, value in dict(content.pop("env", None) or {}).items():  # as TrlParser: environment variables
             os.environ[str(key)] = str(value)
         actions = {}
@@ -189,8 +190,10 @@ class NapoParser:
                 actions.setdefault(action.dest, action)
         unknown = [key for key in content if key not in actions]
         if unknown:
-            hints = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, actions, 1)) else key
-                     for key in unknown]
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, actions, 1)
+                hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
             raise UsageError(f"--config {path}: unknown option(s) for {self.parser.prog}: {', '.join(hints)}")
         for key, value in content.items():
             try:
@@ -281,7 +284,8 @@ class Progress:
 @dataclass
 class PairsJob:
     overwrite: bool = field(
-        default=False, metadata={"help": "delete this output folder's previous pairs job and start over (default: resume)"}
+        default=False,
+        metadata={"help": "delete this output folder's previous pairs job and start over (default: resume)"},
     )
     allow_pickle: bool = field(
         default=False, metadata={"help": "allow pickled (.bin) generator weights, which can run code when loaded"}
@@ -292,8 +296,13 @@ class PairsJob:
 class EvalArguments:
     """`napo eval`: the model, and the lab's splits or the user's evaluation rows."""
 
-    model: str = field(metadata={"aliases": ["--model_name_or_path"], "help": "a save_pretrained folder or a Hugging Face id (required)"})
-    recipe: str | None = field(default=None, metadata={"help": "lab recipe YAML for the lab splits (None: the packaged colors.yaml)"})
+    model: str = field(
+        metadata={"aliases": ["--model_name_or_path"],
+                  "help": "a save_pretrained folder or a Hugging Face id (required)"}
+    )
+    recipe: str | None = field(
+        default=None, metadata={"help": "lab recipe YAML for the lab splits (None: the packaged colors.yaml)"}
+    )
     dataset: str | None = field(
         default=None,
         metadata={"aliases": ["--dataset_name"], "help": "your eval set (prompt, images, answer) instead of the lab: "
@@ -302,8 +311,13 @@ class EvalArguments:
     n: int = field(default=200, metadata={"help": "rows per lab split, or the first N rows of --dataset"})
     batch_size: int = field(default=64, metadata={"help": "samples per forward / generate call"})
     max_new_tokens: int = field(default=16, metadata={"help": "longest generated answer with --dataset"})
-    out: str | None = field(default=None, metadata={"aliases": ["--output_file"], "help": "write the metrics as JSON here (None: print only)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickled (.bin) weights, which can run code when loaded"})
+    out: str | None = field(
+        default=None,
+        metadata={"aliases": ["--output_file"], "help": "write the metrics as JSON here (None: print only)"},
+    )
+    allow_pickle: bool = field(
+        default=False, metadata={"help": "allow pickled (.bin) weights, which can run code when loaded"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("n", "batch_size", "max_new_tokens"):

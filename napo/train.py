@@ -49,14 +49,16 @@ class TrainArguments:
     """What `napo train` needs besides the NaPOConfig: data, model, LoRA and resuming. Names follow TRL's scripts."""
 
     dataset_name: str = field(
-        metadata={"aliases": ["--dataset"], "help": "preference rows: a save_to_disk folder, parquet or JSONL (required)"}
+        metadata={"aliases": ["--dataset"],
+                  "help": "preference rows: a save_to_disk folder, parquet or JSONL (required)"}
     )
     model_name_or_path: str = field(
         metadata={"aliases": ["--model"], "help": "model folder or Hugging Face id to start from (required)"}
     )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "preference rows to evaluate on (same formats as --dataset), for --eval_strategy steps/epoch"},
+        metadata={"help": "preference rows to evaluate on (same formats as --dataset), for --eval_strategy "
+                  "steps/epoch"},
     )
     eval_split: float | None = field(
         default=None,
@@ -90,12 +92,14 @@ class TrainArguments:
                   "checkpoint's optimizer and scheduler state, and so its learning rate, still win)"},
     )
     allow_pickle: bool = field(
-        default=False, metadata={"help": "allow pickled (.bin) weights, which can run code when loaded; safetensors only by default"}
+        default=False,
+        metadata={"help": "allow pickled (.bin) weights, which can run code when loaded; safetensors only by default"},
     )
     attn_implementation: str | None = field(
         default=None,
         metadata={"choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
-                  "help": "attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: transformers' sdpa)"},
+                  "help": "attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: "
+                  "transformers' sdpa)"},
     )
     dtype: str | None = field(
         default=None, metadata={"help": "dtype the model is loaded in, e.g. bfloat16 or auto (default: float32)"}
@@ -113,7 +117,8 @@ class TrainArguments:
         if self.use_peft and self.lora_r is None:
             self.lora_r = 16
         if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"--lora_r {self.lora_r}: expected a rank >= 1 (leave --use_peft off to train every weight)")
+            raise ValueError(f"--lora_r {self.lora_r}: expected a rank >= 1 (leave --use_peft off to train every "
+                             "weight)")
         if self.eval_split is not None:
             if self.eval_dataset is not None:
                 raise ValueError("--eval_dataset and --eval_split both given: pass one of them")
@@ -183,8 +188,8 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
             split = train_dataset.train_test_split(test_size=job.eval_split, seed=config.seed)
             train_dataset, eval_dataset = split["train"], split["test"]
         if config.eval_strategy != "no" and eval_dataset is None:
-            raise ValueError(f"--eval_strategy {config.eval_strategy} needs evaluation rows: pass --eval_dataset PATH or "
-                             "--eval_split FRACTION")
+            raise ValueError(f"--eval_strategy {config.eval_strategy} needs evaluation rows: pass --eval_dataset "
+                             "PATH or --eval_split FRACTION")
         record = _job_record(job, config, fingerprint, rows)
         checkpoint = _checkpoint_to_resume(job, config, record)
 
@@ -305,8 +310,8 @@ def _job_record(job: TrainArguments, config: NaPOConfig, fingerprint: str, rows:
     model = {
         "model_name_or_path": os.path.abspath(job.model_name_or_path) if os.path.exists(job.model_name_or_path)
         else job.model_name_or_path,
-        **{name: getattr(job, name) for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                                                 "eval_split", "dtype")},
+        **{name: getattr(job, name) for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout",
+                                                 "lora_target_modules", "eval_split", "dtype")},
     }
     data_path = os.path.abspath(job.dataset_name) if os.path.exists(job.dataset_name) else job.dataset_name
     return {"dataset": {"path": data_path, "rows": rows, "fingerprint": fingerprint}, "model": model,

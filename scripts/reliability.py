@@ -116,7 +116,8 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> Run:
 def tmpfs(path: Path, options: str):
     """A small tmpfs at `path` (root only); yields False where it cannot be mounted."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    mounted = mount.returncode == 0
     try:
         yield mounted
     finally:
@@ -149,8 +150,10 @@ class Lab:
         (folder / "img").mkdir(parents=True, exist_ok=True)
         lines = []
         for i in range(n):
-            Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
-            row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour of {i}?"}]}],
+            pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
+            content = [{"type": "image"}, {"type": "text", "text": f"colour of {i}?"}]
+            row = {"prompt": [{"role": "user", "content": content}],
                    "images": [f"img/{i}.png"], "chosen": f"colour {i}", "id": i}
             row.update((changes or {}).get(i, {}))
             lines.append(json.dumps(row))
@@ -194,7 +197,8 @@ def rows_of(out: Path) -> list | None:
 
 
 def leftovers(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp-*")) + (["lock"] if (out / ".napo-lock").exists() else [])
+    temporary = sorted(str(p.relative_to(out)) for p in out.rglob("*.tmp-*"))
+    return temporary + (["lock"] if (out / ".napo-lock").exists() else [])
 
 
 # --------------------------------------------------------------------------------------------------------- cases
@@ -218,14 +222,15 @@ def pairs_two_jobs(lab: Lab) -> dict:
     done = finish(first)
     same = rows_of(out) == lab.reference_rows()
     recorded = json.loads((out / "args.json").read_text())["batch_size"]
-    ok = second.returncode == 5 and f"pid {first.pid}" in second.stderr and done.returncode == 0 and same and recorded == 8
+    refused = second.returncode == 5 and f"pid {first.pid}" in second.stderr
+    ok = refused and done.returncode == 0 and same and recorded == 8
     return {"ok": ok, "crash": second.crashed or done.crashed, "corruption": not same or recorded != 8,
             "observed": f"second job: exit {second.returncode}, '{second.message}'; first job: exit {done.returncode}, "
             f"rows identical to an uninterrupted run: {same}, args.json batch_size {recorded}"}
 
 
-@case("pairs-overwrite-after-kill-9", "after kill -9 of a job, a job with other arguments and --overwrite takes over the "
-      "stale lock (saying so) and writes only its own rows")
+@case("pairs-overwrite-after-kill-9", "after kill -9 of a job, a job with other arguments and --overwrite takes "
+      "over the stale lock (saying so) and writes only its own rows")
 def pairs_overwrite_after_kill(lab: Lab) -> dict:
     out = lab.work / "killed"
     first = start_slowed(lab.work / "killed.marker", *lab.pairs_args(out))
@@ -267,7 +272,8 @@ def train_ctrl_c(lab: Lab) -> dict:
     job.send_signal(signal.SIGINT)
     stopped = finish(job)
     rerun = napo(*args, "--resume")
-    steps = [h["step"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h] if rerun.returncode == 0 else []
+    history = json.loads((out / "log_history.json").read_text()) if rerun.returncode == 0 else []
+    steps = [h["step"] for h in history if "loss" in h]
     ok = stopped.returncode == 130 and "--resume" in stopped.stderr and rerun.returncode == 0 and steps[-1:] == [4]
     return {"ok": ok, "crash": stopped.crashed or rerun.crashed, "corruption": False,
             "observed": f"exit {stopped.returncode}, '{stopped.message}'; --resume: exit {rerun.returncode}, "
@@ -325,7 +331,8 @@ def eval_errors(lab: Lab) -> dict:
     runs = [napo("eval", "--model", str(lab.work / "no-model"), "--dataset", str(lab.source)),
             napo("eval", "--model", str(lab.llava), "--dataset", str(lab.work / "none.jsonl")),
             napo("eval", "--model", str(lab.llava), "--dataset", str(lab.source), "--n", "2")]
-    ok = runs[0].returncode in (3, 4) and runs[1].returncode == 4 and runs[2].returncode == 3 and "answer" in runs[2].message
+    ok = runs[0].returncode in (3, 4) and runs[1].returncode == 4
+    ok = ok and runs[2].returncode == 3 and "answer" in runs[2].message
     return {"ok": ok, "crash": any(r.crashed for r in runs), "corruption": False,
             "observed": "; ".join(f"exit {r.returncode}, '{r.message[:120]}'" for r in runs)}
 
@@ -356,7 +363,8 @@ def resume_changed(lab: Lab) -> dict:
             napo(*lab.train_args(out, "--max_steps", "2", "--resume", "--learning_rate", "5e-4")),
             napo(*lab.train_args(out, "--max_steps", "3", "--resume-anyway"))]
     ok = (first.returncode == 0 and runs[0].returncode == 3 and "dataset:" in runs[0].message
-          and runs[1].returncode == 3 and "learning_rate: 0.001 -> 0.0005" in runs[1].message and runs[2].returncode == 0)
+          and runs[1].returncode == 3 and "learning_rate: 0.001 -> 0.0005" in runs[1].message
+          and runs[2].returncode == 0)
     return {"ok": ok, "crash": any(r.crashed for r in [first, *runs]), "corruption": False,
             "observed": f"other dataset: exit {runs[0].returncode}; other lr: exit {runs[1].returncode} "
             f"('{runs[1].message[:160]}'); --resume-anyway: exit {runs[2].returncode}"}
@@ -379,7 +387,8 @@ def _audio_row(folder: Path, rate) -> dict:
 
 
 BAD_ROWS = {
-    "placeholder-count": ("two <image> placeholders for one image", lambda f: {"prompt": "<image> <image> what colour?"}),
+    "placeholder-count": ("two <image> placeholders for one image",
+                          lambda f: {"prompt": "<image> <image> what colour?"}),
     "mixed-modalities": ("images and audios in one row", lambda f: _audio_row(f, 16000)),
     "nan-sampling-rate": ("sampling_rate NaN", lambda f: {**_audio_row(f, float("nan")), "images": []}),
     "mixed-type-column": ("an extra column that is a number in one row, a string in the others",
@@ -433,13 +442,15 @@ def huge_file(lab: Lab) -> dict:
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-m", "napo.cli",
                              *lab.pairs_args(folder / "out", source=source)], capture_output=True, text=True)
-    peak_mb = int(result.stderr.strip().splitlines()[-1]) / 1024 if result.stderr.strip().splitlines()[-1].isdigit() else math.nan
+    last = (result.stderr.strip().splitlines() or [""])[-1]  # /usr/bin/time -f %M: peak RSS in KiB
+    peak_mb = int(last) / 1024 if last.isdigit() else math.nan
     rejects = (folder / "out" / "rejects.jsonl").read_text() if (folder / "out" / "rejects.jsonl").exists() else ""
     rejected = '"row": 1' in rejects
     ok = result.returncode == 0 and rejected and peak_mb < 800
     run = Run(result.returncode, result.stdout, result.stderr, time.perf_counter() - start)
     return {"ok": ok, "crash": run.crashed, "corruption": False,
-            "observed": f"exit {result.returncode}, row 1 rejected: {rejected}, peak RSS {peak_mb:.0f} MB, {run.wall:.0f} s"}
+            "observed": f"exit {result.returncode}, row 1 rejected: {rejected}, peak RSS {peak_mb:.0f} MB, "
+            f"{run.wall:.0f} s"}
 
 
 @case("saturation-warning", "at β = 1e6 the loss and gradients vanish: a warning says so", branch="trainer")
@@ -453,7 +464,8 @@ def saturation(lab: Lab) -> dict:
 # --------------------------------------------------------------------------------------------------------- report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "reliability"), help="report folder (default: %(default)s)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "reliability"),
+                        help="report folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", default=None, help="case names to run (default: all)")
     args = parser.parse_args()
     selected = [c for c in CASES if args.only is None or c[0] in args.only]
@@ -465,7 +477,8 @@ def main() -> None:
             try:
                 outcome = function(lab)
             except Exception as error:  # noqa: BLE001 - a broken case is reported, the others still run
-                outcome = {"ok": False, "crash": False, "corruption": False, "observed": f"case could not run: {error!r}"[:400]}
+                outcome = {"ok": False, "crash": False, "corruption": False,
+                           "observed": f"case could not run: {error!r}"[:400]}
             status = "skipped" if "skipped" in outcome else "pass" if outcome["ok"] else \
                 "FAIL" if branch == "cli" or outcome["crash"] or outcome["corruption"] else f"waits on {branch} branch"
             row = {"case": name, "branch": branch, "expected": expected, "status": status,
@@ -481,8 +494,8 @@ def write_report(out: Path, results: list[dict]) -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"datasets {datasets.__version__}",
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
         "crashes": sum(bool(r.get("crash")) for r in results),
         "corruption": sum(bool(r.get("corruption")) for r in results),
         "passed": sum(r["status"] == "pass" for r in results),

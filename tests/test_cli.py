@@ -55,9 +55,11 @@ def image_source(folder: Path, n: int = 4) -> Path:
     (folder / "img").mkdir(parents=True, exist_ok=True)
     lines = []
     for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
-        lines.append(json.dumps({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}],
-                                 "images": [f"img/{i}.png"], "chosen": f"colour {i}", "answer": f"colour {i}"}))
+        pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
+        content = [{"type": "image"}, {"type": "text", "text": "what colour?"}]
+        lines.append(json.dumps({"prompt": [{"role": "user", "content": content}], "images": [f"img/{i}.png"],
+                                 "chosen": f"colour {i}", "answer": f"colour {i}"}))
     path = folder / "source.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -103,7 +105,8 @@ def test_config_file_sets_any_field_and_the_command_line_overrides_it(tmp_path):
     """))
     invocation = parse_command(["train", "--config", str(config), "--max_steps", "3", "--beta", "0.2"])
     job, training = invocation[TrainArguments], invocation[NaPOConfig]
-    assert training.learning_rate == 1e-3 and training.objective == "dpo" and training.lr_scheduler_kwargs == {"min_lr": 0.0}
+    assert training.learning_rate == 1e-3 and training.objective == "dpo"
+    assert training.lr_scheduler_kwargs == {"min_lr": 0.0}
     assert training.max_steps == 3 and training.beta == 0.2  # flags win
     assert training.output_dir == str(tmp_path / "from-file")
     assert job.dataset_name == str(tmp_path / "data.jsonl") and job.model_name_or_path == "some/model"
@@ -127,7 +130,8 @@ def test_trl_model_and_lora_spellings_reach_the_adapter(text_model, tmp_path):
           "--use_peft", "--lora_r", "4", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj",
           "--max_steps", "1", "--save_strategy", "no", *QUICK])
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and adapter["lora_alpha"] == 16 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 16
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
     weights = load_file(out / "adapter_model.safetensors")
     assert weights and all("q_proj" in name or "v_proj" in name for name in weights)
 
@@ -191,7 +195,8 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
     assert f"eval_metrics: {out / 'eval_results.json'}" in capsys.readouterr().out
 
     separate = tmp_path / "separate"
-    main(["train", "--dataset", str(text_pairs(tmp_path, n=6)), "--model", str(text_model), "--output_dir", str(separate),
+    main(["train", "--dataset", str(text_pairs(tmp_path, n=6)), "--model", str(text_model),
+          "--output_dir", str(separate),
           "--eval_dataset", str(text_pairs(tmp_path, n=2, name="eval.jsonl")), "--eval_strategy", "steps",
           "--eval_steps", "1", "--max_steps", "1", "--save_strategy", "no", *QUICK])
     assert (separate / "eval_results.json").exists()

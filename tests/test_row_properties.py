@@ -2,7 +2,8 @@
 
 napo pairs: every valid row is written exactly once, every invalid row is in rejects.jsonl exactly once with its
 index, and the job ends normally. napo train: the job stops before training with exit 3 naming an invalid row
-(types are checked while reading, the other rules after), or trains when every row is valid. Never exit 1 (a crash) in either.
+(types are checked while reading, the other rules after), or trains when every row is valid. Never exit 1 (a
+crash) in either.
 
 Row kinds whose validation is being built on the data branch (type checks of prompt/chosen: today such a row is both
 rejected and kept) are checked by `test_rows_the_data_branch_quarantines`, expected to fail until it lands.
@@ -77,7 +78,8 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
     lines = []
     for i, kind in enumerate(kinds):
         files, changes = table[kind]
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "img" / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
         for name, data in files.items():
             (folder / "img" / name).write_bytes(data)
         row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour {i}?"}]}],
@@ -116,7 +118,8 @@ def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
 @pytest.mark.parametrize("kind", sorted(SOURCE_KINDS_PENDING))
 def test_rows_the_data_branch_quarantines(llava, kind):
     with tempfile.TemporaryDirectory() as folder:
-        check_pairs(["valid", kind, "valid", "valid"], {**SOURCE_KINDS_NOW, **SOURCE_KINDS_PENDING}, Path(folder), llava)
+        kinds = {**SOURCE_KINDS_NOW, **SOURCE_KINDS_PENDING}
+        check_pairs(["valid", kind, "valid", "valid"], kinds, Path(folder), llava)
 
 
 @given(kinds=st.lists(st.sampled_from(sorted(PREFERENCE_KINDS)), min_size=1, max_size=6))
@@ -124,7 +127,8 @@ def test_rows_the_data_branch_quarantines(llava, kind):
 def test_train_stops_naming_an_invalid_row_or_trains(text_model, kinds, capsys):
     with tempfile.TemporaryDirectory() as folder:
         rows = [{"prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}], "chosen": COLOURS[i % 6],
-                 "rejected_language_bias": COLOURS[(i + 1) % 6], **PREFERENCE_KINDS[kind]} for i, kind in enumerate(kinds)]
+                 "rejected_language_bias": COLOURS[(i + 1) % 6], **PREFERENCE_KINDS[kind]}
+                for i, kind in enumerate(kinds)]
         path = Path(folder) / "prefs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         capsys.readouterr()
