@@ -387,8 +387,9 @@ def _audio_row(folder: Path, rate) -> dict:
 
 
 BAD_ROWS = {
-    "placeholder-count": ("two <image> placeholders for one image",
-                          lambda f: {"prompt": "<image> <image> what colour?"}),
+    "placeholder-count": ("two image placeholders for one image", lambda f: {"prompt": [{"role": "user", "content": [
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what colour?"}]}]}),
+    "mixed-prompt-types": ("a string prompt among message-list prompts", lambda f: {"prompt": "<image> what colour?"}),
     "mixed-modalities": ("images and audios in one row", lambda f: _audio_row(f, 16000)),
     "nan-sampling-rate": ("sampling_rate NaN", lambda f: {**_audio_row(f, float("nan")), "images": []}),
     "mixed-type-column": ("an extra column that is a number in one row, a string in the others",
@@ -467,6 +468,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "reliability"),
                         help="report folder (default: %(default)s)")
     parser.add_argument("--only", nargs="+", default=None, help="case names to run (default: all)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other cases' rows of an existing results.json (default: write only this run's)")
     args = parser.parse_args()
     selected = [c for c in CASES if args.only is None or c[0] in args.only]
     results = []
@@ -481,17 +484,28 @@ def main() -> None:
                            "observed": f"case could not run: {error!r}"[:400]}
             status = "skipped" if "skipped" in outcome else "pass" if outcome["ok"] else \
                 "FAIL" if branch == "cli" or outcome["crash"] or outcome["corruption"] else f"waits on {branch} branch"
-            row = {"case": name, "branch": branch, "expected": expected, "status": status,
+            row = {"case": name, "branch": branch, "expected": expected, "status": status, "command": COMMAND,
                    "wall_s": round(time.perf_counter() - start, 1), **outcome}
             results.append(row)
             print(f"[{status}] {name}: {outcome.get('observed') or outcome.get('skipped')}", flush=True)
+    previous = Path(args.out) / "results.json"
+    if args.update and previous.exists():
+        rerun = {r["case"] for r in results}
+        order = [name for name, *_ in CASES]
+        recorded = json.loads(previous.read_text())
+        kept = [{"command": recorded["command"], **r} for r in recorded["results"] if r["case"] not in rerun]
+        results = sorted(kept + results, key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     write_report(Path(args.out), results)
+
+
+COMMAND = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 def write_report(out: Path, results: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    commands = sorted({r.get("command", COMMAND) for r in results})
     meta = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": "; ".join(commands),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
