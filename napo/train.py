@@ -9,6 +9,7 @@ another job.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -177,7 +178,10 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
         Paths of what was written: the model (or adapter) folder, its model card, the training log and, with an
         evaluation set, the evaluation metrics.
     """
-    with output_lock(config.output_dir):
+    # Under `accelerate launch` / torchrun every process runs this function: the job is one, so only the global rank 0
+    # holds the folder's lock (the other ranks would be refused by it).
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(config.output_dir) if main_process else contextlib.nullcontext():
         _check_trackers(config.report_to)
         train_dataset, _ = read_dataset(job.dataset_name)
         fingerprint, rows = dataset_fingerprint(train_dataset), len(train_dataset)
@@ -201,7 +205,8 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
             model=policy, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, peft_config=job.peft_config(), callbacks=[_RecordJob(record)],
         )
-        _write_json(os.path.join(config.output_dir, JOB_RECORD), record)  # the rows passed the trainer's checks
+        if main_process:  # the rows passed the trainer's checks: record the job
+            _write_json(os.path.join(config.output_dir, JOB_RECORD), record)
         trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(config.output_dir)
         outputs = {"model": config.output_dir}
