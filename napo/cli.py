@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import errno
 import json
+import logging
 import os
 import sys
 import traceback
@@ -123,14 +124,17 @@ class NapoParser:
         arguments: tuple[type, ...],
         *,
         mappings: tuple[MappingOption, ...] = (),
+        nested: dict[str, type] | None = None,
         aliases: dict[str, list[str]] | None = None,
         defaults: dict[str, Any] | None = None,
         epilog: str = "",
     ):
         from trl import TrlParser
 
-        self.arguments, self.mappings = arguments, mappings
-        dropped = {m.dest for m in mappings}
+        # `nested`: a field whose value is another of `arguments` (e.g. PairsConfig.data = the DatasetOptions): its
+        # options are that class's own, and a --config file may give them as a mapping under the field's name.
+        self.arguments, self.mappings, self.nested = arguments, mappings, nested or {}
+        dropped = {m.dest for m in mappings} | set(self.nested)
         views = [_view(cls, dropped, aliases or {}) for cls in arguments]
         self.parser = TrlParser(
             views, prog=prog, description=description, allow_abbrev=False,  # a typo must fail, not match
@@ -158,10 +162,13 @@ class NapoParser:
         values = {key: value for key, value in vars(namespace).items() if not key.startswith("_seen_")}
         values.pop("config", None)
         built = {}
-        for cls in self.arguments:
+        inner = set(self.nested.values())
+        for cls in sorted(self.arguments, key=lambda c: c not in inner):  # nested classes first
             names = [f.name for f in dataclasses.fields(cls) if f.init]
+            kwargs = {name: values.pop(name) for name in names if name in values}
+            kwargs.update({name: built[inner_cls] for name, inner_cls in self.nested.items() if name in names})
             try:
-                built[cls] = cls(**{name: values.pop(name) for name in names if name in values})
+                built[cls] = cls(**kwargs)
             except (ValueError, TypeError) as error:
                 raise UsageError(str(error)) from error
         assert not values, f"options without a dataclass: {sorted(values)}"
@@ -184,6 +191,11 @@ class NapoParser:
                              f"got {type(content).__name__}")
         for key, value in dict(content.pop("env", None) or {}).items():  # as TrlParser: environment variables
             os.environ[str(key)] = str(value)
+        for name in self.nested:  # `data: {dataset_split: test}` sets the nested class's options
+            inner = content.pop(name, None) or {}
+            if not isinstance(inner, dict):
+                raise UsageError(f"--config {path}: {name}: expected a mapping of option names to values")
+            content = {**inner, **content}
         actions = {}
         for action in self.parser._actions:
             if action.dest not in ("help", "config") and not isinstance(action, argparse._StoreFalseAction):
@@ -294,11 +306,12 @@ class PairsJob:
 
 @dataclass
 class EvalArguments:
-    """`napo eval`: the model, and the lab's splits or the user's evaluation rows."""
+    """`napo eval`: the model, and the lab's splits, the user's evaluation rows or a standard benchmark."""
 
-    model: str = field(
+    model: str | None = field(
+        default=None,
         metadata={"aliases": ["--model_name_or_path"],
-                  "help": "a save_pretrained folder or a Hugging Face id (required)"}
+                  "help": "a save_pretrained folder or a Hugging Face id (None: only with --predictions)"},
     )
     recipe: str | None = field(
         default=None, metadata={"help": "lab recipe YAML for the lab splits (None: the packaged colors.yaml)"}
@@ -308,9 +321,13 @@ class EvalArguments:
         metadata={"aliases": ["--dataset_name"], "help": "your eval set (prompt, images, answer) instead of the lab: "
                   "save_to_disk folder, parquet or JSONL"},
     )
-    n: int = field(default=200, metadata={"help": "rows per lab split, or the first N rows of --dataset"})
+    n: int | None = field(default=None, metadata={"help": "rows per lab split, or the first N rows of --dataset "
+                                                  "(None: 200)"})
     batch_size: int = field(default=64, metadata={"help": "samples per forward / generate call"})
-    max_new_tokens: int = field(default=16, metadata={"help": "longest generated answer with --dataset"})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "longest generated answer, in tokens (None: 16 with --dataset, 128 with "
+                                "--benchmark)"}
+    )
     out: str | None = field(
         default=None,
         metadata={"aliases": ["--output_file"], "help": "write the metrics as JSON here (None: print only)"},
@@ -318,11 +335,86 @@ class EvalArguments:
     allow_pickle: bool = field(
         default=False, metadata={"help": "allow pickled (.bin) weights, which can run code when loaded"}
     )
+    # Standard benchmarks (napo.benchmarks).
+    benchmark: str | None = field(
+        default=None,
+        metadata={"choices": ["pope", "chair", "amber", "vlind"],
+                  "help": "a standard hallucination benchmark instead of the lab or --dataset (None: none)"},
+    )
+    data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "benchmark files: pope: one question file per split; chair: an optional question file "
+                  "(default: the images of the instances file, or those --predictions names); amber: query JSON(s); "
+                  "vlind: VLind-Bench's data.json"},
+    )
+    annotations: list[str] = field(
+        default_factory=list, metadata={"help": "chair: a COCO instances JSON, then optional COCO captions JSONs; "
+                                        "amber: AMBER's annotations.json"}
+    )
+    image_dir: str | None = field(
+        default=None, metadata={"help": "folder the benchmark's image names are relative to (vlind: the one holding "
+                                "counterfactual/ and factual/; None: the current folder)"}
+    )
+    predictions: list[str] | None = field(
+        default=None, metadata={"help": "score these answer files instead of generating: LLaVA layout "
+                                "{question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or "
+                                "one per --data file (None: generate with --model)"}
+    )
+    allow_partial: bool = field(
+        default=False, metadata={"help": "score an answer file that misses some questions; the JSON records the "
+                                 "coverage (default: missing answers are an error)"}
+    )
+    prompt: str | None = field(
+        default=None, metadata={"help": "chair: the question asked about each image (None: 'Please describe this "
+                                "image in detail.')"}
+    )
+    prompt_suffix: str = field(
+        default="", metadata={"help": "appended to every benchmark question when generating, e.g. ' Answer the "
+                              "question using a single word or phrase.' as LLaVA's POPE files do (default: none)"}
+    )
+    amber_yes_no: str = field(
+        default="exact", metadata={"choices": ["exact", "pope"], "help": "amber: read discriminative answers as the "
+                                   "reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule"}
+    )
+    vlind_prompts: str = field(
+        default="instructblip", metadata={"choices": ["instructblip", "gpt4o"], "help": "vlind: the prompt set of the "
+                                          "reference's eval/instructblip_eval.py or eval/gpt4o_eval.py"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("n", "batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected at least 1")
+        if self.benchmark is None:
+            benchmark_only = [flag for flag, value in (
+                ("--data", self.data), ("--annotations", self.annotations), ("--image_dir", self.image_dir),
+                ("--predictions", self.predictions), ("--allow_partial", self.allow_partial),
+                ("--prompt", self.prompt), ("--prompt_suffix", self.prompt_suffix),
+                ("--amber_yes_no", self.amber_yes_no != "exact"),
+                ("--vlind_prompts", self.vlind_prompts != "instructblip")) if value]
+            if benchmark_only:
+                raise ValueError(f"{', '.join(benchmark_only)} need --benchmark")
+            if self.model is None:
+                raise ValueError("pass --model")
+            return
+        given = [flag for flag, value in (("--dataset", self.dataset), ("--recipe", self.recipe), ("--n", self.n))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to --benchmark")
+        if not self.out:
+            raise ValueError("--benchmark needs --out (the metrics JSON; generated answers go beside it)")
+        if self.prompt is not None and self.benchmark != "chair":
+            raise ValueError("--prompt is chair's caption question; other benchmarks' questions are in --data")
+        if self.amber_yes_no != "exact" and self.benchmark != "amber":
+            raise ValueError("--amber_yes_no applies to --benchmark amber only")
+        if self.vlind_prompts != "instructblip" and self.benchmark != "vlind":
+            raise ValueError("--vlind_prompts applies to --benchmark vlind only")
+        if self.predictions is None and self.model is None:
+            raise ValueError("pass --model (to generate answers) or --predictions (answer files to score)")
+        if self.predictions is not None and (self.model is not None or self.prompt_suffix
+                                             or self.max_new_tokens is not None):
+            raise ValueError("--model, --prompt_suffix and --max_new_tokens generate answers; --predictions scores "
+                             "given ones")
 
 
 @dataclass
@@ -372,13 +464,15 @@ class Command:
 
 
 def _pairs_parser() -> NapoParser:
+    from napo.data import DatasetOptions
     from napo.pairs import PairsConfig
 
     return NapoParser(
         "napo pairs",
         "Answer degraded copies of every source row with a generator model and write the answers as rejected_* "
         "columns beside the original prompt, images and chosen. Rerun the same command to resume.",
-        (PairsConfig, PairsJob, Progress),
+        (PairsConfig, DatasetOptions, PairsJob, Progress),
+        nested={"data": DatasetOptions},
         mappings=(MappingOption("negatives", ("--negative", "--negatives"),
                                 "negative column=perturbation spec (None: image.drop -> rejected_language_bias, "
                                 "text.drop_question -> rejected_vision_bias; audio data: audio.drop / "
@@ -400,6 +494,7 @@ def _run_pairs(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
 
 def _train_parser() -> NapoParser:
     from napo.config import NaPOConfig
+    from napo.data import DatasetOptions
     from napo.train import TrainArguments
 
     return NapoParser(
@@ -407,7 +502,7 @@ def _train_parser() -> NapoParser:
         "Preference training with NaPOTrainer (a TRL DPOTrainer) on rows with 'chosen' and any of 'rejected', "
         "'rejected_language_bias', 'rejected_vision_bias', 'rejected_audio_bias'. Every TRL DPOConfig / transformers "
         "TrainingArguments option is accepted under its TRL name, as are TRL's model and LoRA options.",
-        (TrainArguments, NaPOConfig),
+        (TrainArguments, DatasetOptions, NaPOConfig),
         defaults={"output_dir": "outputs/napo-train"},
         epilog="TrainingArguments' own `debug` setting can only be given in --config: --debug is napo's.",
     )
@@ -415,9 +510,10 @@ def _train_parser() -> NapoParser:
 
 def _run_train(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
     from napo.config import NaPOConfig
+    from napo.data import DatasetOptions
     from napo.train import TrainArguments, run_training
 
-    return [], run_training(invocation[TrainArguments], invocation[NaPOConfig])
+    return [], run_training(invocation[TrainArguments], invocation[NaPOConfig], invocation[DatasetOptions])
 
 
 def _eval_parser() -> NapoParser:
@@ -425,7 +521,9 @@ def _eval_parser() -> NapoParser:
         "napo eval",
         "Without --dataset: the bias lab's evaluation splits (counterfactual and prior-consistent accuracy, prior "
         "following, blind and question-blind agreement, image share, POPE, CHAIR). With --dataset (prompt, images, "
-        "answer columns): accuracy, blind and question-blind agreement and image share.",
+        "answer columns): accuracy, blind and question-blind agreement and image share. With --benchmark "
+        "pope|chair|amber|vlind: that benchmark scored as its reference script scores it, on answers the model "
+        "generates (--model; resumable answer file beside --out) or on any model's answer file (--predictions).",
         (EvalArguments, Progress),
     )
 
@@ -436,28 +534,31 @@ def _run_eval(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
     from napo.models import load_model
 
     args, progress = invocation[EvalArguments], not invocation[Progress].no_progress
+    if args.benchmark is not None:
+        return _run_benchmark(args, progress)
+    n = 200 if args.n is None else args.n
     if args.dataset is not None:  # read (and check) the rows before the model: a bad file fails in seconds
         from napo.data import read_dataset
 
-        dataset, _ = read_dataset(args.dataset)
+        dataset, _ = read_dataset(args.dataset, kind="rows")  # prompt + answer rows: no preference layout
         missing = [c for c in ("prompt", "answer") if c not in dataset.column_names]
         if missing:
             raise ValueError(f"{args.dataset} has no {' or '.join(map(repr, missing))} column (columns: "
                              f"{dataset.column_names}); napo eval --dataset needs prompt, answer and optional images")
-        rows = list(dataset.select(range(min(args.n, len(dataset)))))
+        rows = list(dataset.select(range(min(n, len(dataset)))))
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
     if args.dataset is None:
         from napo.lab.pipeline import evaluate_lab_model, lab_spec
 
         with tqdm(total=1, desc="napo eval (lab splits)", unit="model", disable=not progress) as bar:
-            metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=args.n)
+            metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=n)
             bar.update(1)
     else:
         from napo.evaluate import MODALITY_PASSES, modality_metrics
 
         with tqdm(total=MODALITY_PASSES * len(rows), desc="napo eval", unit="sample", disable=not progress) as bar:
             result = modality_metrics(model, processor, rows, batch_size=args.batch_size,
-                                      max_new_tokens=args.max_new_tokens, on_batch=bar.update)
+                                      max_new_tokens=args.max_new_tokens or 16, on_batch=bar.update)
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
     summary = [f"{name}: {value:.4f}" for name, value in metrics.items()]
     outputs = {}
@@ -475,15 +576,37 @@ def _run_eval(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
     return summary, outputs
 
 
+def _run_benchmark(args: EvalArguments, progress: bool) -> tuple[list[str], dict[str, str]]:
+    """`napo eval --benchmark`: generate (or read) the answers and score them by the benchmark's reference rules."""
+    from napo.benchmarks import DEFAULT_CAPTION_PROMPT, BenchmarkSpec, evaluate, flat_metrics
+
+    spec = BenchmarkSpec(args.benchmark, data=args.data, annotations=args.annotations, image_dir=args.image_dir,
+                         prompt=args.prompt or DEFAULT_CAPTION_PROMPT, amber_yes_no=args.amber_yes_no,
+                         vlind_prompts=args.vlind_prompts)
+    model = processor = None
+    if args.predictions is None:
+        from napo.models import load_model
+
+        model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
+    record = evaluate(spec, out=args.out, predictions=args.predictions, model=model, processing_class=processor,
+                      model_id=args.model, allow_partial=args.allow_partial, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens or 128, prompt_suffix=args.prompt_suffix, progress=progress)
+    summary = [f"{name}: {value:.4f}" for name, value in flat_metrics(args.benchmark, record).items()]
+    summary.append(f"coverage: {record['coverage']['answered']}/{record['coverage']['questions']}")
+    return summary, {"answers": ", ".join(record["answers"]), "metrics": args.out}
+
+
 def _compare_parser() -> NapoParser:
     from napo.compare import CompareConfig
+    from napo.data import DatasetOptions
 
     return NapoParser(
         "napo compare",
         "Train every (objective, label-noise rate, seed) cell from the same SFT model and pairs (the bias lab, or "
         "--dataset/--model), evaluate it and write results.jsonl, a markdown report, a CSV and plots. Rerun the same "
         "command to resume: finished cells are skipped, failed ones retried. --recipe is --config.",
-        (CompareConfig, Progress),
+        (CompareConfig, DatasetOptions, Progress),
+        nested={"data": DatasetOptions},
         mappings=(MappingOption("train", ("--set",), "a NaPOConfig field for every cell, value read as YAML",
                                 "learning_rate=1e-4", parse_value=_yaml_value),),
         aliases={"dataset": ["--dataset_name"], "model": ["--model_name_or_path"]},
@@ -577,6 +700,10 @@ def parse_command(argv: list[str]) -> Invocation:
 def main(argv: list[str] | None = None) -> None:
     """Run `napo ARGV`; on failure print one paragraph and raise `CommandFailed` (a SystemExit) with its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    napo_logger = logging.getLogger("napo")  # napo's own INFO lines (e.g. the layout read and its row count)
+    if not napo_logger.handlers:
+        napo_logger.addHandler(logging.StreamHandler(sys.stderr))
+        napo_logger.setLevel(logging.INFO)
     debug = DEBUG_FLAG in argv
     argv = [item for item in argv if item != DEBUG_FLAG]
     if not argv or argv[0] in ("-h", "--help"):

@@ -24,7 +24,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from napo.config import NEGATIVE_TYPES, NaPOConfig
-from napo.data import read_dataset
+from napo.data import DatasetOptions, read_dataset
 from napo.jobs import output_lock
 from napo.models import load_model
 from napo.trainer import NaPOTrainer
@@ -156,12 +156,17 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return steps[max(steps)] if steps else None
 
 
-def train_from_paths(dataset: str, model: str, config: NaPOConfig, **options: Any) -> dict[str, str]:
+def train_from_paths(
+    dataset: str, model: str, config: NaPOConfig, *, dataset_options: DatasetOptions | None = None, **options: Any
+) -> dict[str, str]:
     """`run_training` with the dataset and model as arguments; `options` are the other `TrainArguments` fields."""
-    return run_training(TrainArguments(dataset_name=dataset, model_name_or_path=model, **options), config)
+    job = TrainArguments(dataset_name=dataset, model_name_or_path=model, **options)
+    return run_training(job, config, dataset_options)
 
 
-def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
+def run_training(
+    job: TrainArguments, config: NaPOConfig, dataset_options: DatasetOptions | None = None
+) -> dict[str, str]:
     """Train `job.model_name_or_path` on the preference rows of `job.dataset_name`; save it in `config.output_dir`.
 
     Before anything is loaded, the output folder is locked for this job and every tracker of `report_to` is checked
@@ -174,6 +179,9 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
     settings are those recorded by the job that wrote it (`napo_job.json`); a mismatch is refused, naming what
     changed, unless `job.resume_anyway`.
 
+    `dataset_options` say how the training (and evaluation) rows are read: split, hub config, layout, column
+    renames, media limits (None: `DatasetOptions()`).
+
     Returns:
         Paths of what was written: the model (or adapter) folder, its model card, the training log and, with an
         evaluation set, the evaluation metrics.
@@ -183,11 +191,11 @@ def run_training(job: TrainArguments, config: NaPOConfig) -> dict[str, str]:
     main_process = int(os.environ.get("RANK", "0")) == 0
     with output_lock(config.output_dir) if main_process else contextlib.nullcontext():
         _check_trackers(config.report_to)
-        train_dataset, _ = read_dataset(job.dataset_name)
+        train_dataset, _ = read_dataset(job.dataset_name, dataset_options)
         fingerprint, rows = dataset_fingerprint(train_dataset), len(train_dataset)
         eval_dataset = None
         if job.eval_dataset is not None:
-            eval_dataset, _ = read_dataset(job.eval_dataset)
+            eval_dataset, _ = read_dataset(job.eval_dataset, dataset_options)
         elif job.eval_split is not None:
             split = train_dataset.train_test_split(test_size=job.eval_split, seed=config.seed)
             train_dataset, eval_dataset = split["train"], split["test"]
