@@ -697,12 +697,21 @@ def parse_command(argv: list[str]) -> Invocation:
 
 
 # ------------------------------------------------------------------------------------------------ error boundary
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (main() may run many times in one process, as in
+    tests, each with its own stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run `napo ARGV`; on failure print one paragraph and raise `CommandFailed` (a SystemExit) with its exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     napo_logger = logging.getLogger("napo")  # napo's own INFO lines (e.g. the layout read and its row count)
     if not napo_logger.handlers:
-        napo_logger.addHandler(logging.StreamHandler(sys.stderr))
+        napo_logger.addHandler(_StderrHandler())
         napo_logger.setLevel(logging.INFO)
     debug = DEBUG_FLAG in argv
     argv = [item for item in argv if item != DEBUG_FLAG]

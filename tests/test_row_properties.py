@@ -5,8 +5,7 @@ index, and the job ends normally. napo train: the job stops before training with
 (types are checked while reading, the other rules after), or trains when every row is valid. Never exit 1 (a
 crash) in either.
 
-Row kinds whose validation is being built on the data branch (type checks of prompt/chosen: today such a row is both
-rejected and kept) are checked by `test_rows_the_data_branch_quarantines`, expected to fail until it lands.
+A source whose every row is invalid is expected to fail for now (`test_a_source_of_only_invalid_rows_is_all_rejected`).
 """
 
 from __future__ import annotations
@@ -27,15 +26,13 @@ from conftest import save_tiny_model  # tests/conftest.py
 
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 # What makes a source row invalid for napo pairs, and files it needs (name -> bytes), by kind.
-SOURCE_KINDS_NOW = {
+SOURCE_KINDS = {
     "valid": ({}, {}),
     "missing image": ({}, {"images": ["img/nowhere.png"]}),
     "truncated image": ({"bad.png": b"\x89PNG\r\n\x1a\n\0\0"}, {"images": ["img/bad.png"]}),
     "0-byte image": ({"empty.png": b""}, {"images": ["img/empty.png"]}),
     "image is a number": ({}, {"images": 12345}),
     "images: [12345]": ({}, {"images": [12345]}),
-}
-SOURCE_KINDS_PENDING = {
     "chosen is a number": ({}, {"chosen": 42}),
     "empty chosen": ({}, {"chosen": ""}),
     "empty prompt": ({}, {"prompt": ""}),
@@ -98,28 +95,19 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
     assert all(r["field"] and r["reason"] for r in rejects)
 
 
-@given(kinds=st.lists(st.sampled_from(sorted(SOURCE_KINDS_NOW)), min_size=1, max_size=6), at=st.integers(0, 6))
+@given(kinds=st.lists(st.sampled_from(sorted(SOURCE_KINDS)), min_size=1, max_size=6), at=st.integers(0, 6))
 @PROPERTY
 def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(llava, kinds, at):
     kinds.insert(at % (len(kinds) + 1), "valid")  # at least one valid row: an all-invalid source is the next test's
     with tempfile.TemporaryDirectory() as folder:
-        check_pairs(kinds, SOURCE_KINDS_NOW, Path(folder), llava)
+        check_pairs(kinds, SOURCE_KINDS, Path(folder), llava)
 
 
 @pytest.mark.xfail(strict=False, reason="a source whose every row is rejected stops with \"no 'prompt' column "
                    "(columns: [])\" instead of writing 0 rows and the rejects (data branch: napo/data.py, pairs.py)")
 def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
     with tempfile.TemporaryDirectory() as folder:
-        check_pairs(["missing image", "0-byte image"], SOURCE_KINDS_NOW, Path(folder), llava)
-
-
-@pytest.mark.xfail(strict=False, reason="row type checks quarantine rows on the data branch; on main a row failing "
-                   "them is both rejected and kept")
-@pytest.mark.parametrize("kind", sorted(SOURCE_KINDS_PENDING))
-def test_rows_the_data_branch_quarantines(llava, kind):
-    with tempfile.TemporaryDirectory() as folder:
-        kinds = {**SOURCE_KINDS_NOW, **SOURCE_KINDS_PENDING}
-        check_pairs(["valid", kind, "valid", "valid"], kinds, Path(folder), llava)
+        check_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), llava)
 
 
 @given(kinds=st.lists(st.sampled_from(sorted(PREFERENCE_KINDS)), min_size=1, max_size=6))
