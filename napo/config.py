@@ -8,6 +8,7 @@ import torch
 from trl import DPOConfig
 
 from napo.objectives import OBJECTIVES
+from napo.trl_losses import LABEL_SMOOTHING_LOSS_TYPES, TRL_LOSS_TYPES
 
 # Each negative column of a preference row, with the short name used in logged metrics ("" for the original
 # `rejected` column so that its metrics keep TRL's names: `rewards/margins`, ...).
@@ -33,16 +34,25 @@ class NaPOConfig(DPOConfig):
     With `objective="napo"`, the bias types use the NaPO loss with their own adaptive q while the original
     `rejected` pair uses DPO, as in the paper; when `rejected` is the only negative column it uses NaPO too.
 
+    TRL's `loss_type` (with `loss_weights` and `f_divergence_type`) is the loss of every pair trained with DPO: all
+    pairs with `objective="dpo"`, the original `rejected` pair with `objective="napo"` beside bias columns. Left unset,
+    `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` are not TRL's defaults (a TRL user's
+    config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
+
     Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
     autocast on CPU is several times slower than fp32).
+
+    Inherited settings napo does not honour are refused here, naming them: `ld_alpha`, `use_weighting`,
+    `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`, `label_smoothing` where no loss reads it.
     """
 
-    objective: str = field(
-        default="napo",
+    objective: str | None = field(
+        default=None,
         metadata={
-            "help": "Preference objective: napo (noise-aware, adaptive q), dpo (sigmoid), cdpo (label-smoothed DPO), "
-            "rdpo (robust DPO, Chowdhury et al. 2024), ipo, hinge. cdpo/rdpo read `label_smoothing` as the flip "
-            "rate ε."
+            "help": "Preference objective: napo (noise-aware, adaptive q), dpo (TRL's `loss_type`, sigmoid by "
+            "default), cdpo (label-smoothed DPO), rdpo (robust DPO, Chowdhury et al. 2024), ipo (napo's, on summed "
+            "log-ratios), hinge. cdpo/rdpo read `label_smoothing` as the flip rate ε. Default: dpo when `loss_type`, "
+            "`loss_weights` or `f_divergence_type` is set to something other than TRL's default, napo otherwise."
         },
     )
     q: str = field(
@@ -132,6 +142,7 @@ class NaPOConfig(DPOConfig):
         if self.bf16 is None and not self.fp16:
             self.bf16 = torch.cuda.is_available()
         super().__post_init__()
+        self._check_trl_settings()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} is not one of: {', '.join(OBJECTIVES)}")
         self.q = self._parse_q(self.q)
@@ -147,6 +158,50 @@ class NaPOConfig(DPOConfig):
                 raise ValueError(f"margin reduction of {column} must be one of {MARGIN_REDUCTIONS}, got {reduction!r}")
         if self.objective in ("cdpo", "rdpo") and not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"{self.objective} needs label_smoothing (the flip rate ε) in [0, 0.5)")
+
+    @property
+    def uses_trl_loss(self) -> bool:
+        """Whether `loss_type` / `loss_weights` / `f_divergence_type` differ from TRL's defaults (plain sigmoid DPO)."""
+        return self.loss_type != ["sigmoid"] or self.loss_weights is not None or self.f_divergence_type != "reverse_kl"
+
+    def _check_trl_settings(self) -> None:
+        """Resolve `objective` from TRL's `loss_type` and refuse every inherited setting napo would otherwise ignore."""
+        unknown = [t for t in self.loss_type if t not in TRL_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is not one of TRL's: {', '.join(TRL_LOSS_TYPES)}")
+        if self.objective is None:
+            self.objective = "dpo" if self.uses_trl_loss else "napo"
+        if self.uses_trl_loss and self.objective not in ("dpo", "napo"):
+            raise ValueError(
+                f"loss_type={self.loss_type} (loss_weights={self.loss_weights}, f_divergence_type="
+                f"{self.f_divergence_type!r}) is TRL's loss for pairs trained with DPO, but objective="
+                f"{self.objective!r} trains no pair with DPO: use objective='dpo' for TRL's loss, or leave loss_type, "
+                "loss_weights and f_divergence_type at their defaults"
+            )
+        refused = {
+            "ld_alpha": (self.ld_alpha is not None, "LD-DPO's verbose-token weighting is not implemented"),
+            "use_weighting": (self.use_weighting, "WPO weighting is not implemented"),
+            "pad_to_multiple_of": (
+                self.pad_to_multiple_of is not None, "napo's collators pad every batch to its longest sequence"
+            ),
+            "sync_ref_model": (
+                self.sync_ref_model and self.precompute_ref_log_probs,
+                "a reference that is synchronised during training makes precomputed reference log-probs stale "
+                "(precompute_ref_log_probs=True); TRL refuses the same combination",
+            ),
+        }
+        for name, (is_set, why) in refused.items():
+            if is_set:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by NaPOTrainer: {why}; unset it")
+        reads_label_smoothing = self.objective in ("cdpo", "rdpo") or (
+            self.objective in ("dpo", "napo") and any(t in LABEL_SMOOTHING_LOSS_TYPES for t in self.loss_type)
+        )
+        if self.label_smoothing and not reads_label_smoothing:
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} is read only by objective cdpo/rdpo or loss_type "
+                f"{'/'.join(LABEL_SMOOTHING_LOSS_TYPES)}; objective={self.objective!r} with loss_type={self.loss_type} "
+                "would ignore it: unset it or choose one of those"
+            )
 
     @staticmethod
     def _parse_q(q: str | float) -> str | float:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -52,6 +52,7 @@ from napo.data import RowError, prepare_preference_dataset, validate_preference_
 from napo.fast import encode_images_once, pack_sequences
 from napo.inference import expand_media_tags
 from napo.objectives import adaptive_q, objective_loss
+from napo.trl_losses import trl_pair_loss
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +101,29 @@ def _with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | d
     rows dropped or reordered later (length filter, shuffling) keep the index of the dataset the user passed."""
     if isinstance(dataset, dict):
         return {name: _with_row_index(d) for name, d in dataset.items()}
-    if dataset is None or ROW_INDEX in dataset.column_names:
+    if dataset is None or ROW_INDEX in _column_names(dataset):
         return dataset
+    if isinstance(dataset, IterableDataset):  # numbered as the rows stream past
+        return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
     return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """The columns of a dataset; of a stream whose features are unknown until read, those of its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)))
+
+
+# Rows of a stream checked before training (a stream cannot be read twice cheaply, and may not end).
+STREAM_ROWS_CHECKED = 64
+
+
+def _validate(dataset: Dataset | IterableDataset) -> list[str]:
+    """`validate_preference_dataset` of a dataset, or of the first `STREAM_ROWS_CHECKED` rows of a stream."""
+    if isinstance(dataset, IterableDataset):
+        dataset = Dataset.from_list(list(dataset.take(STREAM_ROWS_CHECKED)))
+    return validate_preference_dataset(dataset)
 
 
 def _row_index(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -321,21 +342,34 @@ class NaPOTrainer(DPOTrainer):
         if not isinstance(args, NaPOConfig):
             raise TypeError(f"args must be a NaPOConfig, got {type(args).__name__}")
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            # TRL's words first, so that code matching TRL's error still matches.
+            raise ValueError(
+                "`train_dataset` is required: pass the preference dataset to train on (prompt, chosen and one or more "
+                "rejected columns)"
+            )
         # TRL's implicit-prompt rows (no `prompt` column): the shared prefix of the answers is the prompt.
         train_dataset = prepare_preference_dataset(train_dataset)
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: prepare_preference_dataset(d) for name, d in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = prepare_preference_dataset(eval_dataset)
-        self.negative_columns = tuple(validate_preference_dataset(train_dataset))
+        self.negative_columns = tuple(_validate(train_dataset))
         train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
         # Image and audio rows are processed on the fly by the multimodal collator; TRL only knows about images.
         first_row = next(iter(train_dataset))
         self._on_the_fly = any(first_row.get(k) is not None for k in ("image", "images", "audios"))
+        if self._on_the_fly and processing_class is not None and not isinstance(processing_class, ProcessorMixin):
+            media = [k for k in ("image", "images", "audios") if first_row.get(k) is not None]
+            raise ValueError(
+                f"the training rows carry {'/'.join(media)} but processing_class is a "
+                f"{type(processing_class).__name__}, a text tokenizer: pass the model's processor (AutoProcessor) of "
+                "a vision-/audio-language model, or drop the media columns. (TRL: The dataset appears to be "
+                "vision-related (contains 'image' or 'images' keys), but the provided model does not seem to be a "
+                "vision-language model. Please check your model and dataset.)"
+            )
         for dataset in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
             if dataset is not None:
-                validate_preference_dataset(dataset)
+                _validate(dataset)
         self._type_weights, self._type_objectives = self._resolve_negative_types(args, self.negative_columns)
 
         # TRL refuses precomputed reference log-probs for vision data and would precompute with its two-sequence
@@ -372,16 +406,17 @@ class NaPOTrainer(DPOTrainer):
                 if module is not None:
                     encode_images_once(module)
         if precompute:
-            batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
-            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", batch_size)
-            if isinstance(self.eval_dataset, dict):
+            train_batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", train_batch_size)
+            if isinstance(self.eval_dataset, dict):  # dict and DatasetDict
                 self.eval_dataset = {
-                    name: self._precompute_ref_logps(d, name, batch_size) for name, d in self.eval_dataset.items()
+                    name: self._precompute_ref_logps(d, name, eval_batch_size) for name, d in self.eval_dataset.items()
                 }
             elif self.eval_dataset is not None:
-                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", batch_size)
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
             if not is_peft_model(self.model):
-                self.ref_model = None  # every reference log-prob is cached: free the copy
+                self.ref_model = None  # every split's reference log-probs are cached: free the copy
 
     # ------------------------------------------------------------------------------------------ set-up
     @staticmethod
@@ -397,6 +432,14 @@ class NaPOTrainer(DPOTrainer):
             c: "dpo" if (args.objective == "napo" and c == "rejected" and has_bias_types) else args.objective
             for c in columns
         }
+        if args.uses_trl_loss and "dpo" not in objectives.values():
+            raise ValueError(
+                f"loss_type={args.loss_type} (loss_weights={args.loss_weights}, f_divergence_type="
+                f"{args.f_divergence_type!r}) is the loss of pairs trained with DPO, but with objective="
+                f"{args.objective!r} and the negative columns {list(columns)} every pair is trained with NaPO: set "
+                "objective='dpo' to train TRL's loss, or add bias columns (their pairs use NaPO, `rejected` uses "
+                "loss_type)"
+            )
         return {c: w / total for c, w in weights.items()}, objectives
 
     def _default_collator(self):
@@ -423,7 +466,7 @@ class NaPOTrainer(DPOTrainer):
         rows the completion starts where the rendered prompt and prompt+answer diverge, and the row's `tools` and
         `chat_template_kwargs` go to the chat template.
         """
-        if "prompt_ids" in dataset.column_names or self._on_the_fly:
+        if "prompt_ids" in _column_names(dataset) or self._on_the_fly:
             return dataset
         answer_columns = ("chosen", *self.negative_columns)
         eos = self._tokenizer.eos_token
@@ -451,6 +494,11 @@ class NaPOTrainer(DPOTrainer):
                 output[f"{column}_ids"] = full[column][prompt_len:] if column in full else []
             return output
 
+        if isinstance(dataset, IterableDataset):  # tokenized lazily as rows stream; `map` takes no desc / num_proc
+            dataset = dataset.map(tokenize)
+            if args.max_length is not None and args.truncation_mode == "keep_start":
+                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
+            return dataset
         dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset", num_proc=args.dataset_num_proc)
         if args.max_length is not None and args.truncation_mode == "keep_start":
             # A prompt that fills max_length leaves no completion token to learn from.
@@ -485,6 +533,12 @@ class NaPOTrainer(DPOTrainer):
         fingerprint, the reference weights and the columns, so a resumed or repeated run reads them back.
         Works for vision datasets too: the collator processes the images exactly as during training.
         """
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                f"Dataset or set `precompute_ref_log_probs=False`. (The {name} dataset is a stream: its reference "
+                "log-probs cannot be stored beside its rows.)"
+            )
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
         answer_columns = ("chosen", *self.negative_columns)
@@ -636,7 +690,10 @@ class NaPOTrainer(DPOTrainer):
         if mode == "train" and ROW_INDEX in inputs:
             self._rows_since_step.append(inputs[ROW_INDEX])  # read back only if the step's gradients are not finite
         model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
+        # argument); the reference forward is not asked.
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)
         logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"].to(logps.dtype)
@@ -666,9 +723,13 @@ class NaPOTrainer(DPOTrainer):
                 q = self._q(column, z, logratios[chosen] / lengths[chosen] - logratios[negative] / lengths[negative])
                 metrics[f"{prefix}q"].append(float(q))
             if negative.numel():
-                per_pair = objective_loss(
-                    self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
-                )
+                if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
+                    per_pair = self._trl_loss(chosen, negative, logps, ref_logps, inputs["completion_mask"].sum(dim=1),
+                                              lengths)
+                else:
+                    per_pair = objective_loss(
+                        self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
+                    )
                 # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
                 # over processes this is the mean over all pairs, however unevenly the processes hold them.
                 pairs_per_process = pairs_everywhere / self.accelerator.num_processes
@@ -679,11 +740,43 @@ class NaPOTrainer(DPOTrainer):
             metrics[f"{prefix}rewards/margins"].append(float(self._global_mean(z.detach())))
             metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"].append(float(self._global_mean(outputs.aux_loss.detach())))
         if return_outputs:
             with torch.no_grad():
                 outputs = model(**self._model_kwargs(inputs))
             return loss, outputs
         return loss
+
+    def _trl_loss(
+        self,
+        chosen: torch.Tensor,
+        negative: torch.Tensor,
+        logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        completion_tokens: torch.Tensor,
+        shifted_completion_tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Σ_i loss_weights_i · TRL's `loss_type_i` for the pairs (sequence `chosen[j]`, sequence `negative[j]`), shape
+        (n_pairs,) (`napo.trl_losses.trl_pair_loss`). `logps`, `ref_logps` (N,) summed log-probs of the batch's
+        sequences; `completion_tokens` (N,) their completion lengths (TRL's ipo/sigmoid_norm normaliser) and
+        `shifted_completion_tokens` (N,) the scored ones (for sft, the mean NLL over the chosen tokens of the pairs)."""
+        args = self.args
+        chosen_nll = None
+        if "sft" in args.loss_type:
+            rows = chosen.unique()
+            chosen_nll = -logps[rows].sum() / shifted_completion_tokens[rows].sum()
+        total = 0.0
+        for loss_type, weight in zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True):
+            total = total + weight * trl_pair_loss(
+                loss_type, logps[chosen], logps[negative], ref_logps[chosen], ref_logps[negative], beta=self.beta,
+                chosen_lengths=completion_tokens[chosen], rejected_lengths=completion_tokens[negative],
+                label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
+                f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                chosen_nll=chosen_nll,
+            )
+        return total
 
     def _nonfinite_batch(self, inputs: dict, logratios: torch.Tensor) -> bool:
         """Whether to skip this batch because a sequence on some process has a NaN/inf log-ratio (policy or reference

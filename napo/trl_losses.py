@@ -1,0 +1,130 @@
+"""TRL's `loss_type` family as pure functions of a batch of pairs, so that `NaPOTrainer` honours `DPOConfig.loss_type`,
+`loss_weights` and `f_divergence_type` exactly as stock `trl.DPOTrainer` does on a dataset with one `rejected` column.
+
+trl 1.16 computes these losses inline in its private `_compute_loss` (one if-chain over `loss_type`); there is no
+function to call. The formulas here follow that code term by term and are tested against stock TRL on the same batch
+(tests/test_trl_compat.py); napo's own objectives (`napo.objectives`) stay functions of the margin z alone.
+
+Inputs, for the n pairs of one negative type (shapes (n,)):
+
+    chosen_logps, rejected_logps           log π(y_w|x), log π(y_l|x), summed over the completion tokens
+    ref_chosen_logps, ref_rejected_logps   the same under π_ref; Δ_w, Δ_l = the log-ratios log π − log π_ref
+    chosen_lengths, rejected_lengths   completion tokens of each sequence (≥ 1)
+
+With `f_divergence_type` the log-ratios become scores f'(π/π_ref) (f-DPO): reverse_kl s = Δ; forward_kl s = 1 − e^(−Δ);
+js_divergence s = log 2 + log σ(Δ); alpha_divergence s = (e^((α−1)Δ) − 1)/(α − 1). The pair margin is β·(s_w − s_l).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+TRL_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+# Loss types that read `label_smoothing` (the others ignore it in TRL).
+LABEL_SMOOTHING_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
+def f_divergence_scores(logratios: Tensor, f_divergence_type: str, alpha: float = 0.5) -> Tensor:
+    """f'(π/π_ref) of each sequence's log-ratio Δ (shape (n,)), as in trl 1.16: see the module docstring."""
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        if abs(alpha - 1.0) < 1e-6:  # the limit α → 1 is the reverse KL
+            return logratios
+        t = (alpha - 1.0) * logratios
+        clamp_max = {torch.float16: 11.0, torch.bfloat16: 80.0}.get(t.dtype, 80.0)  # exp stays representable
+        return (torch.exp(torch.clamp(t.float(), max=clamp_max)) - 1.0).to(t.dtype) / (alpha - 1.0)
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}")
+
+
+def trl_pair_loss(
+    loss_type: str,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    chosen_nll: Tensor | None = None,
+) -> Tensor:
+    """Per-pair loss of one TRL `loss_type` for n pairs. Shape (n,); its mean is TRL's loss for that type.
+
+    Args:
+        loss_type: one of `TRL_LOSS_TYPES`.
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: shape (n,) (module docstring).
+        beta: β (τ of IPO).
+        chosen_lengths, rejected_lengths: completion token counts, shape (n,), used by `ipo` and `sigmoid_norm`.
+        label_smoothing: ε of `robust`, `exo_pair`, `aot`, `aot_unpaired`.
+        discopop_tau: τ of `discopop`.
+        f_divergence_type, f_alpha_divergence_coef: the f-DPO scores (module docstring).
+        chosen_nll: `sft` only: the mean negative log-likelihood per chosen completion token of the batch (a scalar),
+            which TRL spreads over the pairs.
+    """
+    chosen_logratios, rejected_logratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    z = beta * (chosen_scores - rejected_scores)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(z)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    if loss_type == "ipo":  # Eq. 17 of IPO with per-token averaged scores, as TRL (confirmed with the IPO authors)
+        delta = chosen_scores / chosen_lengths.clamp(min=1) - rejected_scores / rejected_lengths.clamp(min=1)
+        return (delta - 1 / (2 * beta)) ** 2
+    if loss_type == "sigmoid_norm":
+        delta = chosen_scores / chosen_lengths.clamp(min=1) - rejected_scores / rejected_lengths.clamp(min=1)
+        return -F.logsigmoid(beta * delta)
+    if loss_type == "exo_pair":  # EXO-pref (Eq. 16): KL between softmax(z) over the pair and [1 − ε, ε]
+        eps_t = torch.tensor(eps, device=z.device)
+        return torch.sigmoid(z) * (F.logsigmoid(z) - torch.log1p(-eps_t)) + torch.sigmoid(-z) * (
+            F.logsigmoid(-z) - torch.log(eps_t)
+        )
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+    if loss_type == "sppo_hard":  # hard-probability SPPO: winner regressed to +1/(2β), loser to −1/(2β)
+        return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    if loss_type == "aot":  # sorted policy log-prob differences against the sorted reference ones
+        delta = torch.sort(chosen_logps - rejected_logps, dim=0).values - torch.sort(
+            ref_chosen_logps - ref_rejected_logps, dim=0
+        ).values
+        return -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+    if loss_type == "aot_unpaired":
+        delta = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values
+        return -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+    if loss_type == "apo_down":
+        return torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+    if loss_type == "discopop":  # Eq. 5 of DiscoPOP: logistic and exponential losses blended by σ(z/τ)
+        modulation = torch.sigmoid(z / discopop_tau)
+        return -F.logsigmoid(z) * (1 - modulation) + torch.exp(-z) * modulation
+    if loss_type == "sft":
+        if chosen_nll is None:
+            raise ValueError("loss_type 'sft' needs chosen_nll")
+        return chosen_nll.expand(chosen_logratios.shape)
+    raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(TRL_LOSS_TYPES)}")
+
