@@ -479,14 +479,14 @@ class NaPOTrainer(DPOTrainer):
                 full = {
                     c: _tokenize(processing_class, prompt + _as_messages(example[c]), **template)["input_ids"]
                     for c in answer_columns
-                    if example[c] is not None
+                    if example.get(c) is not None  # an eval set may lack a negative column of the training set
                 }
             else:
                 prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
                 full = {
                     c: _tokenize(processing_class, prompt + (a if a.endswith(eos) else a + eos))["input_ids"]
                     for c in answer_columns
-                    if (a := example[c]) is not None
+                    if (a := example.get(c)) is not None
                 }
             prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
             output = {"prompt_ids": prompt_ids[:prompt_len]}
@@ -522,6 +522,15 @@ class NaPOTrainer(DPOTrainer):
                 adapter = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters disabled = base model
                 with use_adapter(unwrapped, adapter_name=adapter):
                     outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
+            elif self.ref_model is None:
+                # Precomputation freed the frozen copy: before the first update the policy still is the reference
+                # (TRL's rule; after it, TRL's `evaluate` refuses a new dataset before reaching here).
+                if self.state.global_step > 0:
+                    raise ValueError(
+                        "Cannot compute reference log-probs after training has started: precompute_ref_log_probs=True "
+                        "freed the reference model; pass the dataset as eval_dataset at initialization or pass ref_model"
+                    )
+                outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
             else:
                 outputs = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
         return sum_per_sequence(outputs.log_probs)

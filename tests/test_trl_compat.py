@@ -6,7 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset, DatasetDict, IterableDataset
+from datasets import DatasetDict, IterableDatasetDict
 from test_trainer import COMMON, as_trl_pairs, fresh_rows, loss_and_grads, perturbed, preference_rows
 from trl import DPOConfig, DPOTrainer
 
@@ -136,3 +136,121 @@ def test_default_objective_stays_napo_and_honoured_settings_pass(tmp_path):
     args = NaPOConfig(output_dir=str(tmp_path), objective="cdpo", label_smoothing=0.1, **COMMON)
     assert args.objective == "cdpo"
     assert NaPOConfig(output_dir=str(tmp_path), loss_type="robust", label_smoothing=0.1, **COMMON).objective == "dpo"
+
+
+def _tiny_moe(model_type: str, vocab_size: int) -> torch.nn.Module:
+    """A 2-layer mixture-of-experts causal LM built from its config (random weights, offline), router logits on."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts_per_tok=2,
+                 output_router_logits=True, router_aux_loss_coef=0.5)
+    if model_type == "qwen3_moe":
+        sizes.update(num_experts=4, moe_intermediate_size=16, decoder_sparse_step=1)
+    else:  # gpt_oss
+        sizes.update(num_local_experts=4, layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes)).float()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_moe_router_aux_loss_is_added_as_stock_trl_adds_it(model_type, tmp_path):
+    _, tokenizer = build_tiny_model("text", seed=0)
+    base = _tiny_moe(model_type, len(tokenizer))
+    dataset = preference_rows(6, vision=False)
+    napo, stock = _pair(tmp_path, base, tokenizer, dataset, {"objective": "dpo"}, {})
+    assert napo.aux_loss_enabled and napo.router_aux_loss_coef == 0.5
+    napo_loss, napo_grads = loss_and_grads(napo, fresh_rows(napo, 6))
+    trl_loss, trl_grads = loss_and_grads(stock, fresh_rows(stock, 6))
+    torch.testing.assert_close(napo_loss, trl_loss, atol=1e-5, rtol=1e-5)
+    for name in trl_grads:
+        torch.testing.assert_close(napo_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert napo._metrics["train"]["aux_loss"] and napo._metrics["train"]["aux_loss"][-1] > 0
+    # Without the router term (coefficient 0) the losses part by exactly 0.5 · aux_loss.
+    off, _ = _pair(tmp_path / "off", base, tokenizer, dataset, {"objective": "dpo", "router_aux_loss_coef": 0.0}, {})
+    assert not off.aux_loss_enabled
+    off_loss, _ = loss_and_grads(off, fresh_rows(off, 6))
+    assert abs(float(napo_loss - off_loss) - 0.5 * napo._metrics["train"]["aux_loss"][-1]) < 1e-5
+
+
+def _args(tmp_path, **settings) -> NaPOConfig:
+    return NaPOConfig(output_dir=str(tmp_path), **{**COMMON, **settings})
+
+
+@pytest.mark.parametrize("eval_kind", ["stream", "dict_of_streams", "none"])
+def test_iterable_datasets_train_and_evaluate(eval_kind, tmp_path):
+    base, tokenizer = build_tiny_model("text", seed=0)
+    train = preference_rows(8, vision=False, columns=("rejected", "rejected_language_bias")).to_iterable_dataset()
+    stream = preference_rows(4, vision=False, seed=1).to_iterable_dataset()
+    eval_dataset = {"stream": stream, "dict_of_streams": {"a": stream, "b": stream}, "none": None}[eval_kind]
+    trainer = NaPOTrainer(
+        model=base, args=_args(tmp_path, max_steps=3, eval_strategy="steps" if eval_dataset else "no", eval_steps=2),
+        train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert any(not torch.equal(p, trainer.model.get_parameter(n)) for n, p in before.items())
+    assert "language_bias/q" in trainer.state.log_history[0]  # both negative columns streamed through
+    logged = set().union(*trainer.state.log_history)
+    if eval_kind == "stream":
+        assert "eval_loss" in logged
+    elif eval_kind == "dict_of_streams":
+        assert {"eval_a_loss", "eval_b_loss"} <= logged
+    metrics = trainer.evaluate(IterableDatasetDict({"late": stream}))
+    assert np.isfinite(metrics["eval_late_loss"])
+
+
+@pytest.mark.parametrize("where", ["train", "eval"])
+def test_precomputation_is_refused_for_streams_with_trls_message(where, tmp_path):
+    base, tokenizer = build_tiny_model("text", seed=0)
+    rows = preference_rows(4, vision=False)
+    train = rows.to_iterable_dataset() if where == "train" else rows
+    eval_dataset = rows.to_iterable_dataset() if where == "eval" else None
+    with pytest.raises(ValueError, match="precompute_ref_log_probs.*not supported with IterableDataset"):
+        NaPOTrainer(model=base, args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
+                    train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("eval_kind", ["dataset", "dataset_dict", "dict_of_datasets"])
+def test_evaluation_with_precomputed_reference_equals_live_reference(eval_kind, tmp_path):
+    # Every split's reference log-probs are precomputed before the frozen copy is freed: evaluation during and after
+    # training reads them. Reference: the same trainer with the live reference model gives the same eval losses.
+    base, tokenizer = build_tiny_model("text", seed=0)
+    split = preference_rows(4, vision=False, seed=1)
+    eval_dataset = {"dataset": split, "dataset_dict": DatasetDict({"a": split, "b": split}),
+                    "dict_of_datasets": {"a": split, "b": split}}[eval_kind]
+    losses = {}
+    for precompute in (False, True):
+        trainer = NaPOTrainer(
+            model=perturbed(base), ref_model=copy.deepcopy(base),
+            args=_args(tmp_path / str(precompute), max_steps=2, eval_strategy="steps", eval_steps=1,
+                       precompute_ref_log_probs=precompute, learning_rate=1e-3),
+            train_dataset=preference_rows(8, vision=False), eval_dataset=eval_dataset, processing_class=tokenizer,
+        )
+        trainer.train()
+        losses[precompute] = [v for log in trainer.state.log_history for k, v in sorted(log.items())
+                              if k.startswith("eval_") and k.endswith("_loss") or k == "eval_loss"]
+        losses[precompute] += list(trainer.evaluate().values())[:1]
+    assert len(losses[True]) >= 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+
+
+def test_evaluating_a_new_dataset_after_training_with_precomputation_gives_trls_refusal(tmp_path):
+    base, tokenizer = build_tiny_model("text", seed=0)
+    trainer = NaPOTrainer(model=base, args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
+                          train_dataset=preference_rows(4, vision=False), processing_class=tokenizer)
+    late = preference_rows(4, vision=False, seed=3)
+    assert np.isfinite(trainer.evaluate(late)["eval_loss"])  # before training the model is the reference
+    trainer.train()
+    with pytest.raises(ValueError, match="Cannot compute reference log-probs for a dataset passed to"):
+        trainer.evaluate(late)
+
+
+def test_trls_error_texts_are_kept(tmp_path):
+    base, tokenizer = build_tiny_model("text", seed=0)
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
+        NaPOTrainer(model=base, args=_args(tmp_path), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"text tokenizer.*The dataset appears to be vision-related"):
+        NaPOTrainer(model=base, args=_args(tmp_path), train_dataset=preference_rows(4, vision=True),
+                    processing_class=tokenizer)
