@@ -138,6 +138,14 @@ class NaPOConfig(DPOConfig):
         },
     )
 
+    saturation_warning_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Warn when every pair of a negative type has had a margin |z| beyond 15 (σ(z) is 0 or 1: no gradient "
+            "left, e.g. at a huge β) for this many consecutive training batches; 0 turns the warning off."
+        },
+    )
+
     def __post_init__(self):
         if self.bf16 is None and not self.fp16:
             self.bf16 = torch.cuda.is_available()
@@ -148,6 +156,8 @@ class NaPOConfig(DPOConfig):
         self.q = self._parse_q(self.q)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.saturation_warning_steps < 0:
+            raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
         if not 0.0 < self.q_min <= 1.0:
             raise ValueError(f"q_min must be in (0, 1], got {self.q_min}")
         for column in NEGATIVE_TYPES:

@@ -36,6 +36,7 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
+from transformers.trainer_utils import TrainOutput
 from trl import DPOTrainer
 from trl.data_utils import (
     _tokenize,
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 # Batch entries that describe the sequences rather than feed the model.
 _SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
+# |z| beyond which σ(z) is within 3e-7 of 0 or 1: a σ-based loss (DPO, NaPO, cDPO, ...) has no gradient left there.
+SATURATED_MARGIN = 15.0
 # Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
 ROW_INDEX = "row_index"
 
@@ -397,6 +400,9 @@ class NaPOTrainer(DPOTrainer):
         args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
         args.padding_free = self.padding_free = padding_free
         self._rows_since_step: list[torch.Tensor] = []  # row_index of each micro-batch since the last optimizer step
+        # Training micro-batches of this `train()` call, and those skipped as non-finite (their loss 0 is not trained).
+        self._batches_run = self._batches_skipped = 0
+        self._saturated_batches = dict.fromkeys(self.negative_columns, 0)  # consecutive batches, per negative type
         self._packing_verified = False
         if data_collator is None:
             self.data_collator = self._default_collator()
@@ -710,7 +716,10 @@ class NaPOTrainer(DPOTrainer):
             ref_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
+        if mode == "train":
+            self._batches_run += 1
         if self._nonfinite_batch(inputs, logratios):
+            self._batches_skipped += mode == "train"
             skipped = logps.new_zeros((), requires_grad=True)  # a leaf: backward reaches no weight, so no update
             return (skipped, outputs) if return_outputs else skipped
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
@@ -727,6 +736,8 @@ class NaPOTrainer(DPOTrainer):
             chosen = chosen_of_row[rows[negative]]
             z = self.beta * (logratios[chosen] - logratios[negative])  # (n_pairs,)
             prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
+            if mode == "train":
+                self._watch_saturation(column, z)
             q = None
             if self._type_objectives[column] == "napo":
                 q = self._q(column, z, logratios[chosen] / lengths[chosen] - logratios[negative] / lengths[negative])
@@ -786,6 +797,36 @@ class NaPOTrainer(DPOTrainer):
                 chosen_nll=chosen_nll,
             )
         return total
+
+    def _watch_saturation(self, column: str, z: torch.Tensor) -> None:
+        """Warn once a negative type's margins z (shape (n_pairs,), this process's pairs) have all been beyond
+        ±SATURATED_MARGIN, on every process, for `saturation_warning_steps` consecutive training batches: σ(z) is then
+        0 or 1 to float precision and the type's loss and gradients are (near) 0, silently (e.g. at β = 1e6)."""
+        steps = self.args.saturation_warning_steps
+        if not steps:
+            return
+        unsaturated = self.accelerator.reduce((z.detach().abs() <= SATURATED_MARGIN).sum().float(), reduction="sum")
+        self._saturated_batches[column] = 0 if unsaturated > 0 else self._saturated_batches[column] + 1
+        if self._saturated_batches[column] == steps:
+            logger.warning(
+                f"{column}: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond ±{SATURATED_MARGIN:g} for "
+                f"{steps} training batches (step {self.state.global_step}, β={self.beta}, this batch's mean |z| "
+                f"{float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative type's "
+                "loss gives (almost) no gradient. Lower beta (or the learning rate) if this is not intended."
+            )
+
+    def train(self, *args, **kwargs) -> TrainOutput:
+        """`Trainer.train`, with `train_loss` the mean over the micro-batches actually trained: a batch skipped as
+        non-finite (`on_nonfinite="skip"`) returns loss 0, which transformers would average in."""
+        self._batches_run = self._batches_skipped = 0
+        output = super().train(*args, **kwargs)
+        return TrainOutput(output.global_step, output.metrics["train_loss"], output.metrics)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_loss" in logs and self._batches_skipped:  # see `train`; the same dict is returned by `train`
+            trained = self._batches_run - self._batches_skipped
+            logs["train_loss"] = logs["train_loss"] * self._batches_run / trained if trained else float("nan")
+        super().log(logs, start_time)
 
     def _nonfinite_batch(self, inputs: dict, logratios: torch.Tensor) -> bool:
         """Whether to skip this batch because a sequence on some process has a NaN/inf log-ratio (policy or reference
