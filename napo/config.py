@@ -42,7 +42,9 @@ class NaPOConfig(DPOConfig):
     Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
     autocast on CPU is several times slower than fp32).
 
-    Inherited settings napo does not honour are refused here, naming them: `ld_alpha`, `use_weighting`,
+    `use_weighting` (WPO) weighs every pair, of any objective, by w(chosen)·w(rejected) as TRL does.
+
+    Inherited settings napo does not honour are refused here, naming them: `ld_alpha`,
     `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`, `label_smoothing` where no loss reads it.
     """
 
@@ -190,7 +192,6 @@ class NaPOConfig(DPOConfig):
             )
         refused = {
             "ld_alpha": (self.ld_alpha is not None, "LD-DPO's verbose-token weighting is not implemented"),
-            "use_weighting": (self.use_weighting, "WPO weighting is not implemented"),
             "pad_to_multiple_of": (
                 self.pad_to_multiple_of is not None, "napo's collators pad every batch to its longest sequence"
             ),

@@ -722,6 +722,10 @@ class NaPOTrainer(DPOTrainer):
             self._batches_skipped += mode == "train"
             skipped = logps.new_zeros((), requires_grad=True)  # a leaf: backward reaches no weight, so no update
             return (skipped, outputs) if return_outputs else skipped
+        sequence_weights = None
+        if self.args.use_weighting:  # WPO (Eq. 2): w = exp(mean over the completion of log p − log Σ_v p_v²)
+            with torch.no_grad():
+                sequence_weights = torch.exp(sum_per_sequence(outputs.log_probs - outputs.log_sum_sq_probs) / lengths)
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
         chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
         chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
@@ -750,6 +754,8 @@ class NaPOTrainer(DPOTrainer):
                     per_pair = objective_loss(
                         self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
                     )
+                if sequence_weights is not None:  # a pair weighs w(chosen) · w(negative), as in TRL
+                    per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
                 # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
                 # over processes this is the mean over all pairs, however unevenly the processes hold them.
                 pairs_per_process = pairs_everywhere / self.accelerator.num_processes

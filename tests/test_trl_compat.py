@@ -48,8 +48,11 @@ def _pair(tmp_path, base, tokenizer, dataset, napo_args: dict, trl_args: dict):
         {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
         {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
         {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
+        {"loss_type": ["sigmoid_norm"], "use_weighting": True},  # TRL breaks hinge + WPO (in-place on relu)
+        {"loss_type": ["ipo"], "use_weighting": True},  # (TRL breaks sft + WPO: in-place on an expanded tensor)
     ],
-    ids=lambda s: "+".join(s["loss_type"]) + (f"-{s['f_divergence_type']}" if "f_divergence_type" in s else ""),
+    ids=lambda s: "+".join(s["loss_type"]) + (f"-{s['f_divergence_type']}" if "f_divergence_type" in s else "")
+    + ("-wpo" if s.get("use_weighting") else ""),
 )
 def test_trl_loss_type_equals_stock_trl_on_one_rejected_column(settings, tmp_path):
     # A TRL user's config with only the imports changed: objective is left unset and follows loss_type.
@@ -110,7 +113,6 @@ def test_loss_type_applies_to_rejected_beside_napo_bias_types(tmp_path):
         ({"objective": "ipo", "loss_type": "hinge"}, "trains no pair with DPO"),
         ({"loss_type": "nope"}, "not one of TRL's"),
         ({"ld_alpha": 0.5}, "ld_alpha=0.5 is not supported"),
-        ({"use_weighting": True}, "use_weighting=True is not supported"),
         ({"pad_to_multiple_of": 8}, "pad_to_multiple_of=8 is not supported"),
         ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model=True is not supported"),
         ({"label_smoothing": 0.1}, "label_smoothing=0.1 is read only by"),
