@@ -216,6 +216,19 @@ def rewrite(source: str, models: dict[str, str], trainer: str) -> str:
     return source
 
 
+def environment() -> dict:
+    """Date, device and library versions of this run."""
+    import datetime
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device,
+            "versions": {p: version(p) for p in ("trl", "transformers", "torch", "datasets", "peft", "accelerate")}}
+
+
 def rewrite_testing_utils(source: str) -> str:
     """TRL's test helpers, with `from trl.import_utils import (...)` made tolerant of names the installed trl lacks
     (the checkout may be newer or older than the pinned trl): a missing availability check reads False."""
@@ -262,7 +275,7 @@ def main() -> None:
     for outcome in outcomes.values():
         counts[outcome["outcome"]] = counts.get(outcome["outcome"], 0) + 1
     result = {"trainer": args.trainer, "test_file": str(test_file), "counts": counts, "no_stand_in": missing,
-              "command": " ".join(sys.argv), "tests": outcomes}
+              "command": " ".join(sys.argv), **environment(), "tests": outcomes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(counts))
