@@ -36,16 +36,18 @@ class NaPOConfig(DPOConfig):
 
     TRL's `loss_type` (with `loss_weights` and `f_divergence_type`) is the loss of every pair trained with DPO: all
     pairs with `objective="dpo"`, the original `rejected` pair with `objective="napo"` beside bias columns. Left unset,
-    `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` are not TRL's defaults (a TRL user's
-    config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
+    `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` / `ld_alpha` / `use_weighting` are
+    not TRL's defaults (a TRL user's config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
 
     Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
     autocast on CPU is several times slower than fp32).
 
     `use_weighting` (WPO) weighs every pair, of any objective, by w(chosen)·w(rejected) as TRL does.
 
-    Inherited settings napo does not honour are refused here, naming them: `ld_alpha`,
-    `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`, `label_smoothing` where no loss reads it.
+    `ld_alpha` (LD-DPO) weighs the tokens past the shorter answer of each pair, for every objective, as TRL does.
+
+    Inherited settings napo does not honour are refused here, naming them: `ld_alpha` with `padding_free` or
+    `precompute_ref_log_probs`, `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`, `label_smoothing` where no loss reads it.
     """
 
     objective: str | None = field(
@@ -54,7 +56,8 @@ class NaPOConfig(DPOConfig):
             "help": "Preference objective: napo (noise-aware, adaptive q), dpo (TRL's `loss_type`, sigmoid by "
             "default), cdpo (label-smoothed DPO), rdpo (robust DPO, Chowdhury et al. 2024), ipo (napo's, on summed "
             "log-ratios), hinge. cdpo/rdpo read `label_smoothing` as the flip rate ε. Default: dpo when `loss_type`, "
-            "`loss_weights` or `f_divergence_type` is set to something other than TRL's default, napo otherwise."
+            "`loss_weights`, `f_divergence_type`, `ld_alpha` or `use_weighting` is set to something other than TRL's "
+            "default, napo otherwise."
         },
     )
     q: str = field(
@@ -158,6 +161,8 @@ class NaPOConfig(DPOConfig):
         self.q = self._parse_q(self.q)
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.saturation_warning_steps < 0:
             raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
         if not 0.0 < self.q_min <= 1.0:
@@ -182,7 +187,9 @@ class NaPOConfig(DPOConfig):
         if unknown:
             raise ValueError(f"loss_type {unknown} is not one of TRL's: {', '.join(TRL_LOSS_TYPES)}")
         if self.objective is None:
-            self.objective = "dpo" if self.uses_trl_loss else "napo"
+            # A TRL config (any of TRL's loss settings changed) trains TRL's loss, not NaPO.
+            trl_config = self.uses_trl_loss or self.ld_alpha is not None or self.use_weighting
+            self.objective = "dpo" if trl_config else "napo"
         if self.uses_trl_loss and self.objective not in ("dpo", "napo"):
             raise ValueError(
                 f"loss_type={self.loss_type} (loss_weights={self.loss_weights}, f_divergence_type="
@@ -191,7 +198,11 @@ class NaPOConfig(DPOConfig):
                 "loss_weights and f_divergence_type at their defaults"
             )
         refused = {
-            "ld_alpha": (self.ld_alpha is not None, "LD-DPO's verbose-token weighting is not implemented"),
+            "ld_alpha": (
+                self.ld_alpha is not None and (self.padding_free or self.precompute_ref_log_probs),
+                "LD-DPO weighs each pair's tokens by the other answer's length, which napo computes on padded batches "
+                "with a live reference only (not with padding_free or precompute_ref_log_probs)",
+            ),
             "pad_to_multiple_of": (
                 self.pad_to_multiple_of is not None, "napo's collators pad every batch to its longest sequence"
             ),

@@ -520,8 +520,11 @@ class NaPOTrainer(DPOTrainer):
         return dataset
 
     # ------------------------------------------------------------------------------- reference log-probs
-    def _reference_logps(self, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence) -> torch.Tensor:
-        """Summed completion log-probs of every sequence under the reference policy. Shape (N,)."""
+    def _reference_logps(
+        self, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence, per_token: bool = False
+    ) -> torch.Tensor:
+        """Summed completion log-probs of every sequence under the reference policy, shape (N,); with `per_token` the
+        fused head's per-token log-probs, shape (B, L-1) (0 off the completion)."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.model):
                 unwrapped = self.accelerator.unwrap_model(self.model)
@@ -539,7 +542,7 @@ class NaPOTrainer(DPOTrainer):
                 outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
             else:
                 outputs = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
-        return sum_per_sequence(outputs.log_probs)
+        return outputs.log_probs if per_token else sum_per_sequence(outputs.log_probs)
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
@@ -710,8 +713,14 @@ class NaPOTrainer(DPOTrainer):
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)
         logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
+        token_logps = None  # LD-DPO: per-token log-probs (policy, reference), shape (N, L-1) each, padded path only
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"].to(logps.dtype)
+        elif self.args.ld_alpha is not None:
+            ref_token_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence, per_token=True)
+            ref_logps = sum_per_sequence(ref_token_logps)
+            scored = labels.size(1) - 1
+            token_logps = (outputs.log_probs[:, -scored:], ref_token_logps[:, -scored:])
         else:
             ref_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
@@ -738,18 +747,20 @@ class NaPOTrainer(DPOTrainer):
             if pairs_everywhere == 0:  # the same decision on every rank, so the collectives below stay matched
                 continue
             chosen = chosen_of_row[rows[negative]]
-            z = self.beta * (logratios[chosen] - logratios[negative])  # (n_pairs,)
+            policy_pair, ref_pair = self._pair_logps(chosen, negative, logps, ref_logps, token_logps, inputs)
+            chosen_logratios, negative_logratios = policy_pair[0] - ref_pair[0], policy_pair[1] - ref_pair[1]
+            z = self.beta * (chosen_logratios - negative_logratios)  # (n_pairs,)
             prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
             if mode == "train":
                 self._watch_saturation(column, z)
             q = None
             if self._type_objectives[column] == "napo":
-                q = self._q(column, z, logratios[chosen] / lengths[chosen] - logratios[negative] / lengths[negative])
+                q = self._q(column, z, chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative])
                 metrics[f"{prefix}q"].append(float(q))
             if negative.numel():
                 if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
-                    per_pair = self._trl_loss(chosen, negative, logps, ref_logps, inputs["completion_mask"].sum(dim=1),
-                                              lengths)
+                    per_pair = self._trl_loss(chosen, negative, policy_pair, ref_pair, logps,
+                                              inputs["completion_mask"].sum(dim=1), lengths)
                 else:
                     per_pair = objective_loss(
                         self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
@@ -760,9 +771,9 @@ class NaPOTrainer(DPOTrainer):
                 # over processes this is the mean over all pairs, however unevenly the processes hold them.
                 pairs_per_process = pairs_everywhere / self.accelerator.num_processes
                 loss = loss + self._type_weights[column] * per_pair.sum() / pairs_per_process
-            chosen_rewards = self.beta * logratios[chosen].detach()
+            chosen_rewards = self.beta * chosen_logratios.detach()
             metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
-            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(self.beta * logratios[negative].detach())))
+            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(self.beta * negative_logratios.detach())))
             metrics[f"{prefix}rewards/margins"].append(float(self._global_mean(z.detach())))
             metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
@@ -775,19 +786,49 @@ class NaPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _trl_loss(
+    def _pair_logps(
         self,
         chosen: torch.Tensor,
         negative: torch.Tensor,
         logps: torch.Tensor,
         ref_logps: torch.Tensor,
+        token_logps: tuple[torch.Tensor, torch.Tensor] | None,
+        inputs: dict,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """((log π(y_w), log π(y_l)), (log π_ref(y_w), log π_ref(y_l))) of the pairs (sequence `chosen[j]`, sequence
+        `negative[j]`), each shape (n_pairs,): the summed log-probs, or with `ld_alpha` (LD-DPO, as TRL) the tokens
+        past the shorter answer's length weighed by α: Σ_{t ≤ min(|y_w|, |y_l|)} log p_t + α·Σ_{t > min} log p_t,
+        from `token_logps` (policy, reference) of shape (N, L-1) — a pair-dependent sum, so a chosen answer with K
+        negatives has K of them."""
+        if token_logps is None:
+            return (logps[chosen], logps[negative]), (ref_logps[chosen], ref_logps[negative])
+        scored = inputs["completion_mask"][:, 1:]
+        position = scored.cumsum(dim=1)  # 1, 2, ... along each answer's scored tokens
+        shared = torch.minimum(scored[chosen].sum(dim=1), scored[negative].sum(dim=1)).unsqueeze(1)  # (n_pairs, 1)
+
+        def weighted(per_token: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+            weights = torch.where(position[sequences] <= shared, 1.0, self.args.ld_alpha) * scored[sequences]
+            return (per_token[sequences] * weights).sum(dim=1)
+
+        policy, reference = token_logps
+        return (weighted(policy, chosen), weighted(policy, negative)), (
+            weighted(reference, chosen), weighted(reference, negative))
+
+    def _trl_loss(
+        self,
+        chosen: torch.Tensor,
+        negative: torch.Tensor,
+        policy_pair: tuple[torch.Tensor, torch.Tensor],
+        ref_pair: tuple[torch.Tensor, torch.Tensor],
+        logps: torch.Tensor,
         completion_tokens: torch.Tensor,
         shifted_completion_tokens: torch.Tensor,
     ) -> torch.Tensor:
         """Σ_i loss_weights_i · TRL's `loss_type_i` for the pairs (sequence `chosen[j]`, sequence `negative[j]`), shape
-        (n_pairs,) (`napo.trl_losses.trl_pair_loss`). `logps`, `ref_logps` (N,) summed log-probs of the batch's
-        sequences; `completion_tokens` (N,) their completion lengths (TRL's ipo/sigmoid_norm normaliser) and
-        `shifted_completion_tokens` (N,) the scored ones (for sft, the mean NLL over the chosen tokens of the pairs)."""
+        (n_pairs,) (`napo.trl_losses.trl_pair_loss`). `policy_pair`, `ref_pair`: the pairs' (chosen, rejected) log-probs
+        (`_pair_logps`); `logps` (N,) the summed log-probs of the batch's sequences; `completion_tokens` (N,) their
+        completion lengths (TRL's ipo/sigmoid_norm normaliser) and `shifted_completion_tokens` (N,) the scored ones
+        (for sft, the mean NLL over the chosen tokens of the pairs)."""
         args = self.args
         chosen_nll = None
         if "sft" in args.loss_type:
@@ -796,7 +837,7 @@ class NaPOTrainer(DPOTrainer):
         total = 0.0
         for loss_type, weight in zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True):
             total = total + weight * trl_pair_loss(
-                loss_type, logps[chosen], logps[negative], ref_logps[chosen], ref_logps[negative], beta=self.beta,
+                loss_type, *policy_pair, *ref_pair, beta=self.beta,
                 chosen_lengths=completion_tokens[chosen], rejected_lengths=completion_tokens[negative],
                 label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
                 f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,

@@ -49,10 +49,12 @@ def _pair(tmp_path, base, tokenizer, dataset, napo_args: dict, trl_args: dict):
         {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
         {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
         {"loss_type": ["sigmoid_norm"], "use_weighting": True},  # TRL breaks hinge + WPO (in-place on relu)
-        {"loss_type": ["ipo"], "use_weighting": True},  # (TRL breaks sft + WPO: in-place on an expanded tensor)
+        {"loss_type": ["ipo"], "use_weighting": True},
+        {"ld_alpha": 0.5},
+        {"loss_type": ["ipo", "aot"], "ld_alpha": 0.0},  # (TRL breaks sft + WPO: in-place on an expanded tensor)
     ],
-    ids=lambda s: "+".join(s["loss_type"]) + (f"-{s['f_divergence_type']}" if "f_divergence_type" in s else "")
-    + ("-wpo" if s.get("use_weighting") else ""),
+    ids=lambda s: "+".join(s.get("loss_type", ["sigmoid"])) + (f"-{s['f_divergence_type']}" if "f_divergence_type" in s else "")
+    + ("-wpo" if s.get("use_weighting") else "") + (f"-ld{s['ld_alpha']}" if "ld_alpha" in s else ""),
 )
 def test_trl_loss_type_equals_stock_trl_on_one_rejected_column(settings, tmp_path):
     # A TRL user's config with only the imports changed: objective is left unset and follows loss_type.
@@ -112,7 +114,8 @@ def test_loss_type_applies_to_rejected_beside_napo_bias_types(tmp_path):
     [
         ({"objective": "ipo", "loss_type": "hinge"}, "trains no pair with DPO"),
         ({"loss_type": "nope"}, "not one of TRL's"),
-        ({"ld_alpha": 0.5}, "ld_alpha=0.5 is not supported"),
+        ({"ld_alpha": 0.5, "precompute_ref_log_probs": True}, "ld_alpha=0.5 is not supported"),
+        ({"ld_alpha": 1.5}, r"ld_alpha must be in \[0, 1\]"),
         ({"pad_to_multiple_of": 8}, "pad_to_multiple_of=8 is not supported"),
         ({"sync_ref_model": True, "precompute_ref_log_probs": True}, "sync_ref_model=True is not supported"),
         ({"label_smoothing": 0.1}, "label_smoothing=0.1 is read only by"),
@@ -256,3 +259,29 @@ def test_trls_error_texts_are_kept(tmp_path):
     with pytest.raises(ValueError, match=r"text tokenizer.*The dataset appears to be vision-related"):
         NaPOTrainer(model=base, args=_args(tmp_path), train_dataset=preference_rows(4, vision=True),
                     processing_class=tokenizer)
+
+
+def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
+    # Negatives of 1, 2 and 3 words in one forward: each pair's tail is weighed past its own shorter answer. Reference:
+    # stock TRL on each type's pairs as a separate one-rejected dataset, combined with napo's γ̂ (as in test_trainer).
+    columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
+    base, tokenizer = build_tiny_model("text", seed=0)
+    dataset = preference_rows(6, vision=False, columns=columns)
+    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", ld_alpha=0.3,
+                      **{**COMMON, "per_device_train_batch_size": 6})
+    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
+                       processing_class=tokenizer)
+    napo_loss, _ = loss_and_grads(napo, fresh_rows(napo, 6))
+    weights = {c: args.negative_type_settings(c)[0] for c in columns}
+    expected = 0.0
+    for column in columns:
+        pairs = dataset.filter(lambda row: row[column] is not None).select_columns(["prompt", "chosen", column])
+        pairs = as_trl_pairs(pairs.rename_column(column, "rejected") if column != "rejected" else pairs)
+        stock = DPOTrainer(
+            model=perturbed(base), ref_model=copy.deepcopy(base),
+            args=DPOConfig(output_dir=str(tmp_path / column), ld_alpha=0.3,
+                           **{**COMMON, "per_device_train_batch_size": len(pairs)}),
+            train_dataset=pairs, processing_class=tokenizer,
+        )
+        expected += weights[column] / sum(weights.values()) * float(loss_and_grads(stock, fresh_rows(stock, len(pairs)))[0])
+    assert abs(float(napo_loss) - expected) < 1e-5
