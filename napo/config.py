@@ -36,8 +36,8 @@ class NaPOConfig(DPOConfig):
 
     TRL's `loss_type` (with `loss_weights` and `f_divergence_type`) is the loss of every pair trained with DPO: all
     pairs with `objective="dpo"`, the original `rejected` pair with `objective="napo"` beside bias columns. Left unset,
-    `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` / `ld_alpha` / `use_weighting` are
-    not TRL's defaults (a TRL user's config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
+    `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` / `ld_alpha` / `use_weighting`
+    are not TRL's defaults (a TRL user's config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
 
     Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
     autocast on CPU is several times slower than fp32).
@@ -47,7 +47,8 @@ class NaPOConfig(DPOConfig):
     `ld_alpha` (LD-DPO) weighs the tokens past the shorter answer of each pair, for every objective, as TRL does.
 
     Inherited settings napo does not honour are refused here, naming them: `ld_alpha` with `padding_free` or
-    `precompute_ref_log_probs`, `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`, `label_smoothing` where no loss reads it.
+    `precompute_ref_log_probs`, `pad_to_multiple_of`, `sync_ref_model` with `precompute_ref_log_probs`,
+    `label_smoothing` where no loss reads it.
     """
 
     objective: str | None = field(
@@ -146,8 +147,8 @@ class NaPOConfig(DPOConfig):
     saturation_warning_steps: int = field(
         default=10,
         metadata={
-            "help": "Warn when every pair of a negative type has had a margin |z| beyond 15 (σ(z) is 0 or 1: no gradient "
-            "left, e.g. at a huge β) for this many consecutive training batches; 0 turns the warning off."
+            "help": "Warn when every pair of a negative type has had a margin |z| beyond 15 (σ(z) is 0 or 1: no "
+            "gradient left, e.g. at a huge β) for this many consecutive training batches; 0 turns the warning off."
         },
     )
 

@@ -537,7 +537,7 @@ class NaPOTrainer(DPOTrainer):
                 if self.state.global_step > 0:
                     raise ValueError(
                         "Cannot compute reference log-probs after training has started: precompute_ref_log_probs=True "
-                        "freed the reference model; pass the dataset as eval_dataset at initialization or pass ref_model"
+                        "freed the reference model; pass the dataset as eval_dataset at initialization, or ref_model"
                     )
                 outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
             else:
@@ -773,7 +773,8 @@ class NaPOTrainer(DPOTrainer):
                 loss = loss + self._type_weights[column] * per_pair.sum() / pairs_per_process
             chosen_rewards = self.beta * chosen_logratios.detach()
             metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
-            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(self.beta * negative_logratios.detach())))
+            negative_rewards = self.beta * negative_logratios.detach()
+            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(negative_rewards)))
             metrics[f"{prefix}rewards/margins"].append(float(self._global_mean(z.detach())))
             metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
@@ -856,9 +857,9 @@ class NaPOTrainer(DPOTrainer):
         self._saturated_batches[column] = 0 if unsaturated > 0 else self._saturated_batches[column] + 1
         if self._saturated_batches[column] == steps:
             logger.warning(
-                f"{column}: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond ±{SATURATED_MARGIN:g} for "
-                f"{steps} training batches (step {self.state.global_step}, β={self.beta}, this batch's mean |z| "
-                f"{float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative type's "
+                f"{column}: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond ±{SATURATED_MARGIN:g} "
+                f"for {steps} training batches (step {self.state.global_step}, β={self.beta}, this batch's mean "
+                f"|z| {float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative type's "
                 "loss gives (almost) no gradient. Lower beta (or the learning rate) if this is not intended."
             )
 

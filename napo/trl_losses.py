@@ -102,7 +102,9 @@ def trl_pair_loss(
         return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
     if loss_type == "nca_pair":
-        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        return (
+            -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        )
     if loss_type == "bco_pair":
         return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
     if loss_type == "sppo_hard":  # hard-probability SPPO: winner regressed to +1/(2β), loser to −1/(2β)

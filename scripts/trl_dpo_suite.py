@@ -109,7 +109,8 @@ def _split(name, config, n, seed):
             tool = {{"type": "function", "function": {{"name": "weather", "description": "the weather",
                      "parameters": {{"type": "object", "properties": {{"city": {{"type": "string"}}}}}}}}}}
             rows.append({{"prompt": user, "chosen": [{{"role": "assistant", "content": c}}],
-                         "rejected": [{{"role": "assistant", "content": r}}], "tools": __import__("json").dumps([tool])}})
+                         "rejected": [{{"role": "assistant", "content": r}}],
+                         "tools": __import__("json").dumps([tool])}})
         elif name == "harmony":
             rows.append({{"prompt": [{{"role": "system", "content": "be brief"}}] + user,
                          "chosen": [{{"role": "assistant", "content": c}}],
@@ -191,8 +192,10 @@ def build_stand_ins(root: Path, needed: set[str]) -> dict[str, str]:
         try:
             if kind == "causal":
                 tokenizer = build_tokenizer(folder)
-                config = AutoConfig.for_model(name, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, **TINY_SIZES, **MOE_SIZES.get(name, {}))
+                config = AutoConfig.for_model(
+                    name, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, **TINY_SIZES, **MOE_SIZES.get(name, {}),
+                )
                 AutoModelForCausalLM.from_config(config).save_pretrained(folder)
             else:
                 model, processor = build_tiny_model(name, seed=0)
@@ -211,7 +214,8 @@ def rewrite(source: str, models: dict[str, str], trainer: str) -> str:
         source = source.replace(f'"{model_id}"', repr(folder))
     if trainer == "napo":
         source = source.replace(
-            "from trl import DPOConfig, DPOTrainer", "from napo import NaPOConfig as DPOConfig, NaPOTrainer as DPOTrainer"
+            "from trl import DPOConfig, DPOTrainer",
+            "from napo import NaPOConfig as DPOConfig, NaPOTrainer as DPOTrainer",
         )
     return source
 
@@ -244,8 +248,10 @@ def rewrite_testing_utils(source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test-file", required=True, help="TRL's tests/test_dpo_trainer.py (testing_utils.py beside it)")
-    parser.add_argument("--trainer", choices=("trl", "napo"), default="napo", help="stock TRL, or NaPOTrainer swapped in")
+    parser.add_argument("--test-file", required=True,
+                        help="TRL's tests/test_dpo_trainer.py (testing_utils.py beside it)")
+    parser.add_argument("--trainer", choices=("trl", "napo"), default="napo",
+                        help="stock TRL, or NaPOTrainer swapped in")
     parser.add_argument("--out", required=True, help="JSON file of the outcomes")
     parser.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "trl-suite-models"),
                         help="folder of the built stand-ins (reused between runs)")
@@ -262,7 +268,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         (work / "test_dpo_trainer.py").write_text(rewrite(source, models, args.trainer))
-        (work / "testing_utils.py").write_text(rewrite_testing_utils((test_file.parent / "testing_utils.py").read_text()))
+        helpers = (test_file.parent / "testing_utils.py").read_text()
+        (work / "testing_utils.py").write_text(rewrite_testing_utils(helpers))
         (work / "conftest.py").write_text(CONFTEST.format(words=WORDS))
         report = work / "report.xml"
         command = [sys.executable, "-m", "pytest", str(work / "test_dpo_trainer.py"), "-q", "-p", "no:cacheprovider",
@@ -303,7 +310,7 @@ def parse_junit(report: Path, missing: list[str], body_ids: dict[str, set[str]],
         outcome, message = "passed", ""
         for child in case:
             if child.tag in ("failure", "error"):
-                outcome, message = "failed", (child.get("message") or "").splitlines()[0][:300] if child.get("message") else ""
+                outcome, message = "failed", ((child.get("message") or "").splitlines() or [""])[0][:300]
             elif child.tag == "skipped":
                 outcome, message = "skipped", (child.get("message") or "")[:300]
         function, _, parameters = case.get("name", "").partition("[")

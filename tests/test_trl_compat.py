@@ -53,8 +53,9 @@ def _pair(tmp_path, base, tokenizer, dataset, napo_args: dict, trl_args: dict):
         {"ld_alpha": 0.5},
         {"loss_type": ["ipo", "aot"], "ld_alpha": 0.0},  # (TRL breaks sft + WPO: in-place on an expanded tensor)
     ],
-    ids=lambda s: "+".join(s.get("loss_type", ["sigmoid"])) + (f"-{s['f_divergence_type']}" if "f_divergence_type" in s else "")
-    + ("-wpo" if s.get("use_weighting") else "") + (f"-ld{s['ld_alpha']}" if "ld_alpha" in s else ""),
+    ids=lambda s: "+".join(s.get("loss_type", ["sigmoid"])) + "".join(
+        f"-{k}={v}" for k, v in s.items() if k in ("f_divergence_type", "use_weighting", "ld_alpha")
+    ),
 )
 def test_trl_loss_type_equals_stock_trl_on_one_rejected_column(settings, tmp_path):
     # A TRL user's config with only the imports changed: objective is left unset and follows loss_type.
@@ -76,7 +77,8 @@ def test_ipo_loss_type_is_not_sigmoid_dpo(tmp_path):
     dataset = preference_rows(6, vision=False)
     ipo, _ = _pair(tmp_path / "ipo", base, tokenizer, dataset, {"loss_type": "ipo"}, {})
     dpo, _ = _pair(tmp_path / "dpo", base, tokenizer, dataset, {"objective": "dpo"}, {})
-    assert abs(float(loss_and_grads(ipo, fresh_rows(ipo, 6))[0]) - float(loss_and_grads(dpo, fresh_rows(dpo, 6))[0])) > 1
+    ipo_loss, dpo_loss = (float(loss_and_grads(t, fresh_rows(t, 6))[0]) for t in (ipo, dpo))
+    assert abs(ipo_loss - dpo_loss) > 1
 
 
 def test_loss_type_applies_to_rejected_beside_napo_bias_types(tmp_path):
@@ -283,5 +285,6 @@ def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
                            **{**COMMON, "per_device_train_batch_size": len(pairs)}),
             train_dataset=pairs, processing_class=tokenizer,
         )
-        expected += weights[column] / sum(weights.values()) * float(loss_and_grads(stock, fresh_rows(stock, len(pairs)))[0])
+        stock_loss = float(loss_and_grads(stock, fresh_rows(stock, len(pairs)))[0])
+        expected += weights[column] / sum(weights.values()) * stock_loss
     assert abs(float(napo_loss) - expected) < 1e-5
