@@ -857,7 +857,8 @@ class NaPOTrainer(DPOTrainer):
         self._saturated_batches[column] = 0 if unsaturated > 0 else self._saturated_batches[column] + 1
         if self._saturated_batches[column] == steps:
             logger.warning(
-                f"{column}: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond ±{SATURATED_MARGIN:g} "
+                f"{column}: margins saturated: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond "
+                f"±{SATURATED_MARGIN:g} "
                 f"for {steps} training batches (step {self.state.global_step}, β={self.beta}, this batch's mean "
                 f"|z| {float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative type's "
                 "loss gives (almost) no gradient. Lower beta (or the learning rate) if this is not intended."

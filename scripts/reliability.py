@@ -165,7 +165,7 @@ class Lab:
         rows = []
         for i in range(n):
             row = {"prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
-                   "chosen": COLOURS[(i + shift) % 6], "rejected_language_bias": COLOURS[(i + 1) % 6]}
+                   "chosen": COLOURS[(i + shift) % 6], "rejected_language_bias": COLOURS[(i + 1) % 6], "id": i}
             row.update((changes or {}).get(i, {}))
             rows.append(row)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -390,7 +390,7 @@ BAD_ROWS = {
     "placeholder-count": ("two image placeholders for one image", lambda f: {"prompt": [{"role": "user", "content": [
         {"type": "image"}, {"type": "image"}, {"type": "text", "text": "what colour?"}]}]}),
     "mixed-prompt-types": ("a string prompt among message-list prompts", lambda f: {"prompt": "<image> what colour?"}),
-    "mixed-modalities": ("images and audios in one row", lambda f: _audio_row(f, 16000)),
+    "mixed-modalities": ("images and audios in one row", lambda f: {**_audio_row(f, 16000), "images": ["img/3.png"]}),
     "nan-sampling-rate": ("sampling_rate NaN", lambda f: {**_audio_row(f, float("nan")), "images": []}),
     "mixed-type-column": ("an extra column that is a number in one row, a string in the others",
                           lambda f: {"id": "three"}),
@@ -456,7 +456,8 @@ def huge_file(lab: Lab) -> dict:
 
 @case("saturation-warning", "at β = 1e6 the loss and gradients vanish: a warning says so", branch="trainer")
 def saturation(lab: Lab) -> dict:
-    run = napo(*lab.train_args(lab.work / "beta", "--max_steps", "3", "--beta", "1e6", "--save_strategy", "no"))
+    # 12 steps: the warning comes after `saturation_warning_steps` (default 10) saturated batches in a row.
+    run = napo(*lab.train_args(lab.work / "beta", "--max_steps", "12", "--beta", "1e6", "--save_strategy", "no"))
     warned = "saturat" in run.stderr.lower()
     return {"ok": run.returncode == 0 and warned, "crash": run.crashed, "corruption": False,
             "observed": f"exit {run.returncode}, warning shown: {warned}"}
