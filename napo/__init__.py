@@ -1,8 +1,8 @@
 """napo: noise-aware preference optimization against modality bias in vision- and audio-language models."""
 
-from napo.objectives import OBJECTIVES, adaptive_q, napo_loss
+from napo.objectives import OBJECTIVES, adaptive_q, dynamic_weights, napo_loss
 
-__all__ = ["OBJECTIVES", "NaPOConfig", "NaPOTrainer", "adaptive_q", "napo_loss"]
+__all__ = ["OBJECTIVES", "NaPOConfig", "NaPOTrainer", "adaptive_q", "dynamic_weights", "napo_loss"]
 
 
 def __getattr__(name: str):

@@ -25,11 +25,13 @@ MARGIN_REDUCTIONS = ("sum", "mean")
 class NaPOConfig(DPOConfig):
     r"""Configuration of [`NaPOTrainer`]: every `trl.DPOConfig` field, plus:
 
-    The loss of a batch is Σ_t γ̂_t · mean_pairs L_t(z), over the negative types t (columns `rejected`,
-    `rejected_language_bias`, `rejected_vision_bias`, `rejected_audio_bias`) present in the training dataset, where
-    γ̂_t are the `weight_*` of those columns renormalised to sum to 1: a column the dataset lacks contributes
-    nothing and the others keep their relative weights (so a dataset with only `rejected` and `objective="dpo"`
-    trains exactly stock DPO). A row whose value in a column is None simply has no pair of that type.
+    The loss of a batch is Σ_t γ_t · mean_pairs L_t(z), over the negative types t (columns `rejected`,
+    `rejected_language_bias`, `rejected_vision_bias`, `rejected_audio_bias`) that have pairs in the batch. With
+    `weights="dynamic"` (default, the paper's Eq. 13–14) γ comes from each type's batch mean summed margin
+    (`napo.dynamic_weights`); with `weights="fixed"` γ_t are the `weight_*` of the columns present renormalised to
+    sum to 1 (a column the dataset lacks contributes nothing). Either way a dataset with only `rejected` and
+    `objective="dpo"` trains exactly stock DPO (its one γ is 1). A row whose value in a column is None simply has
+    no pair of that type.
 
     With `objective="napo"`, the bias types use the NaPO loss with their own adaptive q while the original
     `rejected` pair uses DPO, as in the paper; when `rejected` is the only negative column it uses NaPO too.
@@ -64,23 +66,50 @@ class NaPOConfig(DPOConfig):
     q: str = field(
         default="paper",
         metadata={
-            "help": "NaPO robustness coefficient: 'paper' (q = clip(1 − σ(α·ψ), q_min, 1), ψ the batch mean margin of "
-            "the negative type), 'official' (q = clip(2·(1 − σ(α·ψ)), q_min, 1), the authors' code), or a fixed number "
-            "in (0, 1] (near 0 → DPO, 1 → MAE, most robust to flipped labels)."
+            "help": "NaPO robustness coefficient of each negative type, from ψ = its batch mean margin over all "
+            "processes, detached: 'paper' (Eq. 12: q = clip(1 − σ(α·ψ), q_min, 1), ψ = mean of β·(Δ_w − Δ_l)); "
+            "'official' (the authors' released code: q = clamp(2·(1 − σ(α·ψ)), q_min, 1), ψ = mean of the raw "
+            "log-ratio difference Δ_w − Δ_l without β, a mean of the processes' means); or a fixed number in (0, 1] "
+            "(near 0 → DPO, 1 → MAE, most robust to flipped labels). Δ = log π − log π_ref, summed or per token as "
+            "`margin_*` says."
         },
     )
-    q_min: float = field(default=0.01, metadata={"help": "Lower bound of the adaptive q, in (0, 1]."})
+    q_min: float | None = field(
+        default=None,
+        metadata={
+            "help": "Lower bound of the adaptive q, in (0, 1]. Default: the variant's own, 0.01 for 'paper', 0.001 "
+            "for 'official' (the released code)."
+        },
+    )
+    weights: str = field(
+        default="dynamic",
+        metadata={
+            "help": "γ, the weight of each negative type in the loss: 'dynamic' (the paper's Eq. 13–14: γ_i = "
+            "clip(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min, 1), ψ_Σ,i = the batch mean of β·(Δ_w − Δ_l,i) with summed Δ, over "
+            "the types with pairs in the batch, detached; equal weights while Σψ_Σ ≤ 0, e.g. at step 0) or 'fixed' "
+            "(the `weight_*` fields renormalised over the columns present; the released code's runs use fixed "
+            "0.02/0.49/0.49, its dynamic branch is commented out). Logged as `weight`, `language_bias/weight`, ..."
+        },
+    )
+    weight_min: float = field(
+        default=0.01,
+        metadata={"help": "γ_min, the floor of the dynamic weights (Eq. 14's truncation; 0.01 in the released code)."},
+    )
     weight_rejected: float = field(
-        default=0.02, metadata={"help": "γ of the original `rejected` pair (the released code uses 0.02)."}
+        default=0.02,
+        metadata={"help": "Fixed γ of the original `rejected` pair (weights='fixed'; the released code uses 0.02)."},
     )
     weight_language_bias: float = field(
-        default=0.49, metadata={"help": "γ of `rejected_language_bias` (answer made without the image/audio)."}
+        default=0.49,
+        metadata={"help": "Fixed γ of `rejected_language_bias` (answer made without the image/audio; weights='fixed')."},
     )
     weight_vision_bias: float = field(
-        default=0.49, metadata={"help": "γ of `rejected_vision_bias` (answer made from the image without the question)."}
+        default=0.49,
+        metadata={"help": "Fixed γ of `rejected_vision_bias` (answer from the image without the question; weights='fixed')."},
     )
     weight_audio_bias: float = field(
-        default=0.49, metadata={"help": "γ of `rejected_audio_bias` (answer made from the audio without the question)."}
+        default=0.49,
+        metadata={"help": "Fixed γ of `rejected_audio_bias` (answer from the audio without the question; weights='fixed')."},
     )
     alpha_rejected: float = field(
         default=0.5, metadata={"help": "α of the adaptive q for `rejected` (used only when NaPO applies to it)."}
@@ -166,8 +195,12 @@ class NaPOConfig(DPOConfig):
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.saturation_warning_steps < 0:
             raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
-        if not 0.0 < self.q_min <= 1.0:
+        if self.q_min is not None and not 0.0 < self.q_min <= 1.0:
             raise ValueError(f"q_min must be in (0, 1], got {self.q_min}")
+        if self.weights not in ("dynamic", "fixed"):
+            raise ValueError(f"weights must be 'dynamic' or 'fixed', got {self.weights!r}")
+        if not 0.0 <= self.weight_min <= 1.0:
+            raise ValueError(f"weight_min must be in [0, 1], got {self.weight_min}")
         for column in NEGATIVE_TYPES:
             weight, _, reduction = self.negative_type_settings(column)
             if weight < 0:

@@ -175,31 +175,79 @@ def objective_loss(name: str, margins: Tensor, **available: float | Tensor) -> T
     return fn(margins, **{p: available[p] for p in wanted})
 
 
-def adaptive_q(psi: Tensor, alpha: float, variant: str = "paper", q_min: float = 0.01) -> Tensor:
+# q_min of each adaptive-q variant when none is given: the paper clips at 0.01, the released code at 0.001.
+Q_MIN_DEFAULTS: dict[str, float] = {"paper": 0.01, "official": 0.001}
+
+
+def adaptive_q(psi: Tensor, alpha: float, variant: str = "paper", q_min: float | None = None) -> Tensor:
     """NaPO's robustness coefficient q, adapted from the batch's mean reward margin ψ; never back-propagated.
 
     While the margins of a negative type are small or negative, the model disagrees with many of its labels,
     which is where flipped labels hide: q is large (towards MAE, robust). As the model separates the pairs and
     ψ grows, q falls towards 0 (towards DPO's fast cross-entropy).
 
-        paper:    q = clip(1 − σ(α·ψ),      q_min, 1)
-        official: q = clip(2 · (1 − σ(α·ψ)), q_min, 1)      (the authors' released code)
+        paper (Eq. 12):  q = clip(1 − σ(α·ψ),      q_min, 1)    q_min = 0.01,  ψ = mean of β·(Δ_w − Δ_l)
+        official:        q = clip(2 · (1 − σ(α·ψ)), q_min, 1)    q_min = 0.001, ψ = mean of (Δ_w − Δ_l), no β
+
+    Δ = log π(y|x) − log π_ref(y|x), summed over the completion or averaged per token (the caller chooses; see
+    `NaPOConfig.margin_*`). "official" transcribes the authors' released code (zhangzef/NaPO,
+    `muffin/data/bias_datasets_trainer.py`, `LLaVA15BiasPOTrainer.dpo_lq_dyn_loss`): there ψ is the raw
+    log-ratio difference without β, averaged over processes under `no_grad`. Which ψ goes in is the caller's
+    business; this function only maps ψ to q.
 
     Args:
         psi: ψ, the mean margin of one negative type (a scalar tensor, or any shape: computed elementwise).
              A NaN ψ is read as 0 (no evidence either way) so q always stays in [q_min, 1].
         alpha: α > 0, the margin scale; the paper uses 0.5 with length-averaged margins and 0.01 with summed ones.
         variant: "paper" or "official".
-        q_min: lower bound of q, in (0, 1].
+        q_min: lower bound of q, in (0, 1]; None takes the variant's (`Q_MIN_DEFAULTS`: 0.01 / 0.001).
 
     Returns:
         q, same shape as `psi`, float32, detached, in [q_min, 1].
     """
-    if not 0.0 < q_min <= 1.0:
-        raise ValueError(f"q_min must be in (0, 1], got {q_min}")
     scale = {"paper": 1.0, "official": 2.0}.get(variant)
     if scale is None:
         raise ValueError(f"unknown adaptive q variant {variant!r}; valid: 'paper', 'official'")
+    q_min = Q_MIN_DEFAULTS[variant] if q_min is None else q_min
+    if not 0.0 < q_min <= 1.0:
+        raise ValueError(f"q_min must be in (0, 1], got {q_min}")
     psi = torch.nan_to_num(torch.as_tensor(psi).detach().float(), nan=0.0)
     q = scale * torch.sigmoid(-alpha * psi)  # 1 − σ(x) = σ(−x), exact also where σ(x) rounds to 1
     return q.clamp(min=q_min, max=1.0)
+
+
+def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
+    """NaPO's dynamic weights γ of the negative types (Eq. 13–14), from each type's batch margin; never back-propagated.
+
+    A type whose pairs the model already separates well (large margin) is trusted more; a type the model
+    disagrees with (small or negative margin, where noisy "negatives" that are as good as chosen sit) gets less
+    weight, down to γ_min:
+
+        ψ_Σ,i = mean over the batch's pairs of type i of β·(Δ_w − Δ_l,i),  Δ summed over completion tokens   (13)
+        γ_i   = clip(ψ_Σ,i / Σ_j ψ_Σ,j, γ_min, 1)                                                        (14)
+
+    The released code (`LLaVA15BiasPOTrainer.compute_loss`, `loss_weight == "dyn"`, commented out there: the
+    released runs use fixed 0.02/0.49/0.49) computes γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) with ψ_Σ,i the mean of
+    `chosen_rewards − rejected_rewards_i` over all processes — the same up to the upper clip. Two cases where
+    that formula is undefined or unbounded, and what napo does instead (not in the paper nor in the code):
+    Σ_j ψ_Σ,j ≤ 0 (at step 0 every margin is exactly 0, policy = reference) gives equal weights 1/n; a negative
+    ψ_Σ,j makes the others' ratios exceed 1, and the upper clip keeps each γ_i ≤ 1 (no step is scaled up).
+    The weights are not renormalised after clipping (neither in the code).
+
+    Args:
+        psi_sums: ψ_Σ, one per negative type present in the batch, shape (n_types,). Non-finite entries read as 0.
+        gamma_min: γ_min, the truncation floor, in [0, 1]; the code uses 0.01.
+
+    Returns:
+        γ, shape (n_types,), float32, detached, each in [γ_min, 1] (or 1/n each when Σψ_Σ ≤ 0).
+    """
+    if not 0.0 <= gamma_min <= 1.0:
+        raise ValueError(f"gamma_min must be in [0, 1], got {gamma_min}")
+    psi = torch.as_tensor(psi_sums).detach().float()
+    if psi.ndim != 1 or psi.numel() == 0:
+        raise ValueError(f"psi_sums must have shape (n_types,) with n_types >= 1, got {tuple(psi.shape)}")
+    psi = torch.nan_to_num(psi, nan=0.0, posinf=0.0, neginf=0.0)
+    total = psi.sum()
+    if not total > 0:
+        return torch.full_like(psi, 1.0 / psi.numel())
+    return (psi / total).clamp(min=gamma_min, max=1.0)

@@ -6,8 +6,9 @@ A batch of B rows whose dataset has K negative columns becomes one forward pass 
 
 so the chosen answer is forwarded once per row, not once per negative as when the same rows are fed to
 `DPOTrainer` as K separate pairs. For each negative type t the β-scaled margin z_t of its pairs is computed
-once; the loss is Σ_t γ̂_t · mean(L_t(z_t)) with L_t looked up in `napo.objectives.OBJECTIVES` and, for NaPO,
-q_t adapted from the type's detached margins (averaged over all processes).
+once; the loss is Σ_t γ_t · mean(L_t(z_t)) with L_t looked up in `napo.objectives.OBJECTIVES`, γ_t dynamic
+(Eq. 13–14, from the types' detached mean margins) or fixed, and, for NaPO, q_t adapted from the type's detached
+margins (averaged over all processes).
 
 Reference log-probs come from a frozen copy of the model (full fine-tuning), from the model with its LoRA
 adapter disabled (PEFT: no second model in memory), or are precomputed once before training and cached on disk
@@ -52,7 +53,7 @@ from napo.config import NEGATIVE_TYPES, NaPOConfig
 from napo.data import RowError, prepare_preference_dataset, validate_preference_dataset
 from napo.fast import encode_images_once, pack_sequences
 from napo.inference import expand_media_tags
-from napo.objectives import adaptive_q, objective_loss
+from napo.objectives import adaptive_q, dynamic_weights, objective_loss
 from napo.trl_losses import trl_pair_loss
 
 logger = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ class NaPOTrainer(DPOTrainer):
     Arguments as `trl.DPOTrainer`; `args` is a `NaPOConfig`. Rows: `prompt` (string or messages), optional
     `images`, `chosen`, and the negative columns (strings; None where a row lacks that negative).
     Logged per negative type (prefix `language_bias/`, `vision_bias/`, `audio_bias/`; none for `rejected`):
-    `q` (NaPO), `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`; and
+    `q` (NaPO), `weight` (γ), `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`; and
     `nonfinite/skipped` (see `NaPOConfig.on_nonfinite`). Datasets get a `row_index` column (0-based position in the
     dataset passed in) so that errors and warnings name the rows they are about.
     """
@@ -739,8 +740,8 @@ class NaPOTrainer(DPOTrainer):
         chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
         chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
 
-        loss = logps.new_zeros(())
         metrics = self._metrics[mode]
+        per_type = {}  # column -> (per-pair loss on this process or None, ψ_Σ: the mean β-scaled summed margin)
         for kind, column in enumerate(self.negative_columns, start=1):
             negative = (types == kind).nonzero().squeeze(1)
             pairs_everywhere = self.accelerator.reduce(torch.tensor(float(negative.numel()), device=logps.device))
@@ -755,8 +756,11 @@ class NaPOTrainer(DPOTrainer):
                 self._watch_saturation(column, z)
             q = None
             if self._type_objectives[column] == "napo":
-                q = self._q(column, z, chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative])
+                # The pairs' raw log-ratio differences (no β), summed and per token: `_q` picks and scales one.
+                q = self._q(column, chosen_logratios - negative_logratios,
+                            chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative])
                 metrics[f"{prefix}q"].append(float(q))
+            per_pair = None
             if negative.numel():
                 if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
                     per_pair = self._trl_loss(chosen, negative, policy_pair, ref_pair, logps,
@@ -767,16 +771,24 @@ class NaPOTrainer(DPOTrainer):
                     )
                 if sequence_weights is not None:  # a pair weighs w(chosen) · w(negative), as in TRL
                     per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
-                # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
-                # over processes this is the mean over all pairs, however unevenly the processes hold them.
-                pairs_per_process = pairs_everywhere / self.accelerator.num_processes
-                loss = loss + self._type_weights[column] * per_pair.sum() / pairs_per_process
+            psi_sum = self._global_mean(z.detach())
+            per_type[column] = (per_pair, pairs_everywhere, psi_sum)
             chosen_rewards = self.beta * chosen_logratios.detach()
             metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
             negative_rewards = self.beta * negative_logratios.detach()
             metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(negative_rewards)))
-            metrics[f"{prefix}rewards/margins"].append(float(self._global_mean(z.detach())))
+            metrics[f"{prefix}rewards/margins"].append(float(psi_sum))
             metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
+        weights = self._weights({column: psi_sum for column, (_, _, psi_sum) in per_type.items()})
+        loss = logps.new_zeros(())
+        for column, (per_pair, pairs_everywhere, _) in per_type.items():
+            prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
+            metrics[f"{prefix}weight"].append(float(weights[column]))
+            if per_pair is not None:
+                # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
+                # over processes this is the mean over all pairs, however unevenly the processes hold them.
+                pairs_per_process = pairs_everywhere / self.accelerator.num_processes
+                loss = loss + weights[column] * per_pair.sum() / pairs_per_process
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
@@ -926,11 +938,35 @@ class NaPOTrainer(DPOTrainer):
             parameter.grad = None  # torch optimizers leave parameters without a gradient untouched, state included
         return grad_norm
 
-    def _q(self, column: str, z: torch.Tensor, mean_logratio_margins: torch.Tensor) -> torch.Tensor:
-        """q of one negative type: fixed, or adapted from ψ = the batch mean margin over all processes."""
+    def _weights(self, psi_sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """γ of each negative type with pairs in the batch: `NaPOConfig.weights` 'fixed' (γ̂ of the columns present) or
+        'dynamic' (Eq. 13–14, `dynamic_weights` of the types' ψ_Σ, identical on every process since ψ_Σ is)."""
+        if self.args.weights == "fixed":
+            return {column: self._type_weights[column] for column in psi_sums}
+        gammas = dynamic_weights(torch.stack([psi.float().cpu() for psi in psi_sums.values()]), self.args.weight_min)
+        return dict(zip(psi_sums, gammas.tolist()))
+
+    def _q(self, column: str, summed: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
+        """q of one negative type: fixed, or adapted from ψ, the batch mean margin over all processes (detached).
+
+        `summed` and `per_token` are the pairs' raw log-ratio differences Δ_w − Δ_l (no β), shape (n_pairs,), with Δ
+        summed over completion tokens or averaged per token; `margin_*` of the type picks one. 'paper' (Eq. 12) takes
+        ψ = the mean of β times it over all pairs; 'official' takes ψ without β, as the mean of the processes' means
+        (the released code's `gather_and_do_mean`)."""
         if not isinstance(self.args.q, str):
-            return torch.tensor(self.args.q, device=z.device)
+            return torch.tensor(self.args.q, device=summed.device)
         _, alpha, reduction = self.args.negative_type_settings(column)
-        margins = z if reduction == "sum" else self.beta * mean_logratio_margins
-        psi = self._global_mean(margins.detach())
-        return adaptive_q(psi, alpha, self.args.q, self.args.q_min).to(z.device)
+        differences = (summed if reduction == "sum" else per_token).detach()
+        if self.args.q == "official":
+            psi = self._mean_of_process_means(differences)
+        else:
+            psi = self._global_mean(self.beta * differences)
+        return adaptive_q(psi, alpha, self.args.q, self.args.q_min).to(summed.device)
+
+    def _mean_of_process_means(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over the processes that hold any of `values` of their local mean (NaN when none does)."""
+        local = values.float()
+        held = local.numel() > 0
+        stats = torch.stack([local.mean() if held else local.new_zeros(()), local.new_tensor(float(held))])
+        total, count = self.accelerator.reduce(stats, reduction="sum")
+        return total / count

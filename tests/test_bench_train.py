@@ -73,7 +73,7 @@ def test_one_forward_per_row_equals_trl_on_the_separate_pairs(setup):
     policy, reference, processor, rows, pairs, workdir = setup
     common = dict(output_dir=workdir, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
                   max_length=None, beta=0.1)
-    napo = NaPOTrainer(policy, reference, args=NaPOConfig(**common, objective="dpo", weight_rejected=1.0,
+    napo = NaPOTrainer(policy, reference, args=NaPOConfig(**common, objective="dpo", weights="fixed", weight_rejected=1.0,
                                                           weight_language_bias=1.0, weight_vision_bias=1.0),
                        train_dataset=rows, processing_class=processor)
     trl = DPOTrainer(policy, reference, args=DPOConfig(**common), train_dataset=pairs, processing_class=processor)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from napo import objectives
-from napo.objectives import adaptive_q, napo_loss, objective_loss
+from napo.objectives import adaptive_q, dynamic_weights, napo_loss, objective_loss
 
 Z = torch.tensor([-30.0, -5.0, -1.0, -0.1, 0.0, 0.3, 2.0, 8.0, 40.0], dtype=torch.float64)
 
@@ -112,10 +112,76 @@ def test_adaptive_q_formulas():
     psi = torch.tensor([-4.0, 0.0, 1.0, 30.0])
     alpha = 0.5
     paper = [min(1.0, max(0.01, 1 - sigmoid(alpha * p))) for p in psi.tolist()]
-    official = [min(1.0, max(0.01, 2 * (1 - sigmoid(alpha * p)))) for p in psi.tolist()]
+    official = [min(1.0, max(0.001, 2 * (1 - sigmoid(alpha * p)))) for p in psi.tolist()]
     torch.testing.assert_close(adaptive_q(psi, alpha), torch.tensor(paper))
     torch.testing.assert_close(adaptive_q(psi, alpha, "official"), torch.tensor(official))
     assert float(adaptive_q(torch.tensor(0.0), 0.5, "official")) == 1.0
+    # Hand-computed: 1 − σ(0.5) = 0.377541, 2(1 − σ(1)) = 0.537883; ψ = 30 gives each variant's own floor.
+    assert float(adaptive_q(torch.tensor(1.0), 0.5)) == pytest.approx(0.377541, abs=1e-6)
+    assert float(adaptive_q(torch.tensor(2.0), 0.5, "official")) == pytest.approx(0.537883, abs=1e-6)
+    assert float(adaptive_q(torch.tensor(30.0), 0.5)) == pytest.approx(0.01)
+    assert float(adaptive_q(torch.tensor(30.0), 0.5, "official")) == pytest.approx(0.001)
+
+
+def released_q(global_mean: float, alpha: float) -> torch.Tensor:
+    """The released code's q (zhangzef/NaPO, muffin/data/bias_datasets_trainer.py, `dpo_lq_dyn_loss`), transcribed:
+    `torch.clamp(2 * (1 - torch.sigmoid(torch.tensor(alpha * global_mean))), min=0.001, max=1.0)`."""
+    return torch.clamp(2 * (1 - torch.sigmoid(torch.tensor(alpha * global_mean))), min=0.001, max=1.0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.01])
+def test_official_q_is_the_released_formula(alpha):
+    for psi in [-300.0, -3.0, 0.0, 0.7, 2.0, 40.0, 900.0]:
+        assert float(adaptive_q(torch.tensor(psi), alpha, "official")) == pytest.approx(float(released_q(psi, alpha)),
+                                                                                   abs=1e-6)
+
+
+def released_dynamic_weights(margins: list[float]) -> list[float]:
+    """The released code's commented-out dynamic branch (`loss_weight == "dyn"` in `LLaVA15BiasPOTrainer.compute_loss`),
+    transcribed: `weight_sum = sum(loss_weight_list); [max(x / weight_sum, 0.01) for x in loss_weight_list]`."""
+    weight_sum = sum(margins)
+    return [max(x / weight_sum, 0.01) for x in margins]
+
+
+def test_dynamic_weights_hand_values():
+    # ψ_Σ = (0.2, 1.0, 0.8): Σ = 2 → γ = (0.1, 0.5, 0.4).
+    torch.testing.assert_close(dynamic_weights(torch.tensor([0.2, 1.0, 0.8])), torch.tensor([0.1, 0.5, 0.4]))
+    # A type with a tiny margin is truncated at γ_min: (0.001, 5, 5) → (0.01, 0.4999, 0.4999).
+    torch.testing.assert_close(dynamic_weights(torch.tensor([0.001, 5.0, 5.0])),
+                               torch.tensor([0.01, 5 / 10.001, 5 / 10.001]))
+    torch.testing.assert_close(dynamic_weights(torch.tensor([0.001, 5.0, 5.0]), gamma_min=0.05),
+                               torch.tensor([0.05, 5 / 10.001, 5 / 10.001]))
+    # One type: γ = 1 whatever its margin (so a `rejected`-only dataset trains plain DPO).
+    for psi in (-2.0, 0.0, 3.0):
+        assert dynamic_weights(torch.tensor([psi])).tolist() == [1.0]
+
+
+def test_dynamic_weights_match_the_released_formula_where_it_is_defined():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        margins = (torch.rand(3, generator=generator) * 4).tolist()  # positive margins: the formula is well defined
+        torch.testing.assert_close(dynamic_weights(torch.tensor(margins)), torch.tensor(released_dynamic_weights(margins)))
+
+
+def test_dynamic_weights_where_the_formula_is_undefined():
+    # Σψ = 0 (step 0: policy = reference) or < 0: equal weights instead of 0/0 or sign-flipped weights.
+    torch.testing.assert_close(dynamic_weights(torch.zeros(3)), torch.full((3,), 1 / 3))
+    torch.testing.assert_close(dynamic_weights(torch.tensor([-1.0, 0.5])), torch.full((2,), 0.5))
+    # A negative margin pushes the other ratio above 1 (3/2 = 1.5): clipped at 1; the negative one at γ_min.
+    torch.testing.assert_close(dynamic_weights(torch.tensor([3.0, -1.0])), torch.tensor([1.0, 0.01]))
+    weights = dynamic_weights(torch.tensor([float("nan"), 1.0, float("inf")]))
+    torch.testing.assert_close(weights, torch.tensor([0.01, 1.0, 0.01]))
+    leaf = torch.tensor([1.0, 2.0], requires_grad=True)
+    assert not dynamic_weights(leaf * 2).requires_grad
+
+
+def test_dynamic_weights_reject_bad_arguments():
+    with pytest.raises(ValueError, match="gamma_min"):
+        dynamic_weights(torch.tensor([1.0]), gamma_min=1.5)
+    with pytest.raises(ValueError, match="n_types"):
+        dynamic_weights(torch.tensor([]))
+    with pytest.raises(ValueError, match="n_types"):
+        dynamic_weights(torch.ones(2, 2))
 
 
 def test_adaptive_q_stays_in_range_and_is_detached():

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 import perturb
 from napo import NaPOConfig, NaPOTrainer, adaptive_q
+from napo.objectives import Q_MIN_DEFAULTS
 from napo.cli import main
 from napo.data import SAMPLING_RATE, RowError, read_dataset, validate_preference_dataset
 from napo.models import build_tiny_model
@@ -166,8 +167,8 @@ def test_trainer_q_stays_in_its_range_for_any_batch(text_trainer: NaPOTrainer, z
     """One row or several, margins of any size and sign, ±inf included: q of the type stays in [q_min, 1]."""
     margins = torch.tensor(z)
     text_trainer.args.q = variant
-    q = text_trainer._q(column, margins, margins / text_trainer.beta)
-    assert np.float32(text_trainer.args.q_min) <= float(q) <= 1.0  # q is float32: q_min = 0.01 is 0.0099999998
+    q = text_trainer._q(column, margins / text_trainer.beta, margins / text_trainer.beta / 3)
+    assert np.float32(Q_MIN_DEFAULTS[variant]) <= float(q) <= 1.0  # q is float32: q_min = 0.01 is 0.0099999998
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -189,7 +190,7 @@ def test_extreme_margins_give_finite_loss_gradients_and_q(text_trainer: NaPOTrai
     assert abs(margins[0]) > 1e4 * 0.99 and np.sign(margins[0]) == sign
     for column in ("language_bias", "vision_bias"):
         (q,) = text_trainer._metrics["train"][f"{column}/q"]
-        assert np.float32(text_trainer.args.q_min) <= q <= 1.0
+        assert np.float32(Q_MIN_DEFAULTS[variant]) <= q <= 1.0
 
 
 def nan_trainer(on_nonfinite: str, tmp_path: Path, where: str = "log_probs") -> tuple[NaPOTrainer, dict]:

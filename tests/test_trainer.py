@@ -102,35 +102,65 @@ def test_dpo_objective_equals_stock_trl(family, tmp_path):
         torch.testing.assert_close(napo_grads[name], trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(tmp_path):
-    # One NaPO forward over [chosen, 3 negatives] per row must equal Σ_t γ̂_t · DPO(chosen, rejected_t) computed by
-    # stock TRL on separate pair datasets (rows missing a negative left out of that type's dataset).
+@pytest.mark.parametrize("weights", ["fixed", "dynamic"])
+def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(weights, tmp_path):
+    # One NaPO forward over [chosen, 3 negatives] per row must equal Σ_t γ_t · DPO(chosen, rejected_t) computed by
+    # stock TRL on separate pair datasets (rows missing a negative left out of that type's dataset). γ: the fixed
+    # weights renormalised, or Eq. 13–14 by hand from stock TRL's mean margin of each type.
     columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
     base, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(6, vision=False, columns=columns)
-    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", per_device_train_batch_size=6, **{
-        k: v for k, v in COMMON.items() if k != "per_device_train_batch_size"})
+    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", per_device_train_batch_size=6, weights=weights,
+                      **{k: v for k, v in COMMON.items() if k != "per_device_train_batch_size"})
     napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
                        processing_class=tokenizer)
     napo_loss, napo_grads = loss_and_grads(napo, fresh_rows(napo, 6))
 
-    weights = {c: args.negative_type_settings(c)[0] for c in columns}
-    total_weight = sum(weights.values())
-    expected_loss, expected_grads = 0.0, {}
+    stock_losses, stock_grads, stock_margins = {}, {}, {}
     for column in columns:
         pairs = dataset.filter(lambda row: row[column] is not None).map(lambda row: {"rejected": row[column]})
         pairs = as_trl_pairs(pairs.select_columns(["prompt", "chosen", "rejected"]))
         stock = DPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base),
                            args=DPOConfig(output_dir=str(tmp_path / column), loss_type="sigmoid", **COMMON),
                            train_dataset=pairs, processing_class=tokenizer)
-        loss, grads = loss_and_grads(stock, fresh_rows(stock, len(pairs)))
-        w = weights[column] / total_weight
-        expected_loss += w * float(loss)
-        for name, g in grads.items():
-            expected_grads[name] = expected_grads.get(name, 0) + w * g
+        stock_losses[column], stock_grads[column] = loss_and_grads(stock, fresh_rows(stock, len(pairs)))
+        stock_margins[column] = stock._metrics["train"]["rewards/margins"][-1]
+    if weights == "fixed":
+        fixed = {c: args.negative_type_settings(c)[0] for c in columns}
+        gamma = {c: fixed[c] / sum(fixed.values()) for c in columns}
+    else:
+        total = sum(stock_margins.values())
+        assert total > 0  # the perturbed policy prefers chosen on average: Eq. 14's ratio is defined
+        gamma = {c: min(1.0, max(0.01, stock_margins[c] / total)) for c in columns}
+        assert len({round(g, 3) for g in gamma.values()}) == 3  # the three types really get different weights
+    logged = napo._metrics["train"]
+    for column, prefix in zip(columns, ("", "language_bias/", "vision_bias/")):
+        assert logged[f"{prefix}weight"][-1] == pytest.approx(gamma[column], abs=1e-5)
+    expected_loss = sum(gamma[c] * float(stock_losses[c]) for c in columns)
     assert abs(float(napo_loss) - expected_loss) < 1e-5
-    for name, g in expected_grads.items():
-        torch.testing.assert_close(napo_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    for name in stock_grads["rejected"]:
+        expected = sum(gamma[c] * stock_grads[c][name] for c in columns)
+        torch.testing.assert_close(napo_grads[name], expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_adaptive_q_reads_the_variants_margin(variant, tmp_path):
+    """q of a summed-margin type from the logged mean margin m = mean β·(Δ_w − Δ_l): 'paper' (Eq. 12) feeds ψ = m,
+    'official' (released code) ψ = m/β, without β, and clips at its own 0.001."""
+    columns = ("rejected_language_bias", "rejected_vision_bias")
+    base, tokenizer = build_tiny_model("text", seed=0)
+    alpha = 0.3
+    args = NaPOConfig(output_dir=str(tmp_path), q=variant, alpha_vision_bias=alpha, beta=0.5, **COMMON)
+    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args,
+                       train_dataset=preference_rows(4, vision=False, columns=columns), processing_class=tokenizer)
+    loss_and_grads(napo, fresh_rows(napo, 4))
+    logged = napo._metrics["train"]
+    margin = logged["vision_bias/rewards/margins"][-1]
+    assert abs(margin) > 0.5  # large enough that β in or out of ψ changes q
+    psi = margin if variant == "paper" else margin / 0.5
+    scale, q_min = (1, 0.01) if variant == "paper" else (2, 0.001)
+    expected = min(1.0, max(q_min, scale * (1 - 1 / (1 + np.exp(-alpha * psi)))))
+    assert logged["vision_bias/q"][-1] == pytest.approx(expected, abs=1e-5)
 
 
 def eval_loss(trainer, rows):
