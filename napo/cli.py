@@ -434,6 +434,12 @@ class LabArguments:
         metadata={"help": "the audio lab instead: a tiny Qwen2-Audio on synthetic notes with a note prior (recipe "
                   "default: the packaged sounds.yaml); writes audio_report.md / .json"},
     )
+    drop_identical: bool = field(
+        default=False,
+        metadata={"help": "vision lab: drop negatives identical to chosen instead of keeping them as the paper does (a "
+                  "kept one has margin 0 and no gradient but pulls its type's ψ, hence q, and its dynamic weight "
+                  "towards 0)"},
+    )
 
 
 @dataclass
@@ -645,8 +651,12 @@ def _run_lab(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
 
     args = invocation[LabArguments]
     out = args.out or ("benchmarks/lab/quick" if args.quick else "benchmarks/lab")
+    if args.audio and args.drop_identical:
+        raise ValueError("--drop-identical applies to the vision lab only (the audio lab has its own pairs)")
+    options = {} if args.audio else {"keep_identical": not args.drop_identical}
     lab = run_audio_lab if args.audio else run_lab
-    report = lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=invocation.command_line)
+    report = lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=invocation.command_line,
+                 **options)
     return [f"wall time: {report['wall_time_s']:.0f} s"], report["outputs"]
 
 

@@ -1,11 +1,14 @@
 """`napo compare`: preference objectives x label-noise rates x seeds, every cell from the same model and pairs.
 
-A *cell* is one (objective, noise rate, seed). Every cell starts from the same SFT model and the same clean
-preference pairs; the cell's seed picks which `round(rate · rows)` rows get their preference flipped (with
-`napo.pairs`' label-noise injection, so every objective of a (rate, seed) sees exactly the same flipped rows: the
-comparison is paired), then seeds training. A trained cell is evaluated and its row appended to `results.jsonl`:
+A *cell* is one (objective, noise rate, seed). The seed is a *replicate*: in the lab (with `replicate_sft`,
+the default) each replicate has its own SFT model (init and batch order) and its own sampled pairs; the cell's
+seed also picks which `round(rate · rows)` rows get noise — flipped (`noise_kind="flip"`, `napo.pairs`'
+label-noise injection) or misannotated (`"annotator"`, `napo.lab.noise.annotator_noise`) — so every objective of
+a (rate, seed) sees exactly the same noisy rows: the comparison is paired. A trained cell is evaluated and its
+row appended to `results.jsonl`:
 
-    {"key": "napo-paper/noise=0.2/seed=1", "objective": "napo-paper", "noise_rate": 0.2, "seed": 1,
+    {"key": "napo-paper/noise=0.2/seed=1", "objective": "napo-paper", "noise_kind": "flip", "noise_rate": 0.2,
+     "seed": 1, "replicate": 1, "pair_labels": {"pair_label_language_bias": {"clean": 812, "tie": 401, ...}},
      "label_smoothing": null, "source_dir": "<out>/lab/cache/<hash of the lab's settings>", "metrics": {...}, "train_wall_s": 14.2, "cell_wall_s": 31.0,
      "margins": {"clean_mean": ..., "flipped_mean": ..., "clean_fitted": ..., "flipped_fitted": ..., ...},
      "q_trajectory": {"language_bias": [[step, q], ...]}, "finished": "2026-11-25T03:40:00+00:00"}
@@ -60,6 +63,10 @@ DEFAULT_OBJECTIVES = (
 )
 DEFAULT_NOISE_RATES = (0.0, 0.1, 0.2, 0.4)
 DEFAULT_SEEDS = (0, 1, 2)
+NOISE_KINDS = ("flip", "annotator")  # as napo.lab.noise.NOISE_KINDS, without importing trl at CLI start-up
+# Two-sided 95% Student t quantiles by degrees of freedom, for the paired intervals (1.96 beyond the table).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
 # cDPO / rDPO are given the true flip rate as their ε (an oracle NaPO does not get, so these are the strongest
 # versions of both baselines), clipped: below 0.05 they would be plain DPO although automatically built pairs are
 # never perfectly clean, and rDPO's 1/(1 − 2ε) weights blow up as ε → 0.5.
@@ -96,7 +103,22 @@ class CompareConfig:
         default_factory=lambda: list(DEFAULT_NOISE_RATES),
         metadata={"help": "fractions of training rows whose preference is flipped, each in [0, 1)"},
     )
-    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS), metadata={"help": "seeds: which rows are flipped, and training"})
+    seeds: list[int] = field(
+        default_factory=lambda: list(DEFAULT_SEEDS),
+        metadata={"help": "seeds (replicates): which rows are noised, training batch order and, in the lab with "
+                  "replicate_sft, the replicate's own SFT model and pairs"},
+    )
+    noise_kind: str = field(
+        default="flip",
+        metadata={"help": "label noise of every cell: 'flip' (chosen and negatives swapped on uniformly drawn rows, the "
+                  "control) or 'annotator' (lab only: an automatic annotator picks a wrong chosen, mostly on noisy "
+                  "images, leaning to the prior or a confusable colour; napo.lab.noise.annotator_noise)"},
+    )
+    replicate_sft: bool = field(
+        default=True,
+        metadata={"help": "lab: every seed is a replicate with its own SFT init and batch order and its own sampled "
+                  "pairs (lab seed = lab_seed + seed); false: all seeds share lab_seed's SFT model and pairs"},
+    )
     lab_recipe: str | None = field(default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"})
     lab_seed: int = field(default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"})
     quick: bool = field(default=False, metadata={"help": "the lab's quick mode: smaller data and fewer steps (smoke tests)"})
@@ -156,6 +178,10 @@ class CompareConfig:
         for rate in self.noise_rates:
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"noise rate {rate}: expected a fraction in [0, 1)")
+        if self.noise_kind not in NOISE_KINDS:
+            raise ValueError(f"noise_kind={self.noise_kind!r}: expected one of {', '.join(NOISE_KINDS)}")
+        if self.noise_kind == "annotator" and self.dataset is not None:
+            raise ValueError("noise_kind='annotator' needs the lab's ground truth; use 'flip' with --dataset")
         if (self.dataset is None) != (self.model is None):
             raise ValueError("--dataset and --model go together: your pairs and the model to train from them")
         if not 0.0 < self.holdout < 1.0:
@@ -220,9 +246,10 @@ def objective_settings(name: str, noise_rate: float) -> dict[str, Any]:
     return {"objective": "napo", "q": q}
 
 
-def cell_key(objective: str, noise_rate: float, seed: int) -> str:
-    """The cell's identity in results.jsonl and its folder name under cells/."""
-    return f"{objective}/noise={noise_rate:g}/seed={seed}"
+def cell_key(objective: str, noise_rate: float, seed: int, noise_kind: str = "flip") -> str:
+    """The cell's identity in results.jsonl and its folder name under cells/ ("noise=" for flips, as before)."""
+    kind = "noise" if noise_kind == "flip" else noise_kind
+    return f"{objective}/{kind}={noise_rate:g}/seed={seed}"
 
 
 def read_results(path: Path) -> list[dict]:
@@ -253,14 +280,15 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     results_path = out / "results.jsonl"
     context = _prepare(config, out)
     # Only cells trained from this very SFT model and pairs count: after the lab (or the data) changes, every cell reruns.
-    done = {row["key"] for row in read_results(results_path) if row.get("source_dir") == context["source_dir"]}
+    sources = _source_dirs(context, config.seeds)
+    done = {row["key"] for row in read_results(results_path) if row.get("source_dir") == sources.get(row.get("seed"))}
     # Seed-major order: a run stopped early holds whole replicates of the grid, not whole noise rates.
     todo = [
         (objective, rate, seed)
         for seed in config.seeds
         for rate in config.noise_rates
         for objective in config.objectives
-        if cell_key(objective, rate, seed) not in done and not config.report_only
+        if cell_key(objective, rate, seed, config.noise_kind) not in done and not config.report_only
     ]
     total = len(config.objectives) * len(config.noise_rates) * len(config.seeds)
     failed = 0
@@ -274,12 +302,14 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         for cell, outcome in cells:
             if "error" in outcome:
                 failed += 1
-                _append_line(out / "errors.jsonl", {"key": cell_key(*cell), "error": outcome["error"], "time": _now()})
+                _append_line(out / "errors.jsonl", {"key": cell_key(*cell, config.noise_kind), "error": outcome["error"],
+                                                    "time": _now()})
                 bar.set_postfix(failed=failed)
             else:
                 _append_line(results_path, outcome)
                 bar.update(1)
-    rows = [row for row in read_results(results_path) if row["key"] in _grid_keys(config) and row.get("source_dir") == context["source_dir"]]
+    rows = [row for row in read_results(results_path)
+            if row["key"] in _grid_keys(config) and row.get("source_dir") == sources.get(row.get("seed"))]
     meta = {
         "command": command or "napo.compare.run_compare (Python API)",
         "date": _now(),
@@ -290,6 +320,8 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         "max_steps": context["max_steps"],
         "lab_settings": context.get("lab", {}).get("settings"),
         "sft_metrics": context.get("sft_metrics", {}),
+        "noise_kind": config.noise_kind,
+        "replicate_sft": bool(context.get("replicates")),
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
@@ -308,21 +340,31 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
         "eval": config.eval,
         "keep_models": config.keep_models,
         "train": dict(config.train),
+        "noise_kind": config.noise_kind,
     }
     if config.source == "lab":
         from napo.lab.pipeline import prepare_lab
 
-        lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=config.lab_seed, quick=config.quick)
-        steps = config.max_steps or lab["settings"]["pref_steps"]  # quick mode trains fewer steps
-        pairs = lab["pairs_dir"]
-        if config.share_reference:
-            pairs = _with_reference_logps(pairs, lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", config.train)
-        return {
-            **context, "max_steps": steps, "lab": lab, "sft_dir": lab["sft_dir"], "pairs": pairs,
-            # The lab's cache folder names a hash of its recipe and settings: a changed lab is another source.
-            "source_dir": str(Path(lab["sft_dir"]).parent),
-            "sft_metrics": _sft_metrics(out / "sft_metrics.json", lab, config.eval_n),
-        }
+        def replicate(lab_seed: int) -> dict[str, Any]:
+            lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=lab_seed, quick=config.quick)
+            pairs = lab["pairs_dir"]
+            if config.share_reference:
+                pairs = _with_reference_logps(pairs, lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference",
+                                              config.train)
+            return {
+                "lab": lab, "sft_dir": lab["sft_dir"], "pairs": pairs,
+                # The lab's cache folder names a hash of its recipe, settings and seed: a changed lab is another source.
+                "source_dir": str(Path(lab["sft_dir"]).parent),
+                "sft_metrics": _sft_metrics(Path(lab["sft_dir"]).parent / "sft_metrics.json", lab, config.eval_n),
+            }
+
+        replicates = {seed: replicate(config.lab_seed + seed) for seed in config.seeds} if config.replicate_sft else {}
+        shared = dict(replicates[config.seeds[0]]) if replicates else replicate(config.lab_seed)
+        steps = config.max_steps or shared["lab"]["settings"]["pref_steps"]  # quick mode trains fewer steps
+        if replicates:  # the report's SFT row: the mean over the replicates' SFT models
+            names = shared["sft_metrics"]
+            shared["sft_metrics"] = {k: float(np.mean([r["sft_metrics"][k] for r in replicates.values()])) for k in names}
+        return {**context, **shared, "max_steps": steps, "replicates": replicates}
     # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
     source = [os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed,
               dataclasses.asdict(config.data)]
@@ -371,6 +413,12 @@ def _with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dic
     return str(target)
 
 
+def _source_dirs(context: dict, seeds: list[int]) -> dict[int, str]:
+    """The source (SFT model and pairs folder) each seed's cells train from."""
+    replicates = context.get("replicates") or {}
+    return {seed: replicates[seed]["source_dir"] if seed in replicates else context["source_dir"] for seed in seeds}
+
+
 def _sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
     """The lab's metrics of the SFT model itself (every cell's starting point), computed once per `n`."""
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -416,13 +464,28 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     from napo.pairs import inject_label_noise
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    key = cell_key(objective, noise_rate, seed)
+    kind = context.get("noise_kind", "flip")
+    key = cell_key(objective, noise_rate, seed, kind)
+    source = (context.get("replicates") or {}).get(seed, context)  # the replicate's own SFT model and pairs
     cell_dir = Path(context["out"], "cells", key.replace("/", "_"))
     shutil.rmtree(cell_dir, ignore_errors=True)  # a failed attempt's leftovers
-    pairs, _ = inject_label_noise(datasets.load_from_disk(context["pairs"]), noise_rate, seed)
+    clean = datasets.load_from_disk(source["pairs"])
+    if kind == "annotator":
+        from napo.lab.noise import annotator_noise
+
+        # The annotator replaces chosen answers: shared reference log-probs would no longer be theirs, so this
+        # cell computes its own (trainer precomputation; scoring with the reference model).
+        shared_refs = [c for c in clean.column_names if c.startswith("ref_") and c.endswith("_logps")]
+        pairs, _ = annotator_noise(clean.remove_columns(shared_refs), noise_rate, seed, source["lab"]["recipe"])
+    else:
+        pairs, _ = inject_label_noise(clean, noise_rate, seed)
+        if "answer" in pairs.column_names:  # the lab's ground truth: tag the flipped pairs too
+            from napo.lab.noise import label_pairs
+
+            pairs = label_pairs(pairs)
     settings = objective_settings(objective, noise_rate)
     trained = train_preference(
-        context["sft_dir"],
+        source["sft_dir"],
         pairs,
         str(cell_dir),
         seed=seed,
@@ -433,11 +496,11 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     )
     model, processing_class = _load(trained["model_dir"])
     # With shared reference log-probs in the pairs, scoring needs no reference model.
-    reference = None if "ref_chosen_logps" in pairs.column_names else _load(context["sft_dir"])[0]
+    reference = None if "ref_chosen_logps" in pairs.column_names else _load(source["sft_dir"])[0]
     if context["source"] == "lab":
         from napo.lab.pipeline import evaluate_lab_model
 
-        metrics = evaluate_lab_model((model, processing_class), context["lab"], n=context["eval_n"])
+        metrics = evaluate_lab_model((model, processing_class), source["lab"], n=context["eval_n"])
     else:
         heldout = datasets.load_from_disk(context["heldout"])
         held = pair_margins(model, reference, processing_class, heldout, beta=context["beta"], work_dir=cell_dir / "scoring")
@@ -458,10 +521,13 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     return {
         "key": key,
         "objective": objective,
+        "noise_kind": kind,
         "noise_rate": noise_rate,
         "seed": seed,
+        "replicate": seed,
         "label_smoothing": settings.get("label_smoothing"),
-        "source_dir": context["source_dir"],
+        "source_dir": source["source_dir"],
+        "pair_labels": _pair_label_counts(pairs),
         "metrics": {name: float(value) for name, value in metrics.items()},
         "train_wall_s": float(trained["wall_time_s"]),
         "cell_wall_s": time.perf_counter() - started,
@@ -470,6 +536,15 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "q_trajectory": q_trajectory(trained["log_history"]),
         "finished": _now(),
     }
+
+
+def _pair_label_counts(pairs) -> dict[str, dict[str, int]]:
+    """{label column: {clean/tie/inverted: pairs}} of the cell's training pairs (lab rows only; {} otherwise)."""
+    counts = {}
+    for column in (c for c in pairs.column_names if c.startswith("pair_label_")):
+        values = [v for v in pairs[column] if v is not None]
+        counts[column] = {label: values.count(label) for label in sorted(set(values))}
+    return counts
 
 
 def _load(path: str):
@@ -617,8 +692,9 @@ def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[
 
 
 def _verdict(rows: list[dict], metrics: tuple[str, ...], rates: list[float], objectives: list[str]) -> list[str]:
-    """NaPO variants against DPO per noise rate and metric: the mean paired difference over seeds (the same flipped
-    rows per seed) and whether it exceeds twice its standard error, in the metric's better direction."""
+    """NaPO variants against DPO per noise rate and metric: the mean paired difference over seeds (replicates; the
+    same noisy rows per seed) with its 95% Student-t interval, and whether the interval excludes 0, in the
+    metric's better direction."""
     values = {(r["objective"], r["noise_rate"], r["seed"]): cell_values(r) for r in rows}
     lines = []
     for metric in metrics:
@@ -633,20 +709,31 @@ def _verdict(rows: list[dict], metrics: tuple[str, ...], rates: list[float], obj
                     continue
                 mean = float(np.mean(diffs))
                 se = float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else math.nan
+                half = t_quantile_975(len(diffs) - 1) * se if len(diffs) > 1 else math.nan
                 if math.isnan(se):
-                    call = "one seed: no error bar"
-                elif abs(mean) > 2 * se:
-                    call = "NaPO better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
+                    call, interval = "one seed: no interval", "—"
                 else:
-                    call = "within noise"
-                lines.append(f"| {metric} | {napo} | {rate:g} | {mean:+.3f} | {'—' if math.isnan(se) else f'{se:.3f}'} | {len(diffs)} | {call} |")
+                    interval = f"[{mean - half:+.3f}, {mean + half:+.3f}]"
+                    if abs(mean) > half:
+                        call = "NaPO better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
+                    else:
+                        call = "interval includes 0"
+                lines.append(f"| {metric} | {napo} | {rate:g} | {mean:+.3f} | {interval} | {len(diffs)} | {call} |")
     if not lines:
         return []
     return [
-        "| metric | objective | noise | Δ vs DPO (paired mean over seeds) | std. error | seeds | verdict (Δ beyond 2 s.e.) |",
+        "| metric | objective | noise | Δ vs DPO (paired mean over seeds) | 95% interval | seeds | verdict |",
         "|---|---|---|---|---|---|---|",
         *lines,
     ]
+
+
+def t_quantile_975(df: int) -> float:
+    """The two-sided 95% Student t quantile for `df` ≥ 1 degrees of freedom (the next tabulated df below; 1.96
+    beyond 30)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
 
 
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
@@ -672,6 +759,12 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"- device: {_device()}",
         f"- versions: {_versions()}",
         f"- source: {source}",
+        f"- noise: {config.noise_kind} "
+        + ("(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images, leaning to "
+           "the prior or a confusable colour; \"flipped\" below = misannotated rows)" if config.noise_kind == "annotator"
+           else "(chosen and negatives swapped on uniformly drawn rows)")
+        + "; replicates: " + ("each seed its own SFT init, batch order and sampled pairs" if meta.get("replicate_sft")
+                              else "seeds share one SFT model and pairs (they vary noise and batch order only)"),
         f"- β = {config.beta}; cDPO/rDPO ε = the cell's noise rate clipped to {list(SMOOTHING_RANGE)} (oracle flip rate); "
         f"training steps per cell = {meta['max_steps'] or 'the trainer default'}; extra training settings: {config.train or 'none'}",
     ]
@@ -791,7 +884,7 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _grid_keys(config: CompareConfig) -> set[str]:
-    return {cell_key(o, r, s) for o in config.objectives for r in config.noise_rates for s in config.seeds}
+    return {cell_key(o, r, s, config.noise_kind) for o in config.objectives for r in config.noise_rates for s in config.seeds}
 
 
 def _append_line(path: Path, row: dict) -> None:

@@ -9,7 +9,7 @@ import datasets
 import pytest
 
 from napo.cli import main
-from napo.lab.pipeline import REPORT_METRICS, _rows, lab_spec
+from napo.lab.pipeline import PAIR_METADATA, REPORT_METRICS, SFT_GATE, _rows, lab_spec
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "lab" / "report.json"
 FIELDS = ("wall_time_s", "command", "date", "device", "versions", "seeds", "models")
@@ -40,6 +40,15 @@ def _check_report(report: dict, seeds: list[int]) -> None:
 def test_quick_lab_writes_a_complete_report_and_sft_is_biased(quick_lab: Path) -> None:
     report = json.loads((quick_lab / "report.json").read_text())
     _check_report(report, [0])
+    gate = report["sft_gate"]
+    for metric, (low, high) in SFT_GATE.items():
+        value = report["models"]["sft"][metric]["mean"]
+        assert gate[metric]["value"] == value and gate[metric]["pass"] == (low <= value <= high)
+    assert gate["pass"] == all(gate[m]["pass"] for m in SFT_GATE)
+    # every gate metric also per image-noise level, each level's rows a part of the split
+    for metric in SFT_GATE:
+        levels = [k for k in report["models"]["sft"] if k.startswith(metric + "@noise")]
+        assert len(levels) >= 2, (metric, levels)
     for name in ("report.md", "metrics.png", "image_share.png"):
         assert (quick_lab / name).stat().st_size > 0
     sft = report["models"]["sft"]
@@ -54,13 +63,22 @@ def test_quick_lab_writes_a_complete_report_and_sft_is_biased(quick_lab: Path) -
 
 @pytest.mark.slow
 def test_quick_lab_pairs_follow_the_design(quick_lab: Path) -> None:
+    """Pairs as the paper makes them: a general wrong `rejected` on every row, the blind and question-less model's
+    sampled negatives, identical negatives kept (and counted), the ground truth carried for the noise."""
     (pairs,) = quick_lab.glob("cache/*/pairs/dataset")
     rows = datasets.load_from_disk(str(pairs))
+    stats = json.loads((pairs.parent / "stats.json").read_text())
+    assert set(PAIR_METADATA) <= set(rows.column_names)
     for row in rows:
-        # negatives identical to chosen were dropped; every kept row has at least one negative
-        assert row["rejected_language_bias"] != row["chosen"] and row["rejected_vision_bias"] != row["chosen"]
-        assert row["rejected_language_bias"] is not None or row["rejected_vision_bias"] is not None
+        assert row["chosen"] == row["answer"]  # clean pairs: the annotator's errors are added per compare cell
+        assert row["rejected"] is not None and row["rejected"] != row["answer"]
         assert len(row["images"]) == 1  # negatives are scored with the full input
+    for column in ("rejected_language_bias", "rejected_vision_bias"):
+        identical = sum(row[column] == row["chosen"] for row in rows)
+        assert identical == stats["negatives"][column]["identical_to_chosen"] and stats["negatives"][column]["identical_kept"]
+    # The blind model follows the prior: on rows whose object has one, its answer is mostly the prior colour.
+    prior_rows = [r for r in rows if r["kind"] == "attribute" and r["prior_answer"]]
+    assert sum(r["rejected_language_bias"] == r["prior_answer"] for r in prior_rows) > 0.5 * len(prior_rows)
 
 
 @pytest.mark.slow

@@ -49,7 +49,12 @@ def test_same_seed_same_pixels_other_seed_different() -> None:
 def test_rows_have_the_documented_fields() -> None:
     for split in SPLITS:
         for row in make_split(RECIPE, split, 30, seed=0):
-            assert set(row) == {"prompt", "images", "answer", "kind", "prior_answer", "objects", "split"}
+            assert set(row) == {"prompt", "images", "answer", "kind", "prior_answer", "objects", "target", "image_noise",
+                                "split"}
+            assert row["image_noise"] in RECIPE["image"]["noise"]
+            assert (row["target"] is None) == (row["kind"] == "caption")
+            if split == "no_prior":
+                assert row["kind"] == "attribute" and RECIPE["objects"][row["target"]]["typical"] is None
             assert row["split"] == split
             (image,) = row["images"]
             assert image.mode == "RGB" and image.size == (64, 64)
@@ -135,14 +140,14 @@ def test_drawn_object_colour_is_closest_to_the_named_colour() -> None:
     for row in rows:
         pixels = np.asarray(row["images"][0]).reshape(-1, 3)
         obj = pixels[(pixels != background).any(axis=1)]
-        assert 5 <= len(obj) <= 144, row  # at least a few pixels, at most a 12 x 12 box
+        assert 5 <= len(obj) <= 196, row  # at least a few pixels, at most a 14 x 14 box
         nearest = names[int(np.argmin(((palette - obj.mean(axis=0)) ** 2).sum(axis=1)))]
         assert nearest == row["answer"], row
 
 
 def test_noise_knob_adds_noise_of_the_given_std() -> None:
     # With noise 0.25 the background pixels scatter with std ~ 0.25 * 255 (less where clipped at 0).
-    row = make_split(_variant(colour_jitter=0), "captions", 1, seed=0)[0]
+    row = make_split(_variant(noise=0.25, colour_jitter=0), "captions", 1, seed=0)[0]
     clean = make_split(_variant(noise=0.0, colour_jitter=0), "captions", 1, seed=0)[0]
     diff = np.asarray(row["images"][0], dtype=float) - np.asarray(clean["images"][0], dtype=float)
     assert 50 < diff.std() < 70
@@ -163,6 +168,7 @@ def test_recipe_errors_name_the_field() -> None:
 
 def test_spatial_answers_match_the_left_to_right_order() -> None:
     rec = _variant(noise=0.0, colour_jitter=0)
+    rec["train"]["kinds"] = {"attribute": 0.5, "spatial": 0.5}  # the default recipe asks no spatial questions
     background = np.array(rec["image"]["background"])
     rows = [r for r in make_split(rec, "train", 400, seed=6) if r["kind"] == "spatial"]
     assert {r["answer"] for r in rows} == {"yes", "no"}
@@ -174,3 +180,35 @@ def test_spatial_answers_match_the_left_to_right_order() -> None:
         used = (np.asarray(row["images"][0]) != background).any(axis=(0, 2))
         runs = np.flatnonzero(np.diff(np.concatenate([[0], used.astype(int), [0]])) == 1)
         assert len(runs) == 2, row
+
+
+def test_noise_levels_are_drawn_per_row_and_rendered_at_their_std() -> None:
+    """`image.noise: [0.1, 0.2, 0.3, 0.4]`: each row draws a level (all four occur, about equally) and its pixels
+    scatter around the noise-free render with that std (the background, 90, is far from clipping below 0.4·255·3)."""
+    rec = _variant(colour_jitter=0)
+    rows = make_split(rec, "no_prior", 200, seed=3)
+    counts = {level: sum(r["image_noise"] == level for r in rows) for level in rec["image"]["noise"]}
+    assert all(_within_binomial(c, 200, 0.25) for c in counts.values()), counts
+    clean = make_split(_variant(noise=0.0, colour_jitter=0), "no_prior", 1, seed=3)[0]
+    for row in rows[:1]:
+        diff = np.asarray(row["images"][0], dtype=float) - np.asarray(clean["images"][0], dtype=float)
+        assert not np.allclose(diff, 0)
+    stds = []
+    for level in rec["image"]["noise"]:
+        one = _variant(noise=[level], colour_jitter=0)  # a one-level list draws nothing: the clean render lines up
+        noisy = make_split(one, "captions", 1, seed=0)[0]
+        base = make_split(_variant(noise=0.0, colour_jitter=0), "captions", 1, seed=0)[0]
+        diff = np.asarray(noisy["images"][0], dtype=float) - np.asarray(base["images"][0], dtype=float)
+        assert noisy["image_noise"] == level
+        stds.append(diff.std() / 255)
+        if level <= 0.2:  # above, clipping at 0 and 255 shrinks the std
+            assert abs(stds[-1] - level) < 0.15 * level, (level, stds[-1])
+    assert stds == sorted(stds) and stds[-1] > 0.25, stds
+
+
+def test_no_prior_split_needs_a_prior_free_object() -> None:
+    rec = copy.deepcopy(RECIPE)
+    for obj in rec["objects"].values():
+        obj["typical"], obj["prior"] = obj["typical"] or "red", 0.9
+    with pytest.raises(ValueError, match="no_prior"):
+        make_split(rec, "no_prior", 1, seed=0)

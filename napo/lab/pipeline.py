@@ -21,7 +21,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ POPE_SPLITS = ("pope_random", "pope_popular", "pope_adversarial")
 REPORT_METRICS = (
     "counterfactual_accuracy",
     "prior_consistent_accuracy",
+    "no_prior_accuracy",
     "prior_following_rate",
     "blind_agreement",
     "question_blind_agreement",
@@ -65,8 +66,8 @@ class LabSettings:
     loss on the answer tokens and EOS only.
     """
 
-    n_train: int = 8000  # SFT rows of the biased train split
-    sft_steps: int = 800
+    n_train: int = 6000  # SFT rows of the biased train split
+    sft_steps: int = 700
     sft_batch_size: int = 64
     sft_lr: float = 1e-3
     n_pairs: int = 1500  # source rows of the pair generator (held-out `pairs` split)
@@ -82,6 +83,12 @@ class LabSettings:
     vision_layers: int = 2
     image_size: int = 64
     patch_size: int = 8
+    # Negatives identical to chosen (a blind answer that is right because the prior is): kept, as the paper keeps
+    # them (its noise is exactly such "negatives"). Such a pair has z ≡ 0 and no gradient, but it counts in its
+    # type's means: it pulls ψ and ψ_Σ towards 0, so q towards 1 − σ(0) = 0.5 ('paper') / 1 ('official') and the
+    # type's dynamic weight down, and it dilutes that type's mean loss by the fraction of ties.
+    keep_identical: bool = True
+    pair_temperature: float = 1.0  # the blind / question-less model's negatives are sampled (seeded), as the paper's
 
     @classmethod
     def full(cls) -> LabSettings:
@@ -92,14 +99,32 @@ class LabSettings:
         return cls(n_train=1024, sft_steps=80, n_pairs=96, n_counterfactual_pairs=32, pref_steps=10, n_eval=32)
 
 
-def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False) -> dict[str, Any]:
+# The SFT gate of lab v2 (issue 15): the model reads the image where no prior competes, follows the prior where it
+# agrees with the image, and is torn where they disagree — as real VLMs are.
+SFT_GATE = {
+    "no_prior_accuracy": (0.9, 1.0),
+    "counterfactual_accuracy": (0.3, 0.7),
+    "prior_consistent_accuracy": (0.95, 1.0),
+}
+# Evaluation splits whose metrics are also reported per image-noise level: metric name -> split.
+PER_NOISE_SPLITS = {
+    "counterfactual_accuracy": "counterfactual",
+    "prior_consistent_accuracy": "prior_consistent",
+    "no_prior_accuracy": "no_prior",
+}
+
+
+def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False,
+                keep_identical: bool = True) -> dict[str, Any]:
     """SFT the lab model and build its preference pairs, reusing both when cached with the same settings.
 
     Args:
         out_dir: the lab's output folder; artifacts go to `<out_dir>/cache/<key>/{sft,pairs}`.
         recipe: a recipe path, an already loaded recipe, or None for the packaged default.
-        seed: seed of the model weights and of SFT batch order (data splits use the recipe's seed).
+        seed: the replicate: seed of the model weights, of SFT batch order and of the sampled negatives and the
+            general `rejected` answers (data splits use the recipe's seed).
         quick: the small CI variant (`LabSettings.quick()`).
+        keep_identical: keep negatives identical to chosen (the paper's choice; see `LabSettings.keep_identical`).
 
     Returns a JSON-able dict: sft_dir (a `save_pretrained` folder: model + processor), pairs_dir (a
     `datasets.save_to_disk` folder of preference rows), pairs_stats (the pair generator's counts),
@@ -107,11 +132,11 @@ def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: 
     pairs_wall_time_s (0 when cached). `evaluate_lab_model` needs only recipe and settings.
     """
     rec = recipe if isinstance(recipe, dict) else load_recipe(recipe)
-    settings = LabSettings.quick() if quick else LabSettings.full()
+    settings = replace(LabSettings.quick() if quick else LabSettings.full(), keep_identical=keep_identical)
     key = hashlib.sha256(json.dumps([rec, asdict(settings), seed], sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(out_dir) / "cache" / key
     sft_dir, sft_time = _sft(cache / "sft", rec, settings, seed)
-    pairs_dir, stats, pairs_time = _pairs(cache / "pairs", sft_dir, rec, settings)
+    pairs_dir, stats, pairs_time = _pairs(cache / "pairs", sft_dir, rec, settings, seed)
     return {
         "sft_dir": str(sft_dir),
         "pairs_dir": str(pairs_dir),
@@ -230,18 +255,21 @@ def run_lab(
     quick: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
+    keep_identical: bool = True,
 ) -> dict[str, Any]:
     """SFT, pairs, DPO and NaPO for every seed, evaluation, then report.md, report.json and PNG plots.
 
-    The SFT checkpoint and the pairs are built once (seed 0) and shared by every preference run, so the
-    seeds vary only preference training (batch order) — the spread is that of DPO / NaPO themselves.
+    The SFT checkpoint and the pairs are built once (replicate 0) and shared by every preference run, so the
+    seeds vary only preference training (batch order) — the spread is that of DPO / NaPO themselves; replicates
+    with their own SFT model and pairs are `napo compare`'s (`replicate_sft`). `report["sft_gate"]` says whether
+    the SFT model passes lab v2's gate (`SFT_GATE`).
     Returns the report dict (what report.json holds) with "outputs": the written paths.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log(f"[lab] preparing SFT model and pairs in {out / 'cache'}")
-    lab = prepare_lab(out, recipe=recipe, quick=quick)
+    lab = prepare_lab(out, recipe=recipe, quick=quick, keep_identical=keep_identical)
     log(f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows")
     metrics: dict[str, list[dict[str, float]]] = {"sft": [], "dpo": [], "napo": []}
     shares: dict[str, list[float]] = {"sft": [], "dpo": [], "napo": []}
@@ -271,6 +299,7 @@ def run_lab(
         "seeds": list(seeds),
         "settings": lab["settings"],
         "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
+        "sft_gate": sft_gate(sft_metrics),
         "sft_wall_time_s": lab["sft_wall_time_s"],
         "pairs_wall_time_s": lab["pairs_wall_time_s"],
         "models": {name: _mean_std(rows) for name, rows in metrics.items()},
@@ -289,6 +318,15 @@ def run_lab(
     return report
 
 
+def sft_gate(metrics: dict[str, float]) -> dict[str, Any]:
+    """Whether the SFT model is the lab v2 wants (`SFT_GATE`): {metric: {"value", "range", "pass"}, "pass": all}."""
+    checks = {
+        name: {"value": metrics[name], "range": list(bounds), "pass": bounds[0] <= metrics[name] <= bounds[1]}
+        for name, bounds in SFT_GATE.items()
+    }
+    return {**checks, "pass": all(c["pass"] for c in checks.values())}
+
+
 def render_report(report: dict[str, Any]) -> str:
     """The markdown report of `run_lab`: the table of metrics per model (mean ± std over seeds) and what they say."""
     models = report["models"]
@@ -304,9 +342,15 @@ def render_report(report: dict[str, Any]) -> str:
         "| metric | " + " | ".join(models) + " |",
         "|---" * (len(models) + 1) + "|",
     ]
-    for metric in REPORT_METRICS:
+    per_noise = sorted(k for k in models["sft"] if "@noise" in k)
+    for metric in (*REPORT_METRICS, *per_noise):
         cells = [_cell(models[name][metric]) for name in models]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    if "sft_gate" in report:
+        gate = report["sft_gate"]
+        lines += ["", "SFT gate (lab v2): " + ", ".join(
+            f"{name} {c['value']:.3f} in [{c['range'][0]}, {c['range'][1]}] {'✓' if c['pass'] else '✗'}"
+            for name, c in gate.items() if name != "pass") + (" — passed." if gate["pass"] else " — NOT passed.")]
     pairs = report["pairs"]
     lines += [
         "",
@@ -425,11 +469,23 @@ def supervised_fine_tune(
     os.replace(tmp, folder)
 
 
-def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings) -> tuple[Path, dict[str, Any], float]:
-    """Language- and vision-biased negatives from the SFT model on held-out prompts (`napo pairs`).
+# Metadata the lab's pair rows carry from their source row: ground truth for the annotator noise and pair labels.
+PAIR_METADATA = ("answer", "prior_answer", "kind", "target", "image_noise")
 
-    Source rows: the `pairs` split (the train distribution) plus `n_counterfactual_pairs` rows drawn
-    like the counterfactual split with another seed than evaluation's. chosen = the reference answer.
+
+def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings,
+           seed: int = 0) -> tuple[Path, dict[str, Any], float]:
+    """Preference rows as the paper builds them, from the SFT model on held-out prompts (`napo pairs`).
+
+    Source rows: the `pairs` split (the train distribution) plus `n_counterfactual_pairs` rows drawn like the
+    counterfactual split with another seed than evaluation's. chosen = the reference answer (an annotator that
+    errs is `napo.lab.noise.annotator_noise`, applied per compare cell). Columns:
+    - `rejected`: a general negative on every row, a wrong answer of the question's kind (`general_negative`),
+      as RLAIF-V's rejected responses are: trained with DPO, it anchors typical colours where the image shows them;
+    - `rejected_language_bias`: the SFT model's answer without the image (`image.drop`), sampled;
+    - `rejected_vision_bias`: its answer to the image without the question (`text.drop_question`), sampled;
+    - the source row's ground truth `PAIR_METADATA` (answer, prior_answer, kind, target, image_noise).
+    Negatives identical to chosen are kept or set to None per `settings.keep_identical`.
     """
     from napo.pairs import PairsConfig, build_pairs
 
@@ -440,22 +496,52 @@ def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSet
     rows = _rows(recipe, "pairs", settings.n_pairs, recipe["seed"])
     if settings.n_counterfactual_pairs:
         rows += _rows(recipe, "counterfactual", settings.n_counterfactual_pairs, recipe["seed"] + 1)
+    rng = np.random.default_rng([seed, 15])
+    text = datasets.Value("string")
     source = datasets.Dataset.from_dict(
-        {"prompt": [r["prompt"] for r in rows], "images": [r["images"] for r in rows], "chosen": [r["answer"] for r in rows]},
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "images": [r["images"] for r in rows],
+            "chosen": [r["answer"] for r in rows],
+            "rejected": [general_negative(recipe, r, rng) for r in rows],
+            **{key: [r[key] for r in rows] for key in PAIR_METADATA},
+        },
         features=datasets.Features(
             {
-                "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+                "prompt": [{"role": text, "content": [{"type": text, "text": text}]}],
                 "images": datasets.Sequence(datasets.Image()),
-                "chosen": datasets.Value("string"),
+                "chosen": text,
+                "rejected": text,
+                **{key: text for key in PAIR_METADATA if key != "image_noise"},
+                "image_noise": datasets.Value("float32"),
             }
         ),
     )
     source_dir = folder.parent / "pairs-source"
     source.save_to_disk(str(source_dir))
     model, processor = load_model(str(sft_dir))
-    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=16)
+    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=16,
+                         do_sample=True, temperature=settings.pair_temperature, seed=seed,
+                         keep_identical=settings.keep_identical)
     stats = build_pairs(config, model=model, processing_class=processor, progress=False)
     return folder / "dataset", stats, time.perf_counter() - start
+
+
+def general_negative(recipe: dict[str, Any], row: dict[str, Any], rng: np.random.Generator) -> str | None:
+    """A wrong answer of the row's question kind, uniformly: another colour, the other of yes/no, another count
+    word of the recipe's counts; None for captions (no single wrong answer)."""
+    from napo.lab.scenes import NUMBER_WORDS
+
+    if row["kind"] == "attribute":
+        options = list(recipe["colours"])
+    elif row["kind"] in ("existence", "spatial"):
+        options = ["yes", "no"]
+    elif row["kind"] == "count":
+        options = [NUMBER_WORDS[c] for c in recipe["scene"]["count_weights"]] + [NUMBER_WORDS[max(recipe["scene"]["count_weights"]) + 1]]
+    else:
+        return None
+    wrong = [o for o in options if o != row["answer"]]
+    return wrong[int(rng.integers(len(wrong)))]
 
 
 def _evaluate(
@@ -475,9 +561,20 @@ def _evaluate(
         "question_blind_agreement": mod["question_blind_agreement"],
         "image_share": mod["image_share"],
     }
-    consistent = _rows(recipe, "prior_consistent", n, seed)
-    answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
-    metrics["prior_consistent_accuracy"] = accuracy(answers, [r["answer"] for r in consistent])
+    answered = {"counterfactual": (counterfactual, mod["answers"])}
+    for split in ("prior_consistent", "no_prior"):
+        rows = _rows(recipe, split, n, seed)
+        answered[split] = (rows, generate(model, processor, rows, batch_size=64, max_new_tokens=4))
+    metrics["prior_consistent_accuracy"] = accuracy(answered["prior_consistent"][1], [r["answer"] for r in answered["prior_consistent"][0]])
+    metrics["no_prior_accuracy"] = accuracy(answered["no_prior"][1], [r["answer"] for r in answered["no_prior"][0]])
+    for metric, split in PER_NOISE_SPLITS.items():
+        rows, answers = answered[split]
+        for level in sorted({r["image_noise"] for r in rows}):
+            at = [i for i, r in enumerate(rows) if r["image_noise"] == level]
+            metrics[f"{metric}@noise{level:g}"] = accuracy([answers[i] for i in at], [rows[i]["answer"] for i in at])
+            if split == "counterfactual":
+                metrics[f"prior_following_rate@noise{level:g}"] = prior_following_rate(
+                    [answers[i] for i in at], [rows[i]["prior_answer"] for i in at])
     for split in POPE_SPLITS:
         rows = _rows(recipe, split, n, seed)
         pope = pope_metrics(generate(model, processor, rows, batch_size=64, max_new_tokens=4), [r["answer"] for r in rows])

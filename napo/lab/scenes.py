@@ -5,12 +5,15 @@ frequency, a co-occurrence group and optionally a typical colour with a prior st
 the images are to read, and the mix of question kinds. `make_split` draws rows from it:
 
     {"prompt": "what colour is the banana?", "images": [PIL.Image 64x64 RGB], "answer": "yellow",
-     "kind": "attribute", "prior_answer": "yellow", "objects": ["banana", "cat"], "split": "train"}
+     "kind": "attribute", "prior_answer": "yellow", "objects": ["banana", "cat"], "target": "banana",
+     "image_noise": 0.2, "split": "train"}
 
 The train split shows each object in its typical colour at the recipe's rate (0.95) and asks
 existence questions mostly about present objects, so a model can score well from the question
 alone. Evaluation splits separate the two sources: `counterfactual` (atypical colour: the prior is
-wrong), `prior_consistent` (typical colour), POPE-style existence probes and captions for CHAIR.
+wrong), `prior_consistent` (typical colour), `no_prior` (colour of an object without a typical colour: only
+the image can answer), POPE-style existence probes and captions for CHAIR. `image.noise` may list several
+pixel-noise levels: each row draws one (`image_noise`), so every metric can be read per level of difficulty.
 
 Every row is a pure function of (recipe, split, seed, row index): the same call returns the same
 pixels, and the first k rows do not depend on n.
@@ -34,6 +37,7 @@ SPLITS = (
     "pairs",
     "counterfactual",
     "prior_consistent",
+    "no_prior",
     "pope_random",
     "pope_popular",
     "pope_adversarial",
@@ -105,6 +109,7 @@ def make_split(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[di
       ask about a present object with probability `train.existence_present`.
     - counterfactual / prior_consistent: attribute questions about an object with a typical colour,
       drawn in another colour / in the typical colour.
+    - no_prior: attribute questions about an object without a typical colour (any colour, uniformly).
     - pope_random / pope_popular / pope_adversarial: existence questions, present with probability
       `pope.present`; an absent object is drawn uniformly among all absent objects / among the
       `pope.popular_k` most frequent absent objects / among absent members of the groups present.
@@ -112,13 +117,16 @@ def make_split(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[di
 
     `prior_answer` is what the language prior predicts: the typical colour (None for objects
     without one), the frequent existence answer of the train split, the most frequent count;
-    None for spatial questions and captions. `objects` lists the object kinds present, left to right.
+    None for spatial questions and captions. `objects` lists the object kinds present, left to right;
+    `target` is the object the question asks about (None for captions); `image_noise` the row's pixel-noise std.
     """
     if split not in SPLITS:
         raise ValueError(f"make_split: unknown split {split!r}; expected one of {SPLITS}")
     if n < 0 or seed < 0:
         raise ValueError(f"make_split: n and seed must be non-negative, got n={n}, seed={seed}")
     rec = _checked(recipe)
+    if split == "no_prior" and all(o["typical"] for o in rec["objects"].values()):
+        raise ValueError("make_split: the no_prior split needs an object without a typical colour in the recipe")
     split_id = zlib.crc32(split.encode())  # a stable per-split stream, unlike hash()
     rows = []
     for i in range(n):
@@ -154,7 +162,10 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     need(isinstance(img.get("size"), int) and img["size"] >= 16, "image.size", "expected an int >= 16")
     lo, hi = img.get("object_size", (0, 0))
     need(1 <= lo <= hi <= img["size"] // 3, "image.object_size", f"expected [lo, hi], 1 <= lo <= hi <= {img['size'] // 3}")
-    need(img.get("noise", -1) >= 0, "image.noise", "expected a std >= 0 (fraction of 0-255)")
+    levels = img.get("noise", -1)
+    levels = levels if isinstance(levels, list) else [levels]
+    need(len(levels) > 0 and all(isinstance(v, (int, float)) and v >= 0 for v in levels), "image.noise",
+         "expected a std >= 0 (fraction of 0-255) or a non-empty list of them (one drawn per row)")
     need(isinstance(img.get("colour_jitter"), int) and img["colour_jitter"] >= 0, "image.colour_jitter", "expected an int >= 0")
     for name, rgb in [("image.background", img.get("background"))] + [(f"colours.{c}", v) for c, v in rec["colours"].items()]:
         need(isinstance(rgb, list) and len(rgb) == 3 and all(0 <= v <= 255 for v in rgb), name, f"expected [r, g, b] in 0-255, got {rgb}")
@@ -217,7 +228,7 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
     if split in ("train", "pairs"):
         kinds = rec["train"]["kinds"]
         kind = _weighted(list(kinds), list(kinds.values()), rng)
-    elif split in ("counterfactual", "prior_consistent"):
+    elif split in ("counterfactual", "prior_consistent", "no_prior"):
         kind = "attribute"
     elif split.startswith("pope_"):
         kind = "existence"
@@ -225,8 +236,8 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
         kind = "caption"
 
     if kind == "attribute":
-        typical = {"counterfactual": False, "prior_consistent": True}.get(split)
-        entries, fill, answer, prior = _attribute(rec, rng, typical)
+        typical = {"counterfactual": False, "prior_consistent": True, "no_prior": None}.get(split)
+        entries, fill, answer, prior = _attribute(rec, rng, typical, prior_free=split == "no_prior")
     elif kind == "existence":
         if split.startswith("pope_"):
             present, strategy = rec["pope"]["present"], split.removeprefix("pope_")
@@ -250,13 +261,16 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
         answer = " and ".join(f"{_article(inst['colour'])} {inst['colour']} {inst['name']}" for inst in instances)
     template = rec["questions"][kind][int(rng.integers(len(rec["questions"][kind])))]
     objects = list(dict.fromkeys(inst["name"] for inst in instances))  # distinct, left to right
+    image, noise = _render(rec, instances, rng)
     return {
         "prompt": template.format(**fill),
-        "images": [_render(rec, instances, rng)],
+        "images": [image],
         "answer": answer,
         "kind": kind,
         "prior_answer": prior,
         "objects": objects,
+        "target": fill.get("object"),
+        "image_noise": noise,
     }
 
 
@@ -265,11 +279,15 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
 _Entries = list[tuple[str, str, int]]
 
 
-def _attribute(rec: dict[str, Any], rng: np.random.Generator, typical: bool | None) -> tuple[_Entries, dict[str, str], str, str | None]:
-    """'what colour is the banana?'; typical None draws from the prior, True/False forces it."""
+def _attribute(rec: dict[str, Any], rng: np.random.Generator, typical: bool | None,
+               prior_free: bool = False) -> tuple[_Entries, dict[str, str], str, str | None]:
+    """'what colour is the banana?'; typical None draws from the prior, True/False forces it; prior_free asks only
+    about objects without a typical colour."""
     names = list(rec["objects"])
     if typical is not None:  # counterfactual / prior-consistent: only objects that have a prior
         names = [n for n in names if rec["objects"][n]["typical"]]
+    if prior_free:
+        names = [n for n in names if not rec["objects"][n]["typical"]]
     target = _weighted(names, [rec["objects"][n]["weight"] for n in names], rng)
     colour = _colour(rec, target, rng, typical)
     entries = [(target, colour, 1)] + [(n, _colour(rec, n, rng), 1) for n in _companions(rec, target, rng)]
@@ -396,20 +414,23 @@ def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], disjoint_
     return x_apart if disjoint_x else (x_apart or y_apart)
 
 
-def _render(rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random.Generator) -> Image.Image:
-    """Draw the shapes in jittered colours on the background, then add Gaussian pixel noise."""
+def _render(rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random.Generator) -> tuple[Image.Image, float]:
+    """Draw the shapes in jittered colours on the background, then add Gaussian pixel noise of a std drawn from
+    `image.noise` (one level, or one of a list). Returns (image, the std used)."""
     img_cfg = rec["image"]
+    levels = img_cfg["noise"] if isinstance(img_cfg["noise"], list) else [img_cfg["noise"]]
+    noise = float(levels[int(rng.integers(len(levels)))]) if len(levels) > 1 else float(levels[0])
     image = Image.new("RGB", (img_cfg["size"],) * 2, tuple(img_cfg["background"]))
     draw = ImageDraw.Draw(image)
     jitter = img_cfg["colour_jitter"]
     for inst in instances:
         rgb = np.asarray(rec["colours"][inst["colour"]]) + rng.integers(-jitter, jitter + 1, size=3)
         _draw_shape(draw, rec["objects"][inst["name"]]["shape"], inst["box"], tuple(int(v) for v in np.clip(rgb, 0, 255)))
-    if img_cfg["noise"] == 0:
-        return image
+    if noise == 0:
+        return image, noise
     pixels = np.asarray(image, dtype=np.float32)
-    pixels += rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(img_cfg["noise"] * 255)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    pixels += rng.standard_normal(pixels.shape, dtype=np.float32) * np.float32(noise * 255)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)), noise
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
