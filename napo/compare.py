@@ -1,7 +1,7 @@
 """`napo compare`: preference objectives x label-noise rates x seeds, every cell from the same model and pairs.
 
-A *cell* is one (objective, noise rate, seed). The seed is a *replicate*: in the lab (with `replicate_sft`,
-the default) each replicate has its own SFT model (init and batch order) and its own sampled pairs; the cell's
+A *cell* is one (objective, noise rate, seed). The seed is a *replicate*: in the lab (unless `shared_sft`)
+each replicate has its own SFT model (init and batch order) and its own sampled pairs; the cell's
 seed also picks which `round(rate · rows)` rows get noise — flipped (`noise_kind="flip"`, `napo.pairs`'
 label-noise injection) or misannotated (`"annotator"`, `napo.lab.noise.annotator_noise`) — so every objective of
 a (rate, seed) sees exactly the same noisy rows: the comparison is paired. A trained cell is evaluated and its
@@ -105,8 +105,8 @@ class CompareConfig:
     )
     seeds: list[int] = field(
         default_factory=lambda: list(DEFAULT_SEEDS),
-        metadata={"help": "seeds (replicates): which rows are noised, training batch order and, in the lab with "
-                  "replicate_sft, the replicate's own SFT model and pairs"},
+        metadata={"help": "seeds (replicates): which rows are noised, training batch order and, in the lab "
+                  "unless shared_sft, the replicate's own SFT model and pairs"},
     )
     noise_kind: str = field(
         default="flip",
@@ -114,10 +114,11 @@ class CompareConfig:
                   "control) or 'annotator' (lab only: an automatic annotator picks a wrong chosen, mostly on noisy "
                   "images, leaning to the prior or a confusable colour; napo.lab.noise.annotator_noise)"},
     )
-    replicate_sft: bool = field(
-        default=True,
-        metadata={"help": "lab: every seed is a replicate with its own SFT init and batch order and its own sampled "
-                  "pairs (lab seed = lab_seed + seed); false: all seeds share lab_seed's SFT model and pairs"},
+    shared_sft: bool = field(
+        default=False,
+        metadata={"help": "lab: all seeds share lab_seed's SFT model and pairs (seeds then vary only the noisy rows and "
+                  "batch order; cheaper); default: every seed is a replicate with its own SFT init and batch order and "
+                  "its own sampled pairs (lab seed = lab_seed + seed)"},
     )
     lab_recipe: str | None = field(default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"})
     lab_seed: int = field(default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"})
@@ -358,7 +359,7 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
                 "sft_metrics": _sft_metrics(Path(lab["sft_dir"]).parent / "sft_metrics.json", lab, config.eval_n),
             }
 
-        replicates = {seed: replicate(config.lab_seed + seed) for seed in config.seeds} if config.replicate_sft else {}
+        replicates = {} if config.shared_sft else {seed: replicate(config.lab_seed + seed) for seed in config.seeds}
         shared = dict(replicates[config.seeds[0]]) if replicates else replicate(config.lab_seed)
         steps = config.max_steps or shared["lab"]["settings"]["pref_steps"]  # quick mode trains fewer steps
         if replicates:  # the report's SFT row: the mean over the replicates' SFT models

@@ -193,21 +193,30 @@ def test_pair_margins_match_the_trainer(tmp_path):
 # ------------------------------------------------------------------------------------------------ lab
 @pytest.mark.slow
 def test_lab_quick_grid_end_to_end(tmp_path):
-    """2 objectives x 2 noise rates x 1 seed on the quick bias lab, with its bias metrics; two worker processes."""
+    """2 objectives x annotator noise 0.3 x 2 replicates on the quick bias lab, each replicate with its own SFT model
+    and pairs, with its bias metrics and ground-truth pair labels; two worker processes."""
     config = CompareConfig(
-        output_dir=str(tmp_path / "lab"), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.2], seeds=[0],
-        quick=True, eval_n=16, workers=2,
+        output_dir=str(tmp_path / "lab"), objectives=["dpo", "napo-paper"], noise_rates=[0.3], seeds=[0, 1],
+        noise_kind="annotator", quick=True, eval_n=16, workers=2,
     )
     stats = run_compare(config, progress=False)
     assert stats["cells_run"] == 4 and stats["cells_failed"] == 0, (tmp_path / "lab" / "errors.jsonl").read_text()
     rows = read_results(tmp_path / "lab" / "results.jsonl")
+    sources = {row["replicate"]: row["source_dir"] for row in rows}
+    assert len(set(sources.values())) == 2  # each replicate trained from its own SFT model and pairs
     for row in rows:
-        for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "pope_f1", "chair_s"):
+        assert row["noise_kind"] == "annotator" and row["noise_rate"] == 0.3 and row["replicate"] == row["seed"]
+        assert row["key"] == compare.cell_key(row["objective"], 0.3, row["seed"], "annotator")
+        for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "no_prior_accuracy", "pope_f1"):
             assert 0 <= row["metrics"][metric] <= 1
-        assert row["margins"]["n_flipped"] > 0 if row["noise_rate"] else row["margins"]["n_flipped"] == 0
+        assert row["margins"]["n_flipped"] > 0  # the misannotated rows
+        labels = row["pair_labels"]["pair_label_rejected"]
+        # chosen wrong on ~30% of rows: its general-`rejected` pairs are ties (both wrong) or inverted
+        assert labels["clean"] < sum(labels.values()) and labels.get("tie", 0) + labels.get("inverted", 0) > 0
     assert_csv_matches(tmp_path / "lab" / "summary.csv", recompute_from_jsonl(tmp_path / "lab" / "results.jsonl"))
     report = (tmp_path / "lab" / "README.md").read_text()
-    assert "| counterfactual_accuracy | napo-paper | 0.2 |" in report and "*SFT (start)*" in report
+    assert "| counterfactual_accuracy | napo-paper | 0.3 |" in report and "*SFT (start)*" in report
+    assert "noise: annotator" in report and "95% interval" in report
 
 
 # ------------------------------------------------------------------------------------------ small parts
@@ -225,6 +234,20 @@ def test_objective_names_and_label_smoothing():
         CompareConfig(dataset="x")
     with pytest.raises(ValueError, match="--beta"):
         CompareConfig(train={"beta": 0.2})
+
+
+def test_noise_kinds_keys_and_intervals():
+    assert compare.cell_key("dpo", 0.2, 1) == "dpo/noise=0.2/seed=1"  # flips keep the earlier keys
+    assert compare.cell_key("dpo", 0.15, 1, "annotator") == "dpo/annotator=0.15/seed=1"
+    with pytest.raises(ValueError, match="noise_kind"):
+        CompareConfig(noise_kind="swap")
+    with pytest.raises(ValueError, match="annotator"):
+        CompareConfig(noise_kind="annotator", dataset="pairs", model="m")
+    # Student t, two-sided 95%: tabulated values; a df between rows takes the row below (wider interval).
+    assert compare.t_quantile_975(1) == 12.706 and compare.t_quantile_975(4) == 2.776
+    assert compare.t_quantile_975(12) == 2.228 and compare.t_quantile_975(100) == 1.96
+    with pytest.raises(ValueError):
+        compare.t_quantile_975(0)
 
 
 def test_torn_last_line_is_ignored(tmp_path):

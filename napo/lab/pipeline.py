@@ -261,7 +261,7 @@ def run_lab(
 
     The SFT checkpoint and the pairs are built once (replicate 0) and shared by every preference run, so the
     seeds vary only preference training (batch order) — the spread is that of DPO / NaPO themselves; replicates
-    with their own SFT model and pairs are `napo compare`'s (`replicate_sft`). `report["sft_gate"]` says whether
+    with their own SFT model and pairs are `napo compare`'s (unless `shared_sft`). `report["sft_gate"]` says whether
     the SFT model passes lab v2's gate (`SFT_GATE`).
     Returns the report dict (what report.json holds) with "outputs": the written paths.
     """
@@ -355,7 +355,9 @@ def render_report(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Pairs: {pairs['rows_written']} rows; "
-        + "; ".join(f"{column} ({n['spec']}) {n['written']} written, {n['identical_to_chosen']} identical to chosen dropped"
+        + "; ".join(f"{column} ({n['spec']}) {n['written']} written, {n['identical_to_chosen']} identical to chosen "
+                    + ("kept (ties: z ≡ 0, no gradient; they pull ψ and the type's dynamic weight towards 0)"
+                       if n.get("identical_kept") else "dropped")
                     for column, n in pairs["negatives"].items())
         + ". Blind agreement, question-blind agreement, prior following and image share are measured on the "
         "counterfactual split; POPE values are means over random / popular / adversarial.",
@@ -642,15 +644,27 @@ def _findings(report: dict[str, Any]) -> list[str]:
             f"{sft['image_share']:.3f} → {d['image_share']:.3f}; POPE F1 {sft['pope_f1']:.3f} → {d['pope_f1']:.3f}; "
             f"CHAIRs {sft['chair_s']:.3f} → {d['chair_s']:.3f}."
         )
+    if "sft_gate" in report:
+        gate = report["sft_gate"]
+        lines.append(
+            f"- **SFT gate** (no-prior ≥ 0.9, counterfactual in [0.3, 0.7], prior-consistent ≥ 0.95): "
+            + ("passed" if gate["pass"] else "NOT passed: " + ", ".join(
+                f"{k} {c['value']:.3f}" for k, c in gate.items() if k != "pass" and not c["pass"])) + "."
+        )
     for name in ("dpo", "napo"):
         gain = m[name]["counterfactual_accuracy"] - sft["counterfactual_accuracy"]
         loss = sft["prior_consistent_accuracy"] - m[name]["prior_consistent_accuracy"]
+        no_prior_loss = sft.get("no_prior_accuracy", 0.0) - m[name].get("no_prior_accuracy", 0.0)
+        met = gain >= 0.15 and loss <= 0.03 and no_prior_loss <= 0.03
+        lines.append(
+            f"- **{name.upper()} on clean pairs** (issue 15 asks ≥ +0.15 counterfactual, ≤ 0.03 prior-consistent lost, "
+            f"≤ 0.03 no-prior lost): {gain:+.3f} / {-loss:+.3f} / {-no_prior_loss:+.3f} — "
+            + ("met." if met else "NOT met" + (
+                f" ({budget_note(report, name)})" if gain < 0.15 else ": it trades prior-consistent or no-prior accuracy for the gain.")))
         if loss > gain:
             lines.append(
                 f"- **{name.upper()} trades more than it gains**: +{gain:.3f} counterfactual for -{loss:.3f} prior-consistent. "
-                "The model learnt mostly to avoid the prior colour, not to read the image: the language-biased negatives "
-                "are all the prior colour, and the pairs that anchor typical colours (vision-biased negatives, objects "
-                "without a prior) are easy to separate and stop pulling early."
+                "The model learnt mostly to avoid the prior colour, not to read the image."
             )
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
     noise = max(s["napo"]["counterfactual_accuracy"], s["dpo"]["counterfactual_accuracy"])
@@ -674,6 +688,18 @@ def _findings(report: dict[str, Any]) -> list[str]:
             )
     lines.append(verdict)
     return lines
+
+
+def budget_note(report: dict[str, Any], name: str) -> str:
+    """The facts behind a small gain: the preference budget, and counterfactual accuracy per image-noise level."""
+    settings = report["settings"]
+    sft, trained = report["models"]["sft"], report["models"][name]
+    levels = sorted(k.split("@noise")[1] for k in sft if k.startswith("counterfactual_accuracy@noise"))
+    per_level = ", ".join(
+        f"{level}: {sft[f'counterfactual_accuracy@noise{level}']['mean']:.2f} → "
+        f"{trained[f'counterfactual_accuracy@noise{level}']['mean']:.2f}" for level in levels)
+    return (f"{settings['pref_steps']} steps of {settings['pref_batch_size']} rows at lr {settings['pref_lr']:g}, "
+            f"β {settings['beta']:g}; counterfactual accuracy per image-noise level {per_level}")
 
 
 def _plots(out: Path, report: dict[str, Any], shares: dict[str, list[float]]) -> dict[str, str]:
