@@ -92,7 +92,7 @@ def test_loss_type_applies_to_rejected_beside_napo_bias_types(tmp_path):
         trainer = NaPOTrainer(
             model=perturbed(base), ref_model=copy.deepcopy(base),
             args=NaPOConfig(output_dir=str(tmp_path / loss_type), objective="napo", loss_type=loss_type, q=0.5,
-                            **COMMON),
+                            weights="fixed", **COMMON),
             train_dataset=dataset, processing_class=tokenizer,
         )
         losses[loss_type] = float(loss_and_grads(trainer, fresh_rows(trainer, 4))[0])
@@ -269,7 +269,7 @@ def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
     columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
     base, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(6, vision=False, columns=columns)
-    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", ld_alpha=0.3,
+    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", ld_alpha=0.3, weights="fixed",
                       **{**COMMON, "per_device_train_batch_size": 6})
     napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
                        processing_class=tokenizer)
