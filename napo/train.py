@@ -205,9 +205,10 @@ def run_training(
         record = _job_record(job, config, fingerprint, rows)
         checkpoint = _checkpoint_to_resume(job, config, record)
 
+        dtype, attn_implementation = _model_loading(job, config)
         policy, processing_class = load_model(
             job.model_name_or_path, trust_remote_code=config.trust_remote_code, allow_pickle=job.allow_pickle,
-            dtype=job.dtype, attn_implementation=job.attn_implementation,
+            dtype=dtype, attn_implementation=attn_implementation,
         )
         trainer = NaPOTrainer(
             model=policy, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -379,3 +380,21 @@ def _write_json(path: str, value: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1, default=str)
     os.replace(tmp, path)
+
+
+def _model_loading(job: TrainArguments, config: NaPOConfig) -> tuple[str | None, str | None]:
+    """dtype and attention kernels of the model napo loads: the job's options, or TRL's `model_init_kwargs` (which
+    TRL applies when it loads a model from its name; napo loads the model itself, so it reads them here). A key napo
+    cannot apply, or one given two different ways, is refused rather than ignored."""
+    init = dict(config.model_init_kwargs or {})
+    given = {"dtype": init.pop("dtype", init.pop("torch_dtype", None)),
+             "attn_implementation": init.pop("attn_implementation", None)}
+    if init:
+        raise ValueError(f"--model_init_kwargs {sorted(init)}: napo train loads the model itself and applies only "
+                         "dtype and attn_implementation from it; drop the others")
+    chosen = {"dtype": job.dtype, "attn_implementation": job.attn_implementation}
+    for name, value in given.items():
+        if value is not None and chosen[name] is not None and str(value) != str(chosen[name]):
+            raise ValueError(f"{name} given twice: --{name} {chosen[name]} and --model_init_kwargs {name}={value}")
+        chosen[name] = chosen[name] if chosen[name] is not None else value
+    return chosen["dtype"], chosen["attn_implementation"]

@@ -258,6 +258,20 @@ def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tm
     assert not (tmp_path / "tb").exists()
 
 
+def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
+    # napo loads the model itself, so TRL's model_init_kwargs must reach that load, not be dropped.
+    out = tmp_path / "half"
+    main(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir", str(out),
+          "--max_steps", "1", "--save_strategy", "no", *QUICK, "--model_init_kwargs", '{"dtype": "float64"}'])
+    from transformers import AutoConfig
+
+    assert str(AutoConfig.from_pretrained(out).dtype) in ("float64", "torch.float64")
+    code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir",
+                         str(tmp_path / "bad"), "--max_steps", "1", *QUICK,
+                         "--model_init_kwargs", '{"low_cpu_mem_usage": true}'], capsys)
+    assert code == 3 and "low_cpu_mem_usage" in err
+
+
 # ---------------------------------------------------------------------------------------------- error boundary
 def test_an_unmakeable_output_folder_is_exit_4(text_model, tmp_path, capsys):
     (tmp_path / "file").write_text("")
