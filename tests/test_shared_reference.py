@@ -8,7 +8,6 @@ import pytest
 from datasets import Dataset
 
 from napo.compare import CompareConfig, read_results, run_compare
-from napo.models import build_tiny_model
 from napo.pairs import inject_label_noise
 
 
@@ -40,26 +39,13 @@ def test_flips_move_reference_log_probs_with_their_answers():
         inject_label_noise(partial, 0.5, seed=1)
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    root = tmp_path_factory.mktemp("source")
-    model, tokenizer = build_tiny_model("text", seed=1)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    colours = ["yellow", "red", "green", "blue", "white", "brown"]
-    rows = [{"prompt": [{"role": "user", "content": f"what colour is thing {i % 7} ?"}], "chosen": colours[i % 4],
-             "rejected": colours[i % 4 + 2]} for i in range(40)]
-    Dataset.from_list(rows).save_to_disk(str(root / "pairs"))
-    return {"dataset": str(root / "pairs"), "model": str(root / "model")}
-
-
 @pytest.mark.slow
-def test_shared_reference_gives_the_per_cell_results(source, tmp_path):
+def test_shared_reference_gives_the_per_cell_results(colour_grid_source, tmp_path):
     def grid(out: Path, share: bool) -> CompareConfig:
         return CompareConfig(
             output_dir=str(out), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.4], seeds=[0], holdout=0.25,
             max_steps=3, workers=1, keep_models=True, share_reference=share,
-            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3}, **source,
+            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3}, **colour_grid_source,
         )
 
     run_compare(grid(tmp_path / "per-cell", False), progress=False)

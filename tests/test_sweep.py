@@ -8,30 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
 
 from napo.compare import CompareConfig, cell_key, read_results, run_compare
-from napo.models import build_tiny_model
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def grid_source(tmp_path_factory):
-    """A tiny text model and 40 preference rows, saved as a user's would be."""
-    root = tmp_path_factory.mktemp("source")
-    model, tokenizer = build_tiny_model("text", seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    colours = ["yellow", "red", "green", "blue", "white", "brown"]
-    rows = [
-        {"prompt": [{"role": "user", "content": f"what colour is thing {i % 5} ?"}],
-         "chosen": colours[i % 4], "rejected": colours[i % 4 + 2]}
-        for i in range(40)
-    ]
-    Dataset.from_list(rows).save_to_disk(str(root / "pairs"))
-    return {"dataset": str(root / "pairs"), "model": str(root / "model")}
 
 
 def grid(source, out, max_steps=3, **overrides) -> CompareConfig:
@@ -57,9 +38,9 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_backend_matches_local_backend(grid_source, tmp_path, local_ray):
-    run_compare(grid(grid_source, tmp_path / "local"), progress=False)
-    stats = run_compare(grid(grid_source, tmp_path / "ray", backend="ray"), progress=False)
+def test_ray_backend_matches_local_backend(colour_grid_source, tmp_path, local_ray):
+    run_compare(grid(colour_grid_source, tmp_path / "local"), progress=False)
+    stats = run_compare(grid(colour_grid_source, tmp_path / "ray", backend="ray"), progress=False)
     assert stats["cells_run"] == 4 and stats["cells_failed"] == 0
     local, remote = by_key(tmp_path / "local"), by_key(tmp_path / "ray")
     assert set(local) == set(remote) and len(local) == 4
@@ -68,7 +49,7 @@ def test_ray_backend_matches_local_backend(grid_source, tmp_path, local_ray):
         for name, value in row["margins"].items():
             assert remote[key]["margins"][name] == pytest.approx(value, abs=1e-4), (key, name)
     # Ray runs resume from the same results.jsonl: a finished cell is never rerun.
-    again = run_compare(grid(grid_source, tmp_path / "ray", backend="ray"), progress=False)
+    again = run_compare(grid(colour_grid_source, tmp_path / "ray", backend="ray"), progress=False)
     assert again["cells_run"] == 0
 
 
@@ -86,7 +67,7 @@ def _busy_ray_tasks() -> list[int]:
     return pids
 
 
-def test_worker_killed_mid_cell_loses_nothing(grid_source, tmp_path, local_ray):
+def test_worker_killed_mid_cell_loses_nothing(colour_grid_source, tmp_path, local_ray):
     out = tmp_path / "ray"
     killed = []
 
@@ -102,7 +83,7 @@ def test_worker_killed_mid_cell_loses_nothing(grid_source, tmp_path, local_ray):
 
     watcher = threading.Thread(target=kill_first_busy_worker)
     watcher.start()
-    stats = run_compare(grid(grid_source, out, max_steps=20, backend="ray", cell_retries=2), progress=False)
+    stats = run_compare(grid(colour_grid_source, out, max_steps=20, backend="ray", cell_retries=2), progress=False)
     watcher.join()
     assert killed, "no cell was caught running"
     assert stats["cells_failed"] == 0 and stats["cells_run"] == 4
@@ -110,7 +91,7 @@ def test_worker_killed_mid_cell_loses_nothing(grid_source, tmp_path, local_ray):
     assert not (out / "errors.jsonl").exists()
 
 
-def test_ray_worker_deaths_past_the_retries_are_recorded_not_raised(grid_source, tmp_path, local_ray):
+def test_ray_worker_deaths_past_the_retries_are_recorded_not_raised(colour_grid_source, tmp_path, local_ray):
     out = tmp_path / "ray"
     stop = threading.Event()
 
@@ -123,7 +104,7 @@ def test_ray_worker_deaths_past_the_retries_are_recorded_not_raised(grid_source,
     watcher = threading.Thread(target=kill_every_busy_worker)
     watcher.start()
     try:
-        stats = run_compare(grid(grid_source, out, max_steps=20, backend="ray", cell_retries=0, objectives=["dpo"],
+        stats = run_compare(grid(colour_grid_source, out, max_steps=20, backend="ray", cell_retries=0, objectives=["dpo"],
                                  noise_rates=[0.0]), progress=False)
     finally:
         stop.set()
@@ -132,12 +113,12 @@ def test_ray_worker_deaths_past_the_retries_are_recorded_not_raised(grid_source,
     assert cell_key("dpo", 0.0, 0) in (out / "errors.jsonl").read_text()
 
 
-def test_backend_options_are_checked(grid_source, tmp_path):
+def test_backend_options_are_checked(colour_grid_source, tmp_path):
     with pytest.raises(ValueError, match="backend='slurm'"):
-        grid(grid_source, tmp_path, backend="slurm")
+        grid(colour_grid_source, tmp_path, backend="slurm")
     with pytest.raises(ValueError, match="--ray-address is for --backend ray"):
-        grid(grid_source, tmp_path, ray_address="auto")
+        grid(colour_grid_source, tmp_path, ray_address="auto")
     with pytest.raises(ValueError, match="--workers sizes the local process pool"):
-        CompareConfig(output_dir=str(tmp_path), backend="ray", workers=4, **grid_source)
+        CompareConfig(output_dir=str(tmp_path), backend="ray", workers=4, **colour_grid_source)
     with pytest.raises(ValueError, match="cell_cpus=0"):
-        grid(grid_source, tmp_path, backend="ray", cell_cpus=0)
+        grid(colour_grid_source, tmp_path, backend="ray", cell_cpus=0)
