@@ -69,21 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from napo.compare import cell_key, read_results, run_compare
+    from napo.compare import _with_reference_logps, cell_key, read_results, run_compare
+    from napo.lab.pipeline import prepare_lab
 
     torch.set_num_threads(1)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-compare-"))
     runs = {"per-cell": work / "per-cell", "shared": work / "shared"}
     cells = [(o, r, s) for s in args.seeds for r in args.noise_rates for o in args.objectives]
-    # The lab (SFT model and pairs) is built once, by the first run; the other run reads the same cache.
-    runs["per-cell"].mkdir(parents=True, exist_ok=True)
+    # The lab (SFT model and pairs) is built once, here; the shared run reads the same cache through a link.
+    (runs["per-cell"] / "lab").mkdir(parents=True, exist_ok=True)
     runs["shared"].mkdir(parents=True, exist_ok=True)
-    (runs["per-cell"] / "lab").mkdir(exist_ok=True)
     if not (runs["shared"] / "lab").exists():
         (runs["shared"] / "lab").symlink_to(runs["per-cell"] / "lab", target_is_directory=True)
-    from napo.compare import _with_reference_logps
-    from napo.lab.pipeline import prepare_lab
-
     lab = prepare_lab(str(runs["per-cell"] / "lab"), quick=args.quick)
     start = time.perf_counter()  # the shared path's one-off cost: the reference scores the pairs once
     _with_reference_logps(lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args))
