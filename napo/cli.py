@@ -137,18 +137,30 @@ class NapoParser:
         dropped = {m.dest for m in mappings} | set(self.nested)
         views = [_view(cls, dropped, aliases or {}) for cls in arguments]
         self.parser = TrlParser(
-            views, prog=prog, description=description, allow_abbrev=False,  # a typo must fail, not match
-            epilog=epilog, formatter_class=_HelpFormatter,
+            views,
+            prog=prog,
+            description=description,
+            allow_abbrev=False,  # a typo must fail, not match
+            epilog=epilog,
+            formatter_class=_HelpFormatter,
         )
         self.parser.add_argument(
-            "--config", metavar="YAML", default=None,
+            "--config",
+            metavar="YAML",
+            default=None,
             help="YAML file setting any option of this command by field name; options given on the command line "
             "override it (default: no file)",
         )
         for m in mappings:
             self.parser.add_argument(
-                *m.flags, dest=m.dest, action=KeyValueOption, parse_value=m.parse_value, example=m.example,
-                metavar="KEY=VALUE", default=None, help=f"repeatable; {m.help} (default: none)",
+                *m.flags,
+                dest=m.dest,
+                action=KeyValueOption,
+                parse_value=m.parse_value,
+                example=m.example,
+                metavar="KEY=VALUE",
+                default=None,
+                help=f"repeatable; {m.help} (default: none)",
             )
         if defaults:
             self.parser.set_defaults(**defaults)
@@ -187,8 +199,9 @@ class NapoParser:
             raise UsageError(f"--config {path}: not valid YAML ({' '.join(str(error).split())})") from None
         content = {} if content is None else content
         if not isinstance(content, dict):
-            raise UsageError(f"--config {path}: expected a mapping of option names to values, "
-                             f"got {type(content).__name__}")
+            raise UsageError(
+                f"--config {path}: expected a mapping of option names to values, got {type(content).__name__}"
+            )
         for key, value in dict(content.pop("env", None) or {}).items():  # as TrlParser: environment variables
             os.environ[str(key)] = str(value)
         for name in self.nested:  # `data: {dataset_split: test}` sets the nested class's options
@@ -234,8 +247,13 @@ def _view(cls: type, dropped: set[str], aliases: dict[str, list[str]]) -> type:
         metadata = dict(f.metadata)
         if f.name in aliases:
             metadata["aliases"] = [*metadata.get("aliases", []), *aliases[f.name]]
-        fields.append((f.name, hints[f.name],
-                       dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata)))
+        fields.append(
+            (
+                f.name,
+                hints[f.name],
+                dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata),
+            )
+        )
     view = dataclasses.make_dataclass(cls.__name__, fields, kw_only=True)
     view._argument_group_name = f"{cls.__name__} options"
     return view
@@ -310,23 +328,28 @@ class EvalArguments:
 
     model: str | None = field(
         default=None,
-        metadata={"aliases": ["--model_name_or_path"],
-                  "help": "a save_pretrained folder or a Hugging Face id (None: only with --predictions)"},
+        metadata={
+            "aliases": ["--model_name_or_path"],
+            "help": "a save_pretrained folder or a Hugging Face id (None: only with --predictions)",
+        },
     )
     recipe: str | None = field(
         default=None, metadata={"help": "lab recipe YAML for the lab splits (None: the packaged colors.yaml)"}
     )
     dataset: str | None = field(
         default=None,
-        metadata={"aliases": ["--dataset_name"], "help": "your eval set (prompt, images, answer) instead of the lab: "
-                  "save_to_disk folder, parquet or JSONL"},
+        metadata={
+            "aliases": ["--dataset_name"],
+            "help": "your eval set (prompt, images, answer) instead of the lab: save_to_disk folder, parquet or JSONL",
+        },
     )
-    n: int | None = field(default=None, metadata={"help": "rows per lab split, or the first N rows of --dataset "
-                                                  "(None: 200)"})
+    n: int | None = field(
+        default=None, metadata={"help": "rows per lab split, or the first N rows of --dataset (None: 200)"}
+    )
     batch_size: int = field(default=64, metadata={"help": "samples per forward / generate call"})
     max_new_tokens: int | None = field(
-        default=None, metadata={"help": "longest generated answer, in tokens (None: 16 with --dataset, 128 with "
-                                "--benchmark)"}
+        default=None,
+        metadata={"help": "longest generated answer, in tokens (None: 16 with --dataset, 128 with --benchmark)"},
     )
     out: str | None = field(
         default=None,
@@ -338,47 +361,72 @@ class EvalArguments:
     # Standard benchmarks (napo.benchmarks).
     benchmark: str | None = field(
         default=None,
-        metadata={"choices": ["pope", "chair", "amber", "vlind"],
-                  "help": "a standard hallucination benchmark instead of the lab or --dataset (None: none)"},
+        metadata={
+            "choices": ["pope", "chair", "amber", "vlind"],
+            "help": "a standard hallucination benchmark instead of the lab or --dataset (None: none)",
+        },
     )
     data: list[str] = field(
         default_factory=list,
-        metadata={"help": "benchmark files: pope: one question file per split; chair: an optional question file "
-                  "(default: the images of the instances file, or those --predictions names); amber: query JSON(s); "
-                  "vlind: VLind-Bench's data.json"},
+        metadata={
+            "help": "benchmark files: pope: one question file per split; chair: an optional question file "
+            "(default: the images of the instances file, or those --predictions names); amber: query JSON(s); "
+            "vlind: VLind-Bench's data.json"
+        },
     )
     annotations: list[str] = field(
-        default_factory=list, metadata={"help": "chair: a COCO instances JSON, then optional COCO captions JSONs; "
-                                        "amber: AMBER's annotations.json"}
+        default_factory=list,
+        metadata={
+            "help": "chair: a COCO instances JSON, then optional COCO captions JSONs; amber: AMBER's annotations.json"
+        },
     )
     image_dir: str | None = field(
-        default=None, metadata={"help": "folder the benchmark's image names are relative to (vlind: the one holding "
-                                "counterfactual/ and factual/; None: the current folder)"}
+        default=None,
+        metadata={
+            "help": "folder the benchmark's image names are relative to (vlind: the one holding "
+            "counterfactual/ and factual/; None: the current folder)"
+        },
     )
     predictions: list[str] | None = field(
-        default=None, metadata={"help": "score these answer files instead of generating: LLaVA layout "
-                                "{question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or "
-                                "one per --data file (None: generate with --model)"}
+        default=None,
+        metadata={
+            "help": "score these answer files instead of generating: LLaVA layout "
+            "{question_id, text}, {image_id, caption} or AMBER's [{id, response}]; one file, or "
+            "one per --data file (None: generate with --model)"
+        },
     )
     allow_partial: bool = field(
-        default=False, metadata={"help": "score an answer file that misses some questions; the JSON records the "
-                                 "coverage (default: missing answers are an error)"}
+        default=False,
+        metadata={
+            "help": "score an answer file that misses some questions; the JSON records the "
+            "coverage (default: missing answers are an error)"
+        },
     )
     prompt: str | None = field(
-        default=None, metadata={"help": "chair: the question asked about each image (None: 'Please describe this "
-                                "image in detail.')"}
+        default=None,
+        metadata={"help": "chair: the question asked about each image (None: 'Please describe this image in detail.')"},
     )
     prompt_suffix: str = field(
-        default="", metadata={"help": "appended to every benchmark question when generating, e.g. ' Answer the "
-                              "question using a single word or phrase.' as LLaVA's POPE files do (default: none)"}
+        default="",
+        metadata={
+            "help": "appended to every benchmark question when generating, e.g. ' Answer the "
+            "question using a single word or phrase.' as LLaVA's POPE files do (default: none)"
+        },
     )
     amber_yes_no: str = field(
-        default="exact", metadata={"choices": ["exact", "pope"], "help": "amber: read discriminative answers as the "
-                                   "reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule"}
+        default="exact",
+        metadata={
+            "choices": ["exact", "pope"],
+            "help": "amber: read discriminative answers as the "
+            "reference does (exactly 'Yes' / 'No') or by LLaVA's POPE rule",
+        },
     )
     vlind_prompts: str = field(
-        default="instructblip", metadata={"choices": ["instructblip", "gpt4o"], "help": "vlind: the prompt set of the "
-                                          "reference's eval/instructblip_eval.py or eval/gpt4o_eval.py"}
+        default="instructblip",
+        metadata={
+            "choices": ["instructblip", "gpt4o"],
+            "help": "vlind: the prompt set of the reference's eval/instructblip_eval.py or eval/gpt4o_eval.py",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -386,19 +434,31 @@ class EvalArguments:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: expected at least 1")
         if self.benchmark is None:
-            benchmark_only = [flag for flag, value in (
-                ("--data", self.data), ("--annotations", self.annotations), ("--image_dir", self.image_dir),
-                ("--predictions", self.predictions), ("--allow_partial", self.allow_partial),
-                ("--prompt", self.prompt), ("--prompt_suffix", self.prompt_suffix),
-                ("--amber_yes_no", self.amber_yes_no != "exact"),
-                ("--vlind_prompts", self.vlind_prompts != "instructblip")) if value]
+            benchmark_only = [
+                flag
+                for flag, value in (
+                    ("--data", self.data),
+                    ("--annotations", self.annotations),
+                    ("--image_dir", self.image_dir),
+                    ("--predictions", self.predictions),
+                    ("--allow_partial", self.allow_partial),
+                    ("--prompt", self.prompt),
+                    ("--prompt_suffix", self.prompt_suffix),
+                    ("--amber_yes_no", self.amber_yes_no != "exact"),
+                    ("--vlind_prompts", self.vlind_prompts != "instructblip"),
+                )
+                if value
+            ]
             if benchmark_only:
                 raise ValueError(f"{', '.join(benchmark_only)} need --benchmark")
             if self.model is None:
                 raise ValueError("pass --model")
             return
-        given = [flag for flag, value in (("--dataset", self.dataset), ("--recipe", self.recipe), ("--n", self.n))
-                 if value is not None]
+        given = [
+            flag
+            for flag, value in (("--dataset", self.dataset), ("--recipe", self.recipe), ("--n", self.n))
+            if value is not None
+        ]
         if given:
             raise ValueError(f"{', '.join(given)} do not apply to --benchmark")
         if not self.out:
@@ -411,10 +471,12 @@ class EvalArguments:
             raise ValueError("--vlind_prompts applies to --benchmark vlind only")
         if self.predictions is None and self.model is None:
             raise ValueError("pass --model (to generate answers) or --predictions (answer files to score)")
-        if self.predictions is not None and (self.model is not None or self.prompt_suffix
-                                             or self.max_new_tokens is not None):
-            raise ValueError("--model, --prompt_suffix and --max_new_tokens generate answers; --predictions scores "
-                             "given ones")
+        if self.predictions is not None and (
+            self.model is not None or self.prompt_suffix or self.max_new_tokens is not None
+        ):
+            raise ValueError(
+                "--model, --prompt_suffix and --max_new_tokens generate answers; --predictions scores given ones"
+            )
 
 
 @dataclass
@@ -424,21 +486,27 @@ class LabArguments:
     quick: bool = field(default=False, metadata={"help": "a tiny variant (about a minute) for tests and CI"})
     out: str | None = field(
         default=None,
-        metadata={"aliases": ["--output_dir", "--output-dir"],
-                  "help": "output folder (None: benchmarks/lab, or benchmarks/lab/quick with --quick)"},
+        metadata={
+            "aliases": ["--output_dir", "--output-dir"],
+            "help": "output folder (None: benchmarks/lab, or benchmarks/lab/quick with --quick)",
+        },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "preference-training seeds"})
     recipe: str | None = field(default=None, metadata={"help": "lab recipe YAML (None: the packaged colors.yaml)"})
     audio: bool = field(
         default=False,
-        metadata={"help": "the audio lab instead: a tiny Qwen2-Audio on synthetic notes with a note prior (recipe "
-                  "default: the packaged sounds.yaml); writes audio_report.md / .json"},
+        metadata={
+            "help": "the audio lab instead: a tiny Qwen2-Audio on synthetic notes with a note prior (recipe "
+            "default: the packaged sounds.yaml); writes audio_report.md / .json"
+        },
     )
     drop_identical: bool = field(
         default=False,
-        metadata={"help": "vision lab: drop negatives identical to chosen instead of keeping them as the paper does (a "
-                  "kept one has margin 0 and no gradient but pulls its type's ψ, hence q, and its dynamic weight "
-                  "towards 0)"},
+        metadata={
+            "help": "vision lab: drop negatives identical to chosen instead of keeping them as the paper does (a "
+            "kept one has margin 0 and no gradient but pulls its type's ψ, hence q, and its dynamic weight "
+            "towards 0)"
+        },
     )
 
 
@@ -479,10 +547,16 @@ def _pairs_parser() -> NapoParser:
         "columns beside the original prompt, images and chosen. Rerun the same command to resume.",
         (PairsConfig, DatasetOptions, PairsJob, Progress),
         nested={"data": DatasetOptions},
-        mappings=(MappingOption("negatives", ("--negative", "--negatives"),
-                                "negative column=perturbation spec (None: image.drop -> rejected_language_bias, "
-                                "text.drop_question -> rejected_vision_bias; audio data: audio.drop / "
-                                "text.drop_question)", "rejected_language_bias='image.diffusion(t=500)'"),),
+        mappings=(
+            MappingOption(
+                "negatives",
+                ("--negative", "--negatives"),
+                "negative column=perturbation spec (None: image.drop -> rejected_language_bias, "
+                "text.drop_question -> rejected_vision_bias; audio data: audio.drop / "
+                "text.drop_question)",
+                "rejected_language_bias='image.diffusion(t=500)'",
+            ),
+        ),
         aliases={"source": ["--dataset_name", "--dataset"], "model": ["--model_name_or_path"]},
     )
 
@@ -491,10 +565,16 @@ def _run_pairs(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
     from napo.pairs import PairsConfig, build_pairs
 
     job = invocation[PairsJob]
-    stats = build_pairs(invocation[PairsConfig], overwrite=job.overwrite, progress=not invocation[Progress].no_progress,
-                        allow_pickle=job.allow_pickle)
-    summary = [f"{stats['rows_written']} of {stats['source_rows']} rows written, {stats['rejects']} rejected, "
-               f"{stats['dropped_no_negative']} dropped (no negative left)"]
+    stats = build_pairs(
+        invocation[PairsConfig],
+        overwrite=job.overwrite,
+        progress=not invocation[Progress].no_progress,
+        allow_pickle=job.allow_pickle,
+    )
+    summary = [
+        f"{stats['rows_written']} of {stats['source_rows']} rows written, {stats['rejects']} rejected, "
+        f"{stats['dropped_no_negative']} dropped (no negative left)"
+    ]
     return summary, stats["outputs"]
 
 
@@ -549,8 +629,10 @@ def _run_eval(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
         dataset, _ = read_dataset(args.dataset, kind="rows")  # prompt + answer rows: no preference layout
         missing = [c for c in ("prompt", "answer") if c not in dataset.column_names]
         if missing:
-            raise ValueError(f"{args.dataset} has no {' or '.join(map(repr, missing))} column (columns: "
-                             f"{dataset.column_names}); napo eval --dataset needs prompt, answer and optional images")
+            raise ValueError(
+                f"{args.dataset} has no {' or '.join(map(repr, missing))} column (columns: "
+                f"{dataset.column_names}); napo eval --dataset needs prompt, answer and optional images"
+            )
         rows = list(dataset.select(range(min(n, len(dataset)))))
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
     if args.dataset is None:
@@ -563,8 +645,14 @@ def _run_eval(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
         from napo.evaluate import MODALITY_PASSES, modality_metrics
 
         with tqdm(total=MODALITY_PASSES * len(rows), desc="napo eval", unit="sample", disable=not progress) as bar:
-            result = modality_metrics(model, processor, rows, batch_size=args.batch_size,
-                                      max_new_tokens=args.max_new_tokens or 16, on_batch=bar.update)
+            result = modality_metrics(
+                model,
+                processor,
+                rows,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens or 16,
+                on_batch=bar.update,
+            )
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
     summary = [f"{name}: {value:.4f}" for name, value in metrics.items()]
     outputs = {}
@@ -586,17 +674,33 @@ def _run_benchmark(args: EvalArguments, progress: bool) -> tuple[list[str], dict
     """`napo eval --benchmark`: generate (or read) the answers and score them by the benchmark's reference rules."""
     from napo.benchmarks import DEFAULT_CAPTION_PROMPT, BenchmarkSpec, evaluate, flat_metrics
 
-    spec = BenchmarkSpec(args.benchmark, data=args.data, annotations=args.annotations, image_dir=args.image_dir,
-                         prompt=args.prompt or DEFAULT_CAPTION_PROMPT, amber_yes_no=args.amber_yes_no,
-                         vlind_prompts=args.vlind_prompts)
+    spec = BenchmarkSpec(
+        args.benchmark,
+        data=args.data,
+        annotations=args.annotations,
+        image_dir=args.image_dir,
+        prompt=args.prompt or DEFAULT_CAPTION_PROMPT,
+        amber_yes_no=args.amber_yes_no,
+        vlind_prompts=args.vlind_prompts,
+    )
     model = processor = None
     if args.predictions is None:
         from napo.models import load_model
 
         model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
-    record = evaluate(spec, out=args.out, predictions=args.predictions, model=model, processing_class=processor,
-                      model_id=args.model, allow_partial=args.allow_partial, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens or 128, prompt_suffix=args.prompt_suffix, progress=progress)
+    record = evaluate(
+        spec,
+        out=args.out,
+        predictions=args.predictions,
+        model=model,
+        processing_class=processor,
+        model_id=args.model,
+        allow_partial=args.allow_partial,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens or 128,
+        prompt_suffix=args.prompt_suffix,
+        progress=progress,
+    )
     summary = [f"{name}: {value:.4f}" for name, value in flat_metrics(args.benchmark, record).items()]
     summary.append(f"coverage: {record['coverage']['answered']}/{record['coverage']['questions']}")
     return summary, {"answers": ", ".join(record["answers"]), "metrics": args.out}
@@ -613,8 +717,15 @@ def _compare_parser() -> NapoParser:
         "command to resume: finished cells are skipped, failed ones retried. --recipe is --config.",
         (CompareConfig, DatasetOptions, Progress),
         nested={"data": DatasetOptions},
-        mappings=(MappingOption("train", ("--set",), "a NaPOConfig field for every cell, value read as YAML",
-                                "learning_rate=1e-4", parse_value=_yaml_value),),
+        mappings=(
+            MappingOption(
+                "train",
+                ("--set",),
+                "a NaPOConfig field for every cell, value read as YAML",
+                "learning_rate=1e-4",
+                parse_value=_yaml_value,
+            ),
+        ),
         aliases={"dataset": ["--dataset_name"], "model": ["--model_name_or_path"]},
     )
 
@@ -628,10 +739,13 @@ def _yaml_value(text: str) -> Any:
 def _run_compare(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
     from napo.compare import CompareConfig, run_compare
 
-    stats = run_compare(invocation[CompareConfig], command=invocation.command_line,
-                        progress=not invocation[Progress].no_progress)
-    summary = [f"{stats['cells_run']} cells run, {stats['cells_failed']} failed (see errors.jsonl; rerun to retry), "
-               f"{stats['cells_total']} in the grid"]
+    stats = run_compare(
+        invocation[CompareConfig], command=invocation.command_line, progress=not invocation[Progress].no_progress
+    )
+    summary = [
+        f"{stats['cells_run']} cells run, {stats['cells_failed']} failed (see errors.jsonl; rerun to retry), "
+        f"{stats['cells_total']} in the grid"
+    ]
     return summary, stats["outputs"]
 
 
@@ -655,25 +769,51 @@ def _run_lab(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
         raise ValueError("--drop-identical applies to the vision lab only (the audio lab has its own pairs)")
     options = {} if args.audio else {"keep_identical": not args.drop_identical}
     lab = run_audio_lab if args.audio else run_lab
-    report = lab(out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=invocation.command_line,
-                 **options)
+    report = lab(
+        out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=invocation.command_line, **options
+    )
     return [f"wall time: {report['wall_time_s']:.0f} s"], report["outputs"]
 
 
 COMMANDS = {
     command.name: command
     for command in (
-        Command("pairs", "generate language-/vision-biased negatives -> preference dataset", _pairs_parser,
-                _run_pairs, "Finished shards are kept: rerun the same command to resume."),
-        Command("train", "train NaPO or a DPO-family baseline on a preference dataset", _train_parser, _run_train,
-                "Checkpoints written so far are kept (see --save_steps): rerun the same command with --resume to "
-                "resume from the last one."),
-        Command("eval", "bias and hallucination metrics of a model on an evaluation set", _eval_parser, _run_eval,
-                "Nothing was written: rerun the same command to start again."),
-        Command("compare", "objectives x label-noise rates x seeds -> report", _compare_parser, _run_compare,
-                "Finished cells are kept in results.jsonl: rerun the same command to resume."),
-        Command("lab", "the whole pipeline end to end on the built-in bias lab", _lab_parser, _run_lab,
-                "The cached SFT model and pairs are kept: rerun the same command to resume."),
+        Command(
+            "pairs",
+            "generate language-/vision-biased negatives -> preference dataset",
+            _pairs_parser,
+            _run_pairs,
+            "Finished shards are kept: rerun the same command to resume.",
+        ),
+        Command(
+            "train",
+            "train NaPO or a DPO-family baseline on a preference dataset",
+            _train_parser,
+            _run_train,
+            "Checkpoints written so far are kept (see --save_steps): rerun the same command with --resume to "
+            "resume from the last one.",
+        ),
+        Command(
+            "eval",
+            "bias and hallucination metrics of a model on an evaluation set",
+            _eval_parser,
+            _run_eval,
+            "Nothing was written: rerun the same command to start again.",
+        ),
+        Command(
+            "compare",
+            "objectives x label-noise rates x seeds -> report",
+            _compare_parser,
+            _run_compare,
+            "Finished cells are kept in results.jsonl: rerun the same command to resume.",
+        ),
+        Command(
+            "lab",
+            "the whole pipeline end to end on the built-in bias lab",
+            _lab_parser,
+            _run_lab,
+            "The cached SFT model and pairs are kept: rerun the same command to resume.",
+        ),
     )
 }
 
@@ -732,8 +872,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv[0] not in COMMANDS:
         close = difflib.get_close_matches(argv[0], COMMANDS, 1)
-        message = f"napo: unknown command {argv[0]!r}" + (f" (did you mean {close[0]}?)" if close else "") + \
-            f"; commands: {', '.join(COMMANDS)}"
+        message = (
+            f"napo: unknown command {argv[0]!r}"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + f"; commands: {', '.join(COMMANDS)}"
+        )
         print(message, file=sys.stderr)
         raise CommandFailed(2, message)
     command = COMMANDS[argv[0]]
@@ -768,14 +911,18 @@ def describe_failure(command: Command, error: BaseException) -> tuple[int, str]:
     if isinstance(error, OutputFolderBusy):
         return 5, f"{prefix} {text}"
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-        return 6, (f"{prefix} out of memory ({text or type(error).__name__}): lower the batch size (or max_length), "
-                   f"or use a machine with more memory. {command.resume_hint}")
+        return 6, (
+            f"{prefix} out of memory ({text or type(error).__name__}): lower the batch size (or max_length), "
+            f"or use a machine with more memory. {command.resume_hint}"
+        )
     if isinstance(error, OSError):
         return 4, f"{prefix} {_describe_os_error(error)} {command.resume_hint}"
     if isinstance(error, (ValueError, FloatingPointError, ImportError)):
         return 3, f"{prefix} {text}"
-    return 1, (f"{prefix} unexpected error {type(error).__name__}: {text}. This is a bug in napo or a case it does not "
-               "handle yet: rerun with --debug for the traceback and report it.")
+    return 1, (
+        f"{prefix} unexpected error {type(error).__name__}: {text}. This is a bug in napo or a case it does not "
+        "handle yet: rerun with --debug for the traceback and report it."
+    )
 
 
 def _describe_os_error(error: OSError) -> str:

@@ -53,28 +53,61 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 from napo.data import DatasetOptions
 from napo.jobs import locks_output
 from napo.sweep import BACKENDS, run_cells
-from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 
 DEFAULT_OBJECTIVES = (
-    "dpo", "cdpo", "rdpo", "ipo", "hinge", "napo-q0.3", "napo-q0.7", "napo-q1.0", "napo-paper", "napo-official",
+    "dpo",
+    "cdpo",
+    "rdpo",
+    "ipo",
+    "hinge",
+    "napo-q0.3",
+    "napo-q0.7",
+    "napo-q1.0",
+    "napo-paper",
+    "napo-official",
 )
 DEFAULT_NOISE_RATES = (0.0, 0.1, 0.2, 0.4)
 DEFAULT_SEEDS = (0, 1, 2)
 NOISE_KINDS = ("flip", "annotator")  # as napo.lab.noise.NOISE_KINDS, without importing trl at CLI start-up
 # Two-sided 95% Student t quantiles by degrees of freedom, for the paired intervals (1.96 beyond the table).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         15: 2.131, 20: 2.086, 30: 2.042}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 # cDPO / rDPO are given the true flip rate as their ε (an oracle NaPO does not get, so these are the strongest
 # versions of both baselines), clipped: below 0.05 they would be plain DPO although automatically built pairs are
 # never perfectly clean, and rDPO's 1/(1 − 2ε) weights blow up as ε → 0.5.
 SMOOTHING_RANGE = (0.05, 0.45)
 # Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
-LOWER_IS_BETTER = frozenset(
-    {"blind_agreement", "chair_s", "chair_i", "margin_flipped_mean", "margin_flipped_fitted", "train_wall_s", "cell_wall_s"}
-) | BENCHMARK_LOWER_IS_BETTER
+LOWER_IS_BETTER = (
+    frozenset(
+        {
+            "blind_agreement",
+            "chair_s",
+            "chair_i",
+            "margin_flipped_mean",
+            "margin_flipped_fitted",
+            "train_wall_s",
+            "cell_wall_s",
+        }
+    )
+    | BENCHMARK_LOWER_IS_BETTER
+)
 # Metrics the verdict compares NaPO and DPO on, by source: the debiasing gain, what it may cost (NOTES: DPO on
 # these pairs over-corrects against the prior), and whether the flipped pairs were learned.
 VERDICT_METRICS = {
@@ -83,9 +116,18 @@ VERDICT_METRICS = {
 }
 # Shown first in the report and plotted (when present); every other value gets a table after them.
 KEY_METRICS = (
-    "counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s",
-    "heldout_reward_accuracy", "heldout_mean_margin",
-    "margin_clean_mean", "margin_flipped_mean", "margin_clean_fitted", "margin_flipped_fitted",
+    "counterfactual_accuracy",
+    "prior_consistent_accuracy",
+    "blind_agreement",
+    "image_share",
+    "pope_f1",
+    "chair_s",
+    "heldout_reward_accuracy",
+    "heldout_mean_margin",
+    "margin_clean_mean",
+    "margin_flipped_mean",
+    "margin_clean_fitted",
+    "margin_flipped_fitted",
 )
 _MARGIN_FIELDS = ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted")
 
@@ -94,10 +136,15 @@ _MARGIN_FIELDS = ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted"
 class CompareConfig:
     """The arguments of a `napo compare` run. A recipe YAML holds any subset of these fields by name."""
 
-    output_dir: str = field(default="napo-compare", metadata={"help": "folder for results.jsonl, the report and the plots (rerun to resume)"})
+    output_dir: str = field(
+        default="napo-compare",
+        metadata={"help": "folder for results.jsonl, the report and the plots (rerun to resume)"},
+    )
     objectives: list[str] = field(
         default_factory=lambda: list(DEFAULT_OBJECTIVES),
-        metadata={"help": "objectives: dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<fixed q in (0, 1]>"},
+        metadata={
+            "help": "objectives: dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<fixed q in (0, 1]>"
+        },
     )
     noise_rates: list[float] = field(
         default_factory=lambda: list(DEFAULT_NOISE_RATES),
@@ -105,68 +152,107 @@ class CompareConfig:
     )
     seeds: list[int] = field(
         default_factory=lambda: list(DEFAULT_SEEDS),
-        metadata={"help": "seeds (replicates): which rows are noised, training batch order and, in the lab "
-                  "unless shared_sft, the replicate's own SFT model and pairs"},
+        metadata={
+            "help": "seeds (replicates): which rows are noised, training batch order and, in the lab "
+            "unless shared_sft, the replicate's own SFT model and pairs"
+        },
     )
     noise_kind: str = field(
         default="flip",
-        metadata={"help": "label noise of every cell: 'flip' (chosen and negatives swapped on uniformly drawn rows, the "
-                  "control) or 'annotator' (lab only: an automatic annotator picks a wrong chosen, mostly on noisy "
-                  "images, leaning to the prior or a confusable colour; napo.lab.noise.annotator_noise)"},
+        metadata={
+            "help": "label noise of every cell: 'flip' (chosen and negatives swapped on uniformly drawn rows, the "
+            "control) or 'annotator' (lab only: an automatic annotator picks a wrong chosen, mostly on noisy "
+            "images, leaning to the prior or a confusable colour; napo.lab.noise.annotator_noise)"
+        },
     )
     shared_sft: bool = field(
         default=False,
-        metadata={"help": "lab: all seeds share lab_seed's SFT model and pairs (seeds then vary only the noisy rows and "
-                  "batch order; cheaper); default: every seed is a replicate with its own SFT init and batch order and "
-                  "its own sampled pairs (lab seed = lab_seed + seed)"},
+        metadata={
+            "help": "lab: all seeds share lab_seed's SFT model and pairs (seeds then vary only the noisy rows and "
+            "batch order; cheaper); default: every seed is a replicate with its own SFT init and batch order and "
+            "its own sampled pairs (lab seed = lab_seed + seed)"
+        },
     )
-    lab_recipe: str | None = field(default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"})
-    lab_seed: int = field(default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"})
-    quick: bool = field(default=False, metadata={"help": "the lab's quick mode: smaller data and fewer steps (smoke tests)"})
-    dataset: str | None = field(default=None, metadata={"help": "your preference dataset (save_to_disk, parquet or JSONL) instead of the lab"})
-    model: str | None = field(default=None, metadata={"help": "your model (Hugging Face id or folder) to train from; needed with --dataset"})
-    holdout: float = field(default=0.1, metadata={"help": "with --dataset: fraction of rows held out clean for evaluation"})
+    lab_recipe: str | None = field(
+        default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"}
+    )
+    lab_seed: int = field(
+        default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"}
+    )
+    quick: bool = field(
+        default=False, metadata={"help": "the lab's quick mode: smaller data and fewer steps (smoke tests)"}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "your preference dataset (save_to_disk, parquet or JSONL) instead of the lab"}
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "your model (Hugging Face id or folder) to train from; needed with --dataset"}
+    )
+    holdout: float = field(
+        default=0.1, metadata={"help": "with --dataset: fraction of rows held out clean for evaluation"}
+    )
     data: DatasetOptions = field(
         default_factory=DatasetOptions,
         metadata={"help": "with --dataset: how it is read (split, layout, columns, media limits)"},
     )
-    max_steps: int | None = field(default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "training steps per cell (None: the lab's or the trainer's default)"}
+    )
     beta: float = field(default=0.1, metadata={"help": "β of every objective; also scales the recorded reward margins"})
     eval_n: int | None = field(default=None, metadata={"help": "lab evaluation rows per split (None: all)"})
     eval: str | None = field(
         default=None,
-        metadata={"help": "standard benchmarks every trained cell is also evaluated on, as "
-                  "NAME=FILE[,NAME.option=VALUE] (napo.benchmarks.parse_eval_spec), e.g. "
-                  "pope=coco_pope_random.json,pope.image_dir=val2014; their metrics enter the tables as pope/f1, "
-                  "chair/chair_s, ...; cells finished earlier are not re-evaluated"},
+        metadata={
+            "help": "standard benchmarks every trained cell is also evaluated on, as "
+            "NAME=FILE[,NAME.option=VALUE] (napo.benchmarks.parse_eval_spec), e.g. "
+            "pope=coco_pope_random.json,pope.image_dir=val2014; their metrics enter the tables as pope/f1, "
+            "chair/chair_s, ...; cells finished earlier are not re-evaluated"
+        },
     )
     workers: int | None = field(
         default=None,
-        metadata={"help": "local backend: cells trained in parallel (a process pool; None: half the CPU cores); torch "
-                  "threads per worker = cores / workers (at most OMP_NUM_THREADS)"},
+        metadata={
+            "help": "local backend: cells trained in parallel (a process pool; None: half the CPU cores); torch "
+            "threads per worker = cores / workers (at most OMP_NUM_THREADS)"
+        },
     )
     backend: str = field(
         default="local",
-        metadata={"help": "where cells run: local (this machine, --workers processes) or ray (one Ray task per cell; "
-                  "pip install napo[ray])"},
+        metadata={
+            "help": "where cells run: local (this machine, --workers processes) or ray (one Ray task per cell; "
+            "pip install napo[ray])"
+        },
     )
     ray_address: str | None = field(
         default=None,
-        metadata={"help": "with --backend ray: the cluster to join ('auto', or ray://HOST:10001); None starts Ray on "
-                  "this machine"},
+        metadata={
+            "help": "with --backend ray: the cluster to join ('auto', or ray://HOST:10001); None starts Ray on "
+            "this machine"
+        },
     )
-    cell_cpus: float = field(default=1.0, metadata={"help": "with --backend ray: CPUs each cell reserves (its torch threads)"})
-    cell_gpus: float = field(default=0.0, metadata={"help": "with --backend ray: GPUs each cell reserves (fractions share a GPU)"})
+    cell_cpus: float = field(
+        default=1.0, metadata={"help": "with --backend ray: CPUs each cell reserves (its torch threads)"}
+    )
+    cell_gpus: float = field(
+        default=0.0, metadata={"help": "with --backend ray: GPUs each cell reserves (fractions share a GPU)"}
+    )
     cell_retries: int = field(
-        default=2, metadata={"help": "with --backend ray: reruns of a cell whose worker process died (killed, out of memory)"}
+        default=2,
+        metadata={"help": "with --backend ray: reruns of a cell whose worker process died (killed, out of memory)"},
     )
     share_reference: bool = field(
         default=True,
-        metadata={"help": "score the pairs under the SFT reference once per grid and give every cell those log-probs "
-                  "(a flip swaps them with their answers); off: each cell recomputes them twice (training and scoring)"},
+        metadata={
+            "help": "score the pairs under the SFT reference once per grid and give every cell those log-probs "
+            "(a flip swaps them with their answers); off: each cell recomputes them twice (training and scoring)"
+        },
     )
-    report_only: bool = field(default=False, metadata={"help": "train nothing: write the report from the finished cells in results.jsonl"})
-    keep_models: bool = field(default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"})
+    report_only: bool = field(
+        default=False, metadata={"help": "train nothing: write the report from the finished cells in results.jsonl"}
+    )
+    keep_models: bool = field(
+        default=False, metadata={"help": "keep every cell's trained model (default: delete it once evaluated)"}
+    )
     train: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "extra NaPOConfig fields for every cell, e.g. {learning_rate: 1e-4}"}
     )
@@ -190,8 +276,10 @@ class CompareConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if self.backend == "ray" and self.workers is not None:
-            raise ValueError("--workers sizes the local process pool; with --backend ray every cell is a Ray task sized "
-                             "by --cell-cpus / --cell-gpus")
+            raise ValueError(
+                "--workers sizes the local process pool; with --backend ray every cell is a Ray task sized "
+                "by --cell-cpus / --cell-gpus"
+            )
         if self.backend == "local" and self.workers is None:
             self.workers = max(1, _cores() // 2)
         if self.workers is not None and self.workers < 1:
@@ -199,8 +287,10 @@ class CompareConfig:
         if self.backend == "local" and self.ray_address is not None:
             raise ValueError("--ray-address is for --backend ray; with the local backend it would be ignored")
         if self.cell_cpus <= 0 or self.cell_gpus < 0 or self.cell_retries < 0:
-            raise ValueError(f"cell_cpus={self.cell_cpus}, cell_gpus={self.cell_gpus}, cell_retries={self.cell_retries}: "
-                             "expected cpus > 0, gpus >= 0, retries >= 0")
+            raise ValueError(
+                f"cell_cpus={self.cell_cpus}, cell_gpus={self.cell_gpus}, cell_retries={self.cell_retries}: "
+                "expected cpus > 0, gpus >= 0, retries >= 0"
+            )
         if self.eval:
             from napo.benchmarks import parse_eval_spec
 
@@ -209,7 +299,9 @@ class CompareConfig:
             raise ValueError("objectives and seeds must not repeat")
         grid_owned = set(self.train) & {"objective", "q", "label_smoothing", "seed", "beta", "max_steps", "output_dir"}
         if grid_owned:
-            raise ValueError(f"train settings {sorted(grid_owned)} are set by the grid or by their own option (--beta, --max-steps)")
+            raise ValueError(
+                f"train settings {sorted(grid_owned)} are set by the grid or by their own option (--beta, --max-steps)"
+            )
 
     @property
     def source(self) -> str:
@@ -222,7 +314,9 @@ def load_recipe(path: str) -> dict[str, Any]:
     recipe = yaml.safe_load(Path(path).read_text()) or {}
     known = {f.name for f in dataclasses.fields(CompareConfig)}
     if not isinstance(recipe, dict) or set(recipe) - known:
-        raise ValueError(f"{path}: expected a mapping with keys among {sorted(known)}; unknown: {sorted(set(recipe) - known)}")
+        raise ValueError(
+            f"{path}: expected a mapping with keys among {sorted(known)}; unknown: {sorted(set(recipe) - known)}"
+        )
     return recipe
 
 
@@ -240,7 +334,9 @@ def objective_settings(name: str, noise_rate: float) -> dict[str, Any]:
         return {"objective": name, "label_smoothing": label_smoothing_for(noise_rate)}
     match = re.fullmatch(r"napo-(paper|official|q(\d*\.?\d+))", name)
     if match is None:
-        raise ValueError(f"objective {name!r}: expected dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<q>, e.g. napo-q0.3")
+        raise ValueError(
+            f"objective {name!r}: expected dpo, cdpo, rdpo, ipo, hinge, napo-paper, napo-official or napo-q<q>, e.g. napo-q0.3"
+        )
     q = match.group(2) or match.group(1)
     if match.group(2) and not 0.0 < float(q) <= 1.0:
         raise ValueError(f"objective {name!r}: a fixed q must be in (0, 1]")
@@ -296,21 +392,33 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     threads = _threads_per_worker(config.workers) if config.backend == "local" else 1
     with tqdm(total=total, initial=total - len(todo), unit="cell", desc="napo compare", disable=not progress) as bar:
         cells = run_cells(
-            _attempt_cell, context, todo, backend=config.backend, workers=config.workers, threads=threads,
-            ray_address=config.ray_address, cell_cpus=config.cell_cpus, cell_gpus=config.cell_gpus,
+            _attempt_cell,
+            context,
+            todo,
+            backend=config.backend,
+            workers=config.workers,
+            threads=threads,
+            ray_address=config.ray_address,
+            cell_cpus=config.cell_cpus,
+            cell_gpus=config.cell_gpus,
             cell_retries=config.cell_retries,
         )
         for cell, outcome in cells:
             if "error" in outcome:
                 failed += 1
-                _append_line(out / "errors.jsonl", {"key": cell_key(*cell, config.noise_kind), "error": outcome["error"],
-                                                    "time": _now()})
+                _append_line(
+                    out / "errors.jsonl",
+                    {"key": cell_key(*cell, config.noise_kind), "error": outcome["error"], "time": _now()},
+                )
                 bar.set_postfix(failed=failed)
             else:
                 _append_line(results_path, outcome)
                 bar.update(1)
-    rows = [row for row in read_results(results_path)
-            if row["key"] in _grid_keys(config) and row.get("source_dir") == sources.get(row.get("seed"))]
+    rows = [
+        row
+        for row in read_results(results_path)
+        if row["key"] in _grid_keys(config) and row.get("source_dir") == sources.get(row.get("seed"))
+    ]
     meta = {
         "command": command or "napo.compare.run_compare (Python API)",
         "date": _now(),
@@ -350,10 +458,13 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
             lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=lab_seed, quick=config.quick)
             pairs = lab["pairs_dir"]
             if config.share_reference:
-                pairs = _with_reference_logps(pairs, lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference",
-                                              config.train)
+                pairs = _with_reference_logps(
+                    pairs, lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", config.train
+                )
             return {
-                "lab": lab, "sft_dir": lab["sft_dir"], "pairs": pairs,
+                "lab": lab,
+                "sft_dir": lab["sft_dir"],
+                "pairs": pairs,
                 # The lab's cache folder names a hash of its recipe, settings and seed: a changed lab is another source.
                 "source_dir": str(Path(lab["sft_dir"]).parent),
                 "sft_metrics": _sft_metrics(Path(lab["sft_dir"]).parent / "sft_metrics.json", lab, config.eval_n),
@@ -364,17 +475,26 @@ def _prepare(config: CompareConfig, out: Path) -> dict[str, Any]:
         steps = config.max_steps or shared["lab"]["settings"]["pref_steps"]  # quick mode trains fewer steps
         if replicates:  # the report's SFT row: the mean over the replicates' SFT models
             names = shared["sft_metrics"]
-            shared["sft_metrics"] = {k: float(np.mean([r["sft_metrics"][k] for r in replicates.values()])) for k in names}
+            shared["sft_metrics"] = {
+                k: float(np.mean([r["sft_metrics"][k] for r in replicates.values()])) for k in names
+            }
         return {**context, **shared, "max_steps": steps, "replicates": replicates}
     # Keyed like the lab's cache: another dataset, model or split is another source, whose cells all run anew.
-    source = [os.path.abspath(config.dataset), config.model, config.holdout, config.lab_seed,
-              dataclasses.asdict(config.data)]
+    source = [
+        os.path.abspath(config.dataset),
+        config.model,
+        config.holdout,
+        config.lab_seed,
+        dataclasses.asdict(config.data),
+    ]
     key = hashlib.sha256(json.dumps(source).encode()).hexdigest()[:12]
     data_dir = out / "data" / key
     splits = _split_dataset(config, data_dir)
     if config.share_reference:
-        splits = {name: _with_reference_logps(path, config.model, data_dir / f"{name}_reference", config.train)
-                  for name, path in splits.items()}
+        splits = {
+            name: _with_reference_logps(path, config.model, data_dir / f"{name}_reference", config.train)
+            for name, path in splits.items()
+        }
     return {**context, "source_dir": str(data_dir), "sft_dir": config.model, **splits}
 
 
@@ -398,10 +518,16 @@ def _with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dic
         return str(target)
     pairs = datasets.load_from_disk(pairs_dir)
     model, processing_class = _load(sft_dir)
-    args = NaPOConfig(**{
-        **train, "output_dir": str(target) + ".work", "report_to": "none", "precompute_ref_log_probs": True,
-        "use_cpu": not torch.cuda.is_available(), "gradient_checkpointing": False,
-    })
+    args = NaPOConfig(
+        **{
+            **train,
+            "output_dir": str(target) + ".work",
+            "report_to": "none",
+            "precompute_ref_log_probs": True,
+            "use_cpu": not torch.cuda.is_available(),
+            "gradient_checkpointing": False,
+        }
+    )
     trainer = NaPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=processing_class)
     scored = trainer.train_dataset
     for column in ("chosen", *trainer.negative_columns):
@@ -504,7 +630,9 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         metrics = evaluate_lab_model((model, processing_class), source["lab"], n=context["eval_n"])
     else:
         heldout = datasets.load_from_disk(context["heldout"])
-        held = pair_margins(model, reference, processing_class, heldout, beta=context["beta"], work_dir=cell_dir / "scoring")
+        held = pair_margins(
+            model, reference, processing_class, heldout, beta=context["beta"], work_dir=cell_dir / "scoring"
+        )
         metrics = {
             "heldout_reward_accuracy": float(np.mean(held["margin"] > 0)),
             "heldout_mean_margin": float(np.mean(held["margin"])),
@@ -516,7 +644,9 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         shutil.rmtree(bench_dir, ignore_errors=True)  # a failed attempt's answers came from other weights
         metrics.update(evaluate_model(context["eval"], model, processing_class, bench_dir, model_id=key))
     # After evaluation: scoring wraps the model in a trainer, which patches its forward.
-    train_margins = pair_margins(model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring")
+    train_margins = pair_margins(
+        model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring"
+    )
     if not context["keep_models"]:
         shutil.rmtree(cell_dir, ignore_errors=True)
     return {
@@ -555,7 +685,9 @@ def _load(path: str):
 
 
 # ------------------------------------------------------------------------------------------------- margins
-def pair_margins(model, reference, processing_class, pairs, *, beta: float, work_dir: Path, batch_size: int = 32) -> dict[str, np.ndarray]:
+def pair_margins(
+    model, reference, processing_class, pairs, *, beta: float, work_dir: Path, batch_size: int = 32
+) -> dict[str, np.ndarray]:
     """The β-scaled reward margin z of every (row, negative column) pair of `pairs` under `model` vs `reference`.
 
     Where `pairs` carry reference log-probs of every answer (`ref_chosen_logps`, `ref_<column>_logps`), those are the
@@ -573,13 +705,18 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
     import torch
 
     from napo import NaPOConfig, NaPOTrainer
-
     from napo.trainer import _ref_column
 
     args = NaPOConfig(
-        output_dir=str(work_dir), beta=beta, report_to="none", use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False
+        output_dir=str(work_dir),
+        beta=beta,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
     )
-    trainer = NaPOTrainer(model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class)
+    trainer = NaPOTrainer(
+        model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class
+    )
     trainer.model.eval()
     columns = ("chosen", *trainer.negative_columns)
     scored = trainer.train_dataset
@@ -589,7 +726,9 @@ def pair_margins(model, reference, processing_class, pairs, *, beta: float, work
     else:
         logratios = trainer.log_prob_table(scored, batch_size, of="logratio")
     # From the scored dataset: its rows are the table's (a row whose prompt fills max_length is not scored).
-    noisy_rows = np.asarray(scored["noisy"], dtype=bool) if "noisy" in scored.column_names else np.zeros(len(scored), dtype=bool)
+    noisy_rows = (
+        np.asarray(scored["noisy"], dtype=bool) if "noisy" in scored.column_names else np.zeros(len(scored), dtype=bool)
+    )
     margins, noisy, column = [], [], []
     for k, name in enumerate(columns[1:], start=1):
         present = ~np.isnan(logratios[:, k])
@@ -624,7 +763,9 @@ def q_trajectory(log_history: list[dict]) -> dict[str, list[list[float]]]:
 def cell_values(row: dict) -> dict[str, float]:
     """The numbers of a results row that the report aggregates: its metrics, margins (prefixed margin_) and times."""
     values = dict(row["metrics"])
-    values.update({f"margin_{name}": row["margins"][name] for name in _MARGIN_FIELDS if row["margins"].get(name) is not None})
+    values.update(
+        {f"margin_{name}": row["margins"][name] for name in _MARGIN_FIELDS if row["margins"].get(name) is not None}
+    )
     values["train_wall_s"] = row["train_wall_s"]
     return values
 
@@ -663,11 +804,15 @@ def write_report(out: Path, rows: list[dict], config: CompareConfig, meta: dict)
 
 def _write_csv(path: Path, summary: list[dict]) -> None:
     lines = ["objective,noise_rate,metric,mean,std,n"]
-    lines += [f"{s['objective']},{s['noise_rate']!r},{s['metric']},{s['mean']!r},{s['std']!r},{s['n']}" for s in summary]
+    lines += [
+        f"{s['objective']},{s['noise_rate']!r},{s['metric']},{s['mean']!r},{s['std']!r},{s['n']}" for s in summary
+    ]
     _write_text(path, "\n".join(lines) + "\n")
 
 
-def _table(summary: list[dict], metric: str, objectives: list[str], rates: list[float], start: float | None = None) -> list[str]:
+def _table(
+    summary: list[dict], metric: str, objectives: list[str], rates: list[float], start: float | None = None
+) -> list[str]:
     """A markdown table of one metric: objectives x noise rates, mean ± std, the best mean of each column in bold;
     `start`: the SFT model's value, shown in a first row (it does not depend on the noise rate)."""
     cells = {(s["objective"], s["noise_rate"]): s for s in summary if s["metric"] == metric}
@@ -761,11 +906,18 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"- versions: {_versions()}",
         f"- source: {source}",
         f"- noise: {config.noise_kind} "
-        + ("(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images, leaning to "
-           "the prior or a confusable colour; \"flipped\" below = misannotated rows)" if config.noise_kind == "annotator"
-           else "(chosen and negatives swapped on uniformly drawn rows)")
-        + "; replicates: " + ("each seed its own SFT init, batch order and sampled pairs" if meta.get("replicate_sft")
-                              else "seeds share one SFT model and pairs (they vary noise and batch order only)"),
+        + (
+            "(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images, leaning to "
+            'the prior or a confusable colour; "flipped" below = misannotated rows)'
+            if config.noise_kind == "annotator"
+            else "(chosen and negatives swapped on uniformly drawn rows)"
+        )
+        + "; replicates: "
+        + (
+            "each seed its own SFT init, batch order and sampled pairs"
+            if meta.get("replicate_sft")
+            else "seeds share one SFT model and pairs (they vary noise and batch order only)"
+        ),
         f"- β = {config.beta}; cDPO/rDPO ε = the cell's noise rate clipped to {list(SMOOTHING_RANGE)} (oracle flip rate); "
         f"training steps per cell = {meta['max_steps'] or 'the trainer default'}; extra training settings: {config.train or 'none'}",
     ]
@@ -783,7 +935,9 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         "## Does NaPO beat DPO under label noise?",
         "",
     ]
-    lines += _verdict(rows, VERDICT_METRICS[config.source], rates, objectives) or ["(no DPO and NaPO cells to compare yet)"]
+    lines += _verdict(rows, VERDICT_METRICS[config.source], rates, objectives) or [
+        "(no DPO and NaPO cells to compare yet)"
+    ]
     for metric in metrics:
         lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]
     lines += [
@@ -801,7 +955,9 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     return "\n".join(lines) + "\n"
 
 
-def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConfig, sft: dict[str, float]) -> dict[str, Path]:
+def _plots(
+    out: Path, rows: list[dict], summary: list[dict], config: CompareConfig, sft: dict[str, float]
+) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -814,10 +970,19 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
     # 1. every metric against the noise rate, one line per objective (error bars: std over seeds).
     metrics = [m for m in KEY_METRICS if any(s["metric"] == m for s in summary)]
     cols = 3
-    fig, axes = plt.subplots(max(1, math.ceil(len(metrics) / cols)), cols, figsize=(5 * cols, 3.6 * max(1, math.ceil(len(metrics) / cols))), squeeze=False)
+    fig, axes = plt.subplots(
+        max(1, math.ceil(len(metrics) / cols)),
+        cols,
+        figsize=(5 * cols, 3.6 * max(1, math.ceil(len(metrics) / cols))),
+        squeeze=False,
+    )
     for ax, metric in zip(axes.flat, metrics):
         for objective in objectives:
-            points = sorted((s["noise_rate"], s["mean"], 0 if math.isnan(s["std"]) else s["std"]) for s in summary if s["metric"] == metric and s["objective"] == objective)
+            points = sorted(
+                (s["noise_rate"], s["mean"], 0 if math.isnan(s["std"]) else s["std"])
+                for s in summary
+                if s["metric"] == metric and s["objective"] == objective
+            )
             if points:
                 x, y, e = zip(*points)
                 ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=objective, color=colours[objective])
@@ -825,7 +990,7 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
             ax.axhline(sft[metric], color="grey", linestyle=":", label="SFT (start)")
         ax.set_title(metric)
         ax.set_xlabel("label-noise rate")
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     if objectives:
         axes.flat[0].legend(fontsize=7)
@@ -849,7 +1014,13 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
                     continue
                 steps = [p[0] for p in runs[0][:length]]
                 mean_q = np.mean([[p[1] for p in run[:length]] for run in runs], axis=0)
-                ax.plot(steps, mean_q, color=colours[objective], linestyle="-" if kind == "language_bias" else "--", label=f"{objective} {kind}")
+                ax.plot(
+                    steps,
+                    mean_q,
+                    color=colours[objective],
+                    linestyle="-" if kind == "language_bias" else "--",
+                    label=f"{objective} {kind}",
+                )
         ax.set_title(f"noise {rate:g}")
         ax.set_xlabel("training step")
         ax.set_ylabel("q (mean over seeds)")
@@ -863,15 +1034,34 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
 
     # 3. final margins of clean vs flipped training pairs, per objective and noise rate > 0.
     noisy_rates = [r for r in rates if r > 0] or rates
-    fig, axes = plt.subplots(1, len(noisy_rates), figsize=(max(5, 0.6 * len(objectives) + 2) * len(noisy_rates) / 1.5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(noisy_rates), figsize=(max(5, 0.6 * len(objectives) + 2) * len(noisy_rates) / 1.5, 3.8), squeeze=False
+    )
     for ax, rate in zip(axes.flat, noisy_rates):
         for offset, group, colour in ((-0.2, "clean", "tab:blue"), (0.2, "flipped", "tab:red")):
             means, errors = [], []
             for objective in objectives:
-                s = next((s for s in summary if s["objective"] == objective and s["noise_rate"] == rate and s["metric"] == f"margin_{group}_mean"), None)
+                s = next(
+                    (
+                        s
+                        for s in summary
+                        if s["objective"] == objective
+                        and s["noise_rate"] == rate
+                        and s["metric"] == f"margin_{group}_mean"
+                    ),
+                    None,
+                )
                 means.append(s["mean"] if s else np.nan)
                 errors.append(0 if s is None or math.isnan(s["std"]) else s["std"])
-            ax.bar(np.arange(len(objectives)) + offset, means, width=0.4, yerr=errors, color=colour, label=f"{group} pairs", capsize=2)
+            ax.bar(
+                np.arange(len(objectives)) + offset,
+                means,
+                width=0.4,
+                yerr=errors,
+                color=colour,
+                label=f"{group} pairs",
+                capsize=2,
+            )
         ax.axhline(0, color="black", linewidth=0.7)
         ax.set_xticks(np.arange(len(objectives)), objectives, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"noise {rate:g}")
@@ -885,7 +1075,12 @@ def _plots(out: Path, rows: list[dict], summary: list[dict], config: CompareConf
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _grid_keys(config: CompareConfig) -> set[str]:
-    return {cell_key(o, r, s, config.noise_kind) for o in config.objectives for r in config.noise_rates for s in config.seeds}
+    return {
+        cell_key(o, r, s, config.noise_kind)
+        for o in config.objectives
+        for r in config.noise_rates
+        for s in config.seeds
+    }
 
 
 def _append_line(path: Path, row: dict) -> None:
@@ -915,7 +1110,9 @@ def _threads_per_worker(workers: int) -> int:
     """cores / workers torch threads, capped by OMP_NUM_THREADS when set: on a shared, oversubscribed machine
     one thread per process is faster than threads that wait on each other at every parallel region."""
     threads = max(1, _cores() // workers)
-    return min(threads, int(os.environ["OMP_NUM_THREADS"])) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads
+    return (
+        min(threads, int(os.environ["OMP_NUM_THREADS"])) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads
+    )
 
 
 def _device() -> str:

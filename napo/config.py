@@ -101,15 +101,21 @@ class NaPOConfig(DPOConfig):
     )
     weight_language_bias: float = field(
         default=0.49,
-        metadata={"help": "Fixed γ of `rejected_language_bias` (answer made without the image/audio; weights='fixed')."},
+        metadata={
+            "help": "Fixed γ of `rejected_language_bias` (answer made without the image/audio; weights='fixed')."
+        },
     )
     weight_vision_bias: float = field(
         default=0.49,
-        metadata={"help": "Fixed γ of `rejected_vision_bias` (answer from the image without the question; weights='fixed')."},
+        metadata={
+            "help": "Fixed γ of `rejected_vision_bias` (answer from the image without the question; weights='fixed')."
+        },
     )
     weight_audio_bias: float = field(
         default=0.49,
-        metadata={"help": "Fixed γ of `rejected_audio_bias` (answer from the audio without the question; weights='fixed')."},
+        metadata={
+            "help": "Fixed γ of `rejected_audio_bias` (answer from the audio without the question; weights='fixed')."
+        },
     )
     alpha_rejected: float = field(
         default=0.5, metadata={"help": "α of the adaptive q for `rejected` (used only when NaPO applies to it)."}
@@ -238,7 +244,8 @@ class NaPOConfig(DPOConfig):
                 "with a live reference only (not with padding_free or precompute_ref_log_probs)",
             ),
             "pad_to_multiple_of": (
-                self.pad_to_multiple_of is not None, "napo's collators pad every batch to its longest sequence"
+                self.pad_to_multiple_of is not None,
+                "napo's collators pad every batch to its longest sequence",
             ),
             "sync_ref_model": (
                 self.sync_ref_model and self.precompute_ref_log_probs,

@@ -60,13 +60,17 @@ class DatasetOptions:
     )
     columns: str | None = field(
         default=None,
-        metadata={"help": "rename your columns before the layout is detected, as YOURS=NAPO pairs, e.g. "
-                  "question=prompt,answer=chosen; None: keep the names"},
+        metadata={
+            "help": "rename your columns before the layout is detected, as YOURS=NAPO pairs, e.g. "
+            "question=prompt,answer=chosen; None: keep the names"
+        },
     )
     layout: str = field(
         default="auto",
-        metadata={"help": "row layout (see README, 'Your data'); auto: detect it from the columns",
-                  "choices": ("auto", *LAYOUT_NAMES)},
+        metadata={
+            "help": "row layout (see README, 'Your data'); auto: detect it from the columns",
+            "choices": ("auto", *LAYOUT_NAMES),
+        },
     )
     allow_outside_paths: bool = field(
         default=False,
@@ -154,16 +158,19 @@ def read_dataset(
         try:
             if isinstance(row, RowError):
                 raise row
-            decoded.append(_canonical_row(index, {mapping.get(k, k): v for k, v in row.items()}, layout, kind,
-                                          base_dir, options))
+            decoded.append(
+                _canonical_row(index, {mapping.get(k, k): v for k, v in row.items()}, layout, kind, base_dir, options)
+            )
         except RowError as error:
             if on_bad_row == "raise":
                 raise
             bad_rows.append({"row": error.row, "field": error.field, "reason": error.problem})
     _check_column_types(decoded, bad_rows, on_bad_row)
     dataset = _to_dataset(path, decoded, source_features)
-    logger.info(f"{path}: {len(dataset)} rows read as {layout.name if layout else 'plain rows'}"
-                f"{f', {len(bad_rows)} rejected' if bad_rows else ''}")
+    logger.info(
+        f"{path}: {len(dataset)} rows read as {layout.name if layout else 'plain rows'}"
+        f"{f', {len(bad_rows)} rejected' if bad_rows else ''}"
+    )
     return dataset, bad_rows
 
 
@@ -210,7 +217,11 @@ def validate_preference_dataset(dataset: datasets.Dataset, *, require_rejected: 
         for name in rejected:
             check_answer(index, name, row[name], allow_none=True)
         if require_rejected and all(row[name] is None for name in rejected):
-            raise RowError(index, "/".join(rejected), "every negative is None: give the row at least one rejected answer or drop it")
+            raise RowError(
+                index,
+                "/".join(rejected),
+                "every negative is None: give the row at least one rejected answer or drop it",
+            )
     return rejected
 
 
@@ -236,8 +247,10 @@ def check_answer(
         return
     if allow_messages and isinstance(value, list) and value:
         for message in value:
-            if not isinstance(message, dict) or message.get("role") != "assistant" or (
-                not message.get("content") and not message.get("tool_calls")
+            if (
+                not isinstance(message, dict)
+                or message.get("role") != "assistant"
+                or (not message.get("content") and not message.get("tool_calls"))
             ):
                 raise RowError(row, field, f"has message {message!r}: expected assistant turns with content")
         return
@@ -303,13 +316,18 @@ def _arrow(source: datasets.Dataset, base_dir: str) -> tuple[Iterator, list[str]
 
 def _load_hub(path: str, options: DatasetOptions) -> datasets.Dataset:
     """`datasets.load_dataset(path, options.dataset_config, split=options.split)` with media undecoded."""
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes")
-                  for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
     try:
         source = datasets.load_dataset(path, options.dataset_config, split=options.split)
     except (ValueError, OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
-        hint = (" Offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set), only datasets already in the local cache load: "
-                "load it once online, or pass a local file." if offline else "")
+        hint = (
+            " Offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set), only datasets already in the local cache load: "
+            "load it once online, or pass a local file."
+            if offline
+            else ""
+        )
         raise ValueError(
             f"{path} is not a local file or folder, and datasets.load_dataset({path!r}, "
             f"{options.dataset_config!r}, split={options.split!r}) failed: {error}.{hint}"
@@ -345,8 +363,13 @@ def _json_rows(path: str) -> Iterator[tuple[int, dict | RowError]]:
         except ValueError as error:
             raise ValueError(f"{path} starts like a JSON array but is not valid JSON: {error}") from None
         for index, entry in enumerate(entries):
-            yield index, entry if isinstance(entry, dict) else RowError(
-                index, "<json>", f"entry {index} of {path} is a {type(entry).__name__}: expected a JSON object"
+            yield (
+                index,
+                entry
+                if isinstance(entry, dict)
+                else RowError(
+                    index, "<json>", f"entry {index} of {path} is a {type(entry).__name__}: expected a JSON object"
+                ),
             )
         return
     index = 0
@@ -403,13 +426,19 @@ def _check_media(index: int, row: dict) -> None:
         elif isinstance(prompt, list):
             placeholders = sum(
                 part.get("type") == kind if isinstance(part, dict) else 0
-                for message in prompt if isinstance(message.get("content"), list) for part in message["content"]
+                for message in prompt
+                if isinstance(message.get("content"), list)
+                for part in message["content"]
             ) + sum(message["content"].count(tag) for message in prompt if isinstance(message.get("content"), str))
         else:
             placeholders = 0
         if placeholders and placeholders != count:
-            raise RowError(index, "prompt", f"has {placeholders} {kind} placeholder(s) for {count} {kind} item(s): "
-                                            f"give one {tag} tag or {{'type': '{kind}'}} part per item, or none")
+            raise RowError(
+                index,
+                "prompt",
+                f"has {placeholders} {kind} placeholder(s) for {count} {kind} item(s): "
+                f"give one {tag} tag or {{'type': '{kind}'}} part per item, or none",
+            )
 
 
 def _check_column_types(rows: list[dict], bad_rows: list[dict], on_bad_row: str) -> None:
@@ -476,8 +505,13 @@ def _sampling_rate(index: int, field: str, value: Any) -> int:
     """A source sampling rate in Hz: a positive whole number; None means SAMPLING_RATE."""
     if value is None:
         return SAMPLING_RATE
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
-            or value != int(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+        or value != int(value)
+    ):
         raise RowError(index, field, f"is {value!r}: expected a positive whole number of Hz, e.g. 16000")
     return int(value)
 
@@ -567,8 +601,12 @@ def _media_bytes(index: int, field: str, value: Any, base_dir: str, options: Dat
     if not options.allow_outside_paths:
         folder = os.path.realpath(base_dir)
         if os.path.commonpath([os.path.realpath(full), folder]) != folder:
-            raise RowError(index, field, f"{path} is outside the data folder {folder}: move the file there, or pass "
-                                         f"--allow-outside-paths if you trust this dataset")
+            raise RowError(
+                index,
+                field,
+                f"{path} is outside the data folder {folder}: move the file there, or pass "
+                f"--allow-outside-paths if you trust this dataset",
+            )
     if not os.path.isfile(full):
         raise RowError(index, field, f"{full} does not exist: fix the path (relative to {base_dir}) or drop the row")
     size = os.path.getsize(full)
@@ -610,9 +648,14 @@ def _to_dataset(path: str, rows: list[dict], source_features: datasets.Features 
 def _table(rows: list[dict], source_features: datasets.Features | None) -> datasets.Dataset:
     names = list(dict.fromkeys(name for row in rows for name in row))
     canonical = ("prompt", "chosen", *REJECTED_COLUMNS)
-    kept = {name: source_features[name] for name in names
-            if source_features is not None and name in source_features and name not in canonical
-            and name not in _MEDIA_FEATURES}
+    kept = {
+        name: source_features[name]
+        for name in names
+        if source_features is not None
+        and name in source_features
+        and name not in canonical
+        and name not in _MEDIA_FEATURES
+    }
     inferred = [name for name in names if name not in kept and name not in _MEDIA_FEATURES]
     plain = [{name: row.get(name) for name in inferred} for row in rows]
     other = dict(datasets.Dataset.from_list(plain).features) if plain and inferred else {}

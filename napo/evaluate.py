@@ -49,7 +49,9 @@ def prior_following_rate(predictions: Sequence[str], prior_answers: Sequence[str
     _check_pairs("prior_following_rate", predictions, prior_answers)
     for i, p in enumerate(prior_answers):
         if not isinstance(p, str):
-            raise ValueError(f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known (e.g. the counterfactual split)")
+            raise ValueError(
+                f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known (e.g. the counterfactual split)"
+            )
     return _match_rate(predictions, prior_answers)
 
 
@@ -81,7 +83,9 @@ def pope_metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str
     for i, a in enumerate(answers):
         m = _YES_NO.match(normalize(a))
         if m is None:
-            raise ValueError(f"pope_metrics: answers[{i}] is {a!r}; POPE reference answers must start with 'yes' or 'no'")
+            raise ValueError(
+                f"pope_metrics: answers[{i}] is {a!r}; POPE reference answers must start with 'yes' or 'no'"
+            )
         labels.append(m.group(1))
     preds = [m.group(1) if (m := _YES_NO.match(normalize(p))) else None for p in predictions]
     tp = sum(p == "yes" and a == "yes" for p, a in zip(preds, labels))
@@ -125,8 +129,12 @@ def chair(
     canonical = {v.lower() for v in vocabulary}
     for phrase, target in synonyms.items():
         if target not in canonical:
-            raise ValueError(f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary objects")
-    phrases = {tuple(_WORD.findall(v)): v for v in canonical} | {tuple(_WORD.findall(k)): v for k, v in synonyms.items()}
+            raise ValueError(
+                f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary objects"
+            )
+    phrases = {tuple(_WORD.findall(v)): v for v in canonical} | {
+        tuple(_WORD.findall(k)): v for k, v in synonyms.items()
+    }
     longest = max(len(p) for p in phrases)
     hallucinated: list[list[str]] = []
     n_mentioned = 0
@@ -175,9 +183,13 @@ def modality_shapley(
     names = ("v_full", "v_no_image", "v_no_text", "v_none")
     for name, arr in zip(names, arrays):
         if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"modality_shapley: {name} has shape {arr.shape}; expected a non-empty 1-D array (one value per sample)")
+            raise ValueError(
+                f"modality_shapley: {name} has shape {arr.shape}; expected a non-empty 1-D array (one value per sample)"
+            )
         if arr.shape != arrays[0].shape:
-            raise ValueError(f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value per sample for all four")
+            raise ValueError(
+                f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value per sample for all four"
+            )
     full, no_image, no_text, none = arrays
     phi_image = 0.5 * ((full - no_image) + (no_text - none))
     phi_text = 0.5 * ((full - no_text) + (no_image - none))
@@ -278,7 +290,9 @@ def answer_log_probs(
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            inputs, answer_mask = answer_batch(processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk])
+            inputs, answer_mask = answer_batch(
+                processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk]
+            )
             inputs = inputs.to(model.device)
             for key in ("pixel_values", "input_features"):  # image / audio features in the model's dtype (bf16 models)
                 if key in inputs:

@@ -42,8 +42,11 @@ def unique_images(chunks: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     inverse: list[int] = []
     for i, chunk in enumerate(chunks):
         match = next(
-            (u for u, j in enumerate(first)
-             if chunks[j].shape == chunk.shape and sums[j] == sums[i] and torch.equal(chunks[j], chunk)),
+            (
+                u
+                for u, j in enumerate(first)
+                if chunks[j].shape == chunk.shape and sums[j] == sums[i] and torch.equal(chunks[j], chunk)
+            ),
             None,
         )
         if match is None:
@@ -85,11 +88,15 @@ def encode_images_once(model: PreTrainedModel, enabled: bool = True) -> None:
             if chunks is None:
                 return plain(*args, **kwargs)
             first, inverse = unique_images(chunks)
-            call.arguments["pixel_values"] = torch.cat([chunks[i] for i in first]) if grid is not None else pixel_values[first]
+            call.arguments["pixel_values"] = (
+                torch.cat([chunks[i] for i in first]) if grid is not None else pixel_values[first]
+            )
             if grid is not None:
                 call.arguments["image_grid_thw"] = grid[first]
             # All by keyword: decorators of get_image_features (config defaults) fill in arguments by name.
-            extra = {k: v for k, v in call.arguments.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD}
+            extra = {
+                k: v for k, v in call.arguments.items() if signature.parameters[k].kind is inspect.Parameter.VAR_KEYWORD
+            }
             named = {k: v for k, v in call.arguments.items() if k not in extra}
             outputs = plain(**named, **{k: v for values in extra.values() for k, v in values.items()})
             features = outputs.pooler_output

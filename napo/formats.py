@@ -29,8 +29,16 @@ _TAG_PATTERN = re.compile("(" + "|".join(map(re.escape, MEDIA_TAGS)) + ")")
 _NEGATIVES = ("rejected", "rejected_language_bias", "rejected_vision_bias", "rejected_audio_bias")
 # ShareGPT / LLaVA / LLaMA-Factory speaker names -> TRL roles.
 _ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "bot": "assistant", "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
     "function": "tool",
 }
 
@@ -229,8 +237,12 @@ def _conversation(row: dict, kind: str) -> dict:
         extra = {}
     if isinstance(row.get("system"), str) and row["system"].strip() and prompt[0]["role"] != "system":
         prompt = [{"role": "system", "content": row["system"]}, *prompt]
-    return {"prompt": prompt, "chosen": chosen, **extra,
-            **_keep(row, field, "chosen", "rejected", "rejected_response", "system")}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        **extra,
+        **_keep(row, field, "chosen", "rejected", "rejected_response", "system"),
+    }
 
 
 def _alpaca(row: dict, kind: str) -> dict:
@@ -247,65 +259,112 @@ def _alpaca(row: dict, kind: str) -> dict:
     answers = {"chosen": answer_text(row["output"] if "output" in row else row["chosen"], "output")}
     if "rejected" in row:
         answers["rejected"] = answer_text(row["rejected"], "rejected")
-    return {"prompt": prompt, **answers, **_keep(row, "instruction", "input", "output", "chosen", "rejected",
-                                                 "system", "history")}
+    return {
+        "prompt": prompt,
+        **answers,
+        **_keep(row, "instruction", "input", "output", "chosen", "rejected", "system", "history"),
+    }
 
 
-_RLAIF_EXAMPLE = {"image": "img/0.jpg", "question": "What is in the image?", "chosen": "A cat on a sofa.",
-                  "rejected": "A dog."}
+_RLAIF_EXAMPLE = {
+    "image": "img/0.jpg",
+    "question": "What is in the image?",
+    "chosen": "A cat on a sofa.",
+    "rejected": "A dog.",
+}
 LAYOUTS: tuple[Layout, ...] = (
     Layout(
-        "trl", "TRL standard or conversational: prompt, chosen (+ rejected*), images/image optional",
-        (("prompt",), ("chosen",)), _trl,
-        {"prompt": [{"role": "user", "content": "<image>What colour is the bear?"}], "images": ["img/0.png"],
-         "chosen": [{"role": "assistant", "content": "White."}],
-         "rejected": [{"role": "assistant", "content": "Brown."}]},
+        "trl",
+        "TRL standard or conversational: prompt, chosen (+ rejected*), images/image optional",
+        (("prompt",), ("chosen",)),
+        _trl,
+        {
+            "prompt": [{"role": "user", "content": "<image>What colour is the bear?"}],
+            "images": ["img/0.png"],
+            "chosen": [{"role": "assistant", "content": "White."}],
+            "rejected": [{"role": "assistant", "content": "Brown."}],
+        },
     ),
     Layout(
-        "trl-implicit-prompt", "TRL implicit prompt: chosen and rejected share the prompt as their prefix",
-        (("chosen",), ("rejected",)), _trl_implicit,
-        {"chosen": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Blue."}],
-         "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}]},
+        "trl-implicit-prompt",
+        "TRL implicit prompt: chosen and rejected share the prompt as their prefix",
+        (("chosen",), ("rejected",)),
+        _trl_implicit,
+        {
+            "chosen": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Blue."}],
+            "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}],
+        },
         forbids=("prompt", "question", "instruction", "conversations", "messages"),
     ),
     Layout(
-        "rlaif-v", "RLAIF-V: image (bytes or path), question, chosen (+ rejected); other columns kept",
-        (("question",), ("chosen",)), _rlaif_v, _RLAIF_EXAMPLE,
+        "rlaif-v",
+        "RLAIF-V: image (bytes or path), question, chosen (+ rejected); other columns kept",
+        (("question",), ("chosen",)),
+        _rlaif_v,
+        _RLAIF_EXAMPLE,
     ),
     Layout(
         "napo-rlaif-v-bias",
         "NaPO's RLAIF-V-Bias: RLAIF-V + image_only (-> rejected_vision_bias) + question_only "
         "(-> rejected_language_bias)",
-        (("question",), ("chosen",), ("image_only", "question_only", "question_only_None")), _napo_rlaif_v_bias,
+        (("question",), ("chosen",), ("image_only", "question_only", "question_only_None")),
+        _napo_rlaif_v_bias,
         {**_RLAIF_EXAMPLE, "image_only": "A cat on a sofa next to a lamp.", "question_only": "A dog."},
     ),
     Layout(
-        "llava", "LLaVA instruct: image, conversations of {from: human/gpt, value} with <image> tags",
-        (("conversations",), ("image",)), _conversation,
-        {"image": "img/0.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat is this?"},
-                                                 {"from": "gpt", "value": "A cat."}]},
+        "llava",
+        "LLaVA instruct: image, conversations of {from: human/gpt, value} with <image> tags",
+        (("conversations",), ("image",)),
+        _conversation,
+        {
+            "image": "img/0.jpg",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}],
+        },
     ),
     Layout(
-        "sharegpt", "ShareGPT / LLaMA-Factory SFT: conversations or messages (+ images); answer = last assistant turn",
-        (("conversations", "messages"),), _conversation,
-        {"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat."}],
-         "images": ["img/0.jpg"]},
+        "sharegpt",
+        "ShareGPT / LLaMA-Factory SFT: conversations or messages (+ images); answer = last assistant turn",
+        (("conversations", "messages"),),
+        _conversation,
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What is this?"},
+                {"role": "assistant", "content": "A cat."},
+            ],
+            "images": ["img/0.jpg"],
+        },
     ),
     Layout(
-        "sharegpt-dpo", "LLaMA-Factory ShareGPT DPO: conversations/messages, chosen and rejected as one turn each",
-        (("conversations", "messages"), ("chosen",), ("rejected",)), _conversation,
-        {"conversations": [{"from": "human", "value": "<image>What is this?"}], "images": ["img/0.jpg"],
-         "chosen": {"from": "gpt", "value": "A cat."}, "rejected": {"from": "gpt", "value": "A dog."}},
+        "sharegpt-dpo",
+        "LLaMA-Factory ShareGPT DPO: conversations/messages, chosen and rejected as one turn each",
+        (("conversations", "messages"), ("chosen",), ("rejected",)),
+        _conversation,
+        {
+            "conversations": [{"from": "human", "value": "<image>What is this?"}],
+            "images": ["img/0.jpg"],
+            "chosen": {"from": "gpt", "value": "A cat."},
+            "rejected": {"from": "gpt", "value": "A dog."},
+        },
     ),
     Layout(
-        "ms-swift", "ms-swift DPO: messages (last assistant turn = chosen) + rejected_response (+ images)",
-        (("messages",), ("rejected_response",)), _conversation,
-        {"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat."}],
-         "rejected_response": "A dog.", "images": ["img/0.jpg"]},
+        "ms-swift",
+        "ms-swift DPO: messages (last assistant turn = chosen) + rejected_response (+ images)",
+        (("messages",), ("rejected_response",)),
+        _conversation,
+        {
+            "messages": [
+                {"role": "user", "content": "<image>What is this?"},
+                {"role": "assistant", "content": "A cat."},
+            ],
+            "rejected_response": "A dog.",
+            "images": ["img/0.jpg"],
+        },
     ),
     Layout(
-        "alpaca", "Alpaca: instruction, input, output (DPO: chosen, rejected); system and history optional",
-        (("instruction",), ("output", "chosen")), _alpaca,
+        "alpaca",
+        "Alpaca: instruction, input, output (DPO: chosen, rejected); system and history optional",
+        (("instruction",), ("output", "chosen")),
+        _alpaca,
         {"instruction": "Name the colour of the sky.", "input": "", "output": "Blue."},
     ),
 )
@@ -348,7 +407,7 @@ def _describe_requires(layout: Layout) -> str:
 
 
 def parse_columns(spec: str | dict[str, str] | None) -> dict[str, str]:
-    """"question=prompt,answer=chosen" (or a dict) -> {"question": "prompt", "answer": "chosen"}."""
+    """ "question=prompt,answer=chosen" (or a dict) -> {"question": "prompt", "answer": "chosen"}."""
     if spec is None or isinstance(spec, dict):
         return dict(spec or {})
     mapping = {}

@@ -157,8 +157,8 @@ def media_placeholders(processing_class: PreTrainedTokenizerBase | ProcessorMixi
             )
         except Exception:  # no chat template, or one that refuses the part: keep the data's tag
             continue
-        if with_part.startswith(without) and with_part[len(without):].strip():
-            found[tag] = with_part[len(without):]
+        if with_part.startswith(without) and with_part[len(without) :].strip():
+            found[tag] = with_part[len(without) :]
     try:
         _PLACEHOLDER_CACHE[processing_class] = found
     except TypeError:

@@ -185,7 +185,9 @@ def _acquire(path: Path, command: str | None):
         if stale:
             logger.warning(
                 "%s: taking over the lock left by pid %s (%s), which is no longer running",
-                path, stale.get("pid", "?"), stale.get("command", "unknown command"),
+                path,
+                stale.get("pid", "?"),
+                stale.get("command", "unknown command"),
             )
         record = {
             "pid": os.getpid(),

@@ -182,8 +182,10 @@ def chat_template(image_placeholder: str = IMAGE_TOKEN, audio_placeholder: str =
     alone (what TRL cuts off after the prompt) tokenizes to the answer's tokens + ``<eos>``.
     """
     part = (
-        "{%- if part['type'] == 'image' -%}" + image_placeholder
-        + "{%- elif part['type'] == 'audio' -%}" + audio_placeholder
+        "{%- if part['type'] == 'image' -%}"
+        + image_placeholder
+        + "{%- elif part['type'] == 'audio' -%}"
+        + audio_placeholder
         + "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     )
     return (
@@ -551,7 +553,11 @@ def load_model(
         register_xformers_attention()
     try:
         model = model_class.from_pretrained(
-            path, config=config, use_safetensors=use_safetensors, dtype=dtype, attn_implementation=attn_implementation,
+            path,
+            config=config,
+            use_safetensors=use_safetensors,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
             **common,
         )
     except OSError as error:  # a hub repository without safetensors weights

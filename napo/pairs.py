@@ -55,9 +55,13 @@ _LENGTH_BINS = (0, 1, 2, 4, 8, 16, 32, 64)
 class PairsConfig:
     """The arguments of a `napo pairs` job: every field is recorded in args.json and must match to resume."""
 
-    source: str = field(metadata={"help": "prompts (+ images/audios) with `chosen`: a save_to_disk folder, parquet or JSONL"})
+    source: str = field(
+        metadata={"help": "prompts (+ images/audios) with `chosen`: a save_to_disk folder, parquet or JSONL"}
+    )
     model: str = field(metadata={"help": "generator model: a Hugging Face id or a save_pretrained folder"})
-    output_dir: str = field(metadata={"help": "folder for the dataset, stats and shards (rerun the same command to resume)"})
+    output_dir: str = field(
+        metadata={"help": "folder for the dataset, stats and shards (rerun the same command to resume)"}
+    )
     negatives: dict[str, str] | None = field(
         default=None,
         metadata={
@@ -72,15 +76,23 @@ class PairsConfig:
     seed: int = field(default=0, metadata={"help": "seed of sampling, of random perturbations and of label noise"})
     keep_identical: bool = field(
         default=False,
-        metadata={"help": "keep negatives identical to chosen (default: set them to None; a row with no negative left is dropped)"},
+        metadata={
+            "help": "keep negatives identical to chosen (default: set them to None; a row with no negative left is dropped)"
+        },
     )
     inject_label_noise: float = field(
         default=0.0,
-        metadata={"help": "fraction of rows whose chosen and rejected answers are swapped (marked noisy=True); 0 = none"},
+        metadata={
+            "help": "fraction of rows whose chosen and rejected answers are swapped (marked noisy=True); 0 = none"
+        },
     )
-    shard_size: int = field(default=64, metadata={"help": "rows per resumable shard; a kill loses at most one shard of work"})
+    shard_size: int = field(
+        default=64, metadata={"help": "rows per resumable shard; a kill loses at most one shard of work"}
+    )
     dtype: str | None = field(default=None, metadata={"help": "model dtype, e.g. bfloat16 or auto; None: float32"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "let transformers run the model's own code (read it first)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "let transformers run the model's own code (read it first)"}
+    )
     data: DatasetOptions = field(
         default_factory=DatasetOptions,
         metadata={"help": "how the source is read (split, layout, columns, media limits)"},
@@ -140,8 +152,14 @@ def _run(
     source_rows = len(dataset) + len(read_rejects)
     negatives = _resolve_negatives(config.negatives, dataset)
     # Local paths are recorded absolute: the same command run from another folder still resumes.
-    where = {name: os.path.abspath(getattr(config, name)) for name in ("source", "model", "output_dir") if os.path.exists(getattr(config, name))}
-    _check_or_write_args(out, {**dataclasses.asdict(config), **where, "negatives": negatives, "source_rows": source_rows})
+    where = {
+        name: os.path.abspath(getattr(config, name))
+        for name in ("source", "model", "output_dir")
+        if os.path.exists(getattr(config, name))
+    }
+    _check_or_write_args(
+        out, {**dataclasses.asdict(config), **where, "negatives": negatives, "source_rows": source_rows}
+    )
 
     # read_dataset leaves bad rows out in order: the k-th kept row is the k-th source index not rejected.
     bad = {reject["row"] for reject in read_rejects}
@@ -164,7 +182,9 @@ def _run(
     done_rows = sum(len(shard) for i, shard in enumerate(shards) if i not in todo)
     with tqdm(total=len(valid), initial=done_rows, unit="row", desc="napo pairs", disable=not progress) as bar:
         for shard_id in todo:
-            _write_shard(shard_dir, shard_id, dataset, shards[shard_id], source_index, negatives, config, model, processing_class)
+            _write_shard(
+                shard_dir, shard_id, dataset, shards[shard_id], source_index, negatives, config, model, processing_class
+            )
             bar.update(len(shards[shard_id]))
             if on_shard is not None:
                 on_shard(shard_id)
@@ -187,7 +207,11 @@ def parse_negatives(items: list[str]) -> dict[str, str]:
 def _resolve_negatives(negatives: dict[str, str] | None, dataset: datasets.Dataset) -> dict[str, str]:
     """The job's negative columns and specs, checked; the default depends on whether the data has audio."""
     if negatives is None:
-        has_audio = "audios" in dataset.column_names and len(dataset) > 0 and pc.max(pc.list_value_length(dataset.data.column("audios"))).as_py()
+        has_audio = (
+            "audios" in dataset.column_names
+            and len(dataset) > 0
+            and pc.max(pc.list_value_length(dataset.data.column("audios"))).as_py()
+        )
         negatives = dict(AUDIO_NEGATIVES if has_audio else VISION_NEGATIVES)
     if not negatives:
         raise ValueError("no negative to generate: give at least one COLUMN=SPEC")
@@ -199,14 +223,18 @@ def _resolve_negatives(negatives: dict[str, str] | None, dataset: datasets.Datas
         perturb.parse(spec)  # a typo fails here, before any model is loaded, with the list of valid ops
     for needed in ("prompt", "chosen"):
         if needed not in dataset.column_names:
-            raise ValueError(f"the source has no {needed!r} column (columns: {dataset.column_names}); napo pairs needs prompt and chosen")
+            raise ValueError(
+                f"the source has no {needed!r} column (columns: {dataset.column_names}); napo pairs needs prompt and chosen"
+            )
     return negatives
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
     """Create `out`; refuse a non-empty folder that holds no job (even with overwrite: it may be anything)."""
     if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (out / "args.json").exists():
-        raise ValueError(f"{out} is not empty and holds no napo pairs job (no args.json): choose an empty or new folder")
+        raise ValueError(
+            f"{out} is not empty and holds no napo pairs job (no args.json): choose an empty or new folder"
+        )
     if overwrite:
         for name in _OUTPUTS:
             path = out / name
@@ -223,7 +251,11 @@ def _check_or_write_args(out: Path, job: dict) -> None:
     job = json.loads(json.dumps(job))  # the JSON form (tuples -> lists), to compare like with like
     if path.exists():
         recorded = json.loads(path.read_text())
-        differ = [f"{key}: {recorded.get(key)!r} -> {job.get(key)!r}" for key in sorted(set(recorded) | set(job)) if recorded.get(key) != job.get(key)]
+        differ = [
+            f"{key}: {recorded.get(key)!r} -> {job.get(key)!r}"
+            for key in sorted(set(recorded) | set(job))
+            if recorded.get(key) != job.get(key)
+        ]
         if differ:
             raise ValueError(
                 f"{out} holds a pairs job with other arguments ({'; '.join(differ)}): rerun with the recorded "
@@ -256,7 +288,9 @@ def _write_shard(
     for k, sample in enumerate(samples):
         row = source_index[positions[k]]
         try:
-            per_row = {column: perturb.apply(spec, sample, seed=_seed(config.seed, row)) for column, spec in negatives.items()}
+            per_row = {
+                column: perturb.apply(spec, sample, seed=_seed(config.seed, row)) for column, spec in negatives.items()
+            }
         except ValueError as error:  # perturb names the malformed key
             rejects.append({"row": row, "field": "prompt/images/audios", "reason": f"cannot be perturbed: {error}"})
             continue
@@ -317,7 +351,9 @@ def _finish(
     """Join the shards, inject label noise, write the dataset, parquet copy, rejects and stats."""
     shard_stats = [json.loads((out / "shards" / f"{i:05d}.json").read_text()) for i in range(n_shards)]
     if n_shards:  # memory-mapped shards: joining them copies nothing
-        final = datasets.concatenate_datasets([datasets.load_from_disk(str(out / "shards" / f"{i:05d}")) for i in range(n_shards)])
+        final = datasets.concatenate_datasets(
+            [datasets.load_from_disk(str(out / "shards" / f"{i:05d}")) for i in range(n_shards)]
+        )
     else:
         features = datasets.Features({**dataset.features, **{column: datasets.Value("string") for column in negatives}})
         final = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
@@ -349,9 +385,7 @@ def _finish(
             for column, spec in negatives.items()
         },
         "label_noise": {"rate": config.inject_label_noise, "rows_swapped": len(noisy_rows)},
-        "answer_words_histogram": {
-            column: _length_histogram(final[column]) for column in ("chosen", *negatives)
-        },
+        "answer_words_histogram": {column: _length_histogram(final[column]) for column in ("chosen", *negatives)},
         "bins": _bin_labels(),
         "outputs": outputs,
     }
@@ -459,8 +493,16 @@ def _stats_markdown(stats: dict, config: PairsConfig) -> str:
     ]
     for column, n in stats["negatives"].items():
         fate = "kept" if n["identical_kept"] else "dropped"
-        lines.append(f"| {column} | `{n['spec']}` | {n['written']} | {n['identical_to_chosen']} ({fate}) | {n['empty']} |")
-    lines += ["", "Answer length (words):", "", "| answer | " + " | ".join(stats["bins"]) + " |", "|---" * (len(stats["bins"]) + 1) + "|"]
+        lines.append(
+            f"| {column} | `{n['spec']}` | {n['written']} | {n['identical_to_chosen']} ({fate}) | {n['empty']} |"
+        )
+    lines += [
+        "",
+        "Answer length (words):",
+        "",
+        "| answer | " + " | ".join(stats["bins"]) + " |",
+        "|---" * (len(stats["bins"]) + 1) + "|",
+    ]
     for column, counts in stats["answer_words_histogram"].items():
         lines.append(f"| {column} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines) + "\n"

@@ -121,6 +121,13 @@ def _ray_cells(
 
 def _forwarded_env() -> dict[str, str]:
     """The environment a cell needs on any node: napo's import path, thread caps and offline switches."""
-    names = ("PYTHONPATH", "OMP_NUM_THREADS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
-             "TOKENIZERS_PARALLELISM", "HF_HOME")
+    names = (
+        "PYTHONPATH",
+        "OMP_NUM_THREADS",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "HF_HOME",
+    )
     return {name: os.environ[name] for name in names if name in os.environ}

@@ -34,13 +34,43 @@ JOB_RECORD = "napo_job.json"
 # NaPOConfig fields that change what is logged, saved or shown but not the weights a step computes: they may differ
 # between a job and its resumption. Every other field must match (or the resume is refused, see `resume_mismatch`).
 _RESUMABLE_CHANGES = (
-    "output_dir", "logging_dir", "run_name", "report_to", "project", "disable_tqdm", "resume_from_checkpoint",
-    "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push", "hub_revision",
-    "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers", "dataloader_prefetch_factor",
-    "dataloader_multiprocessing_context", "skip_memory_metrics", "log_level", "log_level_replica", "log_on_each_node",
-    "per_device_eval_batch_size", "eval_accumulation_steps", "prediction_loss_only", "include_for_metrics",
-    "eval_do_concat_batches", "eval_use_gather_object", "batch_eval_metrics", "do_train", "do_eval", "do_predict",
-    "ddp_timeout", "local_rank", "precompute_ref_batch_size", "include_num_input_tokens_seen",
+    "output_dir",
+    "logging_dir",
+    "run_name",
+    "report_to",
+    "project",
+    "disable_tqdm",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "hub_token",
+    "hub_private_repo",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_always_push",
+    "hub_revision",
+    "dataloader_num_workers",
+    "dataloader_pin_memory",
+    "dataloader_persistent_workers",
+    "dataloader_prefetch_factor",
+    "dataloader_multiprocessing_context",
+    "skip_memory_metrics",
+    "log_level",
+    "log_level_replica",
+    "log_on_each_node",
+    "per_device_eval_batch_size",
+    "eval_accumulation_steps",
+    "prediction_loss_only",
+    "include_for_metrics",
+    "eval_do_concat_batches",
+    "eval_use_gather_object",
+    "batch_eval_metrics",
+    "do_train",
+    "do_eval",
+    "do_predict",
+    "ddp_timeout",
+    "local_rank",
+    "precompute_ref_batch_size",
+    "include_num_input_tokens_seen",
 )
 _RESUMABLE_PREFIXES = ("logging_", "save_", "eval_", "trackio_", "metric_for_", "greater_is_", "load_best_")
 
@@ -50,47 +80,60 @@ class TrainArguments:
     """What `napo train` needs besides the NaPOConfig: data, model, LoRA and resuming. Names follow TRL's scripts."""
 
     dataset_name: str = field(
-        metadata={"aliases": ["--dataset"],
-                  "help": "preference rows: a save_to_disk folder, parquet or JSONL (required)"}
+        metadata={
+            "aliases": ["--dataset"],
+            "help": "preference rows: a save_to_disk folder, parquet or JSONL (required)",
+        }
     )
     model_name_or_path: str = field(
         metadata={"aliases": ["--model"], "help": "model folder or Hugging Face id to start from (required)"}
     )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "preference rows to evaluate on (same formats as --dataset), for --eval_strategy "
-                  "steps/epoch"},
+        metadata={
+            "help": "preference rows to evaluate on (same formats as --dataset), for --eval_strategy steps/epoch"
+        },
     )
     eval_split: float | None = field(
         default=None,
-        metadata={"help": "instead of --eval_dataset: hold out this fraction of --dataset's rows (picked with --seed) "
-                  "for evaluation, in (0, 1)"},
+        metadata={
+            "help": "instead of --eval_dataset: hold out this fraction of --dataset's rows (picked with --seed) "
+            "for evaluation, in (0, 1)"
+        },
     )
     use_peft: bool = field(
         default=False, metadata={"help": "train a LoRA adapter (the model with the adapter disabled is the reference)"}
     )
     lora_r: int | None = field(
         default=None,
-        metadata={"aliases": ["--lora-rank", "--lora_rank"],
-                  "help": "LoRA rank; giving it turns --use_peft on (default with --use_peft: 16)"},
+        metadata={
+            "aliases": ["--lora-rank", "--lora_rank"],
+            "help": "LoRA rank; giving it turns --use_peft on (default with --use_peft: 16)",
+        },
     )
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling α (default: 2 × lora_r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path (with --use_peft)"})
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "modules that get adapters: all-linear, or module names (space or comma separated) "
-                  "(default with --use_peft: all-linear)"},
+        metadata={
+            "help": "modules that get adapters: all-linear, or module names (space or comma separated) "
+            "(default with --use_peft: all-linear)"
+        },
     )
     resume: bool = field(
         default=False,
-        metadata={"help": "continue from the last complete checkpoint in --output_dir (same dataset and settings "
-                  "required); starts from scratch when there is none"},
+        metadata={
+            "help": "continue from the last complete checkpoint in --output_dir (same dataset and settings "
+            "required); starts from scratch when there is none"
+        },
     )
     resume_anyway: bool = field(
         default=False,
-        metadata={"aliases": ["--resume-anyway"],
-                  "help": "resume even if the dataset or training settings differ from the checkpoint's job (the "
-                  "checkpoint's optimizer and scheduler state, and so its learning rate, still win)"},
+        metadata={
+            "aliases": ["--resume-anyway"],
+            "help": "resume even if the dataset or training settings differ from the checkpoint's job (the "
+            "checkpoint's optimizer and scheduler state, and so its learning rate, still win)",
+        },
     )
     allow_pickle: bool = field(
         default=False,
@@ -98,9 +141,10 @@ class TrainArguments:
     )
     attn_implementation: str | None = field(
         default=None,
-        metadata={"choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
-                  "help": "attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: "
-                  "transformers' sdpa)"},
+        metadata={
+            "choices": ["sdpa", "eager", "flash_attention_2", "flash_attention_3", "xformers"],
+            "help": "attention kernels; xformers needs CUDA and `pip install napo[gpu]` (default: transformers' sdpa)",
+        },
     )
     dtype: str | None = field(
         default=None, metadata={"help": "dtype the model is loaded in, e.g. bfloat16 or auto (default: float32)"}
@@ -113,13 +157,16 @@ class TrainArguments:
         if self.lora_dropout:
             lora_given.append("lora_dropout")
         if lora_given and not self.use_peft:
-            raise ValueError(f"{', '.join('--' + n for n in lora_given)} given without --use_peft: add --use_peft "
-                             "(or --lora_r N) to train a LoRA adapter, or drop them")
+            raise ValueError(
+                f"{', '.join('--' + n for n in lora_given)} given without --use_peft: add --use_peft "
+                "(or --lora_r N) to train a LoRA adapter, or drop them"
+            )
         if self.use_peft and self.lora_r is None:
             self.lora_r = 16
         if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"--lora_r {self.lora_r}: expected a rank >= 1 (leave --use_peft off to train every "
-                             "weight)")
+            raise ValueError(
+                f"--lora_r {self.lora_r}: expected a rank >= 1 (leave --use_peft off to train every weight)"
+            )
         if self.eval_split is not None:
             if self.eval_dataset is not None:
                 raise ValueError("--eval_dataset and --eval_split both given: pass one of them")
@@ -134,8 +181,12 @@ class TrainArguments:
             return None
         modules = [m for item in (self.lora_target_modules or ["all-linear"]) for m in item.split(",") if m]
         targets = "all-linear" if modules == ["all-linear"] else modules
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha or 2 * self.lora_r, lora_dropout=self.lora_dropout,
-                          target_modules=targets)
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha or 2 * self.lora_r,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+        )
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -200,19 +251,29 @@ def run_training(
             split = train_dataset.train_test_split(test_size=job.eval_split, seed=config.seed)
             train_dataset, eval_dataset = split["train"], split["test"]
         if config.eval_strategy != "no" and eval_dataset is None:
-            raise ValueError(f"--eval_strategy {config.eval_strategy} needs evaluation rows: pass --eval_dataset "
-                             "PATH or --eval_split FRACTION")
+            raise ValueError(
+                f"--eval_strategy {config.eval_strategy} needs evaluation rows: pass --eval_dataset "
+                "PATH or --eval_split FRACTION"
+            )
         record = _job_record(job, config, fingerprint, rows)
         checkpoint = _checkpoint_to_resume(job, config, record)
 
         dtype, attn_implementation = _model_loading(job, config)
         policy, processing_class = load_model(
-            job.model_name_or_path, trust_remote_code=config.trust_remote_code, allow_pickle=job.allow_pickle,
-            dtype=dtype, attn_implementation=attn_implementation,
+            job.model_name_or_path,
+            trust_remote_code=config.trust_remote_code,
+            allow_pickle=job.allow_pickle,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
         )
         trainer = NaPOTrainer(
-            model=policy, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, peft_config=job.peft_config(), callbacks=[_RecordJob(record)],
+            model=policy,
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=job.peft_config(),
+            callbacks=[_RecordJob(record)],
         )
         if main_process:  # the rows passed the trainer's checks: record the job
             _write_json(os.path.join(config.output_dir, JOB_RECORD), record)
@@ -246,9 +307,11 @@ def resume_mismatch(recorded: dict, current: dict) -> list[str]:
     changes = []
     old_data, new_data = recorded.get("dataset", {}), current["dataset"]
     if old_data.get("fingerprint") != new_data["fingerprint"]:
-        changes.append(f"dataset: {old_data.get('path')} ({old_data.get('rows')} rows, fingerprint "
-                       f"{str(old_data.get('fingerprint'))[:12]}) -> {new_data['path']} ({new_data['rows']} rows, "
-                       f"fingerprint {new_data['fingerprint'][:12]})")
+        changes.append(
+            f"dataset: {old_data.get('path')} ({old_data.get('rows')} rows, fingerprint "
+            f"{str(old_data.get('fingerprint'))[:12]}) -> {new_data['path']} ({new_data['rows']} rows, "
+            f"fingerprint {new_data['fingerprint'][:12]})"
+        )
     for section in ("model", "settings"):
         old, new = recorded.get(section, {}), current[section]
         for key in sorted(set(old) | set(new)):
@@ -288,7 +351,8 @@ def write_model_card(trainer: NaPOTrainer, job: TrainArguments, train_dataset: d
         "",
         f"- base model: `{job.model_name_or_path}`" + (" (LoRA adapter, rank %d)" % job.lora_r if job.use_peft else ""),
         f"- dataset: `{job.dataset_name}`, {len(train_dataset)} rows",
-        f"- objective: `{config.objective}`" + (f", q = `{config.q}`" if config.objective == "napo" else "")
+        f"- objective: `{config.objective}`"
+        + (f", q = `{config.q}`" if config.objective == "napo" else "")
         + f", β = {config.beta}",
         "- negative columns (weight γ, renormalised over the columns present): "
         + ", ".join(f"`{c}` {weights[c] / total:.3g}" for c in negatives),
@@ -311,25 +375,41 @@ def _check_trackers(report_to: list[str] | str | None) -> None:
         except (RuntimeError, ImportError) as error:
             name = callback.__name__.removesuffix("Callback")
             extra = "`pip install 'napo[track]'`" if "TensorBoard" in name else "install it"
-            raise ImportError(f"--report_to asks for {name}, which is not installed ({error}): {extra}, or pass "
-                              "--report_to none") from None
+            raise ImportError(
+                f"--report_to asks for {name}, which is not installed ({error}): {extra}, or pass --report_to none"
+            ) from None
 
 
 def _job_record(job: TrainArguments, config: NaPOConfig, fingerprint: str, rows: int) -> dict:
     """What resuming must find unchanged: the dataset, the model and LoRA setup, every weight-changing setting."""
     settings = {
-        key: value for key, value in json.loads(json.dumps(config.to_dict(), default=str)).items()
+        key: value
+        for key, value in json.loads(json.dumps(config.to_dict(), default=str)).items()
         if key not in _RESUMABLE_CHANGES and not key.startswith(_RESUMABLE_PREFIXES)
     }
     model = {
-        "model_name_or_path": os.path.abspath(job.model_name_or_path) if os.path.exists(job.model_name_or_path)
+        "model_name_or_path": os.path.abspath(job.model_name_or_path)
+        if os.path.exists(job.model_name_or_path)
         else job.model_name_or_path,
-        **{name: getattr(job, name) for name in ("use_peft", "lora_r", "lora_alpha", "lora_dropout",
-                                                 "lora_target_modules", "eval_split", "dtype")},
+        **{
+            name: getattr(job, name)
+            for name in (
+                "use_peft",
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "lora_target_modules",
+                "eval_split",
+                "dtype",
+            )
+        },
     }
     data_path = os.path.abspath(job.dataset_name) if os.path.exists(job.dataset_name) else job.dataset_name
-    return {"dataset": {"path": data_path, "rows": rows, "fingerprint": fingerprint}, "model": model,
-            "settings": settings}
+    return {
+        "dataset": {"path": data_path, "rows": rows, "fingerprint": fingerprint},
+        "model": model,
+        "settings": settings,
+    }
 
 
 def _checkpoint_to_resume(job: TrainArguments, config: NaPOConfig, record: dict) -> str | None:
@@ -345,8 +425,13 @@ def _checkpoint_to_resume(job: TrainArguments, config: NaPOConfig, record: dict)
     if not os.path.exists(path):  # a checkpoint napo killed before it recorded the job in it
         path = os.path.join(config.output_dir, JOB_RECORD)
     if not os.path.exists(path):
-        logger.warning("%s has no %s (written by napo since it checks resumes): cannot check that %s was trained "
-                       "on the same data with the same settings", config.output_dir, JOB_RECORD, checkpoint)
+        logger.warning(
+            "%s has no %s (written by napo since it checks resumes): cannot check that %s was trained "
+            "on the same data with the same settings",
+            config.output_dir,
+            JOB_RECORD,
+            checkpoint,
+        )
         return checkpoint
     with open(path) as f:
         recorded = json.load(f)
@@ -354,7 +439,8 @@ def _checkpoint_to_resume(job: TrainArguments, config: NaPOConfig, record: dict)
     if changes and not job.resume_anyway:
         raise ValueError(
             f"--resume: {checkpoint} was written by a job with another dataset or other settings ("
-            + "; ".join(changes) + "). Resuming would train on with the checkpoint's optimizer and scheduler (its "
+            + "; ".join(changes)
+            + "). Resuming would train on with the checkpoint's optimizer and scheduler (its "
             "learning rate wins) on data it did not start with. Rerun with the recorded settings (see "
             f"{path}), use another --output_dir to start over, or pass --resume-anyway."
         )
@@ -387,11 +473,15 @@ def _model_loading(job: TrainArguments, config: NaPOConfig) -> tuple[str | None,
     TRL applies when it loads a model from its name; napo loads the model itself, so it reads them here). A key napo
     cannot apply, or one given two different ways, is refused rather than ignored."""
     init = dict(config.model_init_kwargs or {})
-    given = {"dtype": init.pop("dtype", init.pop("torch_dtype", None)),
-             "attn_implementation": init.pop("attn_implementation", None)}
+    given = {
+        "dtype": init.pop("dtype", init.pop("torch_dtype", None)),
+        "attn_implementation": init.pop("attn_implementation", None),
+    }
     if init:
-        raise ValueError(f"--model_init_kwargs {sorted(init)}: napo train loads the model itself and applies only "
-                         "dtype and attn_implementation from it; drop the others")
+        raise ValueError(
+            f"--model_init_kwargs {sorted(init)}: napo train loads the model itself and applies only "
+            "dtype and attn_implementation from it; drop the others"
+        )
     chosen = {"dtype": job.dtype, "attn_implementation": job.attn_implementation}
     for name, value in given.items():
         if value is not None and chosen[name] is not None and str(value) != str(chosen[name]):

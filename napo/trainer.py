@@ -168,7 +168,9 @@ class MultiNegativeCollator:
                 types.append(kind)
                 refs.append(example.get(_ref_column(column)))
         if self.max_length is not None:
-            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            cut = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
         batch = {
             "input_ids": pad([torch.tensor(s) for s in ids], padding_value=self.pad_token_id, padding_side="right"),
@@ -371,7 +373,7 @@ class NaPOTrainer(DPOTrainer):
                 "vision-related (contains 'image' or 'images' keys), but the provided model does not seem to be a "
                 "vision-language model. Please check your model and dataset.)"
             )
-        for dataset in (eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]):
+        for dataset in eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]:
             if dataset is not None:
                 _validate(dataset)
         self._type_weights, self._type_objectives = self._resolve_negative_types(args, self.negative_columns)
@@ -381,7 +383,12 @@ class NaPOTrainer(DPOTrainer):
         precompute, padding_free = args.precompute_ref_log_probs, args.padding_free
         # TRL 1.16 turns padding_free off with a warning; napo packs the batch itself (see `_model_inputs`).
         args.precompute_ref_log_probs = args.padding_free = False
-        if ref_model is None and isinstance(model, PreTrainedModel) and peft_config is None and not is_peft_model(model):
+        if (
+            ref_model is None
+            and isinstance(model, PreTrainedModel)
+            and peft_config is None
+            and not is_peft_model(model)
+        ):
             # TRL would rebuild the reference from the model's name, which fails for a model never saved. A frozen
             # copy is the reference; with precomputation it is dropped once the log-probs are cached.
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -460,8 +467,16 @@ class NaPOTrainer(DPOTrainer):
         if self._signature_columns is None:
             answer_columns = ("chosen", *self.negative_columns)
             if self._on_the_fly:
-                columns = ["prompt", "image", "images", "audios", "sampling_rate", "tools", "chat_template_kwargs",
-                           *answer_columns]
+                columns = [
+                    "prompt",
+                    "image",
+                    "images",
+                    "audios",
+                    "sampling_rate",
+                    "tools",
+                    "chat_template_kwargs",
+                    *answer_columns,
+                ]
             else:
                 columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
             self._signature_columns = columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
@@ -757,14 +772,18 @@ class NaPOTrainer(DPOTrainer):
             q = None
             if self._type_objectives[column] == "napo":
                 # The pairs' raw log-ratio differences (no β), summed and per token: `_q` picks and scales one.
-                q = self._q(column, chosen_logratios - negative_logratios,
-                            chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative])
+                q = self._q(
+                    column,
+                    chosen_logratios - negative_logratios,
+                    chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative],
+                )
                 metrics[f"{prefix}q"].append(float(q))
             per_pair = None
             if negative.numel():
                 if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
-                    per_pair = self._trl_loss(chosen, negative, policy_pair, ref_pair, logps,
-                                              inputs["completion_mask"].sum(dim=1), lengths)
+                    per_pair = self._trl_loss(
+                        chosen, negative, policy_pair, ref_pair, logps, inputs["completion_mask"].sum(dim=1), lengths
+                    )
                 else:
                     per_pair = objective_loss(
                         self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
@@ -825,7 +844,9 @@ class NaPOTrainer(DPOTrainer):
 
         policy, reference = token_logps
         return (weighted(policy, chosen), weighted(policy, negative)), (
-            weighted(reference, chosen), weighted(reference, negative))
+            weighted(reference, chosen),
+            weighted(reference, negative),
+        )
 
     def _trl_loss(
         self,
@@ -850,10 +871,16 @@ class NaPOTrainer(DPOTrainer):
         total = 0.0
         for loss_type, weight in zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True):
             total = total + weight * trl_pair_loss(
-                loss_type, *policy_pair, *ref_pair, beta=self.beta,
-                chosen_lengths=completion_tokens[chosen], rejected_lengths=completion_tokens[negative],
-                label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
-                f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                loss_type,
+                *policy_pair,
+                *ref_pair,
+                beta=self.beta,
+                chosen_lengths=completion_tokens[chosen],
+                rejected_lengths=completion_tokens[negative],
+                label_smoothing=args.label_smoothing,
+                discopop_tau=args.discopop_tau,
+                f_divergence_type=args.f_divergence_type,
+                f_alpha_divergence_coef=args.f_alpha_divergence_coef,
                 chosen_nll=chosen_nll,
             )
         return total

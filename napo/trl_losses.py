@@ -25,8 +25,21 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 TRL_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 # Loss types that read `label_smoothing` (the others ignore it in TRL).
 LABEL_SMOOTHING_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
@@ -110,9 +123,10 @@ def trl_pair_loss(
     if loss_type == "sppo_hard":  # hard-probability SPPO: winner regressed to +1/(2β), loser to −1/(2β)
         return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
     if loss_type == "aot":  # sorted policy log-prob differences against the sorted reference ones
-        delta = torch.sort(chosen_logps - rejected_logps, dim=0).values - torch.sort(
-            ref_chosen_logps - ref_rejected_logps, dim=0
-        ).values
+        delta = (
+            torch.sort(chosen_logps - rejected_logps, dim=0).values
+            - torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
+        )
         return -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
     if loss_type == "aot_unpaired":
         delta = torch.sort(chosen_logratios, dim=0).values - torch.sort(rejected_logratios, dim=0).values
@@ -129,4 +143,3 @@ def trl_pair_loss(
             raise ValueError("loss_type 'sft' needs chosen_nll")
         return chosen_nll.expand(chosen_logratios.shape)
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(TRL_LOSS_TYPES)}")
-

@@ -29,14 +29,23 @@ import numpy as np
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--objectives", nargs="+", default=["dpo", "napo-paper"], help="objectives (default: dpo napo-paper)")
-    p.add_argument("--noise-rates", nargs="+", type=float, default=[0.0, 0.2], help="label-noise rates (default: 0 0.2)")
+    p.add_argument(
+        "--objectives", nargs="+", default=["dpo", "napo-paper"], help="objectives (default: dpo napo-paper)"
+    )
+    p.add_argument(
+        "--noise-rates", nargs="+", type=float, default=[0.0, 0.2], help="label-noise rates (default: 0 0.2)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="cell seeds (default: 0)")
     p.add_argument("--quick", action="store_true", help="the lab's quick mode (default: the full lab)")
     p.add_argument("--eval-n", type=int, default=None, help="lab evaluation rows per split (default: the lab's)")
-    p.add_argument("--shared-set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="NaPOConfig settings of the shared variant's cells only, e.g. encode_images_once=true (a lever "
-                   "that must not change results; value read as YAML; default: none)")
+    p.add_argument(
+        "--shared-set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="NaPOConfig settings of the shared variant's cells only, e.g. encode_images_once=true (a lever "
+        "that must not change results; value read as YAML; default: none)",
+    )
     p.add_argument("--work-dir", default=None, help="where the lab and the cells go (default: a temporary folder)")
     p.add_argument("--out", default="benchmarks/compare/cost.json", help="result JSON (default: %(default)s)")
     return p.parse_args(argv)
@@ -54,8 +63,15 @@ def _config(args: argparse.Namespace, out: Path, share: bool, cell: tuple[str, f
 
     objective, rate, seed = cell
     return CompareConfig(
-        output_dir=str(out), objectives=[objective], noise_rates=[rate], seeds=[seed], quick=args.quick,
-        eval_n=args.eval_n, workers=1, share_reference=share, train=_levers(args) if share else {},
+        output_dir=str(out),
+        objectives=[objective],
+        noise_rates=[rate],
+        seeds=[seed],
+        quick=args.quick,
+        eval_n=args.eval_n,
+        workers=1,
+        share_reference=share,
+        train=_levers(args) if share else {},
     )
 
 
@@ -83,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         (runs["shared"] / "lab").symlink_to(runs["per-cell"] / "lab", target_is_directory=True)
     lab = prepare_lab(str(runs["per-cell"] / "lab"), quick=args.quick)
     start = time.perf_counter()  # the shared path's one-off cost: the reference scores the pairs once
-    _with_reference_logps(lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args))
+    _with_reference_logps(
+        lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args)
+    )
     shared_setup = time.perf_counter() - start
     for cell in cells:
         for name, share in (("per-cell", False), ("shared", True)):
@@ -93,13 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     for cell in cells:
         key = cell_key(*cell)
         a, b = rows["per-cell"][key], rows["shared"][key]
-        per_cell.append({
-            "cell": key,
-            "per_cell_wall_s": a["cell_wall_s"], "shared_wall_s": b["cell_wall_s"],
-            "per_cell_cpu_s": a["cell_cpu_s"], "shared_cpu_s": b["cell_cpu_s"],
-            "wall_ratio": b["cell_wall_s"] / a["cell_wall_s"], "cpu_ratio": b["cell_cpu_s"] / a["cell_cpu_s"],
-            "largest_result_difference": _largest_difference(a, b),
-        })
+        per_cell.append(
+            {
+                "cell": key,
+                "per_cell_wall_s": a["cell_wall_s"],
+                "shared_wall_s": b["cell_wall_s"],
+                "per_cell_cpu_s": a["cell_cpu_s"],
+                "shared_cpu_s": b["cell_cpu_s"],
+                "wall_ratio": b["cell_wall_s"] / a["cell_wall_s"],
+                "cpu_ratio": b["cell_cpu_s"] / a["cell_cpu_s"],
+                "largest_result_difference": _largest_difference(a, b),
+            }
+        )
     wall = np.array([c["wall_ratio"] for c in per_cell])
     cpu = np.array([c["cpu_ratio"] for c in per_cell])
     mean_per_cell = float(np.mean([c["per_cell_wall_s"] for c in per_cell]))
@@ -119,8 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("wall_ratio", "cpu_ratio", "amortised_wall_ratio",
-                                             "largest_result_difference")}, indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("wall_ratio", "cpu_ratio", "amortised_wall_ratio", "largest_result_difference")},
+            indent=1,
+        )
+    )
     print(f"result: {args.out}")
     return record
 

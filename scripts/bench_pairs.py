@@ -59,9 +59,18 @@ def plain_generate_loop(model, processor, degraded: list[list[dict]], batch_size
     for samples in degraded:
         for i in range(0, len(samples), batch_size):
             batch = samples[i : i + batch_size]
-            texts = [processor.apply_chat_template(s["prompt"], tokenize=False, add_generation_prompt=True) for s in batch]
+            texts = [
+                processor.apply_chat_template(s["prompt"], tokenize=False, add_generation_prompt=True) for s in batch
+            ]
             images = [s["images"] for s in batch] if batch[0]["images"] else None
-            inputs = processor(text=texts, images=images, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+            inputs = processor(
+                text=texts,
+                images=images,
+                padding=True,
+                padding_side="left",
+                add_special_tokens=False,
+                return_tensors="pt",
+            )
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return time.perf_counter() - start
@@ -70,12 +79,18 @@ def plain_generate_loop(model, processor, degraded: list[list[dict]], batch_size
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=300, help="source rows (default: 300)")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per generate call, both sides (default: 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="samples per generate call, both sides (default: 16)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=16, help="tokens per answer, both sides (default: 16)")
     parser.add_argument("--image-size", type=int, default=64, help="side of the source PNGs in pixels (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per side; the fastest counts (default: 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared CPU (default: 1)")
-    parser.add_argument("--name", default="tiny_llava_cpu", help="result file name under benchmarks/pairs/ (default: tiny_llava_cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 is steadiest on a shared CPU (default: 1)"
+    )
+    parser.add_argument(
+        "--name", default="tiny_llava_cpu", help="result file name under benchmarks/pairs/ (default: tiny_llava_cpu)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -88,15 +103,28 @@ def main() -> None:
         model, processor = load_model(str(tmp / "model"))
         source = write_source(tmp / "data", args.rows, args.image_size)
 
-        rows = [{"prompt": json.loads(line)["prompt"], "images": [Image.open(tmp / "data" / "img" / f"{i}.png").convert("RGB")]}
-                for i, line in enumerate(Path(source).read_text().splitlines())]
+        rows = [
+            {
+                "prompt": json.loads(line)["prompt"],
+                "images": [Image.open(tmp / "data" / "img" / f"{i}.png").convert("RGB")],
+            }
+            for i, line in enumerate(Path(source).read_text().splitlines())
+        ]
         degraded = [[perturb.apply(spec, row) for row in rows] for spec in VISION_NEGATIVES.values()]
-        plain_generate_loop(model, processor, [d[: args.batch_size] for d in degraded], args.batch_size, args.max_new_tokens)  # warm-up
+        plain_generate_loop(
+            model, processor, [d[: args.batch_size] for d in degraded], args.batch_size, args.max_new_tokens
+        )  # warm-up
 
         plain_s, pairs_s = [], []
         for repeat in range(args.repeats):
             plain_s.append(plain_generate_loop(model, processor, degraded, args.batch_size, args.max_new_tokens))
-            config = PairsConfig(source, str(tmp / "model"), str(tmp / f"out{repeat}"), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            config = PairsConfig(
+                source,
+                str(tmp / "model"),
+                str(tmp / f"out{repeat}"),
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+            )
             start = time.perf_counter()
             stats = build_pairs(config, model=model, processing_class=processor, progress=False)
             pairs_s.append(time.perf_counter() - start)
@@ -127,7 +155,9 @@ def main() -> None:
             "numpy": np.__version__,
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", "python", *sys.argv]),
+        "command": " ".join(
+            shlex.quote(a) for a in [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", "python", *sys.argv]
+        ),
     }
     out = Path(__file__).resolve().parent.parent / "benchmarks" / "pairs"
     out.mkdir(parents=True, exist_ok=True)

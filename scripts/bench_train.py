@@ -246,8 +246,13 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
     skipped: dict[str, str] = {}
     for lever in levers:
         if lever == "gc":
-            variants.append(replace(napo, name=f"napo+gc={'off' if base.gradient_checkpointing else 'on'}",
-                                    gradient_checkpointing=not base.gradient_checkpointing))
+            variants.append(
+                replace(
+                    napo,
+                    name=f"napo+gc={'off' if base.gradient_checkpointing else 'on'}",
+                    gradient_checkpointing=not base.gradient_checkpointing,
+                )
+            )
         elif lever in ("eager", "sdpa", "flash"):
             attn = "flash_attention_2" if lever == "flash" else lever
             if attn == base.attn:
@@ -503,8 +508,14 @@ def mean_std(values: list[float]) -> dict[str, float | list[float]]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"CPU {model}, {torch.get_num_threads()} threads"
 
 
@@ -529,13 +540,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn", default="sdpa", help="base attention implementation: sdpa or eager")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off")
     parser.add_argument("--optim", default="adamw_torch", help="base optimizer (a transformers optim name)")
-    parser.add_argument("--levers", default="gc,eager,fused,images-once,packed,flash,xformers",
-                        help=f"comma-separated levers flipped on `napo`, each a variant: {', '.join(LEVERS)}")
-    parser.add_argument("--answer-length-spread", type=float, default=0.5,
-                        help="answer lengths are uniform in answer_words·[1−s, 1+s] (0: every answer equally long)")
+    parser.add_argument(
+        "--levers",
+        default="gc,eager,fused,images-once,packed,flash,xformers",
+        help=f"comma-separated levers flipped on `napo`, each a variant: {', '.join(LEVERS)}",
+    )
+    parser.add_argument(
+        "--answer-length-spread",
+        type=float,
+        default=0.5,
+        help="answer lengths are uniform in answer_words·[1−s, 1+s] (0: every answer equally long)",
+    )
     parser.add_argument("--dataloader-workers", type=int, default=0)
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the accelerator for MFU (default: datasheet value for H100/H200/A100)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak of the accelerator for MFU (default: datasheet value for H100/H200/A100)",
+    )
     parser.add_argument("--out", required=True, help="JSON file to write")
     return parser.parse_args(argv)
 
@@ -585,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
         v.name: {"rows": [], "rows_cpu": [], "tokens": [], "flops": []} for v in variants
     }
     for repeat in range(args.repeats):
-        order = variants[repeat % len(variants):] + variants[: repeat % len(variants)]
+        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for variant in order:
             tokens = flops = 0.0
             sync()
@@ -663,10 +685,22 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32",
         "versions": versions(),
         "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
-        + "python scripts/bench_train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        + "python scripts/bench_train.py "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "batch_rows", "attn",
-                                                   "gradient_checkpointing", "optim", "dataloader_workers")},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "steps",
+                "warmup",
+                "repeats",
+                "batch_rows",
+                "attn",
+                "gradient_checkpointing",
+                "optim",
+                "dataloader_workers",
+            )
+        },
         "speedup_vs_trl": {name: paired_ratio(name, "trl") for name in results if name != "trl"},
         "speedup_vs_trl_cpu_time": {name: paired_ratio(name, "trl", "rows_cpu") for name in results if name != "trl"},
         "peak_mem_ratio_vs_trl": {name: memory_ratio(name, "trl") for name in results if name != "trl"},
@@ -690,21 +724,31 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_s": "tokens forwarded through the policy (image tokens included, padding not) per second; "
             "TRL forwards more tokens for the same rows",
             "flops": FlopCounter.__doc__.split("\n\n", 1)[1].strip(),
-            "mfu": "achieved FLOP/s over the dense bf16 peak" if peak_tflops else
-            "not meaningful on CPU (fp32, no bf16 peak): see flops_per_s for achieved FLOP/s",
+            "mfu": "achieved FLOP/s over the dense bf16 peak"
+            if peak_tflops
+            else "not meaningful on CPU (fp32, no bf16 peak): see flops_per_s for achieved FLOP/s",
             "peak_mem_bytes": "resident (parameters + AdamW state + the frozen reference copy when the variant "
             "uses it) + transient peak of one step above its start (gradients, activations, batch), "
-            + ("from torch.cuda.max_memory_allocated" if device.type == "cuda" else
-               "from the torch CPU allocations recorded by torch.profiler (profile_memory=True); not RSS"),
+            + (
+                "from torch.cuda.max_memory_allocated"
+                if device.type == "cuda"
+                else "from the torch CPU allocations recorded by torch.profiler (profile_memory=True); not RSS"
+            ),
             "setup_s": "trainer construction; for napo-precomputed it includes the one reference pass over all "
             f"{len(rows)} rows",
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({"speedup_vs_trl": {k: round(v["mean"], 3) for k, v in record["speedup_vs_trl"].items()},
-                      "peak_mem_ratio_vs_trl": {k: round(v, 3) for k, v in record["peak_mem_ratio_vs_trl"].items()}},
-                     indent=1))
+    print(
+        json.dumps(
+            {
+                "speedup_vs_trl": {k: round(v["mean"], 3) for k, v in record["speedup_vs_trl"].items()},
+                "peak_mem_ratio_vs_trl": {k: round(v, 3) for k, v in record["peak_mem_ratio_vs_trl"].items()},
+            },
+            indent=1,
+        )
+    )
     return record
 
 

@@ -43,15 +43,41 @@ STAND_INS: dict[str, tuple[str, str]] = {
     "tiny-Qwen2_5_VLForConditionalGeneration": ("napo", "qwen2_vl"),
     "tiny-Idefics3ForConditionalGeneration": ("napo", "idefics3"),
 }
-TINY_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=512)
+TINY_SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=512,
+)
 MOE_SIZES = {
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
-                      output_router_logits=True, router_aux_loss_coef=0.01),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
-                    sliding_window=8, output_router_logits=True, router_aux_loss_coef=0.01),
-    "glm4_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
-                     n_shared_experts=1, n_group=1, topk_group=1),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    ),
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+    ),
+    "glm4_moe": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+    ),
 }
 QWEN_TEMPLATE = (
     "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -62,7 +88,7 @@ QWEN_TEMPLATE = (
 )
 WORDS = "the sky is blue grass green water wet fire hot snow cold sun bright moon night tree tall".split()
 
-CONFTEST = '''
+CONFTEST = """
 import datasets, numpy as np
 from PIL import Image
 
@@ -150,7 +176,7 @@ if not torch.cuda.is_available():
 # napo's Qwen2-VL stand-in saves an image-only processor (Qwen2-VL's own needs torchvision for videos).
 from napo.models import Qwen2VLImageOnlyProcessor
 transformers.AutoProcessor.register(transformers.Qwen2VLConfig, Qwen2VLImageOnlyProcessor, exist_ok=True)
-'''
+"""
 
 
 def build_tokenizer(folder: Path):
@@ -158,16 +184,29 @@ def build_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>", "<|image_pad|>",
-                "<|vision_end|>", "<|video_pad|>"]
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<image>",
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|vision_end|>",
+        "<|video_pad|>",
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     corpus = [" ".join(WORDS)] * 20 + ["The system user assistant You are a helpful assistant."] * 20
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE)
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_TEMPLATE
+    )
     fast.save_pretrained(folder)
     return fast
 
@@ -193,8 +232,12 @@ def build_stand_ins(root: Path, needed: set[str]) -> dict[str, str]:
             if kind == "causal":
                 tokenizer = build_tokenizer(folder)
                 config = AutoConfig.for_model(
-                    name, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id, **TINY_SIZES, **MOE_SIZES.get(name, {}),
+                    name,
+                    vocab_size=len(tokenizer),
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **TINY_SIZES,
+                    **MOE_SIZES.get(name, {}),
                 )
                 AutoModelForCausalLM.from_config(config).save_pretrained(folder)
             else:
@@ -229,8 +272,11 @@ def environment() -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "device": device,
-            "versions": {p: version(p) for p in ("trl", "transformers", "torch", "datasets", "peft", "accelerate")}}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "versions": {p: version(p) for p in ("trl", "transformers", "torch", "datasets", "peft", "accelerate")},
+    }
 
 
 def rewrite_testing_utils(source: str) -> str:
@@ -248,13 +294,18 @@ def rewrite_testing_utils(source: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test-file", required=True,
-                        help="TRL's tests/test_dpo_trainer.py (testing_utils.py beside it)")
-    parser.add_argument("--trainer", choices=("trl", "napo"), default="napo",
-                        help="stock TRL, or NaPOTrainer swapped in")
+    parser.add_argument(
+        "--test-file", required=True, help="TRL's tests/test_dpo_trainer.py (testing_utils.py beside it)"
+    )
+    parser.add_argument(
+        "--trainer", choices=("trl", "napo"), default="napo", help="stock TRL, or NaPOTrainer swapped in"
+    )
     parser.add_argument("--out", required=True, help="JSON file of the outcomes")
-    parser.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "trl-suite-models"),
-                        help="folder of the built stand-ins (reused between runs)")
+    parser.add_argument(
+        "--models",
+        default=os.path.join(tempfile.gettempdir(), "trl-suite-models"),
+        help="folder of the built stand-ins (reused between runs)",
+    )
     parser.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k loss_types'")
     args = parser.parse_args()
 
@@ -272,8 +323,19 @@ def main() -> None:
         (work / "testing_utils.py").write_text(rewrite_testing_utils(helpers))
         (work / "conftest.py").write_text(CONFTEST.format(words=WORDS))
         report = work / "report.xml"
-        command = [sys.executable, "-m", "pytest", str(work / "test_dpo_trainer.py"), "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={report}", "-o", "junit_family=xunit1", *args.pytest_args.split()]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(work / "test_dpo_trainer.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            "-o",
+            "junit_family=xunit1",
+            *args.pytest_args.split(),
+        ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")])}
         subprocess.run(command, cwd=work, env=env)
         outcomes = parse_junit(report, missing, body_ids, str(Path(args.models)))
@@ -281,8 +343,15 @@ def main() -> None:
     counts: dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome["outcome"]] = counts.get(outcome["outcome"], 0) + 1
-    result = {"trainer": args.trainer, "test_file": str(test_file), "counts": counts, "no_stand_in": missing,
-              "command": " ".join(sys.argv), **environment(), "tests": outcomes}
+    result = {
+        "trainer": args.trainer,
+        "test_file": str(test_file),
+        "counts": counts,
+        "no_stand_in": missing,
+        "command": " ".join(sys.argv),
+        **environment(),
+        "tests": outcomes,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(counts))

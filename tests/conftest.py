@@ -37,7 +37,13 @@ def colour_grid_source(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("grid-source")
     save_tiny_model("text", root / "model")
     colours = ["yellow", "red", "green", "blue", "white", "brown"]
-    rows = [{"prompt": [{"role": "user", "content": f"what colour is thing {i % 5} ?"}], "chosen": colours[i % 4],
-             "rejected": colours[i % 4 + 2]} for i in range(40)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what colour is thing {i % 5} ?"}],
+            "chosen": colours[i % 4],
+            "rejected": colours[i % 4 + 2],
+        }
+        for i in range(40)
+    ]
     Dataset.from_list(rows).save_to_disk(str(root / "pairs"))
     return {"dataset": str(root / "pairs"), "model": str(root / "model")}

@@ -50,8 +50,13 @@ def losses_by_attention(family, tmp_path, padding_free, device="cpu"):
     policy = perturbed(reference).requires_grad_(True)
     dataset = preference_rows(4, vision=family != "text", columns=("rejected_language_bias", "rejected_vision_bias"))
     common = {**COMMON, "use_cpu": device == "cpu"}
-    trainer = NaPOTrainer(model=policy, ref_model=reference, train_dataset=dataset, processing_class=processor,
-                          args=NaPOConfig(output_dir=str(tmp_path), padding_free=padding_free, **common))
+    trainer = NaPOTrainer(
+        model=policy,
+        ref_model=reference,
+        train_dataset=dataset,
+        processing_class=processor,
+        args=NaPOConfig(output_dir=str(tmp_path), padding_free=padding_free, **common),
+    )
     results = {}
     for attn in ("sdpa", ATTN_IMPLEMENTATION):
         for model in (trainer.model, trainer.ref_model):
@@ -100,8 +105,10 @@ def test_registration_names_the_install_command_without_xformers(monkeypatch):
         register_xformers_attention()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None,
-                    reason="xformers kernels need CUDA and the gpu extra")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None,
+    reason="xformers kernels need CUDA and the gpu extra",
+)
 def test_xformers_kernels_give_the_sdpa_loss_on_cuda(tmp_path):  # pragma: no cover - GPU only
     register_xformers_attention()
     results = losses_by_attention("llava", tmp_path, padding_free=False, device="cuda")

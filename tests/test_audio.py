@@ -155,7 +155,7 @@ def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
     """napo.evaluate's scorer with audio: batched (mixed with audio-free rows) = each row alone."""
     import perturb
     from napo.evaluate import answer_log_probs
-    from napo.lab.audio import _build_model, _rows, AudioLabSettings
+    from napo.lab.audio import AudioLabSettings, _build_model, _rows
 
     model, processor = _build_model(RECIPE, AudioLabSettings.quick(), seed=0)
     rows = _rows(RECIPE, "train", 3, seed=0)
@@ -189,7 +189,9 @@ def _held_out_note_accuracy(model, processor) -> float:
         pooled = _audio_encoder(model)(features["input_features"]).last_hidden_state.mean(dim=1)
     pooled = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=1)
     fit, held = torch.arange(len(rows)) % 2 == 0, torch.arange(len(rows)) % 2 == 1
-    centroids = torch.nn.functional.normalize(torch.stack([pooled[fit & (labels == k)].mean(0) for k in range(len(notes))]), dim=1)
+    centroids = torch.nn.functional.normalize(
+        torch.stack([pooled[fit & (labels == k)].mean(0) for k in range(len(notes))]), dim=1
+    )
     return (((pooled[held] @ centroids.T).argmax(1)) == labels[held]).float().mean().item()
 
 

@@ -71,11 +71,29 @@ def test_one_forward_per_row_equals_trl_on_the_separate_pairs(setup):
     """The work napo and TRL do in the benchmark is the same: NaPO's DPO objective with equal weights over the three
     negative types is TRL's DPO loss over the 3·rows pairs."""
     policy, reference, processor, rows, pairs, workdir = setup
-    common = dict(output_dir=workdir, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
-                  max_length=None, beta=0.1)
-    napo = NaPOTrainer(policy, reference, args=NaPOConfig(**common, objective="dpo", weights="fixed", weight_rejected=1.0,
-                                                          weight_language_bias=1.0, weight_vision_bias=1.0),
-                       train_dataset=rows, processing_class=processor)
+    common = dict(
+        output_dir=workdir,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        beta=0.1,
+    )
+    napo = NaPOTrainer(
+        policy,
+        reference,
+        args=NaPOConfig(
+            **common,
+            objective="dpo",
+            weights="fixed",
+            weight_rejected=1.0,
+            weight_language_bias=1.0,
+            weight_vision_bias=1.0,
+        ),
+        train_dataset=rows,
+        processing_class=processor,
+    )
     trl = DPOTrainer(policy, reference, args=DPOConfig(**common), train_dataset=pairs, processing_class=processor)
     napo_loss, napo_grads = loss_and_grads(napo)
     trl_loss, trl_grads = loss_and_grads(trl, n=3 * ROWS)
@@ -166,8 +184,9 @@ def test_fused_adamw_takes_the_plain_step(setup):
         cls, kwargs = bench.Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
         assert kwargs.get("fused", False) == (optim == "adamw_torch_fused")
         optimizer = cls([p for p in trainer.model.parameters() if p.requires_grad], **kwargs)
-        bench.train_step(trainer, iter([trainer.data_collator([dict(r) for r in trainer.train_dataset])]), optimizer,
-                         variant)
+        bench.train_step(
+            trainer, iter([trainer.data_collator([dict(r) for r in trainer.train_dataset])]), optimizer, variant
+        )
         after[optim] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     with torch.no_grad():
         for name, p in setup[0].named_parameters():
@@ -185,8 +204,22 @@ def test_flop_counter_covers_every_parameter_once(setup):
 
 def test_script_runs_on_cpu_and_records_cuda_only_levers_as_skipped(tmp_path, capsys):
     out = tmp_path / "tiny.json"
-    argv = ["--model-size", "tiny", "--steps", "1", "--warmup", "0", "--repeats", "1", "--batch-rows", "1",
-            "--levers", "flash,xformers", "--out", str(out)]
+    argv = [
+        "--model-size",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+        "--batch-rows",
+        "1",
+        "--levers",
+        "flash,xformers",
+        "--out",
+        str(out),
+    ]
     record = bench.main(argv)
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     printed = capsys.readouterr().out

@@ -49,8 +49,10 @@ def test_pope_reads_answers_as_llava_eval_pope(answer: str, read_as: str) -> Non
 
 def _pope_files(tmp_path: Path) -> tuple[Path, list[dict]]:
     labels = ["yes", "yes", "yes", "no", "no", "no"]
-    questions = [{"question_id": i + 1, "image": f"COCO_val2014_{i:012d}.jpg", "text": f"Is there a thing {i}?",
-                  "label": label} for i, label in enumerate(labels)]
+    questions = [
+        {"question_id": i + 1, "image": f"COCO_val2014_{i:012d}.jpg", "text": f"Is there a thing {i}?", "label": label}
+        for i, label in enumerate(labels)
+    ]
     return _jsonl(tmp_path / "coco_pope_random.json", questions), questions
 
 
@@ -59,11 +61,31 @@ def test_pope_metrics_from_an_answer_file_written_as_llava_model_vqa_loader_writ
     # Labels yes yes yes no no no; answers read as yes, yes, no | yes, no, no -> TP 2, FN 1, FP 1, TN 2.
     texts = ["Yes", "Yes, there is.", "No doubt, yes", "I don't see one", "There is no such thing.", "no"]
     # model_vqa_loader.py's lines: question_id, prompt, text, answer_id, model_id, metadata; here in reverse order.
-    answers = [{"question_id": q["question_id"], "prompt": q["text"], "text": t, "answer_id": f"uuid{i}",
-                "model_id": "llava-v1.5-7b", "metadata": {}} for i, (q, t) in enumerate(zip(questions, texts))][::-1]
+    answers = [
+        {
+            "question_id": q["question_id"],
+            "prompt": q["text"],
+            "text": t,
+            "answer_id": f"uuid{i}",
+            "model_id": "llava-v1.5-7b",
+            "metadata": {},
+        }
+        for i, (q, t) in enumerate(zip(questions, texts))
+    ][::-1]
     out = tmp_path / "pope.json"
-    main(["eval", "--benchmark", "pope", "--data", str(questions_file),
-          "--predictions", str(_jsonl(tmp_path / "answers.jsonl", answers)), "--out", str(out)])
+    main(
+        [
+            "eval",
+            "--benchmark",
+            "pope",
+            "--data",
+            str(questions_file),
+            "--predictions",
+            str(_jsonl(tmp_path / "answers.jsonl", answers)),
+            "--out",
+            str(out),
+        ]
+    )
     metrics = json.loads(out.read_text())
     assert metrics["counts"] == {"TP": 2, "FP": 1, "TN": 2, "FN": 1}
     assert metrics["accuracy"] == pytest.approx(4 / 6)
@@ -126,8 +148,21 @@ def test_pope_bad_answer_files_stop_with_the_id_or_line(tmp_path: Path) -> None:
 def test_napo_eval_benchmark_refuses_options_of_other_modes(tmp_path: Path) -> None:
     questions_file, _ = _pope_files(tmp_path)
     with pytest.raises(SystemExit, match="--n do not apply"):
-        main(["eval", "--benchmark", "pope", "--data", str(questions_file), "--predictions", "x", "--n", "3",
-              "--out", str(tmp_path / "m.json")])
+        main(
+            [
+                "eval",
+                "--benchmark",
+                "pope",
+                "--data",
+                str(questions_file),
+                "--predictions",
+                "x",
+                "--n",
+                "3",
+                "--out",
+                str(tmp_path / "m.json"),
+            ]
+        )
     with pytest.raises(SystemExit, match="--data need --benchmark"):
         main(["eval", "--model", "m", "--data", str(questions_file)])
     with pytest.raises(SystemExit, match="pass --model .* or --predictions"):
@@ -139,26 +174,66 @@ def test_napo_eval_benchmark_refuses_options_of_other_modes(tmp_path: Path) -> N
 # ----------------------------------------------------------------------------------------------------- CHAIR
 def test_singularize_follows_pattern_en_including_its_quirks() -> None:
     # Values of pattern.en.singularize (pattern 3.6), which the CHAIR reference calls on every token.
-    expected = {"dogs": "dog", "people": "person", "women": "woman", "children": "child", "mice": "mouse",
-                "knives": "knife", "buses": "bus", "benches": "bench", "glasses": "glass", "potatoes": "potato",
-                "sheep": "sheep", "scissors": "scissors", "cookies": "cookies", "mothers-in-law": "mother-in-law",
-                "bus": "bu", "glass": "glas", "ties": "ty", "lice": "louse", "water": "water", "ice": "ice"}
+    expected = {
+        "dogs": "dog",
+        "people": "person",
+        "women": "woman",
+        "children": "child",
+        "mice": "mouse",
+        "knives": "knife",
+        "buses": "bus",
+        "benches": "bench",
+        "glasses": "glass",
+        "potatoes": "potato",
+        "sheep": "sheep",
+        "scissors": "scissors",
+        "cookies": "cookies",
+        "mothers-in-law": "mother-in-law",
+        "bus": "bu",
+        "glass": "glas",
+        "ties": "ty",
+        "lice": "louse",
+        "water": "water",
+        "ice": "ice",
+    }
     assert {w: singularize(w) for w in expected} == expected
 
 
 def test_tokenize_splits_as_nltk_word_tokenize_for_object_words() -> None:
     assert tokenize("a man's hot-dog, two dogs' bowls. it isn't (sofa)...") == [
-        "a", "man", "'s", "hot-dog", ",", "two", "dogs", "'", "bowls", ".", "it", "is", "n't", "(", "sofa", ")", "...",
+        "a",
+        "man",
+        "'s",
+        "hot-dog",
+        ",",
+        "two",
+        "dogs",
+        "'",
+        "bowls",
+        ".",
+        "it",
+        "is",
+        "n't",
+        "(",
+        "sofa",
+        ")",
+        "...",
     ]
 
 
 def test_caption_objects_use_two_word_and_qualifier_rules() -> None:
     assert caption_objects("A baby bird near hot dogs, wine glasses and a teddy bear.") == [
-        ("bird", "bird"), ("hot dog", "hot dog"), ("wine glass", "wine glass"), ("teddy bear", "teddy bear")]
+        ("bird", "bird"),
+        ("hot dog", "hot dog"),
+        ("wine glass", "wine glass"),
+        ("teddy bear", "teddy bear"),
+    ]
     # "seat" is a synonym of chair, but not next to a toilet; "motor bike" is not an object in the reference list.
     assert caption_objects("the seat of the toilet") == [("toilet", "toilet")]
     assert caption_objects("a seat and a motor bike and a motor cycle") == [
-        ("seat", "chair"), ("motor cycle", "motorcycle")]
+        ("seat", "chair"),
+        ("motor cycle", "motorcycle"),
+    ]
 
 
 def _coco(tmp_path: Path) -> tuple[Path, Path]:
@@ -166,13 +241,25 @@ def _coco(tmp_path: Path) -> tuple[Path, Path]:
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
     cid = {n: i + 1 for i, n in enumerate(names)}
     images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (11, 22, 33)]
-    annotations = [{"image_id": im, "category_id": cid[n]} for im, n in
-                   [(11, "person"), (11, "couch"), (11, "person"), (22, "bird"), (33, "toilet"), (33, "person"),
-                    (33, "dining table")]]
-    instances = _json(tmp_path / "instances_val2014.json",
-                      {"images": images, "annotations": annotations, "categories": categories})
-    captions = _json(tmp_path / "captions_val2014.json", {"annotations": [
-        {"image_id": 22, "caption": "A hot dog on a plate."}, {"image_id": 999, "caption": "A dog."}]})
+    annotations = [
+        {"image_id": im, "category_id": cid[n]}
+        for im, n in [
+            (11, "person"),
+            (11, "couch"),
+            (11, "person"),
+            (22, "bird"),
+            (33, "toilet"),
+            (33, "person"),
+            (33, "dining table"),
+        ]
+    ]
+    instances = _json(
+        tmp_path / "instances_val2014.json", {"images": images, "annotations": annotations, "categories": categories}
+    )
+    captions = _json(
+        tmp_path / "captions_val2014.json",
+        {"annotations": [{"image_id": 22, "caption": "A hot dog on a plate."}, {"image_id": 999, "caption": "A dog."}]},
+    )
     return instances, captions
 
 
@@ -191,36 +278,57 @@ def test_chair_on_hand_checked_captions_and_rohrbach_layout(tmp_path: Path) -> N
     assert metrics["chair_s"] == pytest.approx(2 / 3)
     assert metrics["chair_i"] == pytest.approx(3 / 8)  # every occurrence counts: 8 mentions, 3 hallucinated
     assert metrics["recall"] == pytest.approx(5 / 6)  # dining table of image 33 never mentioned
-    assert [s["hallucinated"] for s in metrics["sentences"]] == [[["dog", "dog"], ["dog", "dog"]],
-                                                                [["hot dog", "hot dog"]], []]
+    assert [s["hallucinated"] for s in metrics["sentences"]] == [
+        [["dog", "dog"], ["dog", "dog"]],
+        [["hot dog", "hot dog"]],
+        [],
+    ]
     # With the reference captions as ground truth too, image 22's "hot dog" is no longer hallucinated.
-    with_caps = evaluate(BenchmarkSpec("chair", annotations=[str(instances), str(captions)]),
-                         out=tmp_path / "c2.json", predictions=[str(predictions)])
+    with_caps = evaluate(
+        BenchmarkSpec("chair", annotations=[str(instances), str(captions)]),
+        out=tmp_path / "c2.json",
+        predictions=[str(predictions)],
+    )
     assert with_caps["chair_s"] == pytest.approx(1 / 3) and with_caps["chair_i"] == pytest.approx(2 / 8)
     # The caption file Rohrbach et al.'s chair.py reads ({"overall", "imgToEval"}), same numbers.
-    rohrbach = _json(tmp_path / "fc_beam5_test.json", {"overall": {"CIDEr": 1.0}, "imgToEval": {
-        str(k): {"image_id": k, "caption": v, "CIDEr": 1.0} for k, v in CAPTIONS.items()}})
+    rohrbach = _json(
+        tmp_path / "fc_beam5_test.json",
+        {
+            "overall": {"CIDEr": 1.0},
+            "imgToEval": {str(k): {"image_id": k, "caption": v, "CIDEr": 1.0} for k, v in CAPTIONS.items()},
+        },
+    )
     again = evaluate(spec, out=tmp_path / "c3.json", predictions=[str(rohrbach)])
     assert (again["chair_s"], again["chair_i"]) == (metrics["chair_s"], metrics["chair_i"])
     # A LLaVA-layout caption file numbering its lines as question_id: the image_id decides.
-    numbered = _jsonl(tmp_path / "numbered.jsonl", [{"question_id": i, "image_id": k, "text": v}
-                                                    for i, (k, v) in enumerate(CAPTIONS.items())])
+    numbered = _jsonl(
+        tmp_path / "numbered.jsonl",
+        [{"question_id": i, "image_id": k, "text": v} for i, (k, v) in enumerate(CAPTIONS.items())],
+    )
     again = evaluate(spec, out=tmp_path / "c4.json", predictions=[str(numbered)])
     assert (again["chair_s"], again["chair_i"]) == (metrics["chair_s"], metrics["chair_i"])
 
 
 def test_chair_refuses_captions_of_images_absent_from_the_annotations(tmp_path: Path) -> None:
     instances, _ = _coco(tmp_path)
-    predictions = _jsonl(tmp_path / "caps.jsonl",
-                         [{"image_id": 11, "caption": "a dog"}, {"image_id": 5, "caption": "x"}])
+    predictions = _jsonl(
+        tmp_path / "caps.jsonl", [{"image_id": 11, "caption": "a dog"}, {"image_id": 5, "caption": "x"}]
+    )
     with pytest.raises(ValueError, match=r"caps.jsonl line 2: caption for image 5, which is not in"):
-        evaluate(BenchmarkSpec("chair", annotations=[str(instances)]), out=tmp_path / "m.json",
-                 predictions=[str(predictions)])
-    questions = _jsonl(tmp_path / "q.jsonl",
-                       [{"question_id": 11, "image": "a.jpg"}, {"question_id": 44, "image": "b.jpg"}])
+        evaluate(
+            BenchmarkSpec("chair", annotations=[str(instances)]),
+            out=tmp_path / "m.json",
+            predictions=[str(predictions)],
+        )
+    questions = _jsonl(
+        tmp_path / "q.jsonl", [{"question_id": 11, "image": "a.jpg"}, {"question_id": 44, "image": "b.jpg"}]
+    )
     with pytest.raises(ValueError, match=r"q.jsonl line 2: image 44 is not in the CHAIR annotations"):
-        evaluate(BenchmarkSpec("chair", data=[str(questions)], annotations=[str(instances)]), out=tmp_path / "m.json",
-                 predictions=[str(predictions)])
+        evaluate(
+            BenchmarkSpec("chair", data=[str(questions)], annotations=[str(instances)]),
+            out=tmp_path / "m.json",
+            predictions=[str(predictions)],
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- AMBER
@@ -245,7 +353,9 @@ def test_amber_generative_and_discriminative_by_hand(tmp_path: Path) -> None:
         {"id": 1, "response": "A person walks on the ground under the sky with a dog and a cat."},
         # car: truth; light: a global safe word, never hallucinated.
         {"id": 2, "response": "A car with a light."},
-        {"id": 3, "response": "Yes"}, {"id": 4, "response": "No"}, {"id": 5, "response": "Yes"},
+        {"id": 3, "response": "Yes"},
+        {"id": 4, "response": "No"},
+        {"id": 5, "response": "Yes"},
         {"id": 6, "response": "No."},  # not exactly "No": neither answer, as the reference reads it
         {"id": 7, "response": "No"},
     ]
@@ -284,13 +394,23 @@ def test_amber_refuses_ids_outside_its_annotations(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- VLind
 def _vlind(tmp_path: Path) -> Path:
     def instance(concept: str, votes: dict[str, int]) -> dict:
-        return {"concept": concept, "context_id": 0, "context": "lemons are blue",
-                "factual_context": "lemons are yellow",
-                "true_statement": "The lemon is blue.", "false_statement": "The lemon is yellow.",
-                "existent_noun": "a lemon", "non-existent_noun": "a dog", "best_img_id": 0,
-                "aggregated_human_label_good_images": votes}
-    return _json(tmp_path / "data.json", [instance("color", {"0": 3, "1": 2, "2": 1}), instance("size", {"0": 3}),
-                                          instance("taste", {"0": 1})])  # the third: no good image, left out
+        return {
+            "concept": concept,
+            "context_id": 0,
+            "context": "lemons are blue",
+            "factual_context": "lemons are yellow",
+            "true_statement": "The lemon is blue.",
+            "false_statement": "The lemon is yellow.",
+            "existent_noun": "a lemon",
+            "non-existent_noun": "a dog",
+            "best_img_id": 0,
+            "aggregated_human_label_good_images": votes,
+        }
+
+    return _json(
+        tmp_path / "data.json",
+        [instance("color", {"0": 3, "1": 2, "2": 1}), instance("size", {"0": 3}), instance("taste", {"0": 1})],
+    )  # the third: no good image, left out
 
 
 def test_vlind_pipeline_scores_by_hand(tmp_path: Path) -> None:
@@ -298,14 +418,30 @@ def test_vlind_pipeline_scores_by_hand(tmp_path: Path) -> None:
     t, f = "True.", "false"
     answers = {
         # instance 0: CK pass, VP pass, CB pass; d on images 0 and 1: pass, prior (False/True).
-        "0/a1": t, "0/a2": f, "0/b1": t, "0/b2": f, "0/c1": t, "0/c2": f,
-        "0/d1/0": t, "0/d2/0": f, "0/d1/1": "False, it is yellow", "0/d2/1": "It is true",
+        "0/a1": t,
+        "0/a2": f,
+        "0/b1": t,
+        "0/b2": f,
+        "0/c1": t,
+        "0/c2": f,
+        "0/d1/0": t,
+        "0/d2/0": f,
+        "0/d1/1": "False, it is yellow",
+        "0/d2/1": "It is true",
         # instance 1: CK fails, so CB fails though c is right; VP pass; d: unparsed -> not a pass, not the prior.
-        "1/a1": f, "1/a2": f, "1/b1": t, "1/b2": f, "1/c1": t, "1/c2": f, "1/d1/0": "maybe", "1/d2/0": f,
+        "1/a1": f,
+        "1/a2": f,
+        "1/b1": t,
+        "1/b2": f,
+        "1/c1": t,
+        "1/c2": f,
+        "1/d1/0": "maybe",
+        "1/d2/0": f,
     }
     predictions = _jsonl(tmp_path / "a.jsonl", [{"question_id": k, "text": v} for k, v in answers.items()])
-    metrics = evaluate(BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v.json",
-                       predictions=[str(predictions)])
+    metrics = evaluate(
+        BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v.json", predictions=[str(predictions)]
+    )
     assert metrics["instances"] == 2
     assert metrics["commonsense_knowledge"] == 0.5 and metrics["visual_perception"] == 1.0
     assert metrics["commonsense_bias"] == 1.0  # c passes among a passes: 1 / 1
@@ -317,16 +453,24 @@ def test_vlind_pipeline_scores_by_hand(tmp_path: Path) -> None:
     # The same answers in the file VLind-Bench's own eval/instructblip_eval.py writes: data.json + "<model>_pred_*".
     written = json.loads(data.read_text())
     for i, item in enumerate(written[:2]):
-        for test, field in [("a1", "a1_image"), ("a2", "a2_image"), ("b1", "b1"), ("b2", "b2"), ("c1", "c1_image"),
-                            ("c2", "c2_image")]:
+        for test, field in [
+            ("a1", "a1_image"),
+            ("a2", "a2_image"),
+            ("b1", "b1"),
+            ("b2", "b2"),
+            ("c1", "c1_image"),
+            ("c2", "c2_image"),
+        ]:
             item[f"instructblip_pred_{field}"] = {"response": answers[f"{i}/{test}"]}
         for test in ("d1", "d2"):
-            item[f"instructblip_pred_{test}"] = {k.rsplit("/", 1)[1]: {"response": v} for k, v in answers.items()
-                                                 if k.startswith(f"{i}/{test}/")}
+            item[f"instructblip_pred_{test}"] = {
+                k.rsplit("/", 1)[1]: {"response": v} for k, v in answers.items() if k.startswith(f"{i}/{test}/")
+            }
     reference = _json(tmp_path / "data_instructblip_7b.json", written)
     again = evaluate(BenchmarkSpec("vlind", data=[str(data)]), out=tmp_path / "v2.json", predictions=[str(reference)])
     assert {k: again[k] for k in metrics if k not in ("answers", "coverage")} == {
-        k: metrics[k] for k in metrics if k not in ("answers", "coverage")}
+        k: metrics[k] for k in metrics if k not in ("answers", "coverage")
+    }
 
 
 def test_vlind_questions_use_the_reference_prompts_and_image_paths(tmp_path: Path) -> None:
@@ -336,33 +480,49 @@ def test_vlind_questions_use_the_reference_prompts_and_image_paths(tmp_path: Pat
     by_id = {q.question_id: q for q in questions}
     assert [i["index"] for i in instances] == [0, 1]
     # instructblip_eval.py: prompt(false_statement, 'commonsense_TF_reversed') on the factual image.
-    assert by_id["0/a1"].text == ("Only respond in True or False.\nStatement: The lemon is yellow.\n"
-                                  "Based on common sense, is the given statement true or false?")
+    assert by_id["0/a1"].text == (
+        "Only respond in True or False.\nStatement: The lemon is yellow.\n"
+        "Based on common sense, is the given statement true or false?"
+    )
     assert by_id["0/a1"].image == "factual/color/0_lemons are yellow/0.jpg"
     assert by_id["0/b2"].text.startswith(
-        "Only respond in True or False.\nStatement: There is a dog in the given image.")
-    assert by_id["0/c1"].text == ("Only respond in True or False.\nContext: lemons are blue\nStatement: The lemon is "
-                                  "blue.\nBased on the context, is the given statement true or false?")
+        "Only respond in True or False.\nStatement: There is a dog in the given image."
+    )
+    assert by_id["0/c1"].text == (
+        "Only respond in True or False.\nContext: lemons are blue\nStatement: The lemon is "
+        "blue.\nBased on the context, is the given statement true or false?"
+    )
     assert by_id["0/d2/1"].image == "counterfactual/color/0_lemons are blue/1.jpg"
     assert "0/d1/2" not in by_id  # image 2 has 1 vote, under the threshold of 2
     gpt4o = {q.question_id: q for q in load_vlind(tmp_path / "data.json", "gpt4o")[0]}
-    assert gpt4o["0/d1/0"].text == ("Statement: The lemon is blue.\nBased on the image, is the given statement true or "
-                                    "false? Forget real-world common sense and just follow the information provided in "
-                                    "the image. Only respond in True or False.")
+    assert gpt4o["0/d1/0"].text == (
+        "Statement: The lemon is blue.\nBased on the image, is the given statement true or "
+        "false? Forget real-world common sense and just follow the information provided in "
+        "the image. Only respond in True or False."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- compare
 def test_parse_eval_spec_and_flat_metrics(tmp_path: Path) -> None:
-    specs = parse_eval_spec("pope=a/coco_pope_random.json,pope=a/coco_pope_popular.json,"
-                            "amber=q.json,amber.annotations=ann.json,amber.image_dir=imgs")
+    specs = parse_eval_spec(
+        "pope=a/coco_pope_random.json,pope=a/coco_pope_popular.json,"
+        "amber=q.json,amber.annotations=ann.json,amber.image_dir=imgs"
+    )
     assert specs["pope"].data == ["a/coco_pope_random.json", "a/coco_pope_popular.json"]
     assert specs["pope"].image_dir == "a" and specs["amber"].annotations == ["ann.json"]
     with pytest.raises(ValueError, match="benchmark 'mmhal'"):
         parse_eval_spec("mmhal=x.json")
     with pytest.raises(ValueError, match="option 'folder'"):
         parse_eval_spec("pope=x.json,pope.folder=y")
-    flat = flat_metrics("amber", {"generative": {"chair": 0.1, "n": 3}, "discriminative": {"all": {"f1": 0.5}},
-                                  "coverage": {"fraction": 1.0}, "reference_printout": {"CHAIR": 10.0}})
+    flat = flat_metrics(
+        "amber",
+        {
+            "generative": {"chair": 0.1, "n": 3},
+            "discriminative": {"all": {"f1": 0.5}},
+            "coverage": {"fraction": 1.0},
+            "reference_printout": {"CHAIR": 10.0},
+        },
+    )
     assert flat == {"amber/generative/chair": 0.1, "amber/discriminative/all/f1": 0.5}
 
 
@@ -389,16 +549,32 @@ def _random_images(folder: Path, names: list[str]) -> Path:
     return folder
 
 
-def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_llava(tiny_llava: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_llava(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
     import numpy as np
 
     questions_file, questions = _pope_files(tmp_path)
     images = _random_images(tmp_path / "val2014", [q["image"] for q in questions])
     out = tmp_path / "results" / "pope.json"
-    command = ["eval", "--benchmark", "pope", "--model", str(tiny_llava), "--data", str(questions_file),
-               "--image-dir", str(images), "--out", str(out), "--batch-size", "4", "--max-new-tokens", "4",
-               "--no-progress"]
+    command = [
+        "eval",
+        "--benchmark",
+        "pope",
+        "--model",
+        str(tiny_llava),
+        "--data",
+        str(questions_file),
+        "--image-dir",
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
     main(command)
     answer_file = tmp_path / "results" / "pope.answers.jsonl"
     lines = [json.loads(line) for line in answer_file.read_text().splitlines()]
@@ -407,8 +583,9 @@ def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_lla
     assert [a["prompt"] for a in lines] == [q["text"] for q in questions]
     metrics = json.loads(out.read_text())
     # The metrics are those of the answers written, by the reference rule transcribed here.
-    said_yes = [not any(w in ("No", "not", "no") for w in a["text"].split(".")[0].replace(",", "").split(" "))
-                for a in lines]
+    said_yes = [
+        not any(w in ("No", "not", "no") for w in a["text"].split(".")[0].replace(",", "").split(" ")) for a in lines
+    ]
     is_yes = [q["label"] == "yes" for q in questions]
     assert metrics["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(said_yes, is_yes)]))
     assert metrics["yes_ratio"] == pytest.approx(np.mean(said_yes))
@@ -426,20 +603,47 @@ def test_napo_eval_pope_generates_resumable_llava_layout_answers_with_a_tiny_lla
         main(command)
 
 
-def test_napo_eval_chair_captions_the_images_of_the_annotations_with_a_tiny_llava(tiny_llava: Path,
-                                                                                  tmp_path: Path) -> None:
+def test_napo_eval_chair_captions_the_images_of_the_annotations_with_a_tiny_llava(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
     instances, _ = _coco(tmp_path)
     images = _random_images(tmp_path / "val2014", [f"COCO_val2014_{i:012d}.jpg" for i in (11, 22, 33)])
     out = tmp_path / "chair.json"
-    main(["eval", "--benchmark", "chair", "--model", str(tiny_llava), "--annotations", str(instances),
-          "--image-dir", str(images), "--out", str(out), "--max-new-tokens", "6", "--prompt", "Describe it.",
-          "--no-progress"])
+    main(
+        [
+            "eval",
+            "--benchmark",
+            "chair",
+            "--model",
+            str(tiny_llava),
+            "--annotations",
+            str(instances),
+            "--image-dir",
+            str(images),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "6",
+            "--prompt",
+            "Describe it.",
+            "--no-progress",
+        ]
+    )
     answers = [json.loads(line) for line in (tmp_path / "chair.answers.jsonl").read_text().splitlines()]
-    assert [(a["question_id"], a["prompt"]) for a in answers] == [(11, "Describe it."), (22, "Describe it."),
-                                                                  (33, "Describe it.")]
+    assert [(a["question_id"], a["prompt"]) for a in answers] == [
+        (11, "Describe it."),
+        (22, "Describe it."),
+        (33, "Describe it."),
+    ]
     metrics = json.loads(out.read_text())
-    rescored = evaluate(BenchmarkSpec("chair", annotations=[str(instances)]), out=tmp_path / "re.json",
-                        predictions=[str(tmp_path / "chair.answers.jsonl")])
+    rescored = evaluate(
+        BenchmarkSpec("chair", annotations=[str(instances)]),
+        out=tmp_path / "re.json",
+        predictions=[str(tmp_path / "chair.answers.jsonl")],
+    )
     assert [s["caption"] for s in metrics["sentences"]] == [a["text"] for a in answers]
     assert (metrics["chair_s"], metrics["chair_i"], metrics["recall"]) == (
-        rescored["chair_s"], rescored["chair_i"], rescored["recall"])
+        rescored["chair_s"],
+        rescored["chair_i"],
+        rescored["recall"],
+    )

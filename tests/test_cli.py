@@ -17,6 +17,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_model  # tests/conftest.py
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -25,11 +26,24 @@ from napo.config import NaPOConfig
 from napo.jobs import LOCK_NAME, output_lock
 from napo.pairs import PairsConfig
 from napo.train import TrainArguments
-from conftest import save_tiny_model  # tests/conftest.py
 
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
-QUICK = ["--per_device_train_batch_size", "2", "--gradient_checkpointing", "false", "--use_cpu", "true",
-         "--report_to", "none", "--logging_steps", "1", "--seed", "0", "--learning_rate", "1e-3"]
+QUICK = [
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +57,15 @@ def llava(tmp_path_factory) -> Path:
 
 
 def text_pairs(folder: Path, n: int = 8, name: str = "pairs.jsonl", shift: int = 0) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
-             "chosen": COLOURS[(i + shift) % 6], "rejected_language_bias": COLOURS[(i + 1) % 6],
-             "rejected_vision_bias": f"{COLOURS[(i + 2) % 6]} cat"} for i in range(n)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
+            "chosen": COLOURS[(i + shift) % 6],
+            "rejected_language_bias": COLOURS[(i + 1) % 6],
+            "rejected_vision_bias": f"{COLOURS[(i + 2) % 6]} cat",
+        }
+        for i in range(n)
+    ]
     path = folder / name
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -58,8 +78,16 @@ def image_source(folder: Path, n: int = 4) -> Path:
         pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
         content = [{"type": "image"}, {"type": "text", "text": "what colour?"}]
-        lines.append(json.dumps({"prompt": [{"role": "user", "content": content}], "images": [f"img/{i}.png"],
-                                 "chosen": f"colour {i}", "answer": f"colour {i}"}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": content}],
+                    "images": [f"img/{i}.png"],
+                    "chosen": f"colour {i}",
+                    "answer": f"colour {i}",
+                }
+            )
+        )
     path = folder / "source.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -79,8 +107,22 @@ def failure(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 def test_output_dir_is_where_the_model_goes_under_either_spelling(text_model, tmp_path, monkeypatch, capsys, spelling):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "here"
-    main(["train", "--dataset_name", str(text_pairs(tmp_path)), "--model_name_or_path", str(text_model), spelling,
-          str(out), "--max_steps", "1", "--save_strategy", "no", *QUICK])
+    main(
+        [
+            "train",
+            "--dataset_name",
+            str(text_pairs(tmp_path)),
+            "--model_name_or_path",
+            str(text_model),
+            spelling,
+            str(out),
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *QUICK,
+        ]
+    )
     assert (out / "model.safetensors").exists() and (out / "log_history.json").exists()
     assert not (tmp_path / "outputs").exists()  # the old CLI wrote to outputs/napo-train whatever was asked
     printed = capsys.readouterr().out
@@ -89,10 +131,11 @@ def test_output_dir_is_where_the_model_goes_under_either_spelling(text_model, tm
 
 def test_config_file_sets_any_field_and_the_command_line_overrides_it(tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(textwrap.dedent(f"""
-        dataset_name: {tmp_path / 'data.jsonl'}
+    config.write_text(
+        textwrap.dedent(f"""
+        dataset_name: {tmp_path / "data.jsonl"}
         model_name_or_path: some/model
-        output_dir: {tmp_path / 'from-file'}
+        output_dir: {tmp_path / "from-file"}
         learning_rate: 1e-3        # YAML reads this as a string: converted as the flag would be
         max_steps: 10
         objective: dpo
@@ -102,7 +145,8 @@ def test_config_file_sets_any_field_and_the_command_line_overrides_it(tmp_path):
         lora_r: 4
         lora_target_modules: [q_proj, v_proj]
         report_to: none
-    """))
+    """)
+    )
     invocation = parse_command(["train", "--config", str(config), "--max_steps", "3", "--beta", "0.2"])
     job, training = invocation[TrainArguments], invocation[NaPOConfig]
     assert training.learning_rate == 1e-3 and training.objective == "dpo"
@@ -114,21 +158,53 @@ def test_config_file_sets_any_field_and_the_command_line_overrides_it(tmp_path):
     assert job.peft_config().lora_alpha == 8  # 2 × r
 
     pairs_config = tmp_path / "pairs.yaml"
-    pairs_config.write_text("source: s.jsonl\nmodel: m\noutput_dir: o\nbatch_size: 2\n"
-                            "negatives: {rejected_language_bias: image.drop}\n")
-    invocation = parse_command(["pairs", "--config", str(pairs_config), "--negative",
-                                "rejected_vision_bias=text.drop_question(prompt='a=b')", "--allow-pickle"])
-    assert invocation[PairsConfig].negatives == {"rejected_language_bias": "image.drop",
-                                                 "rejected_vision_bias": "text.drop_question(prompt='a=b')"}
+    pairs_config.write_text(
+        "source: s.jsonl\nmodel: m\noutput_dir: o\nbatch_size: 2\nnegatives: {rejected_language_bias: image.drop}\n"
+    )
+    invocation = parse_command(
+        [
+            "pairs",
+            "--config",
+            str(pairs_config),
+            "--negative",
+            "rejected_vision_bias=text.drop_question(prompt='a=b')",
+            "--allow-pickle",
+        ]
+    )
+    assert invocation[PairsConfig].negatives == {
+        "rejected_language_bias": "image.drop",
+        "rejected_vision_bias": "text.drop_question(prompt='a=b')",
+    }
     assert invocation[PairsConfig].batch_size == 2 and invocation[PairsJob].allow_pickle
     assert parse_command(["eval", "--model_name_or_path", "m", "--dataset_name", "d"])[EvalArguments].dataset == "d"
 
 
 def test_trl_model_and_lora_spellings_reach_the_adapter(text_model, tmp_path):
     out = tmp_path / "lora"
-    main(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir", str(out),
-          "--use_peft", "--lora_r", "4", "--lora_alpha", "16", "--lora_target_modules", "q_proj", "v_proj",
-          "--max_steps", "1", "--save_strategy", "no", *QUICK])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(out),
+            "--use_peft",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "16",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *QUICK,
+        ]
+    )
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 16
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
@@ -136,13 +212,16 @@ def test_trl_model_and_lora_spellings_reach_the_adapter(text_model, tmp_path):
     assert weights and all("q_proj" in name or "v_proj" in name for name in weights)
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ("lerning_rate: 1e-3\n", "lerning_rate (did you mean learning_rate?)"),
-    ("max_steps: ten\n", "max_steps"),
-    ("lr_scheduler_type: sometimes\n", "lr_scheduler_type"),
-    ("- a list\n", "expected a mapping"),
-    ("a: [unclosed\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("lerning_rate: 1e-3\n", "lerning_rate (did you mean learning_rate?)"),
+        ("max_steps: ten\n", "max_steps"),
+        ("lr_scheduler_type: sometimes\n", "lr_scheduler_type"),
+        ("- a list\n", "expected a mapping"),
+        ("a: [unclosed\n", "not valid YAML"),
+    ],
+)
 def test_a_bad_config_file_is_exit_2_naming_the_key(tmp_path, capsys, bad, expected):
     config = tmp_path / "run.yaml"
     config.write_text(bad)
@@ -175,17 +254,37 @@ def test_every_option_of_every_command_has_a_help_line_and_a_default(capsys):
                 continue
             assert action.help, f"napo {name} {action.option_strings}: no help line"
             shown = parser._get_formatter()._get_help_string(action)
-            assert any(word in shown for word in ("(default: ", "(required)", "None:", "default")), \
+            assert any(word in shown for word in ("(default: ", "(required)", "None:", "default")), (
                 f"napo {name} {action.option_strings}: no default shown in {shown!r}"
+            )
         parser.format_help()  # a '%' in a help line would raise here
 
 
 # ------------------------------------------------------------------------------------------ evaluation split
 def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys):
     out = tmp_path / "eval"
-    main(["train", "--dataset", str(text_pairs(tmp_path, n=8)), "--model", str(text_model), "--output_dir", str(out),
-          "--eval_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "2",
-          "--save_strategy", "no", *QUICK])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path, n=8)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(out),
+            "--eval_split",
+            "0.25",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            *QUICK,
+        ]
+    )
     history = json.loads((out / "log_history.json").read_text())
     evaluated = [h for h in history if "eval_loss" in h]
     assert [h["step"] for h in evaluated] == [1, 2]
@@ -195,14 +294,45 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
     assert f"eval_metrics: {out / 'eval_results.json'}" in capsys.readouterr().out
 
     separate = tmp_path / "separate"
-    main(["train", "--dataset", str(text_pairs(tmp_path, n=6)), "--model", str(text_model),
-          "--output_dir", str(separate),
-          "--eval_dataset", str(text_pairs(tmp_path, n=2, name="eval.jsonl")), "--eval_strategy", "steps",
-          "--eval_steps", "1", "--max_steps", "1", "--save_strategy", "no", *QUICK])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path, n=6)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(separate),
+            "--eval_dataset",
+            str(text_pairs(tmp_path, n=2, name="eval.jsonl")),
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *QUICK,
+        ]
+    )
     assert (separate / "eval_results.json").exists()
 
-    code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir",
-                         str(tmp_path / "none"), "--eval_strategy", "steps", *QUICK], capsys)
+    code, err = failure(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(tmp_path / "none"),
+            "--eval_strategy",
+            "steps",
+            *QUICK,
+        ],
+        capsys,
+    )
     assert code == 3 and "--eval_dataset" in err and "--eval_split" in err
     assert not (tmp_path / "none").exists()
 
@@ -215,8 +345,9 @@ def test_resume_refuses_another_dataset_or_learning_rate_unless_told(text_model,
     main([*common, "--dataset", str(data), "--max_steps", "2"])
     assert (out / "checkpoint-2" / "napo_job.json").exists()
 
-    code, err = failure([*common, "--dataset", str(data), "--max_steps", "2", "--resume", "--learning_rate", "5e-4"],
-                        capsys)
+    code, err = failure(
+        [*common, "--dataset", str(data), "--max_steps", "2", "--resume", "--learning_rate", "5e-4"], capsys
+    )
     assert code == 3 and "learning_rate: 0.001 -> 0.0005" in err and "--resume-anyway" in err
     other = text_pairs(tmp_path, n=8, name="other.jsonl", shift=1)
     code, err = failure([*common, "--dataset", str(other), "--max_steps", "2", "--resume"], capsys)
@@ -235,8 +366,26 @@ def test_resume_refuses_another_dataset_or_learning_rate_unless_told(text_model,
 def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(text_model, tmp_path):
     data = text_pairs(tmp_path)
     out = tmp_path / "card"
-    main(["train", "--dataset", str(data), "--model", str(text_model), "--output_dir", str(out), "--max_steps", "1",
-          "--save_strategy", "no", "--objective", "napo", "--q", "official", *QUICK])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(data),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            "--objective",
+            "napo",
+            "--q",
+            "official",
+            *QUICK,
+        ]
+    )
     card = (out / "README.md").read_text()
     front = card.split("---\n")[1]
     assert f"base_model: {text_model}" in front and "napo" in front
@@ -252,8 +401,23 @@ def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tm
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         pytest.skip("tensorboard is installed here")
-    code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir",
-                         str(tmp_path / "tb"), "--max_steps", "1", *QUICK, "--report_to", "tensorboard"], capsys)
+    code, err = failure(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(tmp_path / "tb"),
+            "--max_steps",
+            "1",
+            *QUICK,
+            "--report_to",
+            "tensorboard",
+        ],
+        capsys,
+    )
     assert code == 3 and "napo[track]" in err and "--report_to none" in err
     assert not (tmp_path / "tb").exists()
 
@@ -261,38 +425,111 @@ def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tm
 def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
     # napo loads the model itself, so TRL's model_init_kwargs must reach that load, not be dropped.
     out = tmp_path / "half"
-    main(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir", str(out),
-          "--max_steps", "1", "--save_strategy", "no", *QUICK, "--model_init_kwargs", '{"dtype": "float64"}'])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--save_strategy",
+            "no",
+            *QUICK,
+            "--model_init_kwargs",
+            '{"dtype": "float64"}',
+        ]
+    )
     from transformers import AutoConfig
 
     assert str(AutoConfig.from_pretrained(out).dtype) in ("float64", "torch.float64")
-    code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir",
-                         str(tmp_path / "bad"), "--max_steps", "1", *QUICK,
-                         "--model_init_kwargs", '{"low_cpu_mem_usage": true}'], capsys)
+    code, err = failure(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(tmp_path / "bad"),
+            "--max_steps",
+            "1",
+            *QUICK,
+            "--model_init_kwargs",
+            '{"low_cpu_mem_usage": true}',
+        ],
+        capsys,
+    )
     assert code == 3 and "low_cpu_mem_usage" in err
 
 
 # ---------------------------------------------------------------------------------------------- error boundary
 def test_an_unmakeable_output_folder_is_exit_4(text_model, tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model), "--output_dir",
-                         str(tmp_path / "file" / "out"), *QUICK], capsys)
+    code, err = failure(
+        [
+            "train",
+            "--dataset",
+            str(text_pairs(tmp_path)),
+            "--model",
+            str(text_model),
+            "--output_dir",
+            str(tmp_path / "file" / "out"),
+            *QUICK,
+        ],
+        capsys,
+    )
     assert code == 4 and "a file of that name is in the way" in err
 
 
 def test_a_busy_output_folder_is_exit_5_naming_the_holder(text_model, tmp_path, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys\nfrom napo.jobs import output_lock\n"
-         "with output_lock(sys.argv[1], command='napo pairs (first job)'):\n"
-         "    print('locked', flush=True); sys.stdin.read()", str(tmp_path / "out")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom napo.jobs import output_lock\n"
+            "with output_lock(sys.argv[1], command='napo pairs (first job)'):\n"
+            "    print('locked', flush=True); sys.stdin.read()",
+            str(tmp_path / "out"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, err = failure(["train", "--dataset", str(text_pairs(tmp_path)), "--model", str(text_model),
-                             "--output_dir", str(tmp_path / "out"), *QUICK], capsys)
+        code, err = failure(
+            [
+                "train",
+                "--dataset",
+                str(text_pairs(tmp_path)),
+                "--model",
+                str(text_model),
+                "--output_dir",
+                str(tmp_path / "out"),
+                *QUICK,
+            ],
+            capsys,
+        )
         assert code == 5 and f"pid {holder.pid}" in err and "first job" in err
-        code, err = failure(["pairs", "--source", "s.jsonl", "--model", "m", "--output_dir", str(tmp_path / "out"),
-                             "--overwrite", "--batch_size", "1"], capsys)
+        code, err = failure(
+            [
+                "pairs",
+                "--source",
+                "s.jsonl",
+                "--model",
+                "m",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--overwrite",
+                "--batch_size",
+                "1",
+            ],
+            capsys,
+        )
         assert code == 5 and f"pid {holder.pid}" in err
     finally:
         holder.stdin.close()
@@ -303,8 +540,20 @@ def test_a_busy_output_folder_is_exit_5_naming_the_holder(text_model, tmp_path, 
 def test_full_disk_in_pairs_is_exit_4_leaves_no_temp_file_and_resumes(llava, tmp_path, capsys, monkeypatch):
     source = image_source(tmp_path)
     out = tmp_path / "pairs"
-    args = ["pairs", "--source", str(source), "--model", str(llava), "--output_dir", str(out), "--max_new_tokens", "3",
-            "--shard_size", "2", "--no_progress"]
+    args = [
+        "pairs",
+        "--source",
+        str(source),
+        "--model",
+        str(llava),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "3",
+        "--shard_size",
+        "2",
+        "--no_progress",
+    ]
     real_to_parquet = datasets.Dataset.to_parquet
 
     def disk_fills_up(self, path, *a, **k):  # the disk fills up half-way through the final parquet write
@@ -329,8 +578,18 @@ def test_pairs_accepts_the_allow_pickle_it_suggests(llava, tmp_path, capsys):
         if item.suffix != ".safetensors":
             (pickled / item.name).write_bytes(item.read_bytes())
     torch.save(load_file(llava / "model.safetensors"), pickled / "pytorch_model.bin")
-    args = ["pairs", "--source", str(image_source(tmp_path, n=2)), "--model", str(pickled), "--output_dir",
-            str(tmp_path / "out"), "--max_new_tokens", "2", "--no_progress"]
+    args = [
+        "pairs",
+        "--source",
+        str(image_source(tmp_path, n=2)),
+        "--model",
+        str(pickled),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_new_tokens",
+        "2",
+        "--no_progress",
+    ]
     code, err = failure(args, capsys)
     assert code == 3 and "--allow-pickle" in err and "pairs" in err
     main([*args, "--allow-pickle"])
@@ -366,12 +625,25 @@ STALLING_PAIRS = textwrap.dedent("""
 def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp_path, capsys):
     source = image_source(tmp_path)
     out = tmp_path / "pairs"
-    args = ["pairs", "--source", str(source), "--model", str(llava), "--output_dir", str(out), "--max_new_tokens", "3",
-            "--shard_size", "2", "--no_progress"]
+    args = [
+        "pairs",
+        "--source",
+        str(source),
+        "--model",
+        str(llava),
+        "--output_dir",
+        str(out),
+        "--max_new_tokens",
+        "3",
+        "--shard_size",
+        "2",
+        "--no_progress",
+    ]
     for debug in ([], ["--debug"]):
         stalled = tmp_path / f"stalled{len(debug)}"
-        process = subprocess.Popen([sys.executable, "-c", STALLING_PAIRS, *args, *debug, str(stalled)],
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-c", STALLING_PAIRS, *args, *debug, str(stalled)], stderr=subprocess.PIPE, text=True
+        )
         deadline = time.monotonic() + 240
         while not stalled.exists():
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
@@ -389,8 +661,21 @@ def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp
 
 def test_napo_eval_shows_progress_and_reports_bad_input_cleanly(llava, tmp_path, capsys):
     source = image_source(tmp_path, n=3)
-    main(["eval", "--model", str(llava), "--dataset", str(source), "--out", str(tmp_path / "m" / "metrics.json"),
-          "--max_new_tokens", "2", "--batch_size", "2"])
+    main(
+        [
+            "eval",
+            "--model",
+            str(llava),
+            "--dataset",
+            str(source),
+            "--out",
+            str(tmp_path / "m" / "metrics.json"),
+            "--max_new_tokens",
+            "2",
+            "--batch_size",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert "21/21" in captured.err  # 7 passes over 3 rows
     metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
@@ -412,8 +697,10 @@ def test_napo_eval_shows_progress_and_reports_bad_input_cleanly(llava, tmp_path,
 def test_a_failed_first_run_leaves_no_output_folder(text_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": 42, "rejected": "a"}) + "\n")
-    code, _ = failure(["train", "--dataset", str(bad), "--model", str(text_model), "--output_dir", str(tmp_path / "o"),
-                       *QUICK], capsys)
+    code, _ = failure(
+        ["train", "--dataset", str(bad), "--model", str(text_model), "--output_dir", str(tmp_path / "o"), *QUICK],
+        capsys,
+    )
     assert code == 3 and not (tmp_path / "o").exists()
     os.makedirs(tmp_path / "kept")
     with output_lock(tmp_path / "kept"):

@@ -43,8 +43,15 @@ def user_setup(tmp_path_factory):
 def user_config(user_setup, out, **overrides) -> CompareConfig:
     dataset, model = user_setup
     settings = dict(
-        output_dir=str(out), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.4], seeds=[0],
-        dataset=dataset, model=model, holdout=0.25, max_steps=3, workers=1,
+        output_dir=str(out),
+        objectives=["dpo", "napo-paper"],
+        noise_rates=[0.0, 0.4],
+        seeds=[0],
+        dataset=dataset,
+        model=model,
+        holdout=0.25,
+        max_steps=3,
+        workers=1,
         train={"per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 1e-3},
     )
     settings.update(overrides)
@@ -77,7 +84,11 @@ def recompute_from_jsonl(path) -> dict[tuple, tuple[float, float, int]]:
         for metric, value in values.items():
             groups[(row["objective"], row["noise_rate"], metric)].append(value)
     return {
-        key: (sum(v) / len(v), math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan, len(v))
+        key: (
+            sum(v) / len(v),
+            math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan,
+            len(v),
+        )
         for key, v in groups.items()
     }
 
@@ -159,7 +170,8 @@ def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, 
     stats = run_compare(config, progress=False)
     assert count_cells == ["napo-paper/noise=0.4/seed=0"] and stats["cells_failed"] == 0
     assert sorted(r["key"] for r in read_results(tmp_path / "run" / "results.jsonl")) == [
-        "dpo/noise=0.4/seed=0", "napo-paper/noise=0.4/seed=0"
+        "dpo/noise=0.4/seed=0",
+        "napo-paper/noise=0.4/seed=0",
     ]
 
 
@@ -178,11 +190,32 @@ def test_pair_margins_match_the_trainer(tmp_path):
 
     same = pair_margins(reference, copy.deepcopy(reference), tokenizer, pairs, beta=0.1, work_dir=tmp_path / "a")
     assert np.allclose(same["margin"], 0.0, atol=1e-5)
-    scored = pair_margins(copy.deepcopy(policy), copy.deepcopy(reference), tokenizer, pairs, beta=0.1, work_dir=tmp_path / "b", batch_size=5)
+    scored = pair_margins(
+        copy.deepcopy(policy),
+        copy.deepcopy(reference),
+        tokenizer,
+        pairs,
+        beta=0.1,
+        work_dir=tmp_path / "b",
+        batch_size=5,
+    )
     assert scored["margin"].shape == (12,) and sorted(np.flatnonzero(scored["noisy"]).tolist()) == flipped
 
-    args = NaPOConfig(output_dir=str(tmp_path / "t"), objective="dpo", beta=0.1, report_to="none", use_cpu=True, gradient_checkpointing=False)
-    trainer = NaPOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args, train_dataset=pairs, processing_class=tokenizer)
+    args = NaPOConfig(
+        output_dir=str(tmp_path / "t"),
+        objective="dpo",
+        beta=0.1,
+        report_to="none",
+        use_cpu=True,
+        gradient_checkpointing=False,
+    )
+    trainer = NaPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+    )
     trainer.model.eval()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(12)]))
     with torch.no_grad():
@@ -196,8 +229,14 @@ def test_lab_quick_grid_end_to_end(tmp_path):
     """2 objectives x annotator noise 0.3 x 2 replicates on the quick bias lab, each replicate with its own SFT model
     and pairs, with its bias metrics and ground-truth pair labels; two worker processes."""
     config = CompareConfig(
-        output_dir=str(tmp_path / "lab"), objectives=["dpo", "napo-paper"], noise_rates=[0.3], seeds=[0, 1],
-        noise_kind="annotator", quick=True, eval_n=16, workers=2,
+        output_dir=str(tmp_path / "lab"),
+        objectives=["dpo", "napo-paper"],
+        noise_rates=[0.3],
+        seeds=[0, 1],
+        noise_kind="annotator",
+        quick=True,
+        eval_n=16,
+        workers=2,
     )
     stats = run_compare(config, progress=False)
     assert stats["cells_run"] == 4 and stats["cells_failed"] == 0, (tmp_path / "lab" / "errors.jsonl").read_text()
@@ -257,13 +296,19 @@ def test_torn_last_line_is_ignored(tmp_path):
 
 
 def test_q_trajectory_per_type():
-    history = [{"step": 10, "language_bias/q": 0.5, "vision_bias/q": 0.9, "loss": 1.0}, {"step": 20, "language_bias/q": 0.4}, {"step": 20, "train_runtime": 3.0}]
+    history = [
+        {"step": 10, "language_bias/q": 0.5, "vision_bias/q": 0.9, "loss": 1.0},
+        {"step": 20, "language_bias/q": 0.4},
+        {"step": 20, "train_runtime": 3.0},
+    ]
     assert compare.q_trajectory(history) == {"language_bias": [[10, 0.5], [20, 0.4]], "vision_bias": [[10, 0.9]]}
 
 
 def test_cli_recipe_and_flags(tmp_path, monkeypatch):
     recipe = tmp_path / "grid.yaml"
-    recipe.write_text("objectives: [dpo, napo-paper]\nnoise_rates: [0.0, 0.1]\nseeds: [0, 1, 2]\ntrain: {learning_rate: 0.001}\n")
+    recipe.write_text(
+        "objectives: [dpo, napo-paper]\nnoise_rates: [0.0, 0.1]\nseeds: [0, 1, 2]\ntrain: {learning_rate: 0.001}\n"
+    )
     seen = {}
 
     def fake_run(config, *, command, progress):
@@ -271,7 +316,20 @@ def test_cli_recipe_and_flags(tmp_path, monkeypatch):
         return {"cells_run": 0, "cells_failed": 0, "cells_total": 0, "outputs": {"report": "r.md"}}
 
     monkeypatch.setattr(compare, "run_compare", fake_run)
-    main(["compare", "--recipe", str(recipe), "--seeds", "5", "--set", "warmup_steps=2", "--workers", "1", "--no-progress"])
+    main(
+        [
+            "compare",
+            "--recipe",
+            str(recipe),
+            "--seeds",
+            "5",
+            "--set",
+            "warmup_steps=2",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     config = seen["config"]
     assert config.objectives == ["dpo", "napo-paper"] and config.noise_rates == [0.0, 0.1]
     assert config.seeds == [5] and config.workers == 1
@@ -303,7 +361,10 @@ def test_other_data_is_another_source(user_setup, tmp_path, count_cells):
     other = tmp_path / "other_pairs"
     colour_pairs(24).save_to_disk(str(other))
     count_cells.clear()
-    stats = run_compare(user_config((str(other), user_setup[1]), tmp_path / "run", objectives=["dpo"], noise_rates=[0.0]), progress=False)
+    stats = run_compare(
+        user_config((str(other), user_setup[1]), tmp_path / "run", objectives=["dpo"], noise_rates=[0.0]),
+        progress=False,
+    )
     assert count_cells == ["dpo/noise=0/seed=0"] and stats["cells_run"] == 1
     rows = read_results(tmp_path / "run" / "results.jsonl")
     assert len(rows) == 2 and rows[0]["source_dir"] != rows[1]["source_dir"]
@@ -315,14 +376,22 @@ def test_eval_benchmarks_enter_every_cell_and_the_tables(user_setup, tmp_path):
     from napo.benchmarks import BenchmarkSpec, evaluate
 
     questions = tmp_path / "coco_pope_random.json"
-    questions.write_text("".join(json.dumps({"question_id": i, "image": None, "text": f"is there a {o} ?",
-                                             "label": "yes" if i % 2 else "no"}) + "\n" for i, o in enumerate(OBJECTS)))
+    questions.write_text(
+        "".join(
+            json.dumps(
+                {"question_id": i, "image": None, "text": f"is there a {o} ?", "label": "yes" if i % 2 else "no"}
+            )
+            + "\n"
+            for i, o in enumerate(OBJECTS)
+        )
+    )
     config = user_config(user_setup, tmp_path / "grid", objectives=["dpo"], noise_rates=[0.0], eval=f"pope={questions}")
     run_compare(config, progress=False)
     (row,) = [json.loads(line) for line in open(tmp_path / "grid" / "results.jsonl")]
     answers = tmp_path / "grid" / "benchmarks" / "dpo_noise=0_seed=0" / "pope.answers.jsonl"
-    rescored = evaluate(BenchmarkSpec("pope", data=[str(questions)]), out=tmp_path / "re.json",
-                        predictions=[str(answers)])
+    rescored = evaluate(
+        BenchmarkSpec("pope", data=[str(questions)]), out=tmp_path / "re.json", predictions=[str(answers)]
+    )
     for metric in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
         assert row["metrics"][f"pope/{metric}"] == pytest.approx(rescored[metric])
     assert "## pope/f1" in (tmp_path / "grid" / "README.md").read_text()

@@ -25,7 +25,12 @@ def _image(seed: int) -> Image.Image:
 
 def _rows(n: int = 4) -> list[dict]:
     return [
-        {"prompt": MESSAGES, "chosen": f"white {i}", "rejected_language_bias": None if i == 1 else f"brown {i}", "id": i}
+        {
+            "prompt": MESSAGES,
+            "chosen": f"white {i}",
+            "rejected_language_bias": None if i == 1 else f"brown {i}",
+            "id": i,
+        }
         for i in range(n)
     ]
 
@@ -119,7 +124,9 @@ def test_corrupt_image_names_row_and_reason(tmp_path):
 
 
 def test_corrupt_image_inside_parquet(tmp_path):
-    source = datasets.Dataset.from_list([{"prompt": "q", "chosen": "a", "images": [{"bytes": b"not an image", "path": None}]}])
+    source = datasets.Dataset.from_list(
+        [{"prompt": "q", "chosen": "a", "images": [{"bytes": b"not an image", "path": None}]}]
+    )
     source.cast_column("images", datasets.List(datasets.Image())).to_parquet(str(tmp_path / "d.parquet"))
     with pytest.raises(RowError, match=r"row 0, field 'images': the embedded file.* cannot be decoded as an image"):
         read_dataset(str(tmp_path / "d.parquet"))
@@ -127,7 +134,7 @@ def test_corrupt_image_inside_parquet(tmp_path):
 
 def test_invalid_json_names_the_line(tmp_path):
     good = json.dumps({"prompt": "q", "chosen": "a"})
-    (tmp_path / "d.jsonl").write_text(f"{good}\n\n{good}\n{{\"prompt\": \"q\", \"chosen\": \n{good}\n")
+    (tmp_path / "d.jsonl").write_text(f'{good}\n\n{good}\n{{"prompt": "q", "chosen": \n{good}\n')
     with pytest.raises(RowError, match=r"row 2, field '<json>': line 4 of .*d\.jsonl is not valid JSON"):
         read_dataset(str(tmp_path / "d.jsonl"))
     dataset, bad = read_dataset(str(tmp_path / "d.jsonl"), on_bad_row="collect")
@@ -178,7 +185,9 @@ def test_validate_empty_answer_names_row_and_column():
 
 def test_validate_row_without_any_negative():
     dataset = _preferences(rejected_language_bias=["c0", None], rejected_vision_bias=["b0", None])
-    with pytest.raises(RowError, match=r"row 1, field 'rejected_language_bias/rejected_vision_bias': every negative is None"):
+    with pytest.raises(
+        RowError, match=r"row 1, field 'rejected_language_bias/rejected_vision_bias': every negative is None"
+    ):
         validate_preference_dataset(dataset)
 
 

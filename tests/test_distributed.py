@@ -20,8 +20,24 @@ from napo.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
-TRAINING = ["--max_steps", "3", "--save_strategy", "no", "--gradient_checkpointing", "false", "--use_cpu", "true",
-            "--report_to", "none", "--logging_steps", "1", "--seed", "0", "--learning_rate", "1e-3"]
+TRAINING = [
+    "--max_steps",
+    "3",
+    "--save_strategy",
+    "no",
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+    "--learning_rate",
+    "1e-3",
+]
 
 # Runs `napo train` as is, recording on every rank the q that each step computes for each negative type.
 Q_RECORDING_JOB = textwrap.dedent("""
@@ -54,9 +70,15 @@ def test_two_cpu_processes_share_q_and_match_a_single_process_run(tmp_path: Path
     tokenizer.save_pretrained(tmp_path / "model")
     # Five of the twelve rows lack the vision-biased negative, so the ranks hold unequal numbers of pairs of that type:
     # the per-type loss must still average over the global batch's pairs, not over each rank's.
-    rows = [{"prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
-             "chosen": COLOURS[i % 6], "rejected_language_bias": COLOURS[(i + 1) % 6],
-             "rejected_vision_bias": None if i < 5 else f"{COLOURS[(i + 2) % 6]} cat"} for i in range(12)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"}],
+            "chosen": COLOURS[i % 6],
+            "rejected_language_bias": COLOURS[(i + 1) % 6],
+            "rejected_vision_bias": None if i < 5 else f"{COLOURS[(i + 2) % 6]} cat",
+        }
+        for i in range(12)
+    ]
     dataset = tmp_path / "pairs.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["train", "--dataset", str(dataset), "--model", str(tmp_path / "model"), *TRAINING]
@@ -64,17 +86,29 @@ def test_two_cpu_processes_share_q_and_match_a_single_process_run(tmp_path: Path
     (tmp_path / "q").mkdir()
     (tmp_path / "job.py").write_text(Q_RECORDING_JOB)
     env = {**os.environ, "Q_LOG_DIR": str(tmp_path / "q"), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launch = [sys.executable, "-m", "accelerate.commands.launch",
-              "--config_file", str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
-              "--main_process_port", str(free_port()),  # a free port: parallel test runs must not collide
-              str(tmp_path / "job.py")]
-    result = subprocess.run([*launch, *common, "--per_device_train_batch_size", "2", "--output-dir",
-                             str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=500)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),  # a free port: parallel test runs must not collide
+        str(tmp_path / "job.py"),
+    ]
+    result = subprocess.run(
+        [*launch, *common, "--per_device_train_batch_size", "2", "--output-dir", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     main([*common, "--per_device_train_batch_size", "4", "--output-dir", str(tmp_path / "one")])
 
-    per_rank = [[json.loads(line) for line in (tmp_path / "q" / f"rank{r}.jsonl").read_text().splitlines()]
-                for r in (0, 1)]
+    per_rank = [
+        [json.loads(line) for line in (tmp_path / "q" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    ]
     assert len(per_rank[0]) == 3 * 2  # 3 steps x 2 negative types
     rank0, rank1 = ([(e["step"], e["column"], e["q"]) for e in records] for records in per_rank)
     assert rank0 == rank1
@@ -93,8 +127,13 @@ def test_two_cpu_processes_share_q_and_match_a_single_process_run(tmp_path: Path
 
 @pytest.mark.parametrize(
     "name, kind",
-    [("cpu-2proc", "MULTI_GPU"), ("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed-zero2", "DEEPSPEED"),
-     ("deepspeed-zero3", "DEEPSPEED")],
+    [
+        ("cpu-2proc", "MULTI_GPU"),
+        ("ddp", "MULTI_GPU"),
+        ("fsdp", "FSDP"),
+        ("deepspeed-zero2", "DEEPSPEED"),
+        ("deepspeed-zero3", "DEEPSPEED"),
+    ],
 )
 def test_shipped_accelerate_configs_load(name: str, kind: str) -> None:
     """Every config is one accelerate reads (DeepSpeed itself is not installed here: its configs are not run)."""

@@ -31,8 +31,17 @@ def llava():
 def _by_hand(model, processor, sample: dict, answer: str) -> float:
     """One sample, no batching: render prompt + answer + <eos> as one text, forward, sum log-softmax of the last tokens."""
     tokenizer = processor.tokenizer
-    text = processor.apply_chat_template(sample["prompt"], tokenize=False, add_generation_prompt=True) + answer + tokenizer.eos_token
-    inputs = processor(text=[text], images=[sample["images"]] if sample.get("images") else None, return_tensors="pt", add_special_tokens=False)
+    text = (
+        processor.apply_chat_template(sample["prompt"], tokenize=False, add_generation_prompt=True)
+        + answer
+        + tokenizer.eos_token
+    )
+    inputs = processor(
+        text=[text],
+        images=[sample["images"]] if sample.get("images") else None,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
     n_answer = len(tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
     with torch.no_grad():
         logits = model(**inputs).logits[0]
@@ -60,7 +69,10 @@ def test_answer_log_probs_equals_unbatched_sum_of_log_softmax(llava) -> None:
 
 def test_answer_batch_masks_exactly_the_answer_and_eos(llava) -> None:
     _, processor = llava
-    samples = [{"prompt": _chat("is there a cat?"), "images": [_image(0)]}, {"prompt": _chat("what colour is the banana?"), "images": [_image(1)]}]
+    samples = [
+        {"prompt": _chat("is there a cat?"), "images": [_image(0)]},
+        {"prompt": _chat("what colour is the banana?"), "images": [_image(1)]},
+    ]
     inputs, mask = answer_batch(processor, samples, ["yes", "a red cat"])
     tokenizer = processor.tokenizer
     for i, answer in enumerate(["yes", "a red cat"]):
@@ -70,7 +82,9 @@ def test_answer_batch_masks_exactly_the_answer_and_eos(llava) -> None:
         assert inputs["attention_mask"][i][:n].all() and not inputs["attention_mask"][i][n:].any()
     assert "pixel_values" in inputs
     with pytest.raises(ValueError, match="some samples have images"):
-        answer_batch(processor, [samples[0], {"prompt": _chat("is there a cat?", image=False), "images": []}], ["yes", "no"])
+        answer_batch(
+            processor, [samples[0], {"prompt": _chat("is there a cat?", image=False), "images": []}], ["yes", "no"]
+        )
 
 
 def test_modality_metrics_on_controlled_answers_and_scores(monkeypatch) -> None:

@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_trainer import COMMON, perturbed
 from trl import DPOConfig, DPOTrainer
 
 import perturb
@@ -27,11 +28,27 @@ from napo.cli import main
 from napo.data import DatasetOptions, RowError, read_dataset
 from napo.inference import render_prompt
 from napo.models import build_tiny_model
-from test_trainer import COMMON, perturbed
 
-TRAIN_ARGS = ["--max_steps", "1", "--per_device_train_batch_size", "2", "--gradient_checkpointing", "false",
-              "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
-              "--bf16", "false", "--objective", "dpo"]
+TRAIN_ARGS = [
+    "--max_steps",
+    "1",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--bf16",
+    "false",
+    "--objective",
+    "dpo",
+]
 IMAGE_TURN = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the cat ?"}]}]
 TEXT_TURN = [{"role": "user", "content": "what colour is the cat ?"}]
 
@@ -62,9 +79,12 @@ def _image_bytes(seed=0) -> bytes:
 # layout -> (one source row, with "IMG" for an image path, the canonical prompt / chosen / rejected* expected)
 LAYOUTS = {
     "trl-conversational": (
-        {"prompt": IMAGE_TURN, "images": ["IMG"],
-         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
-         "rejected": [{"role": "assistant", "content": "blue"}]},
+        {
+            "prompt": IMAGE_TURN,
+            "images": ["IMG"],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+            "rejected": [{"role": "assistant", "content": "blue"}],
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1},
     ),
     "trl-standard-tag": (
@@ -72,39 +92,80 @@ LAYOUTS = {
         {"prompt": "<image>\nwhat colour is the cat ?", "chosen": "red", "rejected": "blue", "images": 1},
     ),
     "trl-implicit-prompt": (
-        {"chosen": [*TEXT_TURN, {"role": "assistant", "content": "red"}],
-         "rejected": [*TEXT_TURN, {"role": "assistant", "content": "blue"}]},
+        {
+            "chosen": [*TEXT_TURN, {"role": "assistant", "content": "red"}],
+            "rejected": [*TEXT_TURN, {"role": "assistant", "content": "blue"}],
+        },
         {"prompt": TEXT_TURN, "chosen": "red", "rejected": "blue", "images": 0},
     ),
     "rlaif-v": (
-        {"image": "IMG", "question": "what colour is the cat ?", "chosen": "red", "rejected": "blue", "idx": 7,
-         "origin_dataset": "coco"},
+        {
+            "image": "IMG",
+            "question": "what colour is the cat ?",
+            "chosen": "red",
+            "rejected": "blue",
+            "idx": 7,
+            "origin_dataset": "coco",
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1, "idx": 7},
     ),
     "napo-rlaif-v-bias": (
-        {"image": "IMG", "question": "what colour is the cat ?", "chosen": "red", "rejected": "blue",
-         "image_only": "a red cat on a box", "question_only": "brown"},
-        {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "rejected_vision_bias": "a red cat on a box",
-         "rejected_language_bias": "brown", "images": 1},
+        {
+            "image": "IMG",
+            "question": "what colour is the cat ?",
+            "chosen": "red",
+            "rejected": "blue",
+            "image_only": "a red cat on a box",
+            "question_only": "brown",
+        },
+        {
+            "prompt": IMAGE_TURN,
+            "chosen": "red",
+            "rejected": "blue",
+            "rejected_vision_bias": "a red cat on a box",
+            "rejected_language_bias": "brown",
+            "images": 1,
+        },
     ),
     "llava": (
-        {"id": "x1", "image": "IMG", "conversations": [{"from": "human", "value": "<image>\nwhat colour is the cat ?"},
-                                                      {"from": "gpt", "value": "red"}]},
+        {
+            "id": "x1",
+            "image": "IMG",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is the cat ?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "images": 1, "id": "x1"},
     ),
     "sharegpt": (
-        {"messages": [{"role": "user", "content": "<image>what colour is the cat ?"},
-                      {"role": "assistant", "content": "red"}], "images": ["IMG"]},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>what colour is the cat ?"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "images": ["IMG"],
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "images": 1},
     ),
     "sharegpt-dpo": (
-        {"conversations": [{"from": "human", "value": "<image>what colour is the cat ?"}], "images": ["IMG"],
-         "chosen": {"from": "gpt", "value": "red"}, "rejected": {"from": "gpt", "value": "blue"}},
+        {
+            "conversations": [{"from": "human", "value": "<image>what colour is the cat ?"}],
+            "images": ["IMG"],
+            "chosen": {"from": "gpt", "value": "red"},
+            "rejected": {"from": "gpt", "value": "blue"},
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1},
     ),
     "ms-swift": (
-        {"messages": [{"role": "user", "content": "<image>what colour is the cat ?"},
-                      {"role": "assistant", "content": "red"}], "rejected_response": "blue", "images": ["IMG"]},
+        {
+            "messages": [
+                {"role": "user", "content": "<image>what colour is the cat ?"},
+                {"role": "assistant", "content": "red"},
+            ],
+            "rejected_response": "blue",
+            "images": ["IMG"],
+        },
         {"prompt": IMAGE_TURN, "chosen": "red", "rejected": "blue", "images": 1},
     ),
     "alpaca": (
@@ -113,8 +174,12 @@ LAYOUTS = {
     ),
     "alpaca-dpo": (
         {"instruction": "what colour is", "input": "the cat ?", "chosen": "red", "rejected": "blue"},
-        {"prompt": [{"role": "user", "content": "what colour is\nthe cat ?"}], "chosen": "red", "rejected": "blue",
-         "images": 0},
+        {
+            "prompt": [{"role": "user", "content": "what colour is\nthe cat ?"}],
+            "chosen": "red",
+            "rejected": "blue",
+            "images": 0,
+        },
     ),
 }
 LAYOUT_OF = {"trl-conversational": "trl", "trl-standard-tag": "trl", "alpaca-dpo": "alpaca"}
@@ -169,8 +234,23 @@ def test_every_layout_reads_to_its_canonical_row(name, tmp_path, caplog):
 def test_napo_pairs_reads_every_layout(name, tmp_path, saved_llava, capsys):
     source = write_layout(tmp_path, name)
     out = tmp_path / "out"
-    main(["pairs", "--source", source, "--model", saved_llava, "--output-dir", str(out), "--max-new-tokens", "3",
-          "--batch-size", "4", "--no-progress", "--keep-identical"])
+    main(
+        [
+            "pairs",
+            "--source",
+            source,
+            "--model",
+            saved_llava,
+            "--output-dir",
+            str(out),
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "4",
+            "--no-progress",
+            "--keep-identical",
+        ]
+    )
     assert "4 of 4 rows written, 0 rejected" in capsys.readouterr().out
     written = datasets.load_from_disk(str(out / "dataset"))
     _, expected = LAYOUTS[name]
@@ -180,15 +260,35 @@ def test_napo_pairs_reads_every_layout(name, tmp_path, saved_llava, capsys):
 
 def test_napo_pairs_refuses_to_overwrite_the_released_bias_columns(tmp_path, saved_llava):
     with pytest.raises(SystemExit, match="already has a 'rejected_language_bias' column"):
-        main(["pairs", "--source", write_layout(tmp_path, "napo-rlaif-v-bias"), "--model", saved_llava,
-              "--output-dir", str(tmp_path / "out"), "--no-progress"])
+        main(
+            [
+                "pairs",
+                "--source",
+                write_layout(tmp_path, "napo-rlaif-v-bias"),
+                "--model",
+                saved_llava,
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
 
 
 @pytest.mark.parametrize("name", PREFERENCE_LAYOUTS)
 def test_napo_train_reads_every_preference_layout(name, tmp_path, saved_llava):
     out = tmp_path / "out"
-    main(["train", "--dataset", write_layout(tmp_path, name), "--model", saved_llava, "--output-dir", str(out),
-          *TRAIN_ARGS])
+    main(
+        [
+            "train",
+            "--dataset",
+            write_layout(tmp_path, name),
+            "--model",
+            saved_llava,
+            "--output-dir",
+            str(out),
+            *TRAIN_ARGS,
+        ]
+    )
     history = json.loads((out / "log_history.json").read_text())
     assert np.isfinite(history[0]["loss"])
 
@@ -200,9 +300,32 @@ def test_napo_train_and_stock_trl_train_the_trl_file_alike(tmp_path, saved_llava
     from napo.models import load_model
 
     path = write_layout(tmp_path, "trl-conversational", n=4)
-    args = ["--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "0.05", "--seed", "0",
-            "--gradient_checkpointing", "false", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
-            "--logging_steps", "1", "--bf16", "false", "--objective", "dpo", "--lr_scheduler_type", "constant"]
+    args = [
+        "--max_steps",
+        "3",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "0.05",
+        "--seed",
+        "0",
+        "--gradient_checkpointing",
+        "false",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--bf16",
+        "false",
+        "--objective",
+        "dpo",
+        "--lr_scheduler_type",
+        "constant",
+    ]
     main(["train", "--dataset", path, "--model", saved_llava, "--output-dir", str(tmp_path / "napo"), *args])
     napo_losses = [h["loss"] for h in json.loads((tmp_path / "napo" / "log_history.json").read_text()) if "loss" in h]
 
@@ -211,10 +334,24 @@ def test_napo_train_and_stock_trl_train_the_trl_file_alike(tmp_path, saved_llava
     rows = rows.cast_column("images", datasets.List(datasets.Image()))
     model, processor = load_model(saved_llava)
     stock = DPOTrainer(
-        model=model, ref_model=copy.deepcopy(model), processing_class=processor, train_dataset=rows,
-        args=DPOConfig(output_dir=str(tmp_path / "trl"), max_steps=3, per_device_train_batch_size=2, learning_rate=0.05,
-                       seed=0, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-                       logging_steps=1, bf16=False, lr_scheduler_type="constant"),
+        model=model,
+        ref_model=copy.deepcopy(model),
+        processing_class=processor,
+        train_dataset=rows,
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            max_steps=3,
+            per_device_train_batch_size=2,
+            learning_rate=0.05,
+            seed=0,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1,
+            bf16=False,
+            lr_scheduler_type="constant",
+        ),
     )
     stock.train()
     trl_losses = [h["loss"] for h in stock.state.log_history if "loss" in h]
@@ -233,7 +370,8 @@ def test_parquet_media_paths_resolve_against_its_folder_and_dataset_dict_splits(
 
     embedded = [{**rows[0], "images": [{"bytes": _image_bytes(), "path": None}]}]
     splits = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(embedded * 2), "test": datasets.Dataset.from_list(embedded)})
+        {"train": datasets.Dataset.from_list(embedded * 2), "test": datasets.Dataset.from_list(embedded)}
+    )
     splits = splits.cast_column("images", datasets.List(datasets.Image()))
     splits.save_to_disk(str(tmp_path / "dict"))
     assert len(read_dataset(str(tmp_path / "dict"))[0]) == 2  # default split: train
@@ -249,9 +387,18 @@ def test_parquet_media_paths_resolve_against_its_folder_and_dataset_dict_splits(
 def test_rlaif_v_bias_parquet_with_embedded_image_bytes(tmp_path):
     """NaPO's released RLAIF-V-Bias rows: image {"bytes", "path"}, question, chosen, rejected, image_only,
     question_only and RLAIF-V's metadata."""
-    row = {"image": {"bytes": _image_bytes(), "path": "coco/1.jpg"}, "question": "what colour is the cat ?",
-           "chosen": "red", "rejected": "blue", "image_only": "a red cat", "question_only": "brown",
-           "ds_name": "RLAIF-V", "origin_dataset": "coco", "idx": 0, "image_path": "coco/1.jpg"}
+    row = {
+        "image": {"bytes": _image_bytes(), "path": "coco/1.jpg"},
+        "question": "what colour is the cat ?",
+        "chosen": "red",
+        "rejected": "blue",
+        "image_only": "a red cat",
+        "question_only": "brown",
+        "ds_name": "RLAIF-V",
+        "origin_dataset": "coco",
+        "idx": 0,
+        "image_path": "coco/1.jpg",
+    }
     source = datasets.Dataset.from_list([row]).cast_column("image", datasets.Image())
     source.to_parquet(str(tmp_path / "bias.parquet"))
     dataset, _ = read_dataset(str(tmp_path / "bias.parquet"))
@@ -267,12 +414,15 @@ def test_hub_ids_load_through_datasets_and_say_when_absent_offline(tmp_path):
     (tmp_path / "repo" / "colours").mkdir(parents=True)
     (tmp_path / "repo" / "shapes").mkdir()
     (tmp_path / "repo" / "colours" / "train.jsonl").write_text(
-        json.dumps({"prompt": "c ?", "chosen": "a", "rejected": "b"}) + "\n")
+        json.dumps({"prompt": "c ?", "chosen": "a", "rejected": "b"}) + "\n"
+    )
     (tmp_path / "repo" / "shapes" / "train.jsonl").write_text(
-        "".join(json.dumps({"prompt": "s ?", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(3)))
+        "".join(json.dumps({"prompt": "s ?", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(3))
+    )
     (tmp_path / "repo" / "README.md").write_text(
         "---\nconfigs:\n- config_name: colours\n  data_files:\n  - split: train\n    path: colours/train.jsonl\n"
-        "- config_name: shapes\n  data_files:\n  - split: train\n    path: shapes/train.jsonl\n---\n")
+        "- config_name: shapes\n  data_files:\n  - split: train\n    path: shapes/train.jsonl\n---\n"
+    )
     dataset, _ = read_dataset(str(tmp_path / "repo"), DatasetOptions(dataset_config="shapes"))
     assert dataset["prompt"] == ["s ?"] * 3
     absent = r"nobody-xyz/absent-dataset is not a local file.*only datasets already in the local cache"
@@ -312,23 +462,32 @@ def test_bad_rows_are_each_rejected_once_with_row_field_and_reason(tmp_path):
     (tmp_path / "a.wav").write_bytes(wav_bytes(np.zeros(160, np.float32), 16_000))
     good = {"prompt": "what ?", "chosen": "red", "rejected": "blue", "tag": "x"}
     rows = [
-        good,                                                                        # 0 kept
-        {**good, "chosen": 42},                                                      # 1 chosen
-        {**good, "chosen": ""},                                                      # 2 chosen
-        {**good, "images": [12345]},                                                 # 3 images
-        {**good, "prompt": "<image><image> what ?", "images": ["ok.png"]},           # 4 prompt (2 tags, 1 image)
-        {**good, "images": ["ok.png"], "audios": ["a.wav"]},                         # 5 images/audios
-        {**good, "audios": ["a.wav"], "sampling_rate": float("nan")},                # 6 sampling_rate
-        {**good, "audios": [[0.0, float("nan"), 0.1]]},                              # 7 audios
-        {**good, "tag": 3},                                                          # 8 tag (mixed types)
+        good,  # 0 kept
+        {**good, "chosen": 42},  # 1 chosen
+        {**good, "chosen": ""},  # 2 chosen
+        {**good, "images": [12345]},  # 3 images
+        {**good, "prompt": "<image><image> what ?", "images": ["ok.png"]},  # 4 prompt (2 tags, 1 image)
+        {**good, "images": ["ok.png"], "audios": ["a.wav"]},  # 5 images/audios
+        {**good, "audios": ["a.wav"], "sampling_rate": float("nan")},  # 6 sampling_rate
+        {**good, "audios": [[0.0, float("nan"), 0.1]]},  # 7 audios
+        {**good, "tag": 3},  # 8 tag (mixed types)
         {**good, "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]},  # 9
-        {**good, "images": ["ok.png"], "prompt": "<image> what ?"},                 # 10 kept
+        {**good, "images": ["ok.png"], "prompt": "<image> what ?"},  # 10 kept
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r).replace("NaN", "NaN") + "\n" for r in rows))
     dataset, bad = read_dataset(str(path), on_bad_row="collect")
-    expected = {1: "chosen", 2: "chosen", 3: "images", 4: "prompt", 5: "images/audios", 6: "sampling_rate",
-                7: "audios", 8: "tag", 9: "prompt"}
+    expected = {
+        1: "chosen",
+        2: "chosen",
+        3: "images",
+        4: "prompt",
+        5: "images/audios",
+        6: "sampling_rate",
+        7: "audios",
+        8: "tag",
+        9: "prompt",
+    }
     assert {b["row"]: b["field"] for b in bad} == expected and len(bad) == len(expected)
     assert all(b["reason"] for b in bad)
     assert len(dataset) == 2 and dataset["prompt"] == ["what ?", "<image> what ?"]
@@ -394,8 +553,21 @@ def test_napo_pairs_counts_bad_rows_right(tmp_path, saved_llava, capsys):
     blamed)."""
     rows = [{"prompt": "what colour is the cat ?", "chosen": c} for c in ["red", 42, "blue", "", "green", "white"]]
     (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    main(["pairs", "--source", str(tmp_path / "s.jsonl"), "--model", saved_llava, "--output-dir", str(tmp_path / "o"),
-          "--max-new-tokens", "3", "--no-progress", "--keep-identical"])
+    main(
+        [
+            "pairs",
+            "--source",
+            str(tmp_path / "s.jsonl"),
+            "--model",
+            saved_llava,
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--max-new-tokens",
+            "3",
+            "--no-progress",
+            "--keep-identical",
+        ]
+    )
     assert "4 of 6 rows written, 2 rejected" in capsys.readouterr().out
     rejects = [json.loads(line) for line in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["row"], r["field"]) for r in rejects] == [(1, "chosen"), (3, "chosen")]
@@ -419,7 +591,8 @@ def test_paths_outside_the_data_folder_are_refused_unless_allowed(tmp_path):
     (tmp_path / "data").mkdir()
     for value in ("../outside.png", str(tmp_path / "outside.png")):
         (tmp_path / "data" / "rows.jsonl").write_text(
-            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "images": [value]}) + "\n")
+            json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "images": [value]}) + "\n"
+        )
         with pytest.raises(RowError, match=r"row 0, field 'images': .*outside the data folder.*--allow-outside-paths"):
             read_dataset(str(tmp_path / "data" / "rows.jsonl"))
         dataset, _ = read_dataset(str(tmp_path / "data" / "rows.jsonl"), DatasetOptions(allow_outside_paths=True))
@@ -450,11 +623,17 @@ def _napo_and_trl_losses(family, rows, tmp_path, processing=None):
     base, built = build_tiny_model(family, seed=0)
     processing = processing or built
     losses = []
-    for trainer_class, config in ((NaPOTrainer, NaPOConfig(output_dir=str(tmp_path / "n"), objective="dpo", **COMMON)),
-                                  (DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), **COMMON))):
-        trainer = trainer_class(model=perturbed(base), ref_model=copy.deepcopy(base), args=config,
-                                train_dataset=datasets.Dataset.from_list(copy.deepcopy(rows)),
-                                processing_class=processing)
+    for trainer_class, config in (
+        (NaPOTrainer, NaPOConfig(output_dir=str(tmp_path / "n"), objective="dpo", **COMMON)),
+        (DPOTrainer, DPOConfig(output_dir=str(tmp_path / "t"), **COMMON)),
+    ):
+        trainer = trainer_class(
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=config,
+            train_dataset=datasets.Dataset.from_list(copy.deepcopy(rows)),
+            processing_class=processing,
+        )
         losses.append(_first_batch_loss(trainer, len(rows)))
     return losses
 
@@ -467,9 +646,11 @@ def test_trainer_takes_trl_conversational_rows_as_stock_trl(family, tmp_path):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(4):
-        row = {"prompt": [{"role": "user", "content": [{"type": "text", "text": f"what colour is the cat {i} ?"}]}],
-               "chosen": [{"role": "assistant", "content": [{"type": "text", "text": COLOURS[i]}]}],
-               "rejected": [{"role": "assistant", "content": [{"type": "text", "text": COLOURS[3 - i] + " cat"}]}]}
+        row = {
+            "prompt": [{"role": "user", "content": [{"type": "text", "text": f"what colour is the cat {i} ?"}]}],
+            "chosen": [{"role": "assistant", "content": [{"type": "text", "text": COLOURS[i]}]}],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": COLOURS[3 - i] + " cat"}]}],
+        }
         if family == "llava":
             row["images"] = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]
             row["prompt"][0]["content"].insert(0, {"type": "image"})
@@ -479,10 +660,19 @@ def test_trainer_takes_trl_conversational_rows_as_stock_trl(family, tmp_path):
 
 
 def test_trainer_extracts_the_implicit_prompt_as_stock_trl(tmp_path):
-    rows = [{"chosen": [{"role": "user", "content": f"what colour is the cat {i} ?"},
-                        {"role": "assistant", "content": c}],
-             "rejected": [{"role": "user", "content": f"what colour is the cat {i} ?"},
-                          {"role": "assistant", "content": "brown " + c}]} for i, c in enumerate(COLOURS)]
+    rows = [
+        {
+            "chosen": [
+                {"role": "user", "content": f"what colour is the cat {i} ?"},
+                {"role": "assistant", "content": c},
+            ],
+            "rejected": [
+                {"role": "user", "content": f"what colour is the cat {i} ?"},
+                {"role": "assistant", "content": "brown " + c},
+            ],
+        }
+        for i, c in enumerate(COLOURS)
+    ]
     napo_loss, trl_loss = _napo_and_trl_losses("text", rows, tmp_path)
     assert abs(napo_loss - trl_loss) < 1e-5 and abs(napo_loss - np.log(2)) > 1e-3
 
@@ -498,9 +688,16 @@ def test_trainer_passes_tools_and_chat_template_kwargs_as_stock_trl(tmp_path):
     )
     schema = {"type": "object", "properties": {}}
     tool = {"type": "function", "function": {"name": "colour", "description": "d", "parameters": schema}}
-    rows = [{"prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}],
-             "chosen": [{"role": "assistant", "content": c}], "rejected": [{"role": "assistant", "content": "brown"}],
-             "tools": json.dumps([tool]), "chat_template_kwargs": {"brief": True}} for i, c in enumerate(COLOURS)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": "brown"}],
+            "tools": json.dumps([tool]),
+            "chat_template_kwargs": {"brief": True},
+        }
+        for i, c in enumerate(COLOURS)
+    ]
     napo_loss, trl_loss = _napo_and_trl_losses("text", rows, tmp_path, processing=tokenizer)
     assert abs(napo_loss - trl_loss) < 1e-5
     plain = [{k: v for k, v in r.items() if k not in ("tools", "chat_template_kwargs")} for r in rows]
@@ -514,15 +711,46 @@ def test_napo_compare_reads_a_layout_with_renamed_columns(tmp_path):
     model, tokenizer = build_tiny_model("text", seed=0)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    rows = [{"dialogue": [{"role": "user", "content": f"what colour is the cat {i} ?"},
-                          {"role": "assistant", "content": COLOURS[i % 4]}], "rejected_response": "brown"}
-            for i in range(8)]
+    rows = [
+        {
+            "dialogue": [
+                {"role": "user", "content": f"what colour is the cat {i} ?"},
+                {"role": "assistant", "content": COLOURS[i % 4]},
+            ],
+            "rejected_response": "brown",
+        }
+        for i in range(8)
+    ]
     (tmp_path / "swift.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "grid"
-    main(["compare", "--dataset", str(tmp_path / "swift.jsonl"), "--model", str(tmp_path / "model"),
-          "--columns", "dialogue=messages", "--output-dir", str(out), "--objectives", "dpo", "--noise-rates", "0",
-          "--seeds", "0", "--max-steps", "1", "--workers", "1", "--holdout", "0.25", "--no-progress",
-          "--set", "per_device_train_batch_size=2"])
+    main(
+        [
+            "compare",
+            "--dataset",
+            str(tmp_path / "swift.jsonl"),
+            "--model",
+            str(tmp_path / "model"),
+            "--columns",
+            "dialogue=messages",
+            "--output-dir",
+            str(out),
+            "--objectives",
+            "dpo",
+            "--noise-rates",
+            "0",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "1",
+            "--workers",
+            "1",
+            "--holdout",
+            "0.25",
+            "--no-progress",
+            "--set",
+            "per_device_train_batch_size=2",
+        ]
+    )
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(results) == 1 and "heldout_reward_accuracy" in results[0]["metrics"]  # failed cells go elsewhere
 
@@ -532,11 +760,22 @@ def test_trainer_expands_string_prompt_tags_for_a_model_with_another_placeholder
     token for the image (and fails)."""
     base, processor = build_tiny_model("qwen2_vl", seed=0)
     rng = np.random.default_rng(0)
-    rows = [{"prompt": "<image>\nwhat colour is the cat ?", "chosen": c, "rejected": "brown",
-             "images": [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))]} for c in COLOURS]
-    trainer = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), processing_class=processor,
-                          args=NaPOConfig(output_dir=str(tmp_path), objective="dpo", **COMMON),
-                          train_dataset=datasets.Dataset.from_list(rows))
+    rows = [
+        {
+            "prompt": "<image>\nwhat colour is the cat ?",
+            "chosen": c,
+            "rejected": "brown",
+            "images": [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))],
+        }
+        for c in COLOURS
+    ]
+    trainer = NaPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        processing_class=processor,
+        args=NaPOConfig(output_dir=str(tmp_path), objective="dpo", **COMMON),
+        train_dataset=datasets.Dataset.from_list(rows),
+    )
     batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(4)])
     assert (batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).any()
     assert np.isfinite(_first_batch_loss(trainer, 4))

@@ -75,7 +75,10 @@ def test_quick_lab_pairs_follow_the_design(quick_lab: Path) -> None:
         assert len(row["images"]) == 1  # negatives are scored with the full input
     for column in ("rejected_language_bias", "rejected_vision_bias"):
         identical = sum(row[column] == row["chosen"] for row in rows)
-        assert identical == stats["negatives"][column]["identical_to_chosen"] and stats["negatives"][column]["identical_kept"]
+        assert (
+            identical == stats["negatives"][column]["identical_to_chosen"]
+            and stats["negatives"][column]["identical_kept"]
+        )
     # The blind model follows the prior: on rows whose object has one, its answer is mostly the prior colour.
     prior_rows = [r for r in rows if r["kind"] == "attribute" and r["prior_answer"]]
     assert sum(r["rejected_language_bias"] == r["prior_answer"] for r in prior_rows) > 0.5 * len(prior_rows)
@@ -91,17 +94,31 @@ def test_rerun_reuses_the_cached_sft_model_and_pairs(quick_lab: Path) -> None:
 
 
 @pytest.mark.slow
-def test_napo_eval_on_the_lab_and_on_a_user_dataset(quick_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_napo_eval_on_the_lab_and_on_a_user_dataset(
+    quick_lab: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     (sft,) = quick_lab.glob("cache/*/sft")
     out = tmp_path / "metrics.json"
     main(["eval", "--model", str(sft), "--n", "6", "--out", str(out)])
     metrics = json.loads(out.read_text())
-    for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s"):
+    for metric in (
+        "counterfactual_accuracy",
+        "prior_consistent_accuracy",
+        "blind_agreement",
+        "image_share",
+        "pope_f1",
+        "chair_s",
+    ):
         assert 0.0 <= metrics[metric] <= 1.0
 
     rows = _rows(lab_spec()["recipe"], "counterfactual", 5, 7)
-    user = datasets.Dataset.from_dict({"prompt": [r["prompt"] for r in rows],
-                                       "images": [r["images"] for r in rows], "answer": [r["answer"] for r in rows]})
+    user = datasets.Dataset.from_dict(
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "images": [r["images"] for r in rows],
+            "answer": [r["answer"] for r in rows],
+        }
+    )
     user.save_to_disk(str(tmp_path / "user"))
     main(["eval", "--model", str(sft), "--dataset", str(tmp_path / "user"), "--out", str(tmp_path / "user.json")])
     user_metrics = json.loads((tmp_path / "user.json").read_text())

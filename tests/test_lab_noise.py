@@ -37,14 +37,27 @@ def lab_rows(n: int, seed: int = 0) -> datasets.Dataset:
     for i in range(n):
         noise = float(rng.choice([0.1, 0.2, 0.3, 0.4]))
         if i % 5 == 4:
-            answer, prior, kind, wrong = ("no", "yes", "existence", "yes") if i % 2 else ("yes", "yes", "existence", "no")
+            answer, prior, kind, wrong = (
+                ("no", "yes", "existence", "yes") if i % 2 else ("yes", "yes", "existence", "no")
+            )
         else:
             answer = colours[int(rng.integers(len(colours)))]
             prior = None if i % 5 == 3 else "yellow"
             kind, wrong = "attribute", next(c for c in colours if c != answer)
-        rows.append({"prompt": f"q{i}", "chosen": answer, "rejected": wrong, "rejected_language_bias": prior or wrong,
-                     "rejected_vision_bias": None if i % 7 == 0 else answer, "answer": answer, "prior_answer": prior,
-                     "kind": kind, "target": "banana", "image_noise": noise})
+        rows.append(
+            {
+                "prompt": f"q{i}",
+                "chosen": answer,
+                "rejected": wrong,
+                "rejected_language_bias": prior or wrong,
+                "rejected_vision_bias": None if i % 7 == 0 else answer,
+                "answer": answer,
+                "prior_answer": prior,
+                "kind": kind,
+                "target": "banana",
+                "image_noise": noise,
+            }
+        )
     return datasets.Dataset.from_list(rows)
 
 

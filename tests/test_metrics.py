@@ -65,7 +65,9 @@ def test_pope_all_yes_predictions() -> None:
     answers = ["yes", "no", "no", "yes", "no"]
     # TP = 2, FP = 3, TN = 0, FN = 0: accuracy 2/5, precision 2/5, recall 1, f1 = 2*(0.4)/(1.4) = 4/7
     m = pope_metrics(["yes"] * 5, answers)
-    assert m == pytest.approx({"accuracy": 0.4, "precision": 0.4, "recall": 1.0, "f1": 4 / 7, "yes_ratio": 1.0, "unparsed_ratio": 0.0})
+    assert m == pytest.approx(
+        {"accuracy": 0.4, "precision": 0.4, "recall": 1.0, "f1": 4 / 7, "yes_ratio": 1.0, "unparsed_ratio": 0.0}
+    )
 
 
 def test_pope_all_no_predictions_has_zero_precision_not_nan() -> None:

@@ -132,8 +132,9 @@ def released_q(global_mean: float, alpha: float) -> torch.Tensor:
 @pytest.mark.parametrize("alpha", [0.5, 0.01])
 def test_official_q_is_the_released_formula(alpha):
     for psi in [-300.0, -3.0, 0.0, 0.7, 2.0, 40.0, 900.0]:
-        assert float(adaptive_q(torch.tensor(psi), alpha, "official")) == pytest.approx(float(released_q(psi, alpha)),
-                                                                                   abs=1e-6)
+        assert float(adaptive_q(torch.tensor(psi), alpha, "official")) == pytest.approx(
+            float(released_q(psi, alpha)), abs=1e-6
+        )
 
 
 def released_dynamic_weights(margins: list[float]) -> list[float]:
@@ -147,10 +148,12 @@ def test_dynamic_weights_hand_values():
     # ψ_Σ = (0.2, 1.0, 0.8): Σ = 2 → γ = (0.1, 0.5, 0.4).
     torch.testing.assert_close(dynamic_weights(torch.tensor([0.2, 1.0, 0.8])), torch.tensor([0.1, 0.5, 0.4]))
     # A type with a tiny margin is truncated at γ_min: (0.001, 5, 5) → (0.01, 0.4999, 0.4999).
-    torch.testing.assert_close(dynamic_weights(torch.tensor([0.001, 5.0, 5.0])),
-                               torch.tensor([0.01, 5 / 10.001, 5 / 10.001]))
-    torch.testing.assert_close(dynamic_weights(torch.tensor([0.001, 5.0, 5.0]), gamma_min=0.05),
-                               torch.tensor([0.05, 5 / 10.001, 5 / 10.001]))
+    torch.testing.assert_close(
+        dynamic_weights(torch.tensor([0.001, 5.0, 5.0])), torch.tensor([0.01, 5 / 10.001, 5 / 10.001])
+    )
+    torch.testing.assert_close(
+        dynamic_weights(torch.tensor([0.001, 5.0, 5.0]), gamma_min=0.05), torch.tensor([0.05, 5 / 10.001, 5 / 10.001])
+    )
     # One type: γ = 1 whatever its margin (so a `rejected`-only dataset trains plain DPO).
     for psi in (-2.0, 0.0, 3.0):
         assert dynamic_weights(torch.tensor([psi])).tolist() == [1.0]
@@ -160,7 +163,9 @@ def test_dynamic_weights_match_the_released_formula_where_it_is_defined():
     generator = torch.Generator().manual_seed(0)
     for _ in range(50):
         margins = (torch.rand(3, generator=generator) * 4).tolist()  # positive margins: the formula is well defined
-        torch.testing.assert_close(dynamic_weights(torch.tensor(margins)), torch.tensor(released_dynamic_weights(margins)))
+        torch.testing.assert_close(
+            dynamic_weights(torch.tensor(margins)), torch.tensor(released_dynamic_weights(margins))
+        )
 
 
 def test_dynamic_weights_where_the_formula_is_undefined():

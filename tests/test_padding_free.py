@@ -6,10 +6,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed, preference_rows
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.models import FAMILIES, build_tiny_model
-from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed, preference_rows
 
 COLUMNS = ("rejected_language_bias", "rejected_vision_bias")
 
@@ -39,7 +39,10 @@ def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, vis
     for padding_free in (False, True):
         args = NaPOConfig(output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free, **COMMON)
         trainers[padding_free] = NaPOTrainer(
-            model=copy.deepcopy(policy), ref_model=reference, args=args, train_dataset=dataset,
+            model=copy.deepcopy(policy),
+            ref_model=reference,
+            args=args,
+            train_dataset=dataset,
             processing_class=processor,
         )
     padded, packed = trainers[False], trainers[True]
@@ -66,8 +69,12 @@ def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, vis
 
 def test_prefix_lm_batches_are_refused(tmp_path):
     model, processor = build_tiny_model("paligemma", seed=0)
-    trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, **COMMON),
-                          train_dataset=rows_for("paligemma"), processing_class=processor)
+    trainer = NaPOTrainer(
+        model=model,
+        args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, **COMMON),
+        train_dataset=rows_for("paligemma"),
+        processing_class=processor,
+    )
     batch = trainer._prepare_inputs(trainer.data_collator(fresh_rows(trainer, 2)))
     with pytest.raises(ValueError, match="prefix-LM"):
         trainer._model_inputs(batch)
@@ -100,17 +107,27 @@ def test_a_model_whose_attention_ignores_packing_is_refused(tmp_path):
 
     def causal_only(module, query, key, value, attention_mask, **kwargs):
         groups = module.num_key_value_groups
-        return sdpa_attention_forward(module, query, repeat_kv(key, groups), repeat_kv(value, groups), None,
-                                      is_causal=True, **{k: v for k, v in kwargs.items() if k != "is_causal"})
+        return sdpa_attention_forward(
+            module,
+            query,
+            repeat_kv(key, groups),
+            repeat_kv(value, groups),
+            None,
+            is_causal=True,
+            **{k: v for k, v in kwargs.items() if k != "is_causal"},
+        )
 
     AttentionInterface.register("causal_only", causal_only)
     AttentionMaskInterface.register("causal_only", sdpa_mask)
     model, tokenizer = build_tiny_model("text", seed=0)
     model = perturbed(model)  # away from near-uniform initial predictions, where a leak barely shows
     model.set_attn_implementation("causal_only")
-    trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, max_steps=1,
-                                                       **COMMON),
-                          train_dataset=rows_for("text"), processing_class=tokenizer)
+    trainer = NaPOTrainer(
+        model=model,
+        args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, max_steps=1, **COMMON),
+        train_dataset=rows_for("text"),
+        processing_class=tokenizer,
+    )
     with pytest.raises(ValueError, match=r"padding_free: this model \(llama, attention 'causal_only'\).*nats away"):
         trainer.train()
     trainer.padding_free, trainer._packing_verified = False, False

@@ -22,7 +22,15 @@ OBJECTS = ["bear", "banana", "apple", "lemon", "sky", "grass", "snow", "car", "b
 
 
 def _question(i: int) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": f"what colour is the {OBJECTS[i % len(OBJECTS)]}?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "text": None},
+                {"type": "text", "text": f"what colour is the {OBJECTS[i % len(OBJECTS)]}?"},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,24 @@ def clean_run(tmp_path_factory, vlm_path):
     """One uninterrupted CLI run on N_ROWS rows: (source path, output dir)."""
     folder = tmp_path_factory.mktemp("clean")
     source = _write_source(folder)
-    main(["pairs", "--source", source, "--model", vlm_path, "--output-dir", str(folder / "out"), "--max-new-tokens", "6", "--batch-size", "4", "--shard-size", "8", "--no-progress"])
+    main(
+        [
+            "pairs",
+            "--source",
+            source,
+            "--model",
+            vlm_path,
+            "--output-dir",
+            str(folder / "out"),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "4",
+            "--shard-size",
+            "8",
+            "--no-progress",
+        ]
+    )
     return source, folder / "out"
 
 
@@ -73,7 +98,14 @@ def _comparable(dataset: datasets.Dataset, columns: list[str]) -> list[dict]:
 def test_output_has_design_columns_and_the_original_inputs(clean_run):
     source, out = clean_run
     dataset = datasets.load_from_disk(str(out / "dataset"))
-    assert dataset.column_names == ["prompt", "images", "chosen", "id", "rejected_language_bias", "rejected_vision_bias"]
+    assert dataset.column_names == [
+        "prompt",
+        "images",
+        "chosen",
+        "id",
+        "rejected_language_bias",
+        "rejected_vision_bias",
+    ]
     assert validate_preference_dataset(dataset) == ["rejected_language_bias", "rejected_vision_bias"]
     assert dataset["id"] == list(range(N_ROWS))
     expected, _ = read_dataset(source)
@@ -121,7 +153,18 @@ def test_interrupted_job_resumes_every_row_exactly_once(tmp_path, vlm_path, clea
 
 def test_resume_with_other_arguments_is_refused(tmp_path, vlm_path, capsys):
     source = _write_source(tmp_path, n=3)
-    args = ["pairs", "--source", source, "--model", vlm_path, "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "3", "--no-progress"]
+    args = [
+        "pairs",
+        "--source",
+        source,
+        "--model",
+        vlm_path,
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
     main(args)
     assert str(tmp_path / "out" / "data.parquet") in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"other arguments \(batch_size: 8 -> 2\).*--overwrite"):
@@ -163,8 +206,12 @@ def test_negatives_identical_to_chosen_are_dropped_unless_kept(tmp_path, vlm, vl
     config = PairsConfig(source, vlm_path, str(tmp_path / "drop"), negatives=negatives, max_new_tokens=4)
     stats = build_pairs(config, progress=False)
     assert datasets.load_from_disk(str(tmp_path / "drop" / "dataset"))["id"] == [2, 3]
-    assert stats["dropped_no_negative"] == 2 and stats["negatives"]["rejected_language_bias"]["identical_to_chosen"] == 2
-    kept = PairsConfig(source, vlm_path, str(tmp_path / "keep"), negatives=negatives, max_new_tokens=4, keep_identical=True)
+    assert (
+        stats["dropped_no_negative"] == 2 and stats["negatives"]["rejected_language_bias"]["identical_to_chosen"] == 2
+    )
+    kept = PairsConfig(
+        source, vlm_path, str(tmp_path / "keep"), negatives=negatives, max_new_tokens=4, keep_identical=True
+    )
     build_pairs(kept, progress=False)
     assert datasets.load_from_disk(str(tmp_path / "keep" / "dataset"))["rejected_language_bias"][:2] == blind[:2]
 
@@ -172,7 +219,16 @@ def test_negatives_identical_to_chosen_are_dropped_unless_kept(tmp_path, vlm, vl
 def test_label_noise_flips_exactly_round_rate_n_rows(clean_run, tmp_path, vlm_path):
     source, clean_out = clean_run
     clean = datasets.load_from_disk(str(clean_out / "dataset"))
-    config = PairsConfig(source, vlm_path, str(tmp_path / "out"), max_new_tokens=6, batch_size=4, shard_size=8, inject_label_noise=0.3, seed=0)
+    config = PairsConfig(
+        source,
+        vlm_path,
+        str(tmp_path / "out"),
+        max_new_tokens=6,
+        batch_size=4,
+        shard_size=8,
+        inject_label_noise=0.3,
+        seed=0,
+    )
     stats = build_pairs(config, progress=False)
     noisy = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     assert noisy.features["noisy"] == datasets.Value("bool")
@@ -187,7 +243,9 @@ def test_label_noise_flips_exactly_round_rate_n_rows(clean_run, tmp_path, vlm_pa
 
 
 def test_inject_label_noise_is_deterministic_per_seed():
-    dataset = datasets.Dataset.from_dict({"prompt": ["q"] * 50, "chosen": [f"c{i}" for i in range(50)], "rejected": [f"r{i}" for i in range(50)]})
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": ["q"] * 50, "chosen": [f"c{i}" for i in range(50)], "rejected": [f"r{i}" for i in range(50)]}
+    )
     first, rows = inject_label_noise(dataset, 0.1, seed=3)
     again, same_rows = inject_label_noise(dataset, 0.1, seed=3)
     _, other_rows = inject_label_noise(dataset, 0.1, seed=4)
@@ -205,9 +263,17 @@ def test_bad_negative_arguments_fail_before_generation(tmp_path):
         parse_negatives(["image.drop"])
     assert parse_negatives(["rejected=image.diffusion(t=500)"]) == {"rejected": "image.diffusion(t=500)"}
     with pytest.raises(ValueError, match="image.dorp"):
-        build_pairs(PairsConfig(source, "no-model-needed", str(tmp_path / "a"), negatives={"rejected": "image.dorp"}), progress=False)
+        build_pairs(
+            PairsConfig(source, "no-model-needed", str(tmp_path / "a"), negatives={"rejected": "image.dorp"}),
+            progress=False,
+        )
     with pytest.raises(ValueError, match=r"negative column 'rejected_colour_bias': expected one of"):
-        build_pairs(PairsConfig(source, "no-model-needed", str(tmp_path / "b"), negatives={"rejected_colour_bias": "image.drop"}), progress=False)
+        build_pairs(
+            PairsConfig(
+                source, "no-model-needed", str(tmp_path / "b"), negatives={"rejected_colour_bias": "image.drop"}
+            ),
+            progress=False,
+        )
 
 
 def test_generate_mixes_text_only_and_image_samples(vlm):
@@ -241,7 +307,10 @@ def test_audio_dataset_gets_audio_negatives(tmp_path):
         prompt = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "what do you hear?"}]}]
         lines.append(json.dumps({"prompt": prompt, "audio": f"{i}.wav", "chosen": f"tone {i}"}))
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
-    stats = build_pairs(PairsConfig(str(tmp_path / "a.jsonl"), str(tmp_path / "model"), str(tmp_path / "out"), max_new_tokens=3), progress=False)
+    stats = build_pairs(
+        PairsConfig(str(tmp_path / "a.jsonl"), str(tmp_path / "model"), str(tmp_path / "out"), max_new_tokens=3),
+        progress=False,
+    )
     dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     assert list(stats["negatives"]) == ["rejected_language_bias", "rejected_audio_bias"]
     assert stats["negatives"]["rejected_language_bias"]["spec"] == "audio.drop"

@@ -85,7 +85,9 @@ def test_diffusion_correlation_falls_monotonically_with_t() -> None:
     sample = {"images": [rgb_image(64, 64)]}
     x0 = np.asarray(sample["images"][0], dtype=np.float64).ravel()
     correlations = [
-        np.corrcoef(x0, np.asarray(perturb.apply(f"image.diffusion(t={t})", sample)["images"][0], dtype=np.float64).ravel())[0, 1]
+        np.corrcoef(
+            x0, np.asarray(perturb.apply(f"image.diffusion(t={t})", sample)["images"][0], dtype=np.float64).ravel()
+        )[0, 1]
         for t in (0, 100, 300, 600, 900)
     ]
     assert all(a > b for a, b in zip(correlations, correlations[1:])), correlations
@@ -336,7 +338,10 @@ def test_missing_modality_leaves_the_sample_unchanged(name: str) -> None:
         ({"audios": np.zeros(10)}, r"sample\['audios'\]: expected a list"),
         ({"audios": [np.array(["a", "b"])]}, r"sample\['audios'\]\[0\]: expected a 1-D real numeric"),
         ({"prompt": 3}, r"sample\['prompt'\]: expected a str or a list"),
-        ({"prompt": [{"role": "user", "content": [{"text": "x"}]}]}, r"\['content'\]\[0\]: expected a dict with a str 'type'"),
+        (
+            {"prompt": [{"role": "user", "content": [{"text": "x"}]}]},
+            r"\['content'\]\[0\]: expected a dict with a str 'type'",
+        ),
         ({"sampling_rate": 0}, r"sample\['sampling_rate'\]: expected a positive int"),
         ([], r"a sample is a dict"),
     ],
@@ -365,7 +370,7 @@ def test_parse_fills_defaults_and_coerces_ints_to_floats() -> None:
 
 def test_parse_tolerates_whitespace_quotes_and_bare_words() -> None:
     chain = perturb.parse(
-        "  audio.noise ( snr_db = -5 , color = pink , )\n+ text.mask_tokens(mask=\"[+,)]\", ratio=1e-1)"
+        '  audio.noise ( snr_db = -5 , color = pink , )\n+ text.mask_tokens(mask="[+,)]", ratio=1e-1)'
         " + text.drop_question(prompt='What, if anything (+) is shown?')"
     )
     assert chain == [
@@ -413,8 +418,21 @@ def test_bad_arguments_list_the_ops_valid_arguments(spec: str, expected: list[st
 
 
 @pytest.mark.parametrize(
-    "spec", ["", "   ", "image", "image.blur+", "+image.blur", "image.blur(", "image.blur(4)", "image.blur radius=2",
-             "image.blur(radius=2", "image.blur(radius=)", "image.blur(radius='2)", "image.blur image.drop"]
+    "spec",
+    [
+        "",
+        "   ",
+        "image",
+        "image.blur+",
+        "+image.blur",
+        "image.blur(",
+        "image.blur(4)",
+        "image.blur radius=2",
+        "image.blur(radius=2",
+        "image.blur(radius=)",
+        "image.blur(radius='2)",
+        "image.blur image.drop",
+    ],
 )
 def test_malformed_specs_raise_value_error_with_the_position(spec: str) -> None:
     with pytest.raises(ValueError, match=r"bad perturbation spec .* at position \d+"):

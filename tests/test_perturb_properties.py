@@ -63,7 +63,9 @@ def samples(draw: st.DrawFn) -> dict:
     pictures = draw(st.lists(images(), max_size=2))
     question = draw(st.text(max_size=40))
     placeholders = [{"type": "image"} for _ in pictures]
-    prompt = draw(st.sampled_from([question, [{"role": "user", "content": [*placeholders, {"type": "text", "text": question}]}]]))
+    prompt = draw(
+        st.sampled_from([question, [{"role": "user", "content": [*placeholders, {"type": "text", "text": question}]}]])
+    )
     return {
         "prompt": prompt,
         "images": pictures,
@@ -92,7 +94,9 @@ def test_rendered_chains_parse_back_to_themselves(chain: list[tuple[str, dict]])
 
 @PROPERTY_SETTINGS
 @given(chain=chains(), sample=samples(), seed=st.integers(0, 2**32))
-def test_valid_specs_return_a_valid_sample_and_never_mutate(chain: list[tuple[str, dict]], sample: dict, seed: int) -> None:
+def test_valid_specs_return_a_valid_sample_and_never_mutate(
+    chain: list[tuple[str, dict]], sample: dict, seed: int
+) -> None:
     before = snapshot(sample)
     out = perturb.apply(render(chain), sample, seed=seed)
     assert snapshot(sample) == before

@@ -28,17 +28,33 @@ from safetensors.torch import load_file
 
 import perturb
 from napo import NaPOConfig, NaPOTrainer, adaptive_q
-from napo.objectives import Q_MIN_DEFAULTS
 from napo.cli import main
 from napo.data import SAMPLING_RATE, RowError, read_dataset, validate_preference_dataset
 from napo.models import build_tiny_model
+from napo.objectives import Q_MIN_DEFAULTS
 
 TINY_TRAINING = dict(
-    gradient_checkpointing=False, report_to="none", save_strategy="no", use_cpu=True, logging_steps=1, seed=0,
-    bf16=False, dataloader_drop_last=False,
+    gradient_checkpointing=False,
+    report_to="none",
+    save_strategy="no",
+    use_cpu=True,
+    logging_steps=1,
+    seed=0,
+    bf16=False,
+    dataloader_drop_last=False,
 )
-CLI_TRAINING = ["--gradient_checkpointing", "false", "--use_cpu", "true", "--report_to", "none", "--logging_steps", "1",
-                "--seed", "0"]
+CLI_TRAINING = [
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+]
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -46,9 +62,12 @@ PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 def preference_rows(n: int, *, subjects=("banana", "cat", "frog"), image_files: list[str] | None = None) -> list[dict]:
     rows = []
     for i in range(n):
-        row = {"prompt": [{"role": "user", "content": f"what colour is the {subjects[i % len(subjects)]} ?"}],
-               "chosen": COLOURS[i % 6], "rejected_language_bias": COLOURS[(i + 1) % 6],
-               "rejected_vision_bias": f"{COLOURS[(i + 2) % 6]} cat"}
+        row = {
+            "prompt": [{"role": "user", "content": f"what colour is the {subjects[i % len(subjects)]} ?"}],
+            "chosen": COLOURS[i % 6],
+            "rejected_language_bias": COLOURS[(i + 1) % 6],
+            "rejected_vision_bias": f"{COLOURS[(i + 2) % 6]} cat",
+        }
         if image_files is not None:
             row["images"] = [image_files[i]]
         rows.append(row)
@@ -80,8 +99,9 @@ def text_trainer() -> NaPOTrainer:
     """A NaPO trainer on a tiny text model (batch 4, nothing run yet), for the per-type q and the loss."""
     model, tokenizer = build_tiny_model("text", seed=0)
     config = NaPOConfig(output_dir="unused", per_device_train_batch_size=4, max_steps=1, **TINY_TRAINING)
-    return NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(preference_rows(4)),
-                       processing_class=tokenizer)
+    return NaPOTrainer(
+        model, args=config, train_dataset=Dataset.from_list(preference_rows(4)), processing_class=tokenizer
+    )
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -109,8 +129,21 @@ KILLED_JOB = textwrap.dedent("""
 def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Path, tmp_path: Path) -> None:
     # 6 rows in batches of 2 for 4 steps: the resumed run crosses an epoch boundary (reshuffled data order).
     dataset = write_llava_jsonl(tmp_path, 6)
-    args = ["--dataset", str(dataset), "--model", str(saved_llava), "--max_steps", "4", "--save_steps", "1",
-            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", *CLI_TRAINING]
+    args = [
+        "--dataset",
+        str(dataset),
+        "--model",
+        str(saved_llava),
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        *CLI_TRAINING,
+    ]
     job = [sys.executable, "-c", KILLED_JOB, "train", *args, "--output-dir", str(tmp_path / "killed")]
     process = subprocess.Popen(job, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -149,21 +182,22 @@ def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Pat
     q_min=st.floats(1e-6, 1.0),
 )
 @PROPERTY_SETTINGS
-def test_adaptive_q_stays_in_its_range_for_any_margin(psi: list[float], alpha: float, variant: str,
-                                                      q_min: float) -> None:
+def test_adaptive_q_stays_in_its_range_for_any_margin(
+    psi: list[float], alpha: float, variant: str, q_min: float
+) -> None:
     q = adaptive_q(torch.tensor(psi), alpha, variant, q_min)
     assert torch.all((q >= q_min) & (q <= 1.0)), (psi, q)
 
 
 @given(
-    z=st.lists(st.floats(-1e30, 1e30) | st.sampled_from([float("inf"), -float("inf")]), min_size=1,
-               max_size=6),
+    z=st.lists(st.floats(-1e30, 1e30) | st.sampled_from([float("inf"), -float("inf")]), min_size=1, max_size=6),
     column=st.sampled_from(["rejected_language_bias", "rejected_vision_bias"]),
     variant=st.sampled_from(["paper", "official"]),
 )
 @PROPERTY_SETTINGS
-def test_trainer_q_stays_in_its_range_for_any_batch(text_trainer: NaPOTrainer, z: list[float], column: str,
-                                                    variant: str) -> None:
+def test_trainer_q_stays_in_its_range_for_any_batch(
+    text_trainer: NaPOTrainer, z: list[float], column: str, variant: str
+) -> None:
     """One row or several, margins of any size and sign, ±inf included: q of the type stays in [q_min, 1]."""
     margins = torch.tensor(z)
     text_trainer.args.q = variant
@@ -203,8 +237,14 @@ def nan_trainer(on_nonfinite: str, tmp_path: Path, where: str = "log_probs") -> 
 
     Returns the trainer and the initial weights."""
     model, tokenizer = build_tiny_model("text", seed=0)
-    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4 if where == "log_probs" else 2,
-                        max_steps=1, on_nonfinite=on_nonfinite, learning_rate=1e-2, **TINY_TRAINING)
+    config = NaPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4 if where == "log_probs" else 2,
+        max_steps=1,
+        on_nonfinite=on_nonfinite,
+        learning_rate=1e-2,
+        **TINY_TRAINING,
+    )
     rows = preference_rows(4, subjects=("banana", "cat", "frog", "cat"))
     trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     embeddings = model.get_input_embeddings()
@@ -237,7 +277,9 @@ def test_nan_from_the_model_skips_the_step_when_asked(tmp_path: Path, caplog: py
 
 def test_nan_gradients_behind_a_finite_loss_stop_the_job(tmp_path: Path) -> None:
     trainer, before = nan_trainer("stop", tmp_path, where="gradients")
-    with pytest.raises(FloatingPointError, match=r"gradients behind a finite loss at step 0 \(dataset rows \[\d, \d\]\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"gradients behind a finite loss at step 0 \(dataset rows \[\d, \d\]\)"
+    ):
         trainer.train()
     assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
 
@@ -255,8 +297,10 @@ def test_nan_gradients_skip_the_optimizer_step_when_asked(tmp_path: Path, caplog
 # ------------------------------------------------------------------------------------------ hostile inputs
 def header_only_png(width: int, height: int) -> bytes:
     """A valid PNG header announcing width×height RGB pixels, with no pixel data (a few dozen bytes)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -338,8 +382,9 @@ def check_hostile_rows(kinds: list[str], folder: Path) -> None:
 def test_huge_image_header_is_refused_without_allocating_its_pixels(tmp_path: Path, side: int) -> None:
     assert Image.MAX_IMAGE_PIXELS is not None, "PIL's decompression-bomb protection is off"
     (tmp_path / "huge.png").write_bytes(header_only_png(side, side))
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b",
-                                                     "images": ["huge.png"]}) + "\n")
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "images": ["huge.png"]}) + "\n"
+    )
     tracemalloc.start()
     with pytest.raises(RowError, match="row 0, field 'images'.*decompression bomb"):
         read_dataset(str(tmp_path / "rows.jsonl"))
@@ -349,8 +394,16 @@ def test_huge_image_header_is_refused_without_allocating_its_pixels(tmp_path: Pa
 
 
 @given(
-    spec=st.sampled_from(["image.drop", "image.blur(radius=2)", "image.patch_mask(ratio=0.5)", "audio.noise(snr_db=0)",
-                          "text.drop_question", "image.diffusion(t=500)+audio.drop"]),
+    spec=st.sampled_from(
+        [
+            "image.drop",
+            "image.blur(radius=2)",
+            "image.patch_mask(ratio=0.5)",
+            "audio.noise(snr_db=0)",
+            "text.drop_question",
+            "image.diffusion(t=500)+audio.drop",
+        ]
+    ),
     field=st.sampled_from(["images", "audios", "prompt", "sampling_rate"]),
     value=st.sampled_from([None, 3, "a path.png", [b"bytes"], [[0.1, 0.2]], [np.zeros((2, 100), np.float32)], {}]),
 )
@@ -358,8 +411,12 @@ def test_huge_image_header_is_refused_without_allocating_its_pixels(tmp_path: Pa
 def test_perturb_wrong_typed_samples_raise_a_clear_error(spec: str, field: str, value: object) -> None:
     """A sample field of the wrong type (a stereo array, a path instead of an image, ...) either works or raises a
     TypeError/ValueError that names the field."""
-    sample = {"prompt": "what colour is the cat ?", "images": [Image.new("RGB", (8, 8))],
-              "audios": [np.zeros(100, np.float32)], field: value}
+    sample = {
+        "prompt": "what colour is the cat ?",
+        "images": [Image.new("RGB", (8, 8))],
+        "audios": [np.zeros(100, np.float32)],
+        field: value,
+    }
     try:
         perturb.apply(spec, sample)
     except (TypeError, ValueError) as error:
@@ -375,8 +432,9 @@ def test_prompt_with_image_tokens_longer_than_max_length_names_the_row(saved_lla
     dataset, _ = read_dataset(str(write_llava_jsonl(tmp_path, 4)))
     long_prompt = {"role": "user", "content": "what colour is the cat ? " * 6}
     dataset = Dataset.from_list([{**row, "prompt": [long_prompt]} if i == 3 else row for i, row in enumerate(dataset)])
-    config = NaPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1,
-                        max_length=40, **TINY_TRAINING)
+    config = NaPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=1, max_length=40, **TINY_TRAINING
+    )
     trainer = NaPOTrainer(model, args=config, train_dataset=dataset, processing_class=processor)
     with pytest.raises(RowError, match=r"row 3, field 'prompt'.*max_length=40"):
         trainer.train()
@@ -391,8 +449,9 @@ def test_text_prompt_longer_than_max_length_is_dropped_with_a_logged_reason(
     model, tokenizer = build_tiny_model("text", seed=0)
     rows = preference_rows(4)
     rows[1]["prompt"] = [{"role": "user", "content": "what colour is the cat ? " * 10}]
-    config = NaPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, max_length=30,
-                        **TINY_TRAINING)
+    config = NaPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, max_length=30, **TINY_TRAINING
+    )
     trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     assert trainer.train_dataset["row_index"] == [0, 2, 3]
     assert "dropped rows [1]" in caplog.text and "max_length=30" in caplog.text
@@ -413,9 +472,25 @@ def test_napo_train_refuses_pickled_weights_and_says_how_to_allow_them(saved_lla
     dataset = write_llava_jsonl(tmp_path, 2)
     with pytest.raises(SystemExit, match="napo train: .*pickled weights.*--allow-pickle"):
         main(["train", "--dataset", str(dataset), "--model", str(pickled), "--output-dir", str(tmp_path / "o")])
-    main(["train", "--dataset", str(dataset), "--model", str(pickled), "--output-dir", str(tmp_path / "o"),
-          "--allow-pickle", "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-          *CLI_TRAINING])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(dataset),
+            "--model",
+            str(pickled),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--allow-pickle",
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            *CLI_TRAINING,
+        ]
+    )
     assert (tmp_path / "o" / "model.safetensors").exists()  # what napo writes is safetensors again
 
 
@@ -427,14 +502,28 @@ def test_napo_train_never_runs_model_code_unless_trusted(saved_llava: Path, tmp_
     marker = tmp_path / "code-ran"
     # A subclass, not LlavaConfig itself: loading remote code registers the class for auto-saving, which would
     # otherwise make every later LLaVA save_pretrained in this process try to copy transformers' own source files.
-    (model / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                                 "from transformers import LlavaConfig\n"
-                                                 "class EvilConfig(LlavaConfig):\n    pass\n")
+    (model / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlavaConfig\n"
+        "class EvilConfig(LlavaConfig):\n    pass\n"
+    )
     config = json.loads((model / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
     (model / "config.json").write_text(json.dumps(config))
-    args = ["train", "--dataset", str(write_llava_jsonl(tmp_path, 2)), "--model", str(model), "--max_steps", "1",
-            "--per_device_train_batch_size", "2", "--save_strategy", "no", *CLI_TRAINING]
+    args = [
+        "train",
+        "--dataset",
+        str(write_llava_jsonl(tmp_path, 2)),
+        "--model",
+        str(model),
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        *CLI_TRAINING,
+    ]
     main([*args, "--output-dir", str(tmp_path / "safe")])
     assert not marker.exists()
     try:

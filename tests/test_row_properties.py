@@ -17,12 +17,12 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import save_tiny_model  # tests/conftest.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from napo.cli import main
-from conftest import save_tiny_model  # tests/conftest.py
 
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 # What makes a source row invalid for napo pairs, and files it needs (name -> bytes), by kind.
@@ -48,8 +48,9 @@ PREFERENCE_KINDS = {
     "no negative": {"rejected_language_bias": None},
     "negative is a list": {"rejected_language_bias": ["red"]},
 }
-PROPERTY = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                            HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,33 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
         Image.fromarray(pixels).save(folder / "img" / f"{i}.png")
         for name, data in files.items():
             (folder / "img" / name).write_bytes(data)
-        row = {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour {i}?"}]}],
-               "images": [f"img/{i}.png"], "chosen": f"answer {i}", "id": i, **changes}
+        row = {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"colour {i}?"}]}],
+            "images": [f"img/{i}.png"],
+            "chosen": f"answer {i}",
+            "id": i,
+            **changes,
+        }
         lines.append(json.dumps(row))
     (folder / "source.jsonl").write_text("\n".join(lines) + "\n")
     out = folder / "out"
-    code = run_napo(["pairs", "--source", str(folder / "source.jsonl"), "--model", str(llava), "--output_dir", str(out),
-                     "--max_new_tokens", "2", "--shard_size", "3", "--keep_identical", "--no_progress"])
+    code = run_napo(
+        [
+            "pairs",
+            "--source",
+            str(folder / "source.jsonl"),
+            "--model",
+            str(llava),
+            "--output_dir",
+            str(out),
+            "--max_new_tokens",
+            "2",
+            "--shard_size",
+            "3",
+            "--keep_identical",
+            "--no_progress",
+        ]
+    )
     assert code == 0, (kinds, code)
     valid = [i for i, kind in enumerate(kinds) if kind == "valid"]
     written = datasets.load_from_disk(str(out / "dataset"))["id"]
@@ -103,8 +124,11 @@ def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(ll
         check_pairs(kinds, SOURCE_KINDS, Path(folder), llava)
 
 
-@pytest.mark.xfail(strict=False, reason="a source whose every row is rejected stops with \"no 'prompt' column "
-                   "(columns: [])\" instead of writing 0 rows and the rejects (data branch: napo/data.py, pairs.py)")
+@pytest.mark.xfail(
+    strict=False,
+    reason="a source whose every row is rejected stops with \"no 'prompt' column "
+    '(columns: [])" instead of writing 0 rows and the rejects (data branch: napo/data.py, pairs.py)',
+)
 def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
     with tempfile.TemporaryDirectory() as folder:
         check_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), llava)
@@ -114,16 +138,41 @@ def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
 @PROPERTY
 def test_train_stops_naming_an_invalid_row_or_trains(text_model, kinds, capsys):
     with tempfile.TemporaryDirectory() as folder:
-        rows = [{"prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}], "chosen": COLOURS[i % 6],
-                 "rejected_language_bias": COLOURS[(i + 1) % 6], **PREFERENCE_KINDS[kind]}
-                for i, kind in enumerate(kinds)]
+        rows = [
+            {
+                "prompt": [{"role": "user", "content": f"what colour is the cat {i} ?"}],
+                "chosen": COLOURS[i % 6],
+                "rejected_language_bias": COLOURS[(i + 1) % 6],
+                **PREFERENCE_KINDS[kind],
+            }
+            for i, kind in enumerate(kinds)
+        ]
         path = Path(folder) / "prefs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         capsys.readouterr()
-        code = run_napo(["train", "--dataset", str(path), "--model", str(text_model), "--output_dir",
-                         str(Path(folder) / "out"), "--max_steps", "1", "--per_device_train_batch_size", "2",
-                         "--gradient_checkpointing", "false", "--use_cpu", "true", "--report_to", "none",
-                         "--save_strategy", "no"])
+        code = run_napo(
+            [
+                "train",
+                "--dataset",
+                str(path),
+                "--model",
+                str(text_model),
+                "--output_dir",
+                str(Path(folder) / "out"),
+                "--max_steps",
+                "1",
+                "--per_device_train_batch_size",
+                "2",
+                "--gradient_checkpointing",
+                "false",
+                "--use_cpu",
+                "true",
+                "--report_to",
+                "none",
+                "--save_strategy",
+                "no",
+            ]
+        )
         err = capsys.readouterr().err
         invalid = [i for i, kind in enumerate(kinds) if kind != "valid"]
         if invalid:

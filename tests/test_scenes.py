@@ -41,7 +41,9 @@ def test_same_seed_same_pixels_other_seed_different() -> None:
         assert {k: v for k, v in x.items() if k != "images"} == {k: v for k, v in y.items() if k != "images"}
     assert all(not np.array_equal(np.asarray(x["images"][0]), np.asarray(z["images"][0])) for x, z in zip(a, c))
     # rows do not depend on n, and splits are different streams
-    assert np.array_equal(np.asarray(make_split(RECIPE, "train", 5, seed=3)[4]["images"][0]), np.asarray(a[4]["images"][0]))
+    assert np.array_equal(
+        np.asarray(make_split(RECIPE, "train", 5, seed=3)[4]["images"][0]), np.asarray(a[4]["images"][0])
+    )
     pairs = make_split(RECIPE, "pairs", 20, seed=3)
     assert all(not np.array_equal(np.asarray(x["images"][0]), np.asarray(p["images"][0])) for x, p in zip(a, pairs))
 
@@ -49,8 +51,17 @@ def test_same_seed_same_pixels_other_seed_different() -> None:
 def test_rows_have_the_documented_fields() -> None:
     for split in SPLITS:
         for row in make_split(RECIPE, split, 30, seed=0):
-            assert set(row) == {"prompt", "images", "answer", "kind", "prior_answer", "objects", "target", "image_noise",
-                                "split"}
+            assert set(row) == {
+                "prompt",
+                "images",
+                "answer",
+                "kind",
+                "prior_answer",
+                "objects",
+                "target",
+                "image_noise",
+                "split",
+            }
             assert row["image_noise"] in RECIPE["image"]["noise"]
             assert (row["target"] is None) == (row["kind"] == "caption")
             if split == "no_prior":

@@ -13,8 +13,12 @@ from napo.pairs import inject_label_noise
 
 def test_flips_move_reference_log_probs_with_their_answers():
     rows = [
-        {"prompt": f"q{i}", "chosen": f"c{i}", "rejected_language_bias": f"lang{i}" * (1 + i % 3),
-         "rejected_vision_bias": None if i % 4 == 0 else f"vis{i}" * (2 + i % 2)}
+        {
+            "prompt": f"q{i}",
+            "chosen": f"c{i}",
+            "rejected_language_bias": f"lang{i}" * (1 + i % 3),
+            "rejected_vision_bias": None if i % 4 == 0 else f"vis{i}" * (2 + i % 2),
+        }
         for i in range(40)
     ]
 
@@ -29,7 +33,9 @@ def test_flips_move_reference_log_probs_with_their_answers():
     for i, row in enumerate(flipped_data):
         for column in answers:
             expected = score(row[column])
-            assert (np.isnan(expected) and np.isnan(row[f"ref_{column}_logps"])) or row[f"ref_{column}_logps"] == expected
+            assert (np.isnan(expected) and np.isnan(row[f"ref_{column}_logps"])) or row[
+                f"ref_{column}_logps"
+            ] == expected
         texts = [row[c] for c in answers]
         assert row["noisy"] == (i in flipped)
         assert (texts[0] != rows[i]["chosen"]) if i in flipped else texts == [rows[i][c] for c in answers]
@@ -43,9 +49,17 @@ def test_flips_move_reference_log_probs_with_their_answers():
 def test_shared_reference_gives_the_per_cell_results(colour_grid_source, tmp_path):
     def grid(out: Path, share: bool) -> CompareConfig:
         return CompareConfig(
-            output_dir=str(out), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.4], seeds=[0], holdout=0.25,
-            max_steps=3, workers=1, keep_models=True, share_reference=share,
-            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3}, **colour_grid_source,
+            output_dir=str(out),
+            objectives=["dpo", "napo-paper"],
+            noise_rates=[0.0, 0.4],
+            seeds=[0],
+            holdout=0.25,
+            max_steps=3,
+            workers=1,
+            keep_models=True,
+            share_reference=share,
+            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3},
+            **colour_grid_source,
         )
 
     run_compare(grid(tmp_path / "per-cell", False), progress=False)

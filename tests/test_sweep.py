@@ -17,8 +17,14 @@ pytestmark = pytest.mark.slow
 
 def grid(source, out, max_steps=3, **overrides) -> CompareConfig:
     settings = dict(
-        output_dir=str(out), objectives=["dpo", "napo-paper"], noise_rates=[0.0, 0.4], seeds=[0], holdout=0.25,
-        max_steps=max_steps, workers=None if overrides.get("backend") == "ray" else 1, train={"per_device_train_batch_size": 8, "learning_rate": 1e-3},
+        output_dir=str(out),
+        objectives=["dpo", "napo-paper"],
+        noise_rates=[0.0, 0.4],
+        seeds=[0],
+        holdout=0.25,
+        max_steps=max_steps,
+        workers=None if overrides.get("backend") == "ray" else 1,
+        train={"per_device_train_batch_size": 8, "learning_rate": 1e-3},
         **source,
     )
     return CompareConfig(**{**settings, **overrides})
@@ -32,8 +38,13 @@ def by_key(out: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, object_store_memory=100 * 1024**2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}})
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}},
+    )
     yield
     ray.shutdown()
 
@@ -104,8 +115,18 @@ def test_ray_worker_deaths_past_the_retries_are_recorded_not_raised(colour_grid_
     watcher = threading.Thread(target=kill_every_busy_worker)
     watcher.start()
     try:
-        stats = run_compare(grid(colour_grid_source, out, max_steps=20, backend="ray", cell_retries=0, objectives=["dpo"],
-                                 noise_rates=[0.0]), progress=False)
+        stats = run_compare(
+            grid(
+                colour_grid_source,
+                out,
+                max_steps=20,
+                backend="ray",
+                cell_retries=0,
+                objectives=["dpo"],
+                noise_rates=[0.0],
+            ),
+            progress=False,
+        )
     finally:
         stop.set()
         watcher.join()

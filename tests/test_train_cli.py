@@ -11,8 +11,22 @@ from PIL import Image
 from napo.cli import main
 from napo.models import build_tiny_model, load_model
 
-TRAIN_ARGS = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_checkpointing", "false",
-              "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1"]
+TRAIN_ARGS = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +45,15 @@ def write_jsonl(folder, *, missing_image_row=None):
         image = folder / f"img{i}.png"
         if i != missing_image_row:
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
-        rows.append({"prompt": [{"role": "user", "content": "what colour is the cat ?"}], "images": [image.name],
-                     "chosen": "red", "rejected_language_bias": "yellow", "rejected_vision_bias": "a red cat"})
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": "what colour is the cat ?"}],
+                "images": [image.name],
+                "chosen": "red",
+                "rejected_language_bias": "yellow",
+                "rejected_vision_bias": "a red cat",
+            }
+        )
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -41,8 +62,22 @@ def write_jsonl(folder, *, missing_image_row=None):
 def test_napo_train_from_paths(saved_llava, tmp_path, capsys):
     dataset = write_jsonl(tmp_path)
     out = tmp_path / "out"
-    main(["train", "--dataset", str(dataset), "--model", str(saved_llava), "--output-dir", str(out),
-          "--q", "official", "--learning_rate", "1e-3", *TRAIN_ARGS])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(dataset),
+            "--model",
+            str(saved_llava),
+            "--output-dir",
+            str(out),
+            "--q",
+            "official",
+            "--learning_rate",
+            "1e-3",
+            *TRAIN_ARGS,
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"model: {out}" in printed
     history = json.loads((out / "log_history.json").read_text())
@@ -55,16 +90,40 @@ def test_napo_train_from_paths(saved_llava, tmp_path, capsys):
 
 def test_napo_train_lora_saves_an_adapter(saved_llava, tmp_path):
     out = tmp_path / "out"
-    main(["train", "--dataset", str(write_jsonl(tmp_path)), "--model", str(saved_llava), "--output-dir", str(out),
-          "--lora-rank", "4", "--lora-target-modules", "q_proj,v_proj", *TRAIN_ARGS])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(write_jsonl(tmp_path)),
+            "--model",
+            str(saved_llava),
+            "--output-dir",
+            str(out),
+            "--lora-rank",
+            "4",
+            "--lora-target-modules",
+            "q_proj,v_proj",
+            *TRAIN_ARGS,
+        ]
+    )
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
 
 
 def test_missing_image_stops_before_training_naming_the_row(saved_llava, tmp_path):
     dataset = write_jsonl(tmp_path, missing_image_row=2)
     with pytest.raises(SystemExit) as error:
-        main(["train", "--dataset", str(dataset), "--model", str(saved_llava), "--output-dir", str(tmp_path / "o"),
-              *TRAIN_ARGS])
+        main(
+            [
+                "train",
+                "--dataset",
+                str(dataset),
+                "--model",
+                str(saved_llava),
+                "--output-dir",
+                str(tmp_path / "o"),
+                *TRAIN_ARGS,
+            ]
+        )
     message = str(error.value)
     assert message.startswith("napo train:") and "row 2" in message and "img2.png" in message
     assert not (tmp_path / "o").exists()
@@ -84,11 +143,37 @@ def test_attention_and_padding_free_options(saved_llava, tmp_path):
     model, _ = load_model(str(saved_llava), attn_implementation="eager")
     assert model.config.get_text_config()._attn_implementation == "eager"
     out = tmp_path / "out"
-    main(["train", "--dataset", str(write_jsonl(tmp_path)), "--model", str(saved_llava), "--output-dir", str(out),
-          "--attn-implementation", "eager", "--padding_free", "true", *TRAIN_ARGS])
+    main(
+        [
+            "train",
+            "--dataset",
+            str(write_jsonl(tmp_path)),
+            "--model",
+            str(saved_llava),
+            "--output-dir",
+            str(out),
+            "--attn-implementation",
+            "eager",
+            "--padding_free",
+            "true",
+            *TRAIN_ARGS,
+        ]
+    )
     history = json.loads((out / "log_history.json").read_text())
     assert len([h for h in history if "loss" in h]) == 2
     if importlib.util.find_spec("xformers") is None:  # the gpu extra is absent: the error says how to get it
         with pytest.raises(SystemExit, match=r"napo train: .*napo\[gpu\]"):
-            main(["train", "--dataset", str(write_jsonl(tmp_path)), "--model", str(saved_llava),
-                  "--output-dir", str(tmp_path / "x"), "--attn-implementation", "xformers", *TRAIN_ARGS])
+            main(
+                [
+                    "train",
+                    "--dataset",
+                    str(write_jsonl(tmp_path)),
+                    "--model",
+                    str(saved_llava),
+                    "--output-dir",
+                    str(tmp_path / "x"),
+                    "--attn-implementation",
+                    "xformers",
+                    *TRAIN_ARGS,
+                ]
+            )

@@ -38,7 +38,9 @@ def preference_rows(n: int, *, vision: bool, columns=("rejected",), conversation
         row["chosen"] = COLOURS[i % len(COLOURS)]
         for k, column in enumerate(columns):
             # Multi-word negatives of different lengths, and a missing one, exercise padding and the pair index.
-            row[column] = None if (k == 1 and i % 3 == 0) else " ".join(COLOURS[(i + k + 1 + j) % 6] for j in range(k + 1))
+            row[column] = (
+                None if (k == 1 and i % 3 == 0) else " ".join(COLOURS[(i + k + 1 + j) % 6] for j in range(k + 1))
+            )
         if vision:
             row["images"] = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]
         rows.append(row)
@@ -110,19 +112,33 @@ def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(weights, tmp_pat
     columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
     base, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(6, vision=False, columns=columns)
-    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", per_device_train_batch_size=6, weights=weights,
-                      **{k: v for k, v in COMMON.items() if k != "per_device_train_batch_size"})
-    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
-                       processing_class=tokenizer)
+    args = NaPOConfig(
+        output_dir=str(tmp_path / "napo"),
+        objective="dpo",
+        per_device_train_batch_size=6,
+        weights=weights,
+        **{k: v for k, v in COMMON.items() if k != "per_device_train_batch_size"},
+    )
+    napo = NaPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     napo_loss, napo_grads = loss_and_grads(napo, fresh_rows(napo, 6))
 
     stock_losses, stock_grads, stock_margins = {}, {}, {}
     for column in columns:
         pairs = dataset.filter(lambda row: row[column] is not None).map(lambda row: {"rejected": row[column]})
         pairs = as_trl_pairs(pairs.select_columns(["prompt", "chosen", "rejected"]))
-        stock = DPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base),
-                           args=DPOConfig(output_dir=str(tmp_path / column), loss_type="sigmoid", **COMMON),
-                           train_dataset=pairs, processing_class=tokenizer)
+        stock = DPOTrainer(
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=DPOConfig(output_dir=str(tmp_path / column), loss_type="sigmoid", **COMMON),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+        )
         stock_losses[column], stock_grads[column] = loss_and_grads(stock, fresh_rows(stock, len(pairs)))
         stock_margins[column] = stock._metrics["train"]["rewards/margins"][-1]
     if weights == "fixed":
@@ -151,8 +167,13 @@ def test_adaptive_q_reads_the_variants_margin(variant, tmp_path):
     base, tokenizer = build_tiny_model("text", seed=0)
     alpha = 0.3
     args = NaPOConfig(output_dir=str(tmp_path), q=variant, alpha_vision_bias=alpha, beta=0.5, **COMMON)
-    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args,
-                       train_dataset=preference_rows(4, vision=False, columns=columns), processing_class=tokenizer)
+    napo = NaPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=args,
+        train_dataset=preference_rows(4, vision=False, columns=columns),
+        processing_class=tokenizer,
+    )
     loss_and_grads(napo, fresh_rows(napo, 4))
     logged = napo._metrics["train"]
     margin = logged["vision_bias/rewards/margins"][-1]
@@ -176,8 +197,12 @@ def test_napo_steps_lower_loss_and_move_q(use_lora, tmp_path):
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]) if use_lora else None
     trainer = NaPOTrainer(
         model=model,
-        args=NaPOConfig(output_dir=str(tmp_path), max_steps=12, learning_rate=5e-3 if use_lora else 2e-3,
-                        **{**COMMON, "per_device_train_batch_size": 8}),
+        args=NaPOConfig(
+            output_dir=str(tmp_path),
+            max_steps=12,
+            learning_rate=5e-3 if use_lora else 2e-3,
+            **{**COMMON, "per_device_train_batch_size": 8},
+        ),
         train_dataset=dataset,
         processing_class=processor,
         peft_config=peft_config,
@@ -204,8 +229,13 @@ def test_precomputed_reference_gives_the_same_losses(use_lora, tmp_path):
         model, processor = build_tiny_model("llava", seed=0)
         trainer = NaPOTrainer(
             model=model,
-            args=NaPOConfig(output_dir=str(tmp_path / str(precompute)), max_steps=3, learning_rate=2e-3,
-                            precompute_ref_log_probs=precompute, **COMMON),
+            args=NaPOConfig(
+                output_dir=str(tmp_path / str(precompute)),
+                max_steps=3,
+                learning_rate=2e-3,
+                precompute_ref_log_probs=precompute,
+                **COMMON,
+            ),
             train_dataset=dataset,
             processing_class=processor,
             peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]) if use_lora else None,
@@ -226,8 +256,9 @@ def test_other_vision_families_train(family, tmp_path):
     dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
     trainer = NaPOTrainer(
         model=model,
-        args=NaPOConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, precompute_ref_log_probs=True,
-                        **COMMON),
+        args=NaPOConfig(
+            output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, precompute_ref_log_probs=True, **COMMON
+        ),
         train_dataset=dataset,
         processing_class=processor,
     )
@@ -250,8 +281,12 @@ def test_bad_input_fails_before_training(breakage, message, tmp_path):
     model, tokenizer = build_tiny_model("text", seed=0)
     rows = breakage(preference_rows(4, vision=False).to_list())
     with pytest.raises(ValueError, match=message) as error:
-        NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
-                    train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        NaPOTrainer(
+            model=model,
+            args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
     if "row" in message:
         assert isinstance(error.value, RowError) and "chosen" in str(error.value)
 
@@ -259,8 +294,12 @@ def test_bad_input_fails_before_training(breakage, message, tmp_path):
 def test_standard_string_rows_and_config_validation(tmp_path):
     model, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(4, vision=False, conversational=False, columns=("rejected", "rejected_language_bias"))
-    trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path), max_steps=1, **COMMON),
-                          train_dataset=dataset, processing_class=tokenizer)
+    trainer = NaPOTrainer(
+        model=model,
+        args=NaPOConfig(output_dir=str(tmp_path), max_steps=1, **COMMON),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     # The original pair keeps DPO beside a bias-type negative; the bias type uses NaPO.
     assert trainer._type_objectives == {"rejected": "dpo", "rejected_language_bias": "napo"}
     assert sum(trainer._type_weights.values()) == pytest.approx(1.0)
@@ -279,15 +318,24 @@ def test_audio_language_model_trains_with_precomputed_reference(tmp_path):
     # and passes the clips to the processor; precomputed and on-the-fly reference give the same losses.
     rng = np.random.default_rng(0)
     dataset = preference_rows(4, vision=False, columns=("rejected_language_bias", "rejected_audio_bias"))
-    dataset = dataset.add_column("audios", [[(0.1 * rng.standard_normal(8000 + 800 * i)).astype(np.float32)]
-                                            for i in range(4)])
+    dataset = dataset.add_column(
+        "audios", [[(0.1 * rng.standard_normal(8000 + 800 * i)).astype(np.float32)] for i in range(4)]
+    )
     histories = {}
     for precompute in (False, True):
         model, processor = build_tiny_model("qwen2_audio", seed=0)
-        trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path / str(precompute)), max_steps=2,
-                                                           learning_rate=1e-3, precompute_ref_log_probs=precompute,
-                                                           **COMMON),
-                              train_dataset=dataset, processing_class=processor)
+        trainer = NaPOTrainer(
+            model=model,
+            args=NaPOConfig(
+                output_dir=str(tmp_path / str(precompute)),
+                max_steps=2,
+                learning_rate=1e-3,
+                precompute_ref_log_probs=precompute,
+                **COMMON,
+            ),
+            train_dataset=dataset,
+            processing_class=processor,
+        )
         batch = trainer.data_collator(fresh_rows(trainer, 2))
         audio_token = processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
         # 3 sequences per row here (chosen, 2 negatives; row 0 lacks the second): every one carries its clip.
@@ -304,17 +352,23 @@ def test_encode_images_once_flag_keeps_the_losses(tmp_path):
     histories = {}
     for once in (False, True):
         model, processor = build_tiny_model("llava", seed=0)
-        trainer = NaPOTrainer(model=model, args=NaPOConfig(output_dir=str(tmp_path / str(once)), max_steps=2,
-                                                           learning_rate=2e-3, encode_images_once=once, **COMMON),
-                              train_dataset=dataset, processing_class=processor)
+        trainer = NaPOTrainer(
+            model=model,
+            args=NaPOConfig(
+                output_dir=str(tmp_path / str(once)), max_steps=2, learning_rate=2e-3, encode_images_once=once, **COMMON
+            ),
+            train_dataset=dataset,
+            processing_class=processor,
+        )
         assert getattr(trainer.model.model, "_napo_encode_images_once", False) == once  # the lever is really on
         trainer.train()
         histories[once] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,deduplicates", [("llava", True), ("qwen2_vl", True), ("paligemma", True),
-                                                 ("idefics3", False)])
+@pytest.mark.parametrize(
+    "family,deduplicates", [("llava", True), ("qwen2_vl", True), ("paligemma", True), ("idefics3", False)]
+)
 def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(family, deduplicates, tmp_path):
     """Same loss and gradients with the lever on; the vision tower then sees each row's image once instead of once per
     sequence (10 sequences from 4 rows here), except on Idefics3, whose tiled images with a pixel mask keep the plain
@@ -324,11 +378,18 @@ def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(fami
     reference, processor = build_tiny_model(family, seed=0)
     reference.eval().requires_grad_(False)
     dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
-    trainer = NaPOTrainer(model=perturbed(reference).requires_grad_(True), ref_model=reference,
-                          args=NaPOConfig(output_dir=str(tmp_path), **COMMON), train_dataset=dataset,
-                          processing_class=processor)
-    tower = next(getattr(trainer.model.model, name) for name in ("vision_tower", "visual", "vision_model")
-                 if hasattr(trainer.model.model, name))
+    trainer = NaPOTrainer(
+        model=perturbed(reference).requires_grad_(True),
+        ref_model=reference,
+        args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
+        train_dataset=dataset,
+        processing_class=processor,
+    )
+    tower = next(
+        getattr(trainer.model.model, name)
+        for name in ("vision_tower", "visual", "vision_model")
+        if hasattr(trainer.model.model, name)
+    )
     images_seen = []
     tower.register_forward_hook(
         lambda module, args, kwargs, output: images_seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
@@ -343,7 +404,8 @@ def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(fami
     for name, grad in plain[1].items():
         torch.testing.assert_close(once[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     # Hooked on the policy's tower: the first call is the plain forward, the last the lever's.
-    sequences = sum(1 + sum(row[c] is not None for c in ("rejected_language_bias", "rejected_vision_bias"))
-                    for row in dataset)
+    sequences = sum(
+        1 + sum(row[c] is not None for c in ("rejected_language_bias", "rejected_vision_bias")) for row in dataset
+    )
     assert sequences == 10
     assert images_seen[0] * (4 if deduplicates else 1) == images_seen[-1] * (sequences if deduplicates else 1)

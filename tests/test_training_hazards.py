@@ -16,7 +16,8 @@ from napo.models import build_tiny_model
 def test_saturated_margins_warn_after_n_batches(beta, warned, tmp_path, caplog):
     base, tokenizer = build_tiny_model("text", seed=0)
     trainer = NaPOTrainer(
-        model=perturbed(base), ref_model=copy.deepcopy(base),
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
         args=NaPOConfig(output_dir=str(tmp_path), beta=beta, max_steps=3, saturation_warning_steps=3, **COMMON),
         train_dataset=preference_rows(12, vision=False, columns=("rejected", "rejected_language_bias")),
         processing_class=tokenizer,
@@ -35,9 +36,11 @@ def test_saturated_margins_warn_after_n_batches(beta, warned, tmp_path, caplog):
 def test_saturation_warning_waits_for_n_batches(tmp_path, caplog):
     base, tokenizer = build_tiny_model("text", seed=0)
     trainer = NaPOTrainer(
-        model=perturbed(base), ref_model=copy.deepcopy(base),
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
         args=NaPOConfig(output_dir=str(tmp_path), beta=1e6, max_steps=2, saturation_warning_steps=3, **COMMON),
-        train_dataset=preference_rows(8, vision=False), processing_class=tokenizer,
+        train_dataset=preference_rows(8, vision=False),
+        processing_class=tokenizer,
     )
     with caplog.at_level(logging.WARNING, logger="napo.trainer"):
         trainer.train()
@@ -51,9 +54,15 @@ def test_train_loss_averages_only_the_batches_trained(tmp_path):
     rows = preference_rows(4, vision=False).select([0, 1, 2, 3])  # subjects banana, cat, frog, banana
     trainer = NaPOTrainer(
         model=base,
-        args=NaPOConfig(output_dir=str(tmp_path), on_nonfinite="skip", max_steps=2, learning_rate=1e-2,
-                        **{**COMMON, "per_device_train_batch_size": 2}),
-        train_dataset=rows, processing_class=tokenizer,
+        args=NaPOConfig(
+            output_dir=str(tmp_path),
+            on_nonfinite="skip",
+            max_steps=2,
+            learning_rate=1e-2,
+            **{**COMMON, "per_device_train_batch_size": 2},
+        ),
+        train_dataset=rows,
+        processing_class=tokenizer,
     )
     # The default sampler shuffles: keep the dataset order so that "frog" is in the second batch.
     trainer._get_train_sampler = lambda *args: torch.utils.data.SequentialSampler(trainer.train_dataset)

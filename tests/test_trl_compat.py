@@ -16,14 +16,18 @@ from napo.models import build_tiny_model
 
 def _pair(tmp_path, base, tokenizer, dataset, napo_args: dict, trl_args: dict):
     napo = NaPOTrainer(
-        model=perturbed(base), ref_model=copy.deepcopy(base),
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
         args=NaPOConfig(output_dir=str(tmp_path / "napo"), **COMMON, **napo_args),
-        train_dataset=dataset, processing_class=tokenizer,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     stock = DPOTrainer(
-        model=perturbed(base), ref_model=copy.deepcopy(base),
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
         args=DPOConfig(output_dir=str(tmp_path / "trl"), **COMMON, **trl_args),
-        train_dataset=as_trl_pairs(dataset), processing_class=tokenizer,
+        train_dataset=as_trl_pairs(dataset),
+        processing_class=tokenizer,
     )
     return napo, stock
 
@@ -53,8 +57,9 @@ def _pair(tmp_path, base, tokenizer, dataset, napo_args: dict, trl_args: dict):
         {"ld_alpha": 0.5},
         {"loss_type": ["ipo", "aot"], "ld_alpha": 0.0},  # (TRL breaks sft + WPO: in-place on an expanded tensor)
     ],
-    ids=lambda s: "+".join(s.get("loss_type", ["sigmoid"])) + "".join(
-        f"-{k}={v}" for k, v in s.items() if k in ("f_divergence_type", "use_weighting", "ld_alpha")
+    ids=lambda s: (
+        "+".join(s.get("loss_type", ["sigmoid"]))
+        + "".join(f"-{k}={v}" for k, v in s.items() if k in ("f_divergence_type", "use_weighting", "ld_alpha"))
     ),
 )
 def test_trl_loss_type_equals_stock_trl_on_one_rejected_column(settings, tmp_path):
@@ -90,19 +95,29 @@ def test_loss_type_applies_to_rejected_beside_napo_bias_types(tmp_path):
     losses = {}
     for loss_type in ("sigmoid", "hinge"):
         trainer = NaPOTrainer(
-            model=perturbed(base), ref_model=copy.deepcopy(base),
-            args=NaPOConfig(output_dir=str(tmp_path / loss_type), objective="napo", loss_type=loss_type, q=0.5,
-                            weights="fixed", **COMMON),
-            train_dataset=dataset, processing_class=tokenizer,
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=NaPOConfig(
+                output_dir=str(tmp_path / loss_type),
+                objective="napo",
+                loss_type=loss_type,
+                q=0.5,
+                weights="fixed",
+                **COMMON,
+            ),
+            train_dataset=dataset,
+            processing_class=tokenizer,
         )
         losses[loss_type] = float(loss_and_grads(trainer, fresh_rows(trainer, 4))[0])
     stock_pairs = as_trl_pairs(dataset.select(range(4)).remove_columns("rejected_language_bias"))
     margins = {}
     for loss_type in ("sigmoid", "hinge"):
         stock = DPOTrainer(
-            model=perturbed(base), ref_model=copy.deepcopy(base),
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
             args=DPOConfig(output_dir=str(tmp_path / f"trl-{loss_type}"), loss_type=loss_type, **COMMON),
-            train_dataset=stock_pairs, processing_class=tokenizer,
+            train_dataset=stock_pairs,
+            processing_class=tokenizer,
         )
         margins[loss_type] = float(loss_and_grads(stock, fresh_rows(stock, 4))[0])
     gamma_rejected = 0.02 / (0.02 + 0.49)
@@ -133,8 +148,10 @@ def test_loss_type_with_napo_on_every_pair_is_refused(tmp_path):
     base, tokenizer = build_tiny_model("text", seed=0)
     with pytest.raises(ValueError, match="every pair is trained with NaPO"):
         NaPOTrainer(
-            model=base, args=NaPOConfig(output_dir=str(tmp_path), objective="napo", loss_type="ipo", **COMMON),
-            train_dataset=preference_rows(4, vision=False), processing_class=tokenizer,
+            model=base,
+            args=NaPOConfig(output_dir=str(tmp_path), objective="napo", loss_type="ipo", **COMMON),
+            train_dataset=preference_rows(4, vision=False),
+            processing_class=tokenizer,
         )
 
 
@@ -149,9 +166,18 @@ def _tiny_moe(model_type: str, vocab_size: int) -> torch.nn.Module:
     """A 2-layer mixture-of-experts causal LM built from its config (random weights, offline), router logits on."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts_per_tok=2,
-                 output_router_logits=True, router_aux_loss_coef=0.5)
+    sizes = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+    )
     if model_type == "qwen3_moe":
         sizes.update(num_experts=4, moe_intermediate_size=16, decoder_sparse_step=1)
     else:  # gpt_oss
@@ -191,8 +217,11 @@ def test_iterable_datasets_train_and_evaluate(eval_kind, tmp_path):
     stream = preference_rows(4, vision=False, seed=1).to_iterable_dataset()
     eval_dataset = {"stream": stream, "dict_of_streams": {"a": stream, "b": stream}, "none": None}[eval_kind]
     trainer = NaPOTrainer(
-        model=base, args=_args(tmp_path, max_steps=3, eval_strategy="steps" if eval_dataset else "no", eval_steps=2),
-        train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=base,
+        args=_args(tmp_path, max_steps=3, eval_strategy="steps" if eval_dataset else "no", eval_steps=2),
+        train_dataset=train,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -215,8 +244,13 @@ def test_precomputation_is_refused_for_streams_with_trls_message(where, tmp_path
     train = rows.to_iterable_dataset() if where == "train" else rows
     eval_dataset = rows.to_iterable_dataset() if where == "eval" else None
     with pytest.raises(ValueError, match="precompute_ref_log_probs.*not supported with IterableDataset"):
-        NaPOTrainer(model=base, args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
-                    train_dataset=train, eval_dataset=eval_dataset, processing_class=tokenizer)
+        NaPOTrainer(
+            model=base,
+            args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
+            train_dataset=train,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize("eval_kind", ["dataset", "dataset_dict", "dict_of_datasets"])
@@ -225,19 +259,35 @@ def test_evaluation_with_precomputed_reference_equals_live_reference(eval_kind, 
     # training reads them. Reference: the same trainer with the live reference model gives the same eval losses.
     base, tokenizer = build_tiny_model("text", seed=0)
     split = preference_rows(4, vision=False, seed=1)
-    eval_dataset = {"dataset": split, "dataset_dict": DatasetDict({"a": split, "b": split}),
-                    "dict_of_datasets": {"a": split, "b": split}}[eval_kind]
+    eval_dataset = {
+        "dataset": split,
+        "dataset_dict": DatasetDict({"a": split, "b": split}),
+        "dict_of_datasets": {"a": split, "b": split},
+    }[eval_kind]
     losses = {}
     for precompute in (False, True):
         trainer = NaPOTrainer(
-            model=perturbed(base), ref_model=copy.deepcopy(base),
-            args=_args(tmp_path / str(precompute), max_steps=2, eval_strategy="steps", eval_steps=1,
-                       precompute_ref_log_probs=precompute, learning_rate=1e-3),
-            train_dataset=preference_rows(8, vision=False), eval_dataset=eval_dataset, processing_class=tokenizer,
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=_args(
+                tmp_path / str(precompute),
+                max_steps=2,
+                eval_strategy="steps",
+                eval_steps=1,
+                precompute_ref_log_probs=precompute,
+                learning_rate=1e-3,
+            ),
+            train_dataset=preference_rows(8, vision=False),
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
         )
         trainer.train()
-        losses[precompute] = [v for log in trainer.state.log_history for k, v in sorted(log.items())
-                              if k.startswith("eval_") and k.endswith("_loss") or k == "eval_loss"]
+        losses[precompute] = [
+            v
+            for log in trainer.state.log_history
+            for k, v in sorted(log.items())
+            if k.startswith("eval_") and k.endswith("_loss") or k == "eval_loss"
+        ]
         losses[precompute] += list(trainer.evaluate().values())[:1]
     assert len(losses[True]) >= 3
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
@@ -245,8 +295,12 @@ def test_evaluation_with_precomputed_reference_equals_live_reference(eval_kind, 
 
 def test_evaluating_a_new_dataset_after_training_with_precomputation_gives_trls_refusal(tmp_path):
     base, tokenizer = build_tiny_model("text", seed=0)
-    trainer = NaPOTrainer(model=base, args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
-                          train_dataset=preference_rows(4, vision=False), processing_class=tokenizer)
+    trainer = NaPOTrainer(
+        model=base,
+        args=_args(tmp_path, max_steps=1, precompute_ref_log_probs=True),
+        train_dataset=preference_rows(4, vision=False),
+        processing_class=tokenizer,
+    )
     late = preference_rows(4, vision=False, seed=3)
     assert np.isfinite(trainer.evaluate(late)["eval_loss"])  # before training the model is the reference
     trainer.train()
@@ -259,8 +313,9 @@ def test_trls_error_texts_are_kept(tmp_path):
     with pytest.raises(ValueError, match="`train_dataset` is required"):
         NaPOTrainer(model=base, args=_args(tmp_path), processing_class=tokenizer)
     with pytest.raises(ValueError, match=r"text tokenizer.*The dataset appears to be vision-related"):
-        NaPOTrainer(model=base, args=_args(tmp_path), train_dataset=preference_rows(4, vision=True),
-                    processing_class=tokenizer)
+        NaPOTrainer(
+            model=base, args=_args(tmp_path), train_dataset=preference_rows(4, vision=True), processing_class=tokenizer
+        )
 
 
 def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
@@ -269,10 +324,20 @@ def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
     columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
     base, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(6, vision=False, columns=columns)
-    args = NaPOConfig(output_dir=str(tmp_path / "napo"), objective="dpo", ld_alpha=0.3, weights="fixed",
-                      **{**COMMON, "per_device_train_batch_size": 6})
-    napo = NaPOTrainer(model=perturbed(base), ref_model=copy.deepcopy(base), args=args, train_dataset=dataset,
-                       processing_class=tokenizer)
+    args = NaPOConfig(
+        output_dir=str(tmp_path / "napo"),
+        objective="dpo",
+        ld_alpha=0.3,
+        weights="fixed",
+        **{**COMMON, "per_device_train_batch_size": 6},
+    )
+    napo = NaPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     napo_loss, _ = loss_and_grads(napo, fresh_rows(napo, 6))
     weights = {c: args.negative_type_settings(c)[0] for c in columns}
     expected = 0.0
@@ -280,10 +345,13 @@ def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
         pairs = dataset.filter(lambda row: row[column] is not None).select_columns(["prompt", "chosen", column])
         pairs = as_trl_pairs(pairs.rename_column(column, "rejected") if column != "rejected" else pairs)
         stock = DPOTrainer(
-            model=perturbed(base), ref_model=copy.deepcopy(base),
-            args=DPOConfig(output_dir=str(tmp_path / column), ld_alpha=0.3,
-                           **{**COMMON, "per_device_train_batch_size": len(pairs)}),
-            train_dataset=pairs, processing_class=tokenizer,
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=DPOConfig(
+                output_dir=str(tmp_path / column), ld_alpha=0.3, **{**COMMON, "per_device_train_batch_size": len(pairs)}
+            ),
+            train_dataset=pairs,
+            processing_class=tokenizer,
         )
         stock_loss = float(loss_and_grads(stock, fresh_rows(stock, len(pairs)))[0])
         expected += weights[column] / sum(weights.values()) * stock_loss

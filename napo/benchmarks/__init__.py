@@ -26,10 +26,16 @@ BENCHMARKS = ("pope", "chair", "amber", "vlind")
 CHAIR_ID_KEYS = ("image_id", "question_id", "id")  # a caption's image id first
 DEFAULT_CAPTION_PROMPT = "Please describe this image in detail."
 # Metrics of `flat_metrics` where lower is better (hallucination rates, the prior followed).
-LOWER_IS_BETTER = frozenset({
-    "chair/chair_s", "chair/chair_i", "amber/generative/chair", "amber/generative/hal", "amber/generative/cog",
-    "vlind/language_prior_rate",
-})
+LOWER_IS_BETTER = frozenset(
+    {
+        "chair/chair_s",
+        "chair/chair_i",
+        "amber/generative/chair",
+        "amber/generative/hal",
+        "amber/generative/cog",
+        "vlind/language_prior_rate",
+    }
+)
 
 
 @dataclass
@@ -115,24 +121,35 @@ def load_benchmark(spec: BenchmarkSpec, answers: dict[str, tuple[str, str]] | No
         elif answers is not None:
             absent = [(key, where) for key, (_, where) in answers.items() if key not in objects]
             if absent:
-                raise ValueError(f"{absent[0][1]}: caption for image {absent[0][0]}, which is not in "
-                                 f"{spec.annotations[0]} ({len(absent)} such captions)")
+                raise ValueError(
+                    f"{absent[0][1]}: caption for image {absent[0][0]}, which is not in "
+                    f"{spec.annotations[0]} ({len(absent)} such captions)"
+                )
             questions = [q for q in images if id_key(q.question_id, "image") in answers]
         else:
             questions = images
-        return Benchmark(spec, {None: questions}, lambda answers: chair_scores(answers[None], objects),
-                         read=lambda path: read_answers(path, CHAIR_ID_KEYS))
+        return Benchmark(
+            spec,
+            {None: questions},
+            lambda answers: chair_scores(answers[None], objects),
+            read=lambda path: read_answers(path, CHAIR_ID_KEYS),
+        )
     if spec.name == "amber":
         from napo.benchmarks.amber import amber_scores, load_amber
 
         questions, annotations = load_amber(spec.data, spec.annotations[0])
-        return Benchmark(spec, {None: questions},
-                         lambda answers: amber_scores(answers[None], annotations, yes_no=spec.amber_yes_no))
+        return Benchmark(
+            spec, {None: questions}, lambda answers: amber_scores(answers[None], annotations, yes_no=spec.amber_yes_no)
+        )
     from napo.benchmarks.vlind import load_vlind, read_reference_predictions, vlind_scores
 
     questions, instances = load_vlind(spec.data[0], spec.vlind_prompts)
-    return Benchmark(spec, {None: questions}, lambda answers: vlind_scores(answers[None], instances),
-                     read=lambda path: read_reference_predictions(path, instances) or read_answers(path))
+    return Benchmark(
+        spec,
+        {None: questions},
+        lambda answers: vlind_scores(answers[None], instances),
+        read=lambda path: read_reference_predictions(path, instances) or read_answers(path),
+    )
 
 
 def evaluate(
@@ -164,10 +181,20 @@ def evaluate(
         model_id = model_id or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
         image_dir = spec.image_dir
         predictions = [
-            str(generate_answers(model, processing_class, questions,
-                                 answer_file_for(out, part if len(parts) > 1 else None), model_id=model_id,
-                                 image_dir=image_dir, prompt_suffix=prompt_suffix, batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, progress=progress))
+            str(
+                generate_answers(
+                    model,
+                    processing_class,
+                    questions,
+                    answer_file_for(out, part if len(parts) > 1 else None),
+                    model_id=model_id,
+                    image_dir=image_dir,
+                    prompt_suffix=prompt_suffix,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=progress,
+                )
+            )
             for part, questions in parts.items()
         ]
     keys = {part: [id_key(q.question_id, "question") for q in questions] for part, questions in parts.items()}
@@ -180,22 +207,28 @@ def evaluate(
         for part, ids in keys.items():
             for key in ids:
                 if key in owner:
-                    raise ValueError(f"question id {key} is in both {owner[key]} and {part}: pass one --predictions "
-                                     "file per --data file, in the same order")
+                    raise ValueError(
+                        f"question id {key} is in both {owner[key]} and {part}: pass one --predictions "
+                        "file per --data file, in the same order"
+                    )
                 owner[key] = part
         unknown = [key for key in answers if key not in owner]
         if unknown:
-            raise ValueError(f"{predictions[0]}: answers for ids that are not questions of this benchmark, e.g. "
-                             f"{unknown[:5]} ({answers[unknown[0]][1]})")
+            raise ValueError(
+                f"{predictions[0]}: answers for ids that are not questions of this benchmark, e.g. "
+                f"{unknown[:5]} ({answers[unknown[0]][1]})"
+            )
         per_part = {part: {k: v for k, v in answers.items() if owner[k] == part} for part in parts}
         sources = dict.fromkeys(parts, predictions[0])
     else:
-        raise ValueError(f"{len(predictions)} --predictions files for {len(parts)} --data files: pass one, or one per "
-                         "data file")
+        raise ValueError(
+            f"{len(predictions)} --predictions files for {len(parts)} --data files: pass one, or one per data file"
+        )
     matched, coverage = {}, {}
     for part in parts:
-        matched[part], coverage[part] = match_answers(keys[part], per_part[part], source=sources[part],
-                                                      allow_partial=allow_partial)
+        matched[part], coverage[part] = match_answers(
+            keys[part], per_part[part], source=sources[part], allow_partial=allow_partial
+        )
     metrics = benchmark.score(matched)
     if len(parts) > 1:
         for part in parts:
@@ -205,8 +238,15 @@ def evaluate(
         metrics["coverage"] = {"questions": total, "answered": answered, "fraction": answered / total}
     else:
         metrics["coverage"] = next(iter(coverage.values()))
-    record = {"benchmark": spec.name, "data": spec.data, "annotations": spec.annotations, "answers": predictions,
-              "model_id": model_id, "allow_partial": allow_partial, **metrics}
+    record = {
+        "benchmark": spec.name,
+        "data": spec.data,
+        "annotations": spec.annotations,
+        "answers": predictions,
+        "model_id": model_id,
+        "allow_partial": allow_partial,
+        **metrics,
+    }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
@@ -220,8 +260,15 @@ def evaluate_model(
     `options` go to `evaluate` (batch_size, max_new_tokens, prompt_suffix, ...)."""
     flat: dict[str, float] = {}
     for name, spec in parse_eval_spec(eval_spec).items():
-        record = evaluate(spec, out=Path(out_dir, f"{name}.json"), model=model, processing_class=processing_class,
-                          model_id=model_id, progress=False, **options)
+        record = evaluate(
+            spec,
+            out=Path(out_dir, f"{name}.json"),
+            model=model,
+            processing_class=processing_class,
+            model_id=model_id,
+            progress=False,
+            **options,
+        )
         flat.update(flat_metrics(name, record))
     return flat
 
@@ -286,8 +333,10 @@ def parse_eval_spec(text: str) -> dict[str, BenchmarkSpec]:
         elif option in ("image_dir", "prompt", "amber_yes_no", "vlind_prompts"):
             entry[option] = value
         else:
-            raise ValueError(f"--eval entry {item!r}: option {option!r}; expected image_dir, annotations, prompt, "
-                             "amber_yes_no or vlind_prompts")
+            raise ValueError(
+                f"--eval entry {item!r}: option {option!r}; expected image_dir, annotations, prompt, "
+                "amber_yes_no or vlind_prompts"
+            )
     specs = {}
     for name, entry in fields.items():
         if "image_dir" not in entry and entry["data"]:

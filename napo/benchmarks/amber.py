@@ -50,8 +50,16 @@ from napo.benchmarks.pope import pope_yes_no
 from napo.benchmarks.words import data_text, tokenize
 
 # WordNet's noun detachment rules (morphy), tried in this order, plus the unchanged word.
-_NOUN_SUFFIXES = (("s", ""), ("ses", "s"), ("xes", "x"), ("zes", "z"), ("ches", "ch"), ("shes", "sh"),
-                  ("men", "man"), ("ies", "y"))
+_NOUN_SUFFIXES = (
+    ("s", ""),
+    ("ses", "s"),
+    ("xes", "x"),
+    ("zes", "z"),
+    ("ches", "ch"),
+    ("shes", "sh"),
+    ("men", "man"),
+    ("ies", "y"),
+)
 _DIMENSIONS = {
     "discriminative-hallucination": "existence",
     "discriminative-attribute-state": "state",
@@ -141,7 +149,8 @@ def amber_scores(
             "mentions": counts["chair_num"],
         }
         out["reference_printout"] = {
-            name: round(100 * value, 1) for name, value in (
+            name: round(100 * value, 1)
+            for name, value in (
                 ("CHAIR", counts["chair_score"] / (counts["chair_num"] + 0.001)),
                 ("Cover", counts["safe_cover_score"] / (counts["safe_cover_num"] + 0.001)),
                 ("Hal", 1 - counts["non_hallu_score"] / (counts["non_hallu_num"] + 0.001)),
@@ -161,7 +170,8 @@ def amber_scores(
         for name, keys in groups.items():
             # The reference's existence F1 adds 0.001 to its denominator, the others 0.0001.
             scores, printout = _yes_no_scores(
-                [discriminative[k] for k in keys], [annotations[k]["truth"] for k in keys],
+                [discriminative[k] for k in keys],
+                [annotations[k]["truth"] for k in keys],
                 f1_epsilon=0.001 if name == "existence" else 0.0001,
             )
             out["discriminative"][name] = scores
@@ -172,8 +182,19 @@ def amber_scores(
 def _generative_counts(responses: dict[str, str], annotations: dict[str, dict], similar) -> dict[str, int]:
     """The reference's generative counters (inference.py main loop), without its 0.001 starting values."""
     association, _, global_safe = word_lists()
-    c = dict.fromkeys(("chair_score", "chair_num", "safe_cover_score", "safe_cover_num", "hallu_cover_score",
-                       "hallu_cover_num", "non_hallu_score", "non_hallu_num"), 0)
+    c = dict.fromkeys(
+        (
+            "chair_score",
+            "chair_num",
+            "safe_cover_score",
+            "safe_cover_num",
+            "hallu_cover_score",
+            "hallu_cover_num",
+            "non_hallu_score",
+            "non_hallu_num",
+        ),
+        0,
+    )
     for key, response in responses.items():
         ann = annotations[key]
         nouns = response_nouns(response)

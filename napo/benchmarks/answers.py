@@ -95,8 +95,10 @@ def read_answers(path: str | os.PathLike, id_keys: Sequence[str] = ID_KEYS) -> d
         id_field = next((k for k in id_keys if k in record), None)
         text_field = next((k for k in TEXT_KEYS if k in record), None)
         if id_field is None or text_field is None:
-            raise ValueError(f"{where}: expected an id ({'/'.join(id_keys)}) and an answer ({'/'.join(TEXT_KEYS)}); "
-                             f"got keys {sorted(record)}")
+            raise ValueError(
+                f"{where}: expected an id ({'/'.join(id_keys)}) and an answer ({'/'.join(TEXT_KEYS)}); "
+                f"got keys {sorted(record)}"
+            )
         key = id_key(record[id_field], where)
         if not isinstance(record[text_field], str):
             raise ValueError(f"{where}: {text_field} of id {key} is {record[text_field]!r}; expected a string")
@@ -119,12 +121,16 @@ def match_answers(
     unknown = [key for key in answers if key not in wanted]
     if unknown:
         first = answers[unknown[0]][1]
-        raise ValueError(f"{source}: {len(unknown)} answers for ids that are not questions of this benchmark, e.g. "
-                         f"{unknown[:5]} ({first}); answer files of another benchmark or split?")
+        raise ValueError(
+            f"{source}: {len(unknown)} answers for ids that are not questions of this benchmark, e.g. "
+            f"{unknown[:5]} ({first}); answer files of another benchmark or split?"
+        )
     missing = [key for key in question_ids if key not in answers]
     if missing and not allow_partial:
-        raise ValueError(f"{source}: {len(missing)} of {len(question_ids)} questions have no answer, e.g. ids "
-                         f"{missing[:5]}; answer them all, or pass --allow-partial to score the answered ones")
+        raise ValueError(
+            f"{source}: {len(missing)} of {len(question_ids)} questions have no answer, e.g. ids "
+            f"{missing[:5]}; answer them all, or pass --allow-partial to score the answered ones"
+        )
     if len(missing) == len(question_ids):
         raise ValueError(f"{source}: none of the {len(question_ids)} questions has an answer")
     matched = {key: answers[key][0] for key in question_ids if key in answers}
@@ -178,15 +184,26 @@ def generate_answers(
                 if q.image is not None:
                     path = Path(image_dir or ".", q.image)
                     if not path.is_file():
-                        raise ValueError(f"question {q.question_id}: image {path} not found; pass --image-dir, the "
-                                         "folder the benchmark's image names are relative to")
+                        raise ValueError(
+                            f"question {q.question_id}: image {path} not found; pass --image-dir, the "
+                            "folder the benchmark's image names are relative to"
+                        )
                     with Image.open(path) as image:
                         sample["images"] = [image.convert("RGB")]
                 samples.append(sample)
             texts = generate(model, processing_class, samples, batch_size=batch_size, max_new_tokens=max_new_tokens)
             for q, text in zip(batch, texts):
-                out.write(json.dumps({"question_id": q.question_id, "prompt": q.text + prompt_suffix, "text": text,
-                                      "model_id": model_id}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "question_id": q.question_id,
+                            "prompt": q.text + prompt_suffix,
+                            "text": text,
+                            "model_id": model_id,
+                        }
+                    )
+                    + "\n"
+                )
             out.flush()
             bar.update(len(batch))
     bar.close()
@@ -204,12 +221,15 @@ def _resume(answer_file: Path, keys: dict[str, Question], model_id: str) -> set[
     done = set()
     for where, record in read_records(answer_file) if raw.strip() else []:
         if record.get("model_id") != model_id:
-            raise ValueError(f"{where}: answer of model {record.get('model_id')!r}, but this run answers with "
-                             f"{model_id!r}; use another --out or delete {answer_file}")
+            raise ValueError(
+                f"{where}: answer of model {record.get('model_id')!r}, but this run answers with "
+                f"{model_id!r}; use another --out or delete {answer_file}"
+            )
         key = id_key(record.get("question_id"), where)
         if key not in keys:
-            raise ValueError(f"{where}: question {key} is not in this benchmark's data; use another --out or delete "
-                             f"{answer_file}")
+            raise ValueError(
+                f"{where}: question {key} is not in this benchmark's data; use another --out or delete {answer_file}"
+            )
         done.add(key)
     return done
 
@@ -218,4 +238,3 @@ def answer_file_for(out: str | os.PathLike, split: str | None = None) -> Path:
     """Where answers generated for the metrics file `out` go: beside it, `<out stem>.answers[.<split>].jsonl`."""
     out = Path(out)
     return out.with_name(f"{out.stem}.answers{'.' + split if split else ''}.jsonl")
-

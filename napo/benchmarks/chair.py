@@ -32,10 +32,33 @@ from napo.benchmarks.words import data_text, singularize, tokenize
 # The reference's hard-coded phrases (utils/chair.py, CHAIR.__init__), as data: two-word COCO objects kept as one
 # word, and qualifiers that would otherwise fire "person" ("baby bird" -> bird, "passenger train" -> train).
 _DOUBLE_WORDS = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal", "stop light",
-    "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball", "baseball bat", "baseball glove",
-    "tennis racket", "wine glass", "hot dog", "cell phone", "mobile phone", "teddy bear", "hair drier",
-    "potted plant", "bow tie", "laptop computer", "stove top oven", "home plate", "train track",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 )
 _ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 _VEHICLE_WORDS = ("jet", "train")
@@ -99,8 +122,10 @@ def load_chair(
     for i, ann in enumerate(data["annotations"]):
         key = id_key(ann.get("image_id"), f"{instances} annotations[{i}]")
         if key not in objects or ann.get("category_id") not in names:
-            raise ValueError(f"{instances} annotations[{i}]: image {key} / category {ann.get('category_id')} is not "
-                             "listed in the file's images / categories")
+            raise ValueError(
+                f"{instances} annotations[{i}]: image {key} / category {ann.get('category_id')} is not "
+                "listed in the file's images / categories"
+            )
         objects[key].add(canonical[names[ann["category_id"]]])
     for path in captions:
         for i, ann in enumerate(_load_json(path, ("annotations",))["annotations"]):
@@ -122,10 +147,15 @@ def chair_scores(captions: dict[str, str], objects: dict[str, set[str]]) -> dict
         hallucinated_captions += bool(hallucinated)
         found += len({obj for _, obj in found_objects} & gt)
         truth += len(gt)
-        sentences.append({
-            "image_id": key, "caption": caption, "hallucinated": hallucinated,
-            "mentioned": [obj for _, obj in found_objects], "ground_truth": sorted(gt),
-        })
+        sentences.append(
+            {
+                "image_id": key,
+                "caption": caption,
+                "hallucinated": hallucinated,
+                "mentioned": [obj for _, obj in found_objects],
+                "ground_truth": sorted(gt),
+            }
+        )
     return {
         "chair_s": hallucinated_captions / len(captions),
         "chair_i": hallucinated_mentions / mentions if mentions else 0.0,

@@ -23,7 +23,7 @@ from napo.benchmarks.answers import Question, id_key, read_records
 
 
 def pope_yes_no(text: str) -> str:
-    """"yes" or "no" by LLaVA's eval_pope rule (module docstring)."""
+    """ "yes" or "no" by LLaVA's eval_pope rule (module docstring)."""
     if text.find(".") != -1:
         text = text.split(".")[0]
     words = text.replace(",", "").split(" ")
@@ -51,8 +51,10 @@ def load_pope(paths: Sequence[str | os.PathLike]) -> tuple[dict[str, list[Questi
         for where, record in read_records(path):
             missing = [k for k in ("question_id", "image", "text", "label") if k not in record]
             if missing:
-                raise ValueError(f"{where}: missing {missing}; POPE questions have question_id, image, text and label "
-                                 "(LLaVA's llava_pope_test.jsonl has no labels: pass POPE's coco_pope_<split>.json)")
+                raise ValueError(
+                    f"{where}: missing {missing}; POPE questions have question_id, image, text and label "
+                    "(LLaVA's llava_pope_test.jsonl has no labels: pass POPE's coco_pope_<split>.json)"
+                )
             key = id_key(record["question_id"], where)
             if key in labels[split]:
                 raise ValueError(f"{where}: duplicate question_id {key} in {path}")

@@ -38,7 +38,7 @@ VOTE_THRESHOLD = 2  # score_pipeline.py's default --vote_thres
 
 
 def true_or_false(response: str) -> str:
-    """"True", "False" or "NA" by the reference's infer_true_or_false (module docstring)."""
+    """ "True", "False" or "NA" by the reference's infer_true_or_false (module docstring)."""
     for word in response.lower().replace("\n", " ").replace(",", "").replace(".", "").split(" "):
         if word == "true":
             return "True"
@@ -62,8 +62,18 @@ def load_vlind(data: str | os.PathLike, prompts: str = "instructblip") -> tuple[
         raise ValueError(f"vlind prompts {prompts!r}: expected one of {', '.join(PROMPT_SETS)}")
     table = json.loads(data_text("vlind_prompts.json"))
     templates, object_statement = table[prompts], table["object"]
-    fields = ("concept", "context_id", "context", "factual_context", "true_statement", "false_statement",
-              "existent_noun", "non-existent_noun", "best_img_id", "aggregated_human_label_good_images")
+    fields = (
+        "concept",
+        "context_id",
+        "context",
+        "factual_context",
+        "true_statement",
+        "false_statement",
+        "existent_noun",
+        "non-existent_noun",
+        "best_img_id",
+        "aggregated_human_label_good_images",
+    )
     questions, kept = [], []
     for index, (where, item) in enumerate(read_records(data)):
         missing = [f for f in fields if f not in item]
@@ -98,6 +108,7 @@ def load_vlind(data: str | os.PathLike, prompts: str = "instructblip") -> tuple[
 def vlind_scores(answers: dict[str, str], instances: list[dict]) -> dict[str, float | int]:
     """The pipeline scores and accuracies of the module docstring over the instances all of whose questions are
     answered (the others are left out: a test needs both of its answers)."""
+
     def passed(i: int, first: str, second: str, expect: tuple[str, str] = ("True", "False")) -> bool:
         return (true_or_false(answers[f"{i}/{first}"]), true_or_false(answers[f"{i}/{second}"])) == expect
 
@@ -132,7 +143,6 @@ def vlind_scores(answers: dict[str, str], instances: list[dict]) -> dict[str, fl
     }
 
 
-
 def read_reference_predictions(path: str | os.PathLike, instances: list[dict]) -> dict[str, tuple[str, str]] | None:
     """Answers from a file the reference's own eval scripts wrote (data.json with "<model>_pred_a1_image",
     "_b1", "_c1_image", "_d1": {image id: {"response"}} ... per instance), as {question id: (response, where)};
@@ -151,8 +161,10 @@ def read_reference_predictions(path: str | os.PathLike, instances: list[dict]) -
             raise ValueError(f"{path}: {len(records)} instances, fewer than the data file's")
         where, record = records[i]
         if (record.get("concept"), record.get("context_id")) != (inst["concept"], inst["context_id"]):
-            raise ValueError(f"{where}: concept/context_id {record.get('concept')!r}/{record.get('context_id')!r}, "
-                             f"but the data file's instance {i} is {inst['concept']!r}/{inst['context_id']!r}")
+            raise ValueError(
+                f"{where}: concept/context_id {record.get('concept')!r}/{record.get('context_id')!r}, "
+                f"but the data file's instance {i} is {inst['concept']!r}/{inst['context_id']!r}"
+            )
         for test, field in fields.items():
             if f"{prefix}_{field}" in record:
                 answers[f"{i}/{test}"] = (record[f"{prefix}_{field}"]["response"], where)

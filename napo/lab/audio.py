@@ -103,10 +103,21 @@ class AudioLabSettings:
 
     @classmethod
     def quick(cls) -> AudioLabSettings:
-        return cls(n_train=64, sft_steps=4, sft_batch_size=16, n_pairs=8, n_counterfactual_pairs=4, pref_steps=2, pref_batch_size=4, n_eval=4)
+        return cls(
+            n_train=64,
+            sft_steps=4,
+            sft_batch_size=16,
+            n_pairs=8,
+            n_counterfactual_pairs=4,
+            pref_steps=2,
+            pref_batch_size=4,
+            n_eval=4,
+        )
 
 
-def prepare_audio_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False) -> dict[str, Any]:
+def prepare_audio_lab(
+    out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False
+) -> dict[str, Any]:
     """SFT the audio lab model and build its preference pairs, reusing both when cached with the same settings.
 
     Args:
@@ -139,7 +150,12 @@ def prepare_audio_lab(out_dir: str | Path, *, recipe: str | dict | None = None, 
 
 
 def audio_modality_metrics(
-    model: PreTrainedModel, processor: ProcessorMixin, rows: Sequence[dict], *, batch_size: int = 64, max_new_tokens: int = 4
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    rows: Sequence[dict],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 4,
 ) -> dict[str, Any]:
     """Answer rows with and without each modality and measure how much the answer rests on the audio.
 
@@ -162,8 +178,13 @@ def audio_modality_metrics(
         "neither": [perturb.apply(f"{NO_AUDIO}+{NO_QUESTION}", row) for row in rows],
     }
     kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    answers = {name: generate(model, processor, variants[name], **kwargs) for name in ("full", "no_audio", "no_question")}
-    values = {name: answer_log_probs(model, processor, samples, reference, batch_size=batch_size) for name, samples in variants.items()}
+    answers = {
+        name: generate(model, processor, variants[name], **kwargs) for name in ("full", "no_audio", "no_question")
+    }
+    values = {
+        name: answer_log_probs(model, processor, samples, reference, batch_size=batch_size)
+        for name, samples in variants.items()
+    }
     shapley = modality_shapley(values["full"], values["no_audio"], values["no_question"], values["neither"])
     return {
         "accuracy": accuracy(answers["full"], reference),
@@ -177,7 +198,10 @@ def audio_modality_metrics(
 
 
 def evaluate_audio_model(
-    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin], lab: dict[str, Any], *, n: int | None = None
+    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin],
+    lab: dict[str, Any],
+    *,
+    n: int | None = None,
 ) -> dict[str, float]:
     """The audio lab's bias metrics of one model, all in [0, 1].
 
@@ -234,23 +258,42 @@ def run_audio_lab(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lab = prepare_audio_lab(out, recipe=recipe, quick=quick)
-    log(f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows")
+    log(
+        f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows"
+    )
     settings = lab["settings"]
-    metrics: dict[str, list[dict[str, float]]] = {"sft": [evaluate_audio_model(lab["sft_dir"], lab)], "dpo": [], "napo": []}
+    metrics: dict[str, list[dict[str, float]]] = {
+        "sft": [evaluate_audio_model(lab["sft_dir"], lab)],
+        "dpo": [],
+        "napo": [],
+    }
     log(f"[audio lab] sft: {_summary(metrics['sft'][0])}")
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         for objective in ("dpo", "napo"):
             run = train_preference(
-                lab["sft_dir"], lab["pairs_dir"], Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
-                objective=objective, seed=seed, max_steps=settings["pref_steps"], beta=settings["beta"],
-                learning_rate=settings["pref_lr"], per_device_train_batch_size=settings["pref_batch_size"],
+                lab["sft_dir"],
+                lab["pairs_dir"],
+                Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
+                objective=objective,
+                seed=seed,
+                max_steps=settings["pref_steps"],
+                beta=settings["beta"],
+                learning_rate=settings["pref_lr"],
+                per_device_train_batch_size=settings["pref_batch_size"],
                 logging_steps=1,  # short runs: the report's final q and margins are those of the last step
             )
             m = evaluate_audio_model(run["model_dir"], lab)
             metrics[objective].append(m)
-            runs.append({"objective": objective, "seed": seed, "train_wall_time_s": run["wall_time_s"], "metrics": m,
-                         "final_log": _last_q_and_margins(run["log_history"])})
+            runs.append(
+                {
+                    "objective": objective,
+                    "seed": seed,
+                    "train_wall_time_s": run["wall_time_s"],
+                    "metrics": m,
+                    "final_log": _last_q_and_margins(run["log_history"]),
+                }
+            )
             log(f"[audio lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
     report = {
         "command": command or "python -m napo.lab.audio" + (" --quick" if quick else ""),
@@ -296,7 +339,10 @@ def render_audio_report(report: dict[str, Any]) -> str:
         "| metric | " + " | ".join(models) + " |",
         "|---" * (len(models) + 1) + "|",
     ]
-    lines += [f"| {metric} | " + " | ".join(_cell(models[name][metric]) for name in models) + " |" for metric in REPORT_METRICS]
+    lines += [
+        f"| {metric} | " + " | ".join(_cell(models[name][metric]) for name in models) + " |"
+        for metric in REPORT_METRICS
+    ]
     m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in models.items()}
     sft = m["sft"]
     lines += [
@@ -328,19 +374,29 @@ def render_audio_report(report: dict[str, Any]) -> str:
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
     spread = max(models[name]["counterfactual_accuracy"]["std"] for name in ("dpo", "napo"))
     if abs(diff) <= max(2 * spread, 0.01):
-        lines.append(f"- **NaPO vs DPO**: counterfactual accuracy differs by {diff:+.3f}, within twice the seed spread "
-                     f"({spread:.3f}): on these clean pairs neither objective is ahead.")
+        lines.append(
+            f"- **NaPO vs DPO**: counterfactual accuracy differs by {diff:+.3f}, within twice the seed spread "
+            f"({spread:.3f}): on these clean pairs neither objective is ahead."
+        )
     else:
-        lines.append(f"- **NaPO vs DPO**: {'NaPO' if diff > 0 else 'DPO'} is ahead on counterfactual accuracy by "
-                     f"{abs(diff):.3f} (seed spread {spread:.3f}, {len(report['seeds'])} seeds).")
+        lines.append(
+            f"- **NaPO vs DPO**: {'NaPO' if diff > 0 else 'DPO'} is ahead on counterfactual accuracy by "
+            f"{abs(diff):.3f} (seed spread {spread:.3f}, {len(report['seeds'])} seeds)."
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m napo.lab.audio`: run the audio lab and write the report into --out."""
     parser = argparse.ArgumentParser(prog="python -m napo.lab.audio", description=run_audio_lab.__doc__)
-    parser.add_argument("--out", default="benchmarks/lab", help="folder for audio_report.{json,md} and the cache (default: benchmarks/lab)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/lab",
+        help="folder for audio_report.{json,md} and the cache (default: benchmarks/lab)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)"
+    )
     parser.add_argument("--recipe", default=None, help="an audio recipe YAML (default: napo/lab/recipes/sounds.yaml)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
     args = parser.parse_args(argv)
@@ -360,12 +416,19 @@ def _rows(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[dict[st
     return rows
 
 
-def _build_model(recipe: dict[str, Any], settings: AudioLabSettings, seed: int) -> tuple[PreTrainedModel, ProcessorMixin]:
+def _build_model(
+    recipe: dict[str, Any], settings: AudioLabSettings, seed: int
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A fresh lab Qwen2-Audio whose feature extractor keeps the whole clip (whole seconds, rounded up)."""
     tokenizer = build_tokenizer([*vocabulary(recipe), *GENERIC_PROMPT_WORDS])
     seconds = math.ceil(recipe["audio"]["seconds"])
     model, processor = build_tiny_model(
-        "qwen2_audio", tokenizer, hidden_size=settings.hidden, num_layers=settings.layers, audio_seconds=seconds, seed=seed
+        "qwen2_audio",
+        tokenizer,
+        hidden_size=settings.hidden,
+        num_layers=settings.layers,
+        audio_seconds=seconds,
+        seed=seed,
     )
     if settings.encoder_conv_gain:  # see AudioLabSettings: He-scaled convolutions, so the clip outweighs the biases
         encoder = _audio_encoder(model)
@@ -385,8 +448,18 @@ def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed:
     start = time.perf_counter()
     model, processor = _build_model(recipe, settings, seed)
     rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
-    supervised_fine_tune(folder, model, processor, rows, steps=settings.sft_steps, batch_size=settings.sft_batch_size,
-                         lr=settings.sft_lr, seed=seed, log_prefix="[audio lab]", log_every=50)
+    supervised_fine_tune(
+        folder,
+        model,
+        processor,
+        rows,
+        steps=settings.sft_steps,
+        batch_size=settings.sft_batch_size,
+        lr=settings.sft_lr,
+        seed=seed,
+        log_prefix="[audio lab]",
+        log_every=50,
+    )
     return folder, time.perf_counter() - start
 
 
@@ -396,7 +469,9 @@ def _audio_encoder(model: PreTrainedModel) -> torch.nn.Module:
     return inner.audio_tower if hasattr(inner, "audio_tower") else model.audio_tower
 
 
-def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioLabSettings) -> tuple[Path, dict[str, Any], float]:
+def _pairs(
+    folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioLabSettings
+) -> tuple[Path, dict[str, Any], float]:
     """Language- and audio-biased negatives from the SFT model on held-out clips, with `napo pairs`' audio defaults."""
     from napo.pairs import PairsConfig, build_pairs
 
@@ -416,7 +491,12 @@ def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioL
         },
         features=datasets.Features(
             {
-                "prompt": [{"role": datasets.Value("string"), "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+                "prompt": [
+                    {
+                        "role": datasets.Value("string"),
+                        "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
+                    }
+                ],
                 "audios": datasets.List(datasets.List(datasets.Value("float32"))),
                 "sampling_rate": datasets.Value("int32"),
                 "chosen": datasets.Value("string"),
@@ -426,7 +506,9 @@ def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioL
     source_dir = folder.parent / "pairs-source"
     source.save_to_disk(str(source_dir))
     model, processor = load_model(str(sft_dir))
-    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=8)
+    config = PairsConfig(
+        source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=8
+    )
     stats = build_pairs(config, model=model, processing_class=processor, progress=False)
     return folder / "dataset", stats, time.perf_counter() - start
 

@@ -108,8 +108,13 @@ def annotator_noise(
     return label_pairs(out.select_columns(order)), erred
 
 
-def annotator_error(row: dict[str, Any], general_negative: str | None, recipe: dict[str, Any],
-                    rng: np.random.Generator, prior_share: float = 0.5) -> str:
+def annotator_error(
+    row: dict[str, Any],
+    general_negative: str | None,
+    recipe: dict[str, Any],
+    rng: np.random.Generator,
+    prior_share: float = 0.5,
+) -> str:
     """The wrong answer the annotator gives for one row (see `annotator_noise`)."""
     truth, prior = row["answer"], row["prior_answer"]
     if row["kind"] == "attribute":

@@ -114,8 +114,14 @@ PER_NOISE_SPLITS = {
 }
 
 
-def prepare_lab(out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False,
-                keep_identical: bool = True) -> dict[str, Any]:
+def prepare_lab(
+    out_dir: str | Path,
+    *,
+    recipe: str | dict | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    keep_identical: bool = True,
+) -> dict[str, Any]:
     """SFT the lab model and build its preference pairs, reusing both when cached with the same settings.
 
     Args:
@@ -214,7 +220,12 @@ def train_preference(
     model_dir = Path(out_dir) / "model"
     trainer.model.save_pretrained(model_dir)
     processor.save_pretrained(model_dir)
-    return {"model_dir": str(model_dir), "log_history": trainer.state.log_history, "wall_time_s": wall, "noisy_rows": noisy}
+    return {
+        "model_dir": str(model_dir),
+        "log_history": trainer.state.log_history,
+        "wall_time_s": wall,
+        "noisy_rows": noisy,
+    }
 
 
 def evaluate_lab_model(
@@ -270,7 +281,9 @@ def run_lab(
     out.mkdir(parents=True, exist_ok=True)
     log(f"[lab] preparing SFT model and pairs in {out / 'cache'}")
     lab = prepare_lab(out, recipe=recipe, quick=quick, keep_identical=keep_identical)
-    log(f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows")
+    log(
+        f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows"
+    )
     metrics: dict[str, list[dict[str, float]]] = {"sft": [], "dpo": [], "napo": []}
     shares: dict[str, list[float]] = {"sft": [], "dpo": [], "napo": []}
     runs: list[dict[str, Any]] = []
@@ -282,14 +295,25 @@ def run_lab(
     for seed in seeds:
         for objective in ("dpo", "napo"):
             run = train_preference(
-                lab["sft_dir"], lab["pairs_dir"], Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
-                objective=objective, seed=seed, max_steps=steps,
+                lab["sft_dir"],
+                lab["pairs_dir"],
+                Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
+                objective=objective,
+                seed=seed,
+                max_steps=steps,
             )
             m, s = _evaluate(run["model_dir"], lab, None)
             metrics[objective].append(m)
             shares[objective].extend(s)
-            runs.append({"objective": objective, "seed": seed, "train_wall_time_s": run["wall_time_s"], "metrics": m,
-                         "final_log": _last_q_and_margins(run["log_history"])})
+            runs.append(
+                {
+                    "objective": objective,
+                    "seed": seed,
+                    "train_wall_time_s": run["wall_time_s"],
+                    "metrics": m,
+                    "final_log": _last_q_and_margins(run["log_history"]),
+                }
+            )
             log(f"[lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
     report = {
         "command": command or "napo lab" + (" --quick" if quick else ""),
@@ -304,7 +328,9 @@ def run_lab(
         "pairs_wall_time_s": lab["pairs_wall_time_s"],
         "models": {name: _mean_std(rows) for name, rows in metrics.items()},
         "runs": runs,
-        "image_share_histograms": {name: np.histogram(v, bins=10, range=(0, 1))[0].tolist() for name, v in shares.items()},
+        "image_share_histograms": {
+            name: np.histogram(v, bins=10, range=(0, 1))[0].tolist() for name, v in shares.items()
+        },
     }
     report["wall_time_s"] = time.perf_counter() - start  # before plotting: what the pipeline took
     # CPU seconds of this process (all threads): on a shared machine the wall time also counts other jobs' turns.
@@ -348,17 +374,29 @@ def render_report(report: dict[str, Any]) -> str:
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     if "sft_gate" in report:
         gate = report["sft_gate"]
-        lines += ["", "SFT gate (lab v2): " + ", ".join(
-            f"{name} {c['value']:.3f} in [{c['range'][0]}, {c['range'][1]}] {'✓' if c['pass'] else '✗'}"
-            for name, c in gate.items() if name != "pass") + (" — passed." if gate["pass"] else " — NOT passed.")]
+        lines += [
+            "",
+            "SFT gate (lab v2): "
+            + ", ".join(
+                f"{name} {c['value']:.3f} in [{c['range'][0]}, {c['range'][1]}] {'✓' if c['pass'] else '✗'}"
+                for name, c in gate.items()
+                if name != "pass"
+            )
+            + (" — passed." if gate["pass"] else " — NOT passed."),
+        ]
     pairs = report["pairs"]
     lines += [
         "",
         f"Pairs: {pairs['rows_written']} rows; "
-        + "; ".join(f"{column} ({n['spec']}) {n['written']} written, {n['identical_to_chosen']} identical to chosen "
-                    + ("kept (ties: z ≡ 0, no gradient; they pull ψ and the type's dynamic weight towards 0)"
-                       if n.get("identical_kept") else "dropped")
-                    for column, n in pairs["negatives"].items())
+        + "; ".join(
+            f"{column} ({n['spec']}) {n['written']} written, {n['identical_to_chosen']} identical to chosen "
+            + (
+                "kept (ties: z ≡ 0, no gradient; they pull ψ and the type's dynamic weight towards 0)"
+                if n.get("identical_kept")
+                else "dropped"
+            )
+            for column, n in pairs["negatives"].items()
+        )
         + ". Blind agreement, question-blind agreement, prior following and image share are measured on the "
         "counterfactual split; POPE values are means over random / popular / adversarial.",
         "",
@@ -414,8 +452,18 @@ def _sft(folder: Path, recipe: dict[str, Any], settings: LabSettings, seed: int)
     start = time.perf_counter()
     model, processor = _build_model(recipe, settings, seed)
     rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
-    supervised_fine_tune(folder, model, processor, rows, steps=settings.sft_steps, batch_size=settings.sft_batch_size,
-                         lr=settings.sft_lr, seed=seed, log_prefix="[lab]", log_every=100)
+    supervised_fine_tune(
+        folder,
+        model,
+        processor,
+        rows,
+        steps=settings.sft_steps,
+        batch_size=settings.sft_batch_size,
+        lr=settings.sft_lr,
+        seed=seed,
+        log_prefix="[lab]",
+        log_every=100,
+    )
     return folder, time.perf_counter() - start
 
 
@@ -475,8 +523,9 @@ def supervised_fine_tune(
 PAIR_METADATA = ("answer", "prior_answer", "kind", "target", "image_noise")
 
 
-def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings,
-           seed: int = 0) -> tuple[Path, dict[str, Any], float]:
+def _pairs(
+    folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSettings, seed: int = 0
+) -> tuple[Path, dict[str, Any], float]:
     """Preference rows as the paper builds them, from the SFT model on held-out prompts (`napo pairs`).
 
     Source rows: the `pairs` split (the train distribution) plus `n_counterfactual_pairs` rows drawn like the
@@ -522,9 +571,17 @@ def _pairs(folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: LabSet
     source_dir = folder.parent / "pairs-source"
     source.save_to_disk(str(source_dir))
     model, processor = load_model(str(sft_dir))
-    config = PairsConfig(source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=16,
-                         do_sample=True, temperature=settings.pair_temperature, seed=seed,
-                         keep_identical=settings.keep_identical)
+    config = PairsConfig(
+        source=str(source_dir),
+        model=str(sft_dir),
+        output_dir=str(folder),
+        batch_size=64,
+        max_new_tokens=16,
+        do_sample=True,
+        temperature=settings.pair_temperature,
+        seed=seed,
+        keep_identical=settings.keep_identical,
+    )
     stats = build_pairs(config, model=model, processing_class=processor, progress=False)
     return folder / "dataset", stats, time.perf_counter() - start
 
@@ -539,7 +596,9 @@ def general_negative(recipe: dict[str, Any], row: dict[str, Any], rng: np.random
     elif row["kind"] in ("existence", "spatial"):
         options = ["yes", "no"]
     elif row["kind"] == "count":
-        options = [NUMBER_WORDS[c] for c in recipe["scene"]["count_weights"]] + [NUMBER_WORDS[max(recipe["scene"]["count_weights"]) + 1]]
+        options = [NUMBER_WORDS[c] for c in recipe["scene"]["count_weights"]] + [
+            NUMBER_WORDS[max(recipe["scene"]["count_weights"]) + 1]
+        ]
     else:
         return None
     wrong = [o for o in options if o != row["answer"]]
@@ -567,7 +626,9 @@ def _evaluate(
     for split in ("prior_consistent", "no_prior"):
         rows = _rows(recipe, split, n, seed)
         answered[split] = (rows, generate(model, processor, rows, batch_size=64, max_new_tokens=4))
-    metrics["prior_consistent_accuracy"] = accuracy(answered["prior_consistent"][1], [r["answer"] for r in answered["prior_consistent"][0]])
+    metrics["prior_consistent_accuracy"] = accuracy(
+        answered["prior_consistent"][1], [r["answer"] for r in answered["prior_consistent"][0]]
+    )
     metrics["no_prior_accuracy"] = accuracy(answered["no_prior"][1], [r["answer"] for r in answered["no_prior"][0]])
     for metric, split in PER_NOISE_SPLITS.items():
         rows, answers = answered[split]
@@ -576,10 +637,13 @@ def _evaluate(
             metrics[f"{metric}@noise{level:g}"] = accuracy([answers[i] for i in at], [rows[i]["answer"] for i in at])
             if split == "counterfactual":
                 metrics[f"prior_following_rate@noise{level:g}"] = prior_following_rate(
-                    [answers[i] for i in at], [rows[i]["prior_answer"] for i in at])
+                    [answers[i] for i in at], [rows[i]["prior_answer"] for i in at]
+                )
     for split in POPE_SPLITS:
         rows = _rows(recipe, split, n, seed)
-        pope = pope_metrics(generate(model, processor, rows, batch_size=64, max_new_tokens=4), [r["answer"] for r in rows])
+        pope = pope_metrics(
+            generate(model, processor, rows, batch_size=64, max_new_tokens=4), [r["answer"] for r in rows]
+        )
         for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
             metrics[f"{split}_{key}"] = pope[key]
     for key in ("f1", "accuracy", "yes_ratio"):
@@ -587,7 +651,9 @@ def _evaluate(
     captions = _rows(recipe, "captions", n, seed)
     texts = generate(model, processor, captions, batch_size=64, max_new_tokens=16)
     objects = recipe["objects"]
-    hallucination = chair(texts, [r["objects"] for r in captions], list(objects), {o["plural"]: name for name, o in objects.items()})
+    hallucination = chair(
+        texts, [r["objects"] for r in captions], list(objects), {o["plural"]: name for name, o in objects.items()}
+    )
     metrics["chair_s"], metrics["chair_i"] = hallucination["chair_s"], hallucination["chair_i"]
     return metrics, mod["image_shares"]
 
@@ -598,7 +664,9 @@ def _evaluate(
 
 def _mean_std(rows: list[dict[str, float]]) -> dict[str, dict[str, float] | float]:
     """Per metric: {"mean", "std"} over seeds (population std; 0 for one seed)."""
-    return {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))} for k in rows[0]}
+    return {
+        k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))} for k in rows[0]
+    }
 
 
 def _cell(stat: dict[str, float]) -> str:
@@ -610,7 +678,14 @@ def _stage_time(seconds: float) -> str:
 
 
 def _summary(m: dict[str, float]) -> str:
-    keys = ("counterfactual_accuracy", "prior_consistent_accuracy", "blind_agreement", "image_share", "pope_f1", "chair_s")
+    keys = (
+        "counterfactual_accuracy",
+        "prior_consistent_accuracy",
+        "blind_agreement",
+        "image_share",
+        "pope_f1",
+        "chair_s",
+    )
     return ", ".join(f"{k} {m[k]:.3f}" for k in keys)
 
 
@@ -618,7 +693,9 @@ def _last_q_and_margins(log_history: list[dict[str, Any]]) -> dict[str, float]:
     """The last logged q and reward margins of each negative type (what NaPO adapts on)."""
     last: dict[str, float] = {}
     for entry in log_history:
-        last.update({k: v for k, v in entry.items() if k.endswith("/q") or k.endswith("rewards/margins") or k == "loss"})
+        last.update(
+            {k: v for k, v in entry.items() if k.endswith("/q") or k.endswith("rewards/margins") or k == "loss"}
+        )
     return last
 
 
@@ -647,9 +724,14 @@ def _findings(report: dict[str, Any]) -> list[str]:
     if "sft_gate" in report:
         gate = report["sft_gate"]
         lines.append(
-            f"- **SFT gate** (no-prior ≥ 0.9, counterfactual in [0.3, 0.7], prior-consistent ≥ 0.95): "
-            + ("passed" if gate["pass"] else "NOT passed: " + ", ".join(
-                f"{k} {c['value']:.3f}" for k, c in gate.items() if k != "pass" and not c["pass"])) + "."
+            "- **SFT gate** (no-prior ≥ 0.9, counterfactual in [0.3, 0.7], prior-consistent ≥ 0.95): "
+            + (
+                "passed"
+                if gate["pass"]
+                else "NOT passed: "
+                + ", ".join(f"{k} {c['value']:.3f}" for k, c in gate.items() if k != "pass" and not c["pass"])
+            )
+            + "."
         )
     for name in ("dpo", "napo"):
         gain = m[name]["counterfactual_accuracy"] - sft["counterfactual_accuracy"]
@@ -659,8 +741,17 @@ def _findings(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"- **{name.upper()} on clean pairs** (issue 15 asks ≥ +0.15 counterfactual, ≤ 0.03 prior-consistent lost, "
             f"≤ 0.03 no-prior lost): {gain:+.3f} / {-loss:+.3f} / {-no_prior_loss:+.3f} — "
-            + ("met." if met else "NOT met" + (
-                f" ({budget_note(report, name)})" if gain < 0.15 else ": it trades prior-consistent or no-prior accuracy for the gain.")))
+            + (
+                "met."
+                if met
+                else "NOT met"
+                + (
+                    f" ({budget_note(report, name)})"
+                    if gain < 0.15
+                    else ": it trades prior-consistent or no-prior accuracy for the gain."
+                )
+            )
+        )
         if loss > gain:
             lines.append(
                 f"- **{name.upper()} trades more than it gains**: +{gain:.3f} counterfactual for -{loss:.3f} prior-consistent. "
@@ -697,9 +788,13 @@ def budget_note(report: dict[str, Any], name: str) -> str:
     levels = sorted(k.split("@noise")[1] for k in sft if k.startswith("counterfactual_accuracy@noise"))
     per_level = ", ".join(
         f"{level}: {sft[f'counterfactual_accuracy@noise{level}']['mean']:.2f} → "
-        f"{trained[f'counterfactual_accuracy@noise{level}']['mean']:.2f}" for level in levels)
-    return (f"{settings['pref_steps']} steps of {settings['pref_batch_size']} rows at lr {settings['pref_lr']:g}, "
-            f"β {settings['beta']:g}; counterfactual accuracy per image-noise level {per_level}")
+        f"{trained[f'counterfactual_accuracy@noise{level}']['mean']:.2f}"
+        for level in levels
+    )
+    return (
+        f"{settings['pref_steps']} steps of {settings['pref_batch_size']} rows at lr {settings['pref_lr']:g}, "
+        f"β {settings['beta']:g}; counterfactual accuracy per image-noise level {per_level}"
+    )
 
 
 def _plots(out: Path, report: dict[str, Any], shares: dict[str, list[float]]) -> dict[str, str]:
@@ -715,8 +810,14 @@ def _plots(out: Path, report: dict[str, Any], shares: dict[str, list[float]]) ->
     x = np.arange(len(REPORT_METRICS))
     for i, name in enumerate(names):
         stats = report["models"][name]
-        ax.bar(x + i * width, [stats[k]["mean"] for k in REPORT_METRICS], width, yerr=[stats[k]["std"] for k in REPORT_METRICS],
-               capsize=2, label=name)
+        ax.bar(
+            x + i * width,
+            [stats[k]["mean"] for k in REPORT_METRICS],
+            width,
+            yerr=[stats[k]["std"] for k in REPORT_METRICS],
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks(x + width * (len(names) - 1) / 2, REPORT_METRICS, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_title("bias lab: metrics per model (mean ± std over seeds)")

@@ -161,14 +161,31 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     img = rec["image"]
     need(isinstance(img.get("size"), int) and img["size"] >= 16, "image.size", "expected an int >= 16")
     lo, hi = img.get("object_size", (0, 0))
-    need(1 <= lo <= hi <= img["size"] // 3, "image.object_size", f"expected [lo, hi], 1 <= lo <= hi <= {img['size'] // 3}")
+    need(
+        1 <= lo <= hi <= img["size"] // 3,
+        "image.object_size",
+        f"expected [lo, hi], 1 <= lo <= hi <= {img['size'] // 3}",
+    )
     levels = img.get("noise", -1)
     levels = levels if isinstance(levels, list) else [levels]
-    need(len(levels) > 0 and all(isinstance(v, (int, float)) and v >= 0 for v in levels), "image.noise",
-         "expected a std >= 0 (fraction of 0-255) or a non-empty list of them (one drawn per row)")
-    need(isinstance(img.get("colour_jitter"), int) and img["colour_jitter"] >= 0, "image.colour_jitter", "expected an int >= 0")
-    for name, rgb in [("image.background", img.get("background"))] + [(f"colours.{c}", v) for c, v in rec["colours"].items()]:
-        need(isinstance(rgb, list) and len(rgb) == 3 and all(0 <= v <= 255 for v in rgb), name, f"expected [r, g, b] in 0-255, got {rgb}")
+    need(
+        len(levels) > 0 and all(isinstance(v, (int, float)) and v >= 0 for v in levels),
+        "image.noise",
+        "expected a std >= 0 (fraction of 0-255) or a non-empty list of them (one drawn per row)",
+    )
+    need(
+        isinstance(img.get("colour_jitter"), int) and img["colour_jitter"] >= 0,
+        "image.colour_jitter",
+        "expected an int >= 0",
+    )
+    for name, rgb in [("image.background", img.get("background"))] + [
+        (f"colours.{c}", v) for c, v in rec["colours"].items()
+    ]:
+        need(
+            isinstance(rgb, list) and len(rgb) == 3 and all(0 <= v <= 255 for v in rgb),
+            name,
+            f"expected [r, g, b] in 0-255, got {rgb}",
+        )
     for c, rgb in rec["colours"].items():
         need(re.fullmatch(r"[a-z]+", c) is not None, f"colours.{c}", "colour names are single lowercase words")
         need(rgb != img["background"], f"colours.{c}", "equals image.background; the object would be invisible")
@@ -180,40 +197,86 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
         field = f"objects.{name}"
         need(re.fullmatch(r"[a-z]+", name) is not None, field, "object names are single lowercase words")
         need(obj.get("shape") in SHAPES, f"{field}.shape", f"{obj.get('shape')!r} is not one of {SHAPES}")
-        need(obj["shape"] not in shapes_used, f"{field}.shape", f"{obj['shape']} is already used by {shapes_used.get(obj['shape'])}; every object needs its own shape")
+        need(
+            obj["shape"] not in shapes_used,
+            f"{field}.shape",
+            f"{obj['shape']} is already used by {shapes_used.get(obj['shape'])}; every object needs its own shape",
+        )
         shapes_used[obj["shape"]] = name
         obj.setdefault("typical", None)
         obj.setdefault("plural", name + "s")
         if obj["typical"] is None:
             obj["prior"] = 0.0
         else:
-            need(obj["typical"] in rec["colours"], f"{field}.typical", f"{obj['typical']!r} is not a colour of the recipe")
+            need(
+                obj["typical"] in rec["colours"],
+                f"{field}.typical",
+                f"{obj['typical']!r} is not a colour of the recipe",
+            )
             need(0.0 <= obj.get("prior", -1) <= 1.0, f"{field}.prior", "expected a probability in [0, 1]")
         need(obj.get("weight", 0) > 0, f"{field}.weight", "expected a relative frequency > 0")
         need(isinstance(obj.get("group"), str), f"{field}.group", "expected a group name")
         groups[obj["group"]] = groups.get(obj["group"], 0) + 1
-    need(any(o["typical"] for o in rec["objects"].values()), "objects", "no object has a typical colour: there is no prior to study")
+    need(
+        any(o["typical"] for o in rec["objects"].values()),
+        "objects",
+        "no object has a typical colour: there is no prior to study",
+    )
 
     scene = rec["scene"]
-    need(isinstance(scene.get("max_objects"), int) and scene["max_objects"] >= 1, "scene.max_objects", "expected an int >= 1")
+    need(
+        isinstance(scene.get("max_objects"), int) and scene["max_objects"] >= 1,
+        "scene.max_objects",
+        "expected an int >= 1",
+    )
     for group, size in groups.items():
         # POPE adversarial probes need an absent member of a present group in every scene.
-        need(size > scene["max_objects"], f"objects (group {group})", f"has {size} members; needs more than scene.max_objects={scene['max_objects']}")
+        need(
+            size > scene["max_objects"],
+            f"objects (group {group})",
+            f"has {size} members; needs more than scene.max_objects={scene['max_objects']}",
+        )
     need(0.0 <= scene.get("cooccurrence", -1) <= 1.0, "scene.cooccurrence", "expected a probability in [0, 1]")
     counts = scene.get("count_weights") or {}
-    need(len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts), "scene.count_weights", f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}")
-    need(all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0, "scene.count_weights", "weights must be >= 0 with a positive sum")
+    need(
+        len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts),
+        "scene.count_weights",
+        f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}",
+    )
+    need(
+        all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0,
+        "scene.count_weights",
+        "weights must be >= 0 with a positive sum",
+    )
     kinds = rec["train"].get("kinds") or {}
-    need(set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}")
-    need(0.0 <= rec["train"].get("existence_present", -1) <= 1.0, "train.existence_present", "expected a probability in [0, 1]")
+    need(
+        set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}"
+    )
+    need(
+        0.0 <= rec["train"].get("existence_present", -1) <= 1.0,
+        "train.existence_present",
+        "expected a probability in [0, 1]",
+    )
     need(0.0 <= rec["pope"].get("present", -1) <= 1.0, "pope.present", "expected a probability in [0, 1]")
-    need(isinstance(rec["pope"].get("popular_k"), int) and rec["pope"]["popular_k"] >= 1, "pope.popular_k", "expected an int >= 1")
+    need(
+        isinstance(rec["pope"].get("popular_k"), int) and rec["pope"]["popular_k"] >= 1,
+        "pope.popular_k",
+        "expected an int >= 1",
+    )
     for kind in KINDS:
         templates = rec["questions"].get(kind)
-        need(isinstance(templates, list) and len(templates) > 0, f"questions.{kind}", "expected a non-empty list of templates")
+        need(
+            isinstance(templates, list) and len(templates) > 0,
+            f"questions.{kind}",
+            "expected a non-empty list of templates",
+        )
         for t in templates:
             used = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-            need(used <= _PLACEHOLDERS[kind], f"questions.{kind}", f"template {t!r} uses {sorted(used - _PLACEHOLDERS[kind])}; allowed: {sorted(_PLACEHOLDERS[kind])}")
+            need(
+                used <= _PLACEHOLDERS[kind],
+                f"questions.{kind}",
+                f"template {t!r} uses {sorted(used - _PLACEHOLDERS[kind])}; allowed: {sorted(_PLACEHOLDERS[kind])}",
+            )
     need(all(s in SPLITS for s in rec["splits"]), "splits", f"expected sizes for splits among {SPLITS}")
     need(isinstance(rec["seed"], int), "seed", "expected an int")
     return rec
@@ -279,8 +342,9 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
 _Entries = list[tuple[str, str, int]]
 
 
-def _attribute(rec: dict[str, Any], rng: np.random.Generator, typical: bool | None,
-               prior_free: bool = False) -> tuple[_Entries, dict[str, str], str, str | None]:
+def _attribute(
+    rec: dict[str, Any], rng: np.random.Generator, typical: bool | None, prior_free: bool = False
+) -> tuple[_Entries, dict[str, str], str, str | None]:
     """'what colour is the banana?'; typical None draws from the prior, True/False forces it; prior_free asks only
     about objects without a typical colour."""
     names = list(rec["objects"])
@@ -294,7 +358,9 @@ def _attribute(rec: dict[str, Any], rng: np.random.Generator, typical: bool | No
     return entries, _fields(rec, target), colour, rec["objects"][target]["typical"]
 
 
-def _existence(rec: dict[str, Any], rng: np.random.Generator, present: float, strategy: str) -> tuple[_Entries, dict[str, str], str, str | None]:
+def _existence(
+    rec: dict[str, Any], rng: np.random.Generator, present: float, strategy: str
+) -> tuple[_Entries, dict[str, str], str, str | None]:
     """'is there a cat?' about a present object, or an absent one chosen by the POPE strategy."""
     first = _weighted(list(rec["objects"]), [o["weight"] for o in rec["objects"].values()], rng)
     names = [first] + _companions(rec, first, rng)
@@ -317,7 +383,9 @@ def _count(rec: dict[str, Any], rng: np.random.Generator) -> tuple[_Entries, dic
     target = _weighted(list(rec["objects"]), [o["weight"] for o in rec["objects"].values()], rng)
     weights = rec["scene"]["count_weights"]
     count = _weighted(list(weights), list(weights.values()), rng)
-    entries = [(target, _colour(rec, target, rng), count)] + [(n, _colour(rec, n, rng), 1) for n in _companions(rec, target, rng)]
+    entries = [(target, _colour(rec, target, rng), count)] + [
+        (n, _colour(rec, n, rng), 1) for n in _companions(rec, target, rng)
+    ]
     prior = NUMBER_WORDS[max(weights, key=weights.get)]
     return entries, _fields(rec, target), NUMBER_WORDS[count], prior
 
@@ -404,7 +472,9 @@ def _place(rec: dict[str, Any], entries: _Entries, rng: np.random.Generator, dis
                     placed.append({"name": name, "colour": colour, "box": box})
                     break
             else:
-                raise RuntimeError(f"could not place {count} x {name} in a {size}px image; lower image.object_size or scene.max_objects")
+                raise RuntimeError(
+                    f"could not place {count} x {name} in a {size}px image; lower image.object_size or scene.max_objects"
+                )
     return sorted(placed, key=lambda p: p["box"][0])
 
 
@@ -414,7 +484,9 @@ def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int], disjoint_
     return x_apart if disjoint_x else (x_apart or y_apart)
 
 
-def _render(rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random.Generator) -> tuple[Image.Image, float]:
+def _render(
+    rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random.Generator
+) -> tuple[Image.Image, float]:
     """Draw the shapes in jittered colours on the background, then add Gaussian pixel noise of a std drawn from
     `image.noise` (one level, or one of a list). Returns (image, the std used)."""
     img_cfg = rec["image"]
@@ -425,7 +497,9 @@ def _render(rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random
     jitter = img_cfg["colour_jitter"]
     for inst in instances:
         rgb = np.asarray(rec["colours"][inst["colour"]]) + rng.integers(-jitter, jitter + 1, size=3)
-        _draw_shape(draw, rec["objects"][inst["name"]]["shape"], inst["box"], tuple(int(v) for v in np.clip(rgb, 0, 255)))
+        _draw_shape(
+            draw, rec["objects"][inst["name"]]["shape"], inst["box"], tuple(int(v) for v in np.clip(rgb, 0, 255))
+        )
     if noise == 0:
         return image, noise
     pixels = np.asarray(image, dtype=np.float32)
@@ -433,7 +507,9 @@ def _render(rec: dict[str, Any], instances: list[dict[str, Any]], rng: np.random
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)), noise
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, int, int]
+) -> None:
     """Draw one filled shape inside box (inclusive pixel coordinates), in a single colour."""
     x0, y0, x1, y1 = box
     s = x1 - x0 + 1

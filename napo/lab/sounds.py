@@ -131,50 +131,112 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     for key in ("audio", "notes", "instruments", "beeps", "train", "questions", "splits", "seed"):
         need(key in rec, key, "missing; see napo/lab/recipes/sounds.yaml for every field")
     audio = rec["audio"]
-    need(audio.get("sampling_rate") == 16000, "audio.sampling_rate", "expected 16000 (Hz); napo feeds models 16 kHz audio")
+    need(
+        audio.get("sampling_rate") == 16000,
+        "audio.sampling_rate",
+        "expected 16000 (Hz); napo feeds models 16 kHz audio",
+    )
     need(0.1 <= audio.get("seconds", 0) <= 30, "audio.seconds", "expected a clip length in [0.1, 30] seconds")
-    need(isinstance(audio.get("snr_db"), (int, float)), "audio.snr_db", "expected a number (dB); use a large value such as 100 for clean clips")
-    need(0 <= audio.get("detune_cents", -1) < 50, "audio.detune_cents", "expected cents in [0, 50): beyond 50 a note passes for its neighbour")
+    need(
+        isinstance(audio.get("snr_db"), (int, float)),
+        "audio.snr_db",
+        "expected a number (dB); use a large value such as 100 for clean clips",
+    )
+    need(
+        0 <= audio.get("detune_cents", -1) < 50,
+        "audio.detune_cents",
+        "expected cents in [0, 50): beyond 50 a note passes for its neighbour",
+    )
     lo, hi = audio.get("gain_db", (1, 0))
     need(lo <= hi <= 0, "audio.gain_db", "expected [lo, hi] dB with lo <= hi <= 0")
     need(0 <= audio.get("burst_probability", -1) <= 1, "audio.burst_probability", "expected a probability in [0, 1]")
     need(len(rec["notes"]) >= 2, "notes", "need at least two notes (counterfactuals need an atypical one)")
     for name, hz in rec["notes"].items():
         need(re.fullmatch(r"[a-z]+", name) is not None, f"notes.{name}", "note names are single lowercase words")
-        need(isinstance(hz, (int, float)) and 20 <= hz < audio["sampling_rate"] / 2, f"notes.{name}", f"expected Hz in [20, {audio['sampling_rate'] // 2})")
+        need(
+            isinstance(hz, (int, float)) and 20 <= hz < audio["sampling_rate"] / 2,
+            f"notes.{name}",
+            f"expected Hz in [20, {audio['sampling_rate'] // 2})",
+        )
     for name, inst in rec["instruments"].items():
         field = f"instruments.{name}"
-        need(re.fullmatch(r"[a-z]+", name) is not None and name not in rec["notes"], field, "instrument names are single lowercase words, not note names")
+        need(
+            re.fullmatch(r"[a-z]+", name) is not None and name not in rec["notes"],
+            field,
+            "instrument names are single lowercase words, not note names",
+        )
         timbre = inst.get("timbre")
-        need(isinstance(timbre, list) and len(timbre) > 0 and all(a >= 0 for a in timbre) and timbre[0] > 0, f"{field}.timbre",
-             "expected harmonic amplitudes >= 0 with a non-zero fundamental")
-        need(inst.get("envelope") in ENVELOPES, f"{field}.envelope", f"{inst.get('envelope')!r} is not one of {ENVELOPES}")
+        need(
+            isinstance(timbre, list) and len(timbre) > 0 and all(a >= 0 for a in timbre) and timbre[0] > 0,
+            f"{field}.timbre",
+            "expected harmonic amplitudes >= 0 with a non-zero fundamental",
+        )
+        need(
+            inst.get("envelope") in ENVELOPES,
+            f"{field}.envelope",
+            f"{inst.get('envelope')!r} is not one of {ENVELOPES}",
+        )
         inst.setdefault("typical", None)
         if inst["typical"] is None:
             inst["prior"] = 0.0
         else:
-            need(inst["typical"] in rec["notes"], f"{field}.typical", f"{inst['typical']!r} is not a note of the recipe")
+            need(
+                inst["typical"] in rec["notes"], f"{field}.typical", f"{inst['typical']!r} is not a note of the recipe"
+            )
             need(0.0 <= inst.get("prior", -1) <= 1.0, f"{field}.prior", "expected a probability in [0, 1]")
         need(inst.get("weight", 0) > 0, f"{field}.weight", "expected a relative frequency > 0")
-    need(any(i["typical"] for i in rec["instruments"].values()), "instruments", "no instrument has a typical note: there is no prior to study")
+    need(
+        any(i["typical"] for i in rec["instruments"].values()),
+        "instruments",
+        "no instrument has a typical note: there is no prior to study",
+    )
     beeps = rec["beeps"]
     need(0 < beeps.get("frequency", 0) < audio["sampling_rate"] / 2, "beeps.frequency", "expected Hz below Nyquist")
-    need(0 < beeps.get("seconds", 0) < beeps.get("gap", 0), "beeps.seconds", "expected 0 < seconds < gap (beeps must not touch)")
+    need(
+        0 < beeps.get("seconds", 0) < beeps.get("gap", 0),
+        "beeps.seconds",
+        "expected 0 < seconds < gap (beeps must not touch)",
+    )
     need(isinstance(beeps.get("level_db"), (int, float)), "beeps.level_db", "expected a number (dB)")
     counts = beeps.get("count_weights") or {}
-    need(len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts), "beeps.count_weights",
-         f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}")
-    need(all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0, "beeps.count_weights", "weights must be >= 0 with a positive sum")
-    need(max(counts) * beeps["gap"] < audio["seconds"], "beeps.count_weights", "the most beeps do not fit in audio.seconds")
+    need(
+        len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts),
+        "beeps.count_weights",
+        f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}",
+    )
+    need(
+        all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0,
+        "beeps.count_weights",
+        "weights must be >= 0 with a positive sum",
+    )
+    need(
+        max(counts) * beeps["gap"] < audio["seconds"],
+        "beeps.count_weights",
+        "the most beeps do not fit in audio.seconds",
+    )
     kinds = rec["train"].get("kinds") or {}
-    need(set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}")
-    need(0.0 <= rec["train"].get("existence_present", -1) <= 1.0, "train.existence_present", "expected a probability in [0, 1]")
+    need(
+        set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}"
+    )
+    need(
+        0.0 <= rec["train"].get("existence_present", -1) <= 1.0,
+        "train.existence_present",
+        "expected a probability in [0, 1]",
+    )
     for kind in KINDS:
         templates = rec["questions"].get(kind)
-        need(isinstance(templates, list) and len(templates) > 0, f"questions.{kind}", "expected a non-empty list of templates")
+        need(
+            isinstance(templates, list) and len(templates) > 0,
+            f"questions.{kind}",
+            "expected a non-empty list of templates",
+        )
         for t in templates:
             used = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-            need(used <= {"object"}, f"questions.{kind}", f"template {t!r} uses {sorted(used - {'object'})}; allowed: ['object']")
+            need(
+                used <= {"object"},
+                f"questions.{kind}",
+                f"template {t!r} uses {sorted(used - {'object'})}; allowed: ['object']",
+            )
     need(all(s in SPLITS for s in rec["splits"]), "splits", f"expected sizes for splits among {SPLITS}")
     need(isinstance(rec["seed"], int), "seed", "expected an int")
     return rec
