@@ -86,7 +86,7 @@ class NaPOConfig(DPOConfig):
         metadata={
             "help": "γ, the weight of each negative type in the loss: 'dynamic' (the paper's Eq. 13–14: γ_i = "
             "clip(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min, 1), ψ_Σ,i = the batch mean of β·(Δ_w − Δ_l,i) with summed Δ, over "
-            "the types with pairs in the batch, detached; equal weights while Σψ_Σ ≤ 0, e.g. at step 0) or 'fixed' "
+            "the types with pairs in the batch, detached; equal weights while Σψ_Σ ≤ 1e-6, e.g. at step 0) or 'fixed' "
             "(the `weight_*` fields renormalised over the columns present; the released code's runs use fixed "
             "0.02/0.49/0.49, its dynamic branch is commented out). Logged as `weight`, `language_bias/weight`, ..."
         },
@@ -169,6 +169,18 @@ class NaPOConfig(DPOConfig):
             "name."
         },
     )
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Score a row's chosen answer and its K negatives on one pass over their shared prompt: the prompt "
+            "(image tokens and vision tower included) runs once per row with its key/value cache kept for the "
+            "backward pass, then the 1 + K answers run on that cache (napo.shared_prompt). Same log-probs, loss and "
+            "gradients as the padded path, checked on the first batch; (1 + K)x fewer prompt FLOPs. For 1-D rotary "
+            "positions with a causal mask (LLaVA-style VLMs, Idefics3, text LMs); refused with Qwen2-VL-family "
+            "positions, prefix-LM masks (PaliGemma), padding_free, gradient checkpointing, use_weighting, ld_alpha, "
+            "MoE router losses and more than one process."
+        },
+    )
     on_nonfinite: str = field(
         default="stop",
         metadata={
@@ -246,6 +258,19 @@ class NaPOConfig(DPOConfig):
             "pad_to_multiple_of": (
                 self.pad_to_multiple_of is not None,
                 "napo's collators pad every batch to its longest sequence",
+            ),
+            "share_prompt": (
+                self.share_prompt
+                and (
+                    self.padding_free
+                    or self.gradient_checkpointing
+                    or self.use_weighting
+                    or self.ld_alpha is not None
+                    or self.world_size > 1
+                ),
+                "shared-prompt scoring keeps the prompt's key/value cache between two forwards and returns summed "
+                "log-probs only: it cannot be combined with padding_free, gradient_checkpointing (no cache), "
+                "use_weighting / ld_alpha (per-token log-probs) or more than one process (two forwards per backward)",
             ),
             "sync_ref_model": (
                 self.sync_ref_model and self.precompute_ref_log_probs,

@@ -216,6 +216,11 @@ def adaptive_q(psi: Tensor, alpha: float, variant: str = "paper", q_min: float |
     return q.clamp(min=q_min, max=1.0)
 
 
+# Σ_j ψ_Σ,j at or below which the dynamic weights are equal (see `dynamic_weights`): above float32 rounding noise of
+# β-scaled margins between two equal policies, far below any margin training produces after its first update.
+PSI_SUM_FLOOR = 1e-6
+
+
 def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
     """NaPO's dynamic weights γ of the negative types (Eq. 13–14), from each type's batch margin; never back-propagated.
 
@@ -230,16 +235,18 @@ def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
     released runs use fixed 0.02/0.49/0.49) computes γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) with ψ_Σ,i the mean of
     `chosen_rewards − rejected_rewards_i` over all processes — the same up to the upper clip. Two cases where
     that formula is undefined or unbounded, and what napo does instead (not in the paper nor in the code):
-    Σ_j ψ_Σ,j ≤ 0 (at step 0 every margin is exactly 0, policy = reference) gives equal weights 1/n; a negative
+    Σ_j ψ_Σ,j ≤ 1e-6 (at step 0 every margin is 0, policy = reference) gives equal weights 1/n; a negative
     ψ_Σ,j makes the others' ratios exceed 1, and the upper clip keeps each γ_i ≤ 1 (no step is scaled up).
-    The weights are not renormalised after clipping (neither in the code).
+    The weights are not renormalised after clipping (neither in the code). The 1e-6 (nats, β-scaled) floor: γ is a
+    ratio of margins, so at step 0 the rounding noise of two equal policies (~1e-8 in float32, e.g. a reference
+    precomputed on batches padded otherwise, or `share_prompt`) would otherwise decide the weights.
 
     Args:
         psi_sums: ψ_Σ, one per negative type present in the batch, shape (n_types,). Non-finite entries read as 0.
         gamma_min: γ_min, the truncation floor, in [0, 1]; the code uses 0.01.
 
     Returns:
-        γ, shape (n_types,), float32, detached, each in [γ_min, 1] (or 1/n each when Σψ_Σ ≤ 0).
+        γ, shape (n_types,), float32, detached, each in [γ_min, 1] (or 1/n each when Σψ_Σ ≤ 1e-6).
     """
     if not 0.0 <= gamma_min <= 1.0:
         raise ValueError(f"gamma_min must be in [0, 1], got {gamma_min}")
@@ -248,6 +255,6 @@ def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
         raise ValueError(f"psi_sums must have shape (n_types,) with n_types >= 1, got {tuple(psi.shape)}")
     psi = torch.nan_to_num(psi, nan=0.0, posinf=0.0, neginf=0.0)
     total = psi.sum()
-    if not total > 0:
+    if not total > PSI_SUM_FLOOR:
         return torch.full_like(psi, 1.0 / psi.numel())
     return (psi / total).clamp(min=gamma_min, max=1.0)

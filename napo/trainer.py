@@ -20,6 +20,7 @@ Relies on private parts of trl 1.16.0 (`_compute_loss`, `_prepare_dataset`, `_pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -54,6 +55,7 @@ from napo.data import RowError, prepare_preference_dataset, validate_preference_
 from napo.fast import encode_images_once, pack_sequences
 from napo.inference import expand_media_tags
 from napo.objectives import adaptive_q, dynamic_weights, objective_loss
+from napo.shared_prompt import shared_prompt_logps
 from napo.trl_losses import trl_pair_loss
 
 logger = logging.getLogger(__name__)
@@ -411,7 +413,7 @@ class NaPOTrainer(DPOTrainer):
         # Training micro-batches of this `train()` call, and those skipped as non-finite (their loss 0 is not trained).
         self._batches_run = self._batches_skipped = 0
         self._saturated_batches = dict.fromkeys(self.negative_columns, 0)  # consecutive batches, per negative type
-        self._packing_verified = False
+        self._packing_verified = self._shared_prompt_verified = False
         if data_collator is None:
             self.data_collator = self._default_collator()
         if args.encode_images_once and self._is_vision_dataset:
@@ -537,28 +539,55 @@ class NaPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------------------- reference log-probs
     def _reference_logps(
-        self, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence, per_token: bool = False
+        self, inputs: dict, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence, per_token: bool = False
     ) -> torch.Tensor:
         """Summed completion log-probs of every sequence under the reference policy, shape (N,); with `per_token` the
-        fused head's per-token log-probs, shape (B, L-1) (0 off the completion)."""
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and is_peft_model(self.model):
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                adapter = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters disabled = base model
-                with use_adapter(unwrapped, adapter_name=adapter):
-                    outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
-            elif self.ref_model is None:
-                # Precomputation freed the frozen copy: before the first update the policy still is the reference
-                # (TRL's rule; after it, TRL's `evaluate` refuses a new dataset before reaching here).
-                if self.state.global_step > 0:
-                    raise ValueError(
-                        "Cannot compute reference log-probs after training has started: precompute_ref_log_probs=True "
-                        "freed the reference model; pass the dataset as eval_dataset at initialization, or ref_model"
-                    )
-                outputs = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
-            else:
-                outputs = self.ref_model(**model_kwargs, labels=labels, fused_lm_head=True)
+        fused head's per-token log-probs, shape (B, L-1) (0 off the completion). `inputs` is the collated batch,
+        `model_kwargs`/`labels`/`sum_per_sequence` its padded or packed form (`_model_inputs`)."""
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            self._reference_policy() as reference,
+        ):
+            if self.args.share_prompt and not per_token:
+                return self._shared_prompt_logps(reference, inputs)
+            outputs = reference(**model_kwargs, labels=labels, fused_lm_head=True)
         return outputs.log_probs if per_token else sum_per_sequence(outputs.log_probs)
+
+    @contextlib.contextmanager
+    def _reference_policy(self):
+        """The module that computes reference log-probs: the frozen reference model, or the policy with its
+        adapters disabled (PEFT: the "ref" adapter when there is one), or — once precomputation freed the frozen
+        copy — the policy itself, which is the reference only before the first update."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        elif is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters disabled = base model
+            with use_adapter(unwrapped, adapter_name=adapter):
+                yield self.model
+        else:
+            # TRL's rule; after the first update TRL's `evaluate` refuses a new dataset before reaching here.
+            if self.state.global_step > 0:
+                raise ValueError(
+                    "Cannot compute reference log-probs after training has started: precompute_ref_log_probs=True "
+                    "freed the reference model; pass the dataset as eval_dataset at initialization, or ref_model"
+                )
+            yield self.model
+
+    def _shared_prompt_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        """`napo.shared_prompt.shared_prompt_logps`, checked once against the padded path (`_verify_scoring`)."""
+        logps = shared_prompt_logps(model, inputs)
+        if not self._shared_prompt_verified:
+            self._shared_prompt_verified = True
+            model_kwargs, labels, sum_per_sequence = self._padded_inputs(inputs)
+            self._verify_scoring(
+                "share_prompt",
+                model,
+                lambda: shared_prompt_logps(model, inputs),
+                lambda: sum_per_sequence(model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs),
+            )
+        return logps
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
@@ -612,9 +641,13 @@ class NaPOTrainer(DPOTrainer):
             model_kwargs, labels, sum_per_sequence = self._model_inputs(batch)
             if of in ("policy", "logratio"):
                 with torch.no_grad():
-                    logps = sum_per_sequence(self.model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs)
+                    if self.args.share_prompt:
+                        logps = self._shared_prompt_logps(self.model, batch)
+                    else:
+                        out = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
+                        logps = sum_per_sequence(out.log_probs)
             if of in ("reference", "logratio"):
-                reference = self._reference_logps(model_kwargs, labels, sum_per_sequence)
+                reference = self._reference_logps(batch, model_kwargs, labels, sum_per_sequence)
                 logps = logps - reference if of == "logratio" else reference
             rows = batch["sequence_row"].cpu().numpy() + first_row
             table[rows, batch["sequence_type"].cpu().numpy()] = logps.float().cpu().numpy()
@@ -682,29 +715,35 @@ class NaPOTrainer(DPOTrainer):
         return packed, labels, sum_per_sequence
 
     def _verify_packing(self, padded: tuple, packed: tuple) -> None:
-        """Raise ValueError unless the model gives the same summed log-probs for a batch packed and padded (once, on
-        the first batch: two extra forwards without gradients, in eval mode so dropout does not differ).
+        """Raise ValueError unless the model gives the same summed log-probs for a batch packed and padded.
 
         A family whose forward ignores packed `position_ids` (its attention never sees where sequences start) would
-        otherwise let packed sequences attend to each other and train on wrong log-probs without any error.
-        Tolerance: 0.1 nats + 1% per sequence, far above bf16 rounding, far below what a leak changes."""
-        model, was_training = self.model, self.model.training
+        otherwise let packed sequences attend to each other and train on wrong log-probs without any error."""
+
+        def summed(kwargs: dict, labels: torch.Tensor, sum_per_sequence: Callable) -> torch.Tensor:
+            return sum_per_sequence(self.model(**kwargs, labels=labels, fused_lm_head=True).log_probs)
+
+        self._verify_scoring("padding_free", self.model, lambda: summed(*packed), lambda: summed(*padded))
+
+    def _verify_scoring(self, option: str, model: torch.nn.Module, fast: Callable, padded: Callable) -> None:
+        """Raise ValueError unless `fast()` and `padded()` — summed log-probs (N,) of one batch by `option`'s path and
+        by the padded one — agree (once, on the first batch: two extra forwards without gradients, in eval mode so
+        dropout does not differ). Tolerance: 0.1 nats + 1% per sequence, far above bf16 rounding, far below what
+        a leak between sequences (or a wrong position) changes."""
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                logps = [
-                    sum_per_sequence(model(**kwargs, labels=labels, fused_lm_head=True).log_probs).float()
-                    for kwargs, labels, sum_per_sequence in (padded, packed)
-                ]
+                logps = [padded().float(), fast().float()]
         finally:
             model.train(was_training)
         difference = (logps[0] - logps[1]).abs()
         if (difference > 0.1 + 0.01 * logps[0].abs()).any():
             config = self.accelerator.unwrap_model(model).config
             raise ValueError(
-                f"padding_free: this model ({config.model_type}, attention {config._attn_implementation!r}) gives "
-                f"packed sequences log-probs up to {float(difference.max()):.3g} nats away from the padded batch's: "
-                f"its attention does not keep packed sequences apart; set padding_free=False"
+                f"{option}: this model ({config.model_type}, attention {config._attn_implementation!r}) gives "
+                f"log-probs up to {float(difference.max()):.3g} nats away from the padded batch's: its attention or "
+                f"positions do not fit {option}'s batch layout; set {option}=False"
             )
 
     def _rope_index(self) -> Callable | None:
@@ -727,18 +766,23 @@ class NaPOTrainer(DPOTrainer):
         # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
         # argument); the reference forward is not asked.
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)
-        logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
+        if self.args.share_prompt:
+            if self.aux_loss_enabled:
+                raise ValueError("share_prompt: MoE router losses need the padded forward; set share_prompt=False")
+            outputs, logps = None, self._shared_prompt_logps(model, inputs)
+        else:
+            outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)
+            logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
         token_logps = None  # LD-DPO: per-token log-probs (policy, reference), shape (N, L-1) each, padded path only
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"].to(logps.dtype)
         elif self.args.ld_alpha is not None:
-            ref_token_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence, per_token=True)
+            ref_token_logps = self._reference_logps(inputs, model_kwargs, labels, sum_per_sequence, per_token=True)
             ref_logps = sum_per_sequence(ref_token_logps)
             scored = labels.size(1) - 1
             token_logps = (outputs.log_probs[:, -scored:], ref_token_logps[:, -scored:])
         else:
-            ref_logps = self._reference_logps(model_kwargs, labels, sum_per_sequence)
+            ref_logps = self._reference_logps(inputs, model_kwargs, labels, sum_per_sequence)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
         if mode == "train":

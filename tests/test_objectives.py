@@ -171,6 +171,9 @@ def test_dynamic_weights_match_the_released_formula_where_it_is_defined():
 def test_dynamic_weights_where_the_formula_is_undefined():
     # Σψ = 0 (step 0: policy = reference) or < 0: equal weights instead of 0/0 or sign-flipped weights.
     torch.testing.assert_close(dynamic_weights(torch.zeros(3)), torch.full((3,), 1 / 3))
+    # Rounding noise of two equal policies (float32, ~1e-8) does not decide the weights; a real margin does.
+    torch.testing.assert_close(dynamic_weights(torch.tensor([3e-9, -1e-9, 5e-9])), torch.full((3,), 1 / 3))
+    torch.testing.assert_close(dynamic_weights(torch.tensor([3e-6, 1e-6])), torch.tensor([0.75, 0.25]))
     torch.testing.assert_close(dynamic_weights(torch.tensor([-1.0, 0.5])), torch.full((2,), 0.5))
     # A negative margin pushes the other ratio above 1 (3/2 = 1.5): clipped at 1; the negative one at γ_min.
     torch.testing.assert_close(dynamic_weights(torch.tensor([3.0, -1.0])), torch.tensor([1.0, 0.01]))
