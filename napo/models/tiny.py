@@ -1,4 +1,4 @@
-"""Models: tiny offline ones for tests and the bias lab, and the loading path for users' models.
+"""Tiny offline models for tests and the bias lab: one per family, random weights, a real processor.
 
 Tiny models are built from configs with random weights and a tokenizer trained in memory, so no
 code path here needs the network. Every family gets a real transformers processor, so the same
@@ -28,20 +28,9 @@ everything the processor returns to forward / generate:
 from __future__ import annotations
 
 import copy
-import json
-from collections.abc import Iterable
-from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForMultimodalLM,
-    AutoProcessor,
-    AutoTokenizer,
-    BatchEncoding,
-    BatchFeature,
     CLIPVisionConfig,
     GemmaConfig,
     Idefics3Config,
@@ -55,7 +44,6 @@ from transformers import (
     LlavaProcessor,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
-    PaliGemmaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -67,7 +55,6 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
     SiglipVisionConfig,
     WhisperFeatureExtractor,
 )
@@ -76,42 +63,10 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from napo.models.processors import PaliGemmaPreferenceProcessor, Qwen2VLImageOnlyProcessor
+from napo.models.tokenizer import AUDIO_TOKEN, DEFAULT_WORDS, IMAGE_TOKEN, build_tokenizer, chat_template
+
 FAMILIES: tuple[str, ...] = ("text", "llava", "qwen2_vl", "idefics3", "paligemma", "qwen2_audio")
-
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-IMAGE_TOKEN, AUDIO_TOKEN = "<image>", "<audio>"
-# Placeholders the processors of the families look up by name; all are single special tokens.
-FAMILY_TOKENS = (
-    IMAGE_TOKEN,
-    AUDIO_TOKEN,
-    "<fake_token_around_image>",  # idefics3
-    "<global-img>",
-    "<end_of_utterance>",
-    *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
-    "<|vision_start|>",  # qwen2_vl
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_end|>",
-    "<|AUDIO|>",  # qwen2_audio
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-)
-# <unk> first, so no id that code tests for truth (`pad_token_id or eos_token_id` in TRL) is 0.
-SPECIAL_TOKENS: tuple[str, ...] = (UNK, PAD, BOS, EOS, *ROLE_TOKENS, *FAMILY_TOKENS)
-
-# Words of the built-in bias lab and of the tests: colours, objects, counts, question words.
-DEFAULT_WORDS: tuple[str, ...] = tuple(
-    """
-    red orange yellow green blue purple pink brown black white gray grey
-    banana apple lemon tomato carrot leaf sky grass snow bear polar cat cats dog dogs car cars bird
-    fish frog ball box circle square triangle star shape object objects
-    zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10
-    yes no a an the of in on is are what which how many there this that it its color colour image
-    picture photo describe answer with word question sound audio hear do you see please
-    . , ? ! : ' -
-    """.split()
-)
 
 # Which placeholder each family's processor expands; the tokenizer's own template uses the generic ones.
 _PLACEHOLDERS: dict[str, tuple[str, str]] = {
@@ -122,143 +77,6 @@ _PLACEHOLDERS: dict[str, tuple[str, str]] = {
     "paligemma": (IMAGE_TOKEN, AUDIO_TOKEN),
     "qwen2_audio": (IMAGE_TOKEN, "<|audio_bos|><|AUDIO|><|audio_eos|>"),
 }
-
-
-class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
-    """Qwen2-VL's processor without its video processor, which needs torchvision.
-
-    Images behave exactly as with ``Qwen2VLProcessor``; videos are not supported. ``save_pretrained``
-    records this class and :func:`load_model` loads it back.
-    """
-
-    def __init__(
-        self,
-        image_processor: Qwen2VLImageProcessorPil | None = None,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        chat_template: str | None = None,
-        **kwargs: object,
-    ) -> None:
-        # ProcessorMixin takes its sub-processors from this signature: no video_processor here.
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-
-class PaliGemmaPreferenceProcessor(PaliGemmaProcessor):
-    """PaliGemma's processor that also encodes text alone, as answer (suffix) tokens.
-
-    TRL's ``DataCollatorForVisionPreference`` encodes prompts with images, then chosen and
-    rejected answers as text only, and concatenates the ``token_type_ids``. PaliGemma's own
-    processor refuses text without images; and type 0 on answer tokens would put them in the
-    bidirectional prefix, so each answer token would see the ones after it. Here text alone gets
-    type 1 (causal suffix), which is what PaliGemma was trained with.
-    """
-
-    def __call__(
-        self,
-        images: object = None,
-        text: str | list[str] | None = None,
-        suffix: str | list[str] | None = None,
-        **kwargs: object,
-    ) -> BatchFeature | BatchEncoding:
-        if images is not None or text is None or suffix is not None:
-            return super().__call__(images=images, text=text, suffix=suffix, **kwargs)
-        encoded = self.tokenizer(text, **kwargs)
-        mask = encoded["attention_mask"]
-        encoded["token_type_ids"] = mask.clone() if isinstance(mask, torch.Tensor) else copy.deepcopy(mask)
-        return encoded
-
-
-# Processor classes of napo's own, which AutoProcessor does not know by name.
-_NAPO_PROCESSORS: dict[str, type[ProcessorMixin]] = {
-    cls.__name__: cls for cls in (Qwen2VLImageOnlyProcessor, PaliGemmaPreferenceProcessor)
-}
-
-
-def chat_template(image_placeholder: str = IMAGE_TOKEN, audio_placeholder: str = AUDIO_TOKEN) -> str:
-    """A jinja chat template for TRL-style messages (content: a str or a list of typed parts).
-
-    Renders ``<bos>`` once, then per turn ``<|role|>`` + content + ``<eos>``; with
-    ``add_generation_prompt`` it ends with ``<|assistant|>``. Every structural piece is a special
-    token, so the rendered prompt tokenizes to an exact prefix of prompt + answer, and the answer
-    alone (what TRL cuts off after the prompt) tokenizes to the answer's tokens + ``<eos>``.
-    """
-    part = (
-        "{%- if part['type'] == 'image' -%}"
-        + image_placeholder
-        + "{%- elif part['type'] == 'audio' -%}"
-        + audio_placeholder
-        + "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    )
-    return (
-        "{{- bos_token -}}"
-        "{%- for message in messages -%}"
-        "{{- '<|' + message['role'] + '|>' -}}"
-        "{%- if message['content'] is string -%}{{- message['content'] -}}"
-        "{%- else -%}{%- for part in message['content'] -%}" + part + "{%- endfor -%}{%- endif -%}"
-        "{{- eos_token -}}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
-    )
-
-
-def build_tokenizer(
-    words: Iterable[str] = (), *, corpus: Iterable[str] = (), kind: str = "word"
-) -> PreTrainedTokenizerFast:
-    """Train a small tokenizer in memory, with every family's placeholders as special tokens.
-
-    Args:
-        words: ``kind="word"``: words that become single tokens, lower-cased; ``kind="bpe"``:
-            more training text.
-        corpus: texts. ``kind="word"`` adds every word of them (split on whitespace and on each
-            punctuation character, lower-cased); ``kind="bpe"`` trains the merges on them.
-        kind: ``"word"``: a WordLevel vocabulary, lower-casing its input, unknown words -> ``<unk>``,
-            decoded space-joined ("two cats"; punctuation attached: "yes."). ``"bpe"``: byte-level
-            BPE (256 bytes, the special tokens and the corpus' merges, at most 1000 tokens), case
-            kept, nothing unknown.
-
-    Returns:
-        A fast tokenizer with ``<pad>``, ``<unk>``, ``<bos>``, ``<eos>``, the role tokens, the
-        placeholders of ``SPECIAL_TOKENS`` and the chat template of :func:`chat_template`; it pads
-        on the left. No special token is added on ``encode``: the chat template writes ``<bos>``.
-    """
-    corpus = list(corpus)
-    if kind == "word":
-        pre = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
-        vocab_words = {w.lower() for w in words}
-        for text in corpus:
-            vocab_words.update(w for w, _ in pre.pre_tokenize_str(text.lower()))
-        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-        for word in sorted(vocab_words - set(vocab)):
-            vocab[word] = len(vocab)
-        tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-        tok.normalizer = normalizers.Lowercase()
-        tok.pre_tokenizer = pre
-        # The WordPiece decoder joins with spaces and glues punctuation back ("yes ." -> "yes.").
-        tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    elif kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=UNK))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=1000,
-            special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator([*corpus, *words], trainer=trainer)
-    else:
-        raise ValueError(f"kind={kind!r}: expected 'word' or 'bpe'")
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=UNK,
-        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD, UNK, BOS, EOS)],
-        model_input_names=["input_ids", "attention_mask"],
-        chat_template=chat_template(),
-        padding_side="left",
-    )
 
 
 def _llama(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int) -> LlamaConfig:
@@ -493,99 +311,3 @@ def build_tiny_model(
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return model, processor
-
-
-def is_vision_model(model: PreTrainedModel) -> bool:
-    """True when the model takes images (its config has a ``vision_config``)."""
-    return getattr(model.config, "vision_config", None) is not None
-
-
-def is_audio_model(model: PreTrainedModel) -> bool:
-    """True when the model takes audio (its config has an ``audio_config``)."""
-    return getattr(model.config, "audio_config", None) is not None
-
-
-def load_model(
-    path: str,
-    *,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    dtype: torch.dtype | str | None = None,
-    attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
-    """Load a user's model and its processing class from a Hugging Face id or a local directory.
-
-    Args:
-        path: a hub id or a directory written by ``save_pretrained``. A local directory is read
-            without any network access.
-        trust_remote_code: passed to transformers; only set it for code you have read.
-        allow_pickle: also accept ``pytorch_model.bin`` (pickle can run arbitrary code on load);
-            by default only safetensors weights are loaded.
-        dtype: e.g. ``torch.bfloat16`` or ``"auto"``; ``None`` keeps transformers' default (fp32).
-        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``, or ``"xformers"`` (napo's adapter,
-            ``napo.attention``: CUDA and the ``gpu`` extra); ``None`` keeps transformers' default (sdpa).
-
-    Returns:
-        ``(model, processing_class)``: ``AutoProcessor`` for models with a vision or audio
-        config, else ``AutoTokenizer``. The model is in eval mode.
-
-    Raises:
-        ValueError: the directory holds only pickled weights and ``allow_pickle`` is False.
-    """
-    local = Path(path).is_dir()
-    pickle_hint = (
-        "Pickled weights can run arbitrary code when loaded: load them only from a source you trust, "
-        "with load_model(..., allow_pickle=True) or the --allow-pickle option of napo train, pairs and eval; "
-        "better, convert them once to safetensors."
-    )
-    if local and not allow_pickle and not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
-        raise ValueError(f"{path} holds only pickled weights (*.bin). {pickle_hint}")
-    common = dict(trust_remote_code=trust_remote_code, local_files_only=local)
-    config = AutoConfig.from_pretrained(path, **common)
-    multimodal = any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config"))
-    # AutoModelForMultimodalLM maps both image-text-to-text and audio-text-to-text models.
-    model_class = AutoModelForMultimodalLM if multimodal else AutoModelForCausalLM
-    # use_safetensors=None: safetensors when present, else pickled weights.
-    use_safetensors = None if allow_pickle else True
-    if attn_implementation == "xformers":
-        from napo.attention import register_xformers_attention
-
-        register_xformers_attention()
-    try:
-        model = model_class.from_pretrained(
-            path,
-            config=config,
-            use_safetensors=use_safetensors,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            **common,
-        )
-    except OSError as error:  # a hub repository without safetensors weights
-        if allow_pickle or "safetensors" not in str(error):
-            raise
-        raise ValueError(f"{path} has no safetensors weights. {pickle_hint}") from error
-    processor_class: type = AutoProcessor if multimodal else AutoTokenizer
-    processor_config = Path(path, "processor_config.json")
-    if local and processor_config.is_file():
-        # napo's own processor classes (tiny models) are unknown to AutoProcessor.
-        saved_class = json.loads(processor_config.read_text()).get("processor_class")
-        processor_class = _NAPO_PROCESSORS.get(saved_class, processor_class)
-    processing_class = processor_class.from_pretrained(path, **common)
-    return model.eval(), processing_class
-
-
-__all__ = [
-    "AUDIO_TOKEN",
-    "DEFAULT_WORDS",
-    "FAMILIES",
-    "IMAGE_TOKEN",
-    "SPECIAL_TOKENS",
-    "PaliGemmaPreferenceProcessor",
-    "Qwen2VLImageOnlyProcessor",
-    "build_tiny_model",
-    "build_tokenizer",
-    "chat_template",
-    "is_audio_model",
-    "is_vision_model",
-    "load_model",
-]
