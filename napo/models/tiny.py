@@ -1,4 +1,7 @@
-"""Tiny offline models for tests and the bias lab: one per family, random weights, a real processor.
+"""Tiny offline models for tests and the bias lab: one builder per family, random weights, a real processor.
+
+Each builder is named by its family's record in :mod:`napo.models.families` (whose ``build_tiny_model`` calls it
+and finishes the model); it returns the config, the model class and the processor, and does nothing else.
 
 Tiny models are built from configs with random weights and a tokenizer trained in memory, so no
 code path here needs the network. Every family gets a real transformers processor, so the same
@@ -27,9 +30,8 @@ everything the processor returns to forward / generate:
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
-import torch
 from transformers import (
     CLIPVisionConfig,
     GemmaConfig,
@@ -44,6 +46,7 @@ from transformers import (
     LlavaProcessor,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
@@ -64,19 +67,34 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from napo.models.processors import PaliGemmaPreferenceProcessor, Qwen2VLImageOnlyProcessor
-from napo.models.tokenizer import AUDIO_TOKEN, DEFAULT_WORDS, IMAGE_TOKEN, build_tokenizer, chat_template
+from napo.models.tokenizer import IMAGE_TOKEN
 
-FAMILIES: tuple[str, ...] = ("text", "llava", "qwen2_vl", "idefics3", "paligemma", "qwen2_audio")
+_MEAN, _STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
 
-# Which placeholder each family's processor expands; the tokenizer's own template uses the generic ones.
-_PLACEHOLDERS: dict[str, tuple[str, str]] = {
-    "text": (IMAGE_TOKEN, AUDIO_TOKEN),
-    "llava": (IMAGE_TOKEN, AUDIO_TOKEN),
-    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", AUDIO_TOKEN),
-    "idefics3": (IMAGE_TOKEN, AUDIO_TOKEN),
-    "paligemma": (IMAGE_TOKEN, AUDIO_TOKEN),
-    "qwen2_audio": (IMAGE_TOKEN, "<|audio_bos|><|AUDIO|><|audio_eos|>"),
-}
+
+@dataclass(frozen=True)
+class TinyShape:
+    """Sizes of a tiny model (see `napo.models.families.build_tiny_model` for their meaning and constraints)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    image_size: int = 32  # px, every image resized to it
+    patch_size: int = 8  # px
+    audio_seconds: int = 2  # longest audio the feature extractor keeps
+
+    def vision(self) -> dict:
+        """The vision tower's config fields shared by the CLIP / SigLIP / Idefics3 towers."""
+        return dict(
+            hidden_size=self.hidden_size,
+            intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=4,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+        )
+
+
+TinyParts = tuple[PreTrainedConfig, type[PreTrainedModel], PreTrainedTokenizerBase | ProcessorMixin]
 
 
 def _llama(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int) -> LlamaConfig:
@@ -112,202 +130,150 @@ def _qwen2(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int
     )
 
 
-def _vision(hidden_size: int, num_layers: int, image_size: int, patch_size: int) -> dict:
-    return dict(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
+def tiny_text(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """A Llama; the processing class is the tokenizer itself (its own chat template)."""
+    return _llama(tokenizer, shape.hidden_size, shape.num_layers), LlamaForCausalLM, tokenizer
+
+
+def tiny_llava(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """A CLIP tower under a Llama; (image_size / patch_size)^2 image tokens per image (CLS dropped)."""
+    image_processor = CLIPImageProcessorPil(
+        size={"height": shape.image_size, "width": shape.image_size},
+        do_center_crop=False,
+        image_mean=_MEAN,
+        image_std=_STD,
     )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=shape.patch_size,
+        vision_feature_select_strategy="default",  # drops CLS: grid**2 tokens per image
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**shape.vision()),
+        text_config=_llama(tokenizer, shape.hidden_size, shape.num_layers),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    return config, LlavaForConditionalGeneration, processor
 
 
-_MEAN, _STD = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-
-
-def build_tiny_model(
-    family: str,
-    tokenizer: PreTrainedTokenizerFast | None = None,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    image_size: int = 32,
-    patch_size: int = 8,
-    audio_seconds: int = 2,
-    seed: int = 0,
-    **config_overrides: object,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
-    """A randomly initialised fp32 model of ``family`` and its processing class, built offline.
-
-    Args:
-        family: one of ``FAMILIES``.
-        tokenizer: from :func:`build_tokenizer`; copied, never mutated (processors add tokens).
-            ``None``: ``build_tokenizer(DEFAULT_WORDS)``.
-        hidden_size: width of the language model and of the vision / audio encoder; a multiple of 16.
-        num_layers: layers of the language model and of the encoder.
-        image_size: side in pixels every image is resized to; ``patch_size`` must divide it
-            (and ``image_size / patch_size`` must be even for qwen2_vl and idefics3).
-        audio_seconds: longest audio the qwen2_audio feature extractor keeps, in whole seconds.
-        seed: ``torch.manual_seed`` for the weights.
-        config_overrides: attributes set on the top-level config after it is built
-            (e.g. ``vision_feature_layer=-2`` for llava); sub-configs are not touched.
-
-    Returns:
-        ``(model, processing_class)``: the tokenizer itself for ``"text"`` (a Llama), else the
-        family's ``ProcessorMixin`` with the family's chat template. ``model.config`` vocab size
-        equals ``len(processing_class tokenizer)``; the generation config's pad / bos / eos ids are the
-        tokenizer's, so ``model.generate`` works on left-padded batches.
-    """
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
-    tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else build_tokenizer(DEFAULT_WORDS)
-    image_placeholder, audio_placeholder = _PLACEHOLDERS[family]
-    template = chat_template(image_placeholder, audio_placeholder)
-    grid = image_size // patch_size
-    vision = _vision(hidden_size, num_layers, image_size, patch_size)
-    processor: PreTrainedTokenizerBase | ProcessorMixin
-    torch.manual_seed(seed)
-
-    if family == "text":
-        processor = tokenizer
-        config = _llama(tokenizer, hidden_size, num_layers)
-        model_class: type[PreTrainedModel] = LlamaForCausalLM
-    elif family == "llava":
-        image_processor = CLIPImageProcessorPil(
-            size={"height": image_size, "width": image_size},
-            do_center_crop=False,
-            image_mean=_MEAN,
-            image_std=_STD,
-        )
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",  # drops CLS: grid**2 tokens per image
-            num_additional_image_tokens=1,
-            chat_template=template,
-        )
-        config = LlavaConfig(
-            vision_config=CLIPVisionConfig(**vision),
-            text_config=_llama(tokenizer, hidden_size, num_layers),
-            image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            projector_hidden_act="gelu",
-        )
-        model_class = LlavaForConditionalGeneration
-    elif family == "qwen2_vl":
-        merge = 2
-        image_processor = Qwen2VLImageProcessorPil(
-            patch_size=patch_size,
-            merge_size=merge,
+def tiny_qwen2_vl(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """Qwen2-VL: patches merged 2x2, multimodal rotary positions; images only (no torchvision)."""
+    merge = 2
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=shape.patch_size,
+        merge_size=merge,
+        temporal_patch_size=2,
+        min_pixels=shape.image_size * shape.image_size,
+        max_pixels=shape.image_size * shape.image_size,
+        image_mean=_MEAN,
+        image_std=_STD,
+    )
+    processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=template)
+    head_dim = shape.hidden_size // 4
+    third = head_dim // 2 // 3
+    # mrope splits the rotary half-dimension over (time, height, width): it must sum to head_dim / 2.
+    mrope = [head_dim // 2 - 2 * third, third, third]
+    config = Qwen2VLConfig(
+        text_config=_qwen2(
+            tokenizer,
+            shape.hidden_size,
+            shape.num_layers,
+            rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=shape.num_layers,
+            embed_dim=shape.hidden_size,
+            hidden_size=shape.hidden_size,
+            num_heads=4,
+            patch_size=shape.patch_size,
+            spatial_merge_size=merge,
             temporal_patch_size=2,
-            min_pixels=image_size * image_size,
-            max_pixels=image_size * image_size,
-            image_mean=_MEAN,
-            image_std=_STD,
-        )
-        processor = Qwen2VLImageOnlyProcessor(image_processor, tokenizer, chat_template=template)
-        head_dim = hidden_size // 4
-        third = head_dim // 2 // 3
-        # mrope splits the rotary half-dimension over (time, height, width): it must sum to head_dim / 2.
-        mrope = [head_dim // 2 - 2 * third, third, third]
-        config = Qwen2VLConfig(
-            text_config=_qwen2(
-                tokenizer,
-                hidden_size,
-                num_layers,
-                rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
-            ),
-            vision_config=dict(
-                depth=num_layers,
-                embed_dim=hidden_size,
-                hidden_size=hidden_size,
-                num_heads=4,
-                patch_size=patch_size,
-                spatial_merge_size=merge,
-                temporal_patch_size=2,
-            ),
-            image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        )
-        model_class = Qwen2VLForConditionalGeneration
-    elif family == "idefics3":
-        scale = 2
-        image_processor = Idefics3ImageProcessorPil(
-            size={"longest_edge": image_size},
-            max_image_size={"longest_edge": image_size},
-            do_image_splitting=False,
-            image_mean=_MEAN,
-            image_std=_STD,
-        )
-        processor = Idefics3Processor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            image_seq_len=grid * grid // (scale * scale),
-            chat_template=template,
-        )
-        config = Idefics3Config(
-            vision_config=Idefics3VisionConfig(**vision),
-            text_config=_llama(tokenizer, hidden_size, num_layers),
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            scale_factor=scale,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        model_class = Idefics3ForConditionalGeneration
-    elif family == "paligemma":
-        image_processor = SiglipImageProcessorPil(
-            size={"height": image_size, "width": image_size}, image_mean=_MEAN, image_std=_STD
-        )
-        image_processor.image_seq_length = grid * grid  # PaliGemmaProcessor reads it: one token per patch
-        processor = PaliGemmaPreferenceProcessor(image_processor, tokenizer, chat_template=template)
-        text = GemmaConfig(
-            vocab_size=len(tokenizer),  # after the processor added its <loc>/<seg> tokens
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=hidden_size // 4,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        config = PaliGemmaConfig(
-            vision_config=SiglipVisionConfig(**vision),
-            text_config=text,
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            projection_dim=hidden_size,
-        )
-        model_class = PaliGemmaForConditionalGeneration
-    else:  # qwen2_audio
-        feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=audio_seconds)
-        processor = Qwen2AudioProcessor(
-            feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=template
-        )
-        frames = feature_extractor.nb_max_frames  # 100 mel frames per second
-        config = Qwen2AudioConfig(
-            audio_config=Qwen2AudioEncoderConfig(
-                num_mel_bins=80,
-                d_model=hidden_size,
-                encoder_layers=num_layers,
-                encoder_attention_heads=4,
-                encoder_ffn_dim=2 * hidden_size,
-                max_source_positions=frames // 2,  # the encoder's stride-2 conv halves the frames
-            ),
-            text_config=Qwen2Config(**_qwen2(tokenizer, hidden_size, num_layers)),
-            audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
-        )
-        model_class = Qwen2AudioForConditionalGeneration
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    return config, Qwen2VLForConditionalGeneration, processor
 
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
-    model = model_class(config).float().eval()
-    tok = processor if family == "text" else processor.tokenizer
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.bos_token_id = tok.bos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, processor
+
+def tiny_idefics3(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """Idefics3 (SmolVLM's architecture) without image splitting; pixel shuffle 2."""
+    scale = 2
+    grid = shape.image_size // shape.patch_size
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": shape.image_size},
+        max_image_size={"longest_edge": shape.image_size},
+        do_image_splitting=False,
+        image_mean=_MEAN,
+        image_std=_STD,
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=grid * grid // (scale * scale),
+        chat_template=template,
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(**shape.vision()),
+        text_config=_llama(tokenizer, shape.hidden_size, shape.num_layers),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        scale_factor=scale,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return config, Idefics3ForConditionalGeneration, processor
+
+
+def tiny_paligemma(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """A SigLIP tower under a Gemma, prefix-LM over the prompt; one image token per patch."""
+    grid = shape.image_size // shape.patch_size
+    image_processor = SiglipImageProcessorPil(
+        size={"height": shape.image_size, "width": shape.image_size}, image_mean=_MEAN, image_std=_STD
+    )
+    image_processor.image_seq_length = grid * grid  # PaliGemmaProcessor reads it: one token per patch
+    processor = PaliGemmaPreferenceProcessor(image_processor, tokenizer, chat_template=template)
+    text = GemmaConfig(
+        vocab_size=len(tokenizer),  # after the processor added its <loc>/<seg> tokens
+        hidden_size=shape.hidden_size,
+        intermediate_size=2 * shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=shape.hidden_size // 4,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(**shape.vision()),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projection_dim=shape.hidden_size,
+    )
+    return config, PaliGemmaForConditionalGeneration, processor
+
+
+def tiny_qwen2_audio(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
+    """A Whisper-style encoder under a Qwen2; one audio token per 40 ms, clips cut at `shape.audio_seconds`."""
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=shape.audio_seconds)
+    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=template)
+    frames = feature_extractor.nb_max_frames  # 100 mel frames per second
+    config = Qwen2AudioConfig(
+        audio_config=Qwen2AudioEncoderConfig(
+            num_mel_bins=80,
+            d_model=shape.hidden_size,
+            encoder_layers=shape.num_layers,
+            encoder_attention_heads=4,
+            encoder_ffn_dim=2 * shape.hidden_size,
+            max_source_positions=frames // 2,  # the encoder's stride-2 conv halves the frames
+        ),
+        text_config=Qwen2Config(**_qwen2(tokenizer, shape.hidden_size, shape.num_layers)),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+    return config, Qwen2AudioForConditionalGeneration, processor
