@@ -97,42 +97,30 @@ class TinyShape:
 TinyParts = tuple[PreTrainedConfig, type[PreTrainedModel], PreTrainedTokenizerBase | ProcessorMixin]
 
 
-def _llama(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-
-
-def _qwen2(tokenizer: PreTrainedTokenizerBase, hidden_size: int, num_layers: int, **extra: object) -> dict:
+def _decoder(tokenizer: PreTrainedTokenizerBase, shape: TinyShape, max_position_embeddings: int) -> dict:
+    """The language model's config fields shared by the Llama and Qwen2 decoders (4 heads, 2 key-value heads)."""
     return dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
+        hidden_size=shape.hidden_size,
+        intermediate_size=2 * shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
-        **extra,
     )
+
+
+def _llama(tokenizer: PreTrainedTokenizerBase, shape: TinyShape) -> LlamaConfig:
+    return LlamaConfig(**_decoder(tokenizer, shape, 2048))
 
 
 def tiny_text(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
     """A Llama; the processing class is the tokenizer itself (its own chat template)."""
-    return _llama(tokenizer, shape.hidden_size, shape.num_layers), LlamaForCausalLM, tokenizer
+    return _llama(tokenizer, shape), LlamaForCausalLM, tokenizer
 
 
 def tiny_llava(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinyShape) -> TinyParts:
@@ -153,7 +141,7 @@ def tiny_llava(tokenizer: PreTrainedTokenizerFast, template: str, shape: TinySha
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**shape.vision()),
-        text_config=_llama(tokenizer, shape.hidden_size, shape.num_layers),
+        text_config=_llama(tokenizer, shape),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -180,10 +168,8 @@ def tiny_qwen2_vl(tokenizer: PreTrainedTokenizerFast, template: str, shape: Tiny
     # mrope splits the rotary half-dimension over (time, height, width): it must sum to head_dim / 2.
     mrope = [head_dim // 2 - 2 * third, third, third]
     config = Qwen2VLConfig(
-        text_config=_qwen2(
-            tokenizer,
-            shape.hidden_size,
-            shape.num_layers,
+        text_config=dict(
+            _decoder(tokenizer, shape, 4096),
             rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
         ),
         vision_config=dict(
@@ -222,7 +208,7 @@ def tiny_idefics3(tokenizer: PreTrainedTokenizerFast, template: str, shape: Tiny
     )
     config = Idefics3Config(
         vision_config=Idefics3VisionConfig(**shape.vision()),
-        text_config=_llama(tokenizer, shape.hidden_size, shape.num_layers),
+        text_config=_llama(tokenizer, shape),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         scale_factor=scale,
         pad_token_id=tokenizer.pad_token_id,
@@ -273,7 +259,7 @@ def tiny_qwen2_audio(tokenizer: PreTrainedTokenizerFast, template: str, shape: T
             encoder_ffn_dim=2 * shape.hidden_size,
             max_source_positions=frames // 2,  # the encoder's stride-2 conv halves the frames
         ),
-        text_config=Qwen2Config(**_qwen2(tokenizer, shape.hidden_size, shape.num_layers)),
+        text_config=Qwen2Config(**_decoder(tokenizer, shape, 4096)),
         audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
     )
     return config, Qwen2AudioForConditionalGeneration, processor
