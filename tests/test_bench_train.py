@@ -204,6 +204,19 @@ def test_flop_counter_covers_every_parameter_once(setup):
     assert counter.lm_params + counter.vision_params + counter.projector_params == total
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "paligemma"])
+def test_flop_counter_splits_every_tiny_vlm_into_language_model_tower_and_projector(family):
+    """The registry's tower and projector and the decoder partition the parameters: nothing counted twice or missed
+    (the input embedding table is a lookup, counted only when the LM head is a separate matrix)."""
+    model, _ = build_tiny_model(family)
+    counter = FlopCounter.of(model)
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lookup_only = embeddings.numel() if embeddings is not head else 0
+    total = sum(p.numel() for p in model.parameters())
+    assert counter.lm_params + counter.vision_params + counter.projector_params + lookup_only == total
+    assert counter.vision_params > 0 and counter.projector_params > 0
+
+
 def test_script_runs_on_cpu_and_records_cuda_only_levers_as_skipped(tmp_path, capsys):
     out = tmp_path / "tiny.json"
     argv = [
