@@ -8,8 +8,9 @@ gradients of all the copies, as if each had been encoded: same loss and gradient
 
 `pack_sequences` (padding-free batches): the N sequences of a padded batch become one row of their T real tokens,
 with positions restarting at every sequence. transformers then builds a block-diagonal causal mask (SDPA/eager) or
-variable-length kernels (flash-attention, CUDA: not run here) from the positions, so no FLOP is spent on padding: a preference batch
-pads every sequence to the longest answer of the batch, and a row's K negatives often differ in length by several×.
+variable-length kernels (flash-attention, CUDA: not run here) from the positions, so no FLOP is spent on padding: a
+preference batch pads every sequence to the longest answer of the batch, and a row's K negatives often differ in
+length by several×.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+
+from napo.models.families import PER_TOKEN_INPUTS
 
 
 def image_chunks(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list[torch.Tensor] | None:
@@ -61,8 +64,8 @@ def encode_images_once(model: PreTrainedModel, enabled: bool = True) -> None:
 
     Wraps the inner model's `get_image_features` once; the wrapper encodes each distinct image of the batch once
     when `enabled`, and calls the original otherwise. Handles Qwen2-VL-style packed patches (`image_grid_thw`) and
-    fixed-size image tensors (LLaVA, PaliGemma); other layouts (Idefics3's tiled images with their pixel mask, LLaVA-NeXT's
-    image sizes) go through the original unchanged.
+    fixed-size image tensors (LLaVA, PaliGemma); other layouts (Idefics3's tiled images with their pixel mask,
+    LLaVA-NeXT's image sizes) go through the original unchanged.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner = base.model
@@ -110,9 +113,10 @@ def encode_images_once(model: PreTrainedModel, enabled: bool = True) -> None:
     inner._napo_encode_images_once = enabled
 
 
-# Per-token model inputs that packing flattens like `input_ids`; every other input (pixels, grids, audio features)
-# describes media in sequence order and is kept as it is.
-_PER_TOKEN_INPUTS = ("input_ids", "mm_token_type_ids")
+# Per-token model inputs that packing flattens like `input_ids` (the families' registry says which); every other
+# input (pixels, grids, audio features) describes media in sequence order and is kept as it is.
+_PACKED_PER_TOKEN = ("input_ids", *(name for name, spec in PER_TOKEN_INPUTS.items() if spec.packable))
+_UNPACKABLE = {name: spec for name, spec in PER_TOKEN_INPUTS.items() if not spec.packable}
 
 
 def pack_sequences(
@@ -127,23 +131,20 @@ def pack_sequences(
     multimodal rotary models (Qwen2-VL's `get_rope_index`), gives the (3, N, L) positions of a padded batch with
     images, which are packed too and preceded by the 1-D text positions that tell transformers where sequences start.
 
-    Raises ValueError for prefix-LM batches (`token_type_ids`, PaliGemma), which cannot be packed exactly.
+    Raises ValueError for a batch with a per-token input that cannot be packed exactly (`PerTokenInput.packable`:
+    prefix-LM `token_type_ids`, PaliGemma).
 
     Returns the packed model inputs (`input_ids` (1, T), `position_ids` (1, T) or (4, 1, T), no `attention_mask`),
     labels (1, T) — the answer tokens, -100 elsewhere and at the first token of every sequence, so no sequence is
     scored from the end of the one packed before it — and `sequence_of_token` (T,), the sequence each token is from.
     """
-    if "token_type_ids" in model_kwargs:
-        # PaliGemma marks every prompt token as one bidirectional block (token_type_ids == 0): in a packed row the
-        # prompts of all sequences would attend to each other.
-        raise ValueError(
-            "padding_free does not support prefix-LM models (PaliGemma: the batch carries token_type_ids), whose "
-            "bidirectional prompt block would join the prompts of the packed sequences: set padding_free=False"
-        )
+    for name, spec in _UNPACKABLE.items():
+        if name in model_kwargs:
+            raise ValueError(f"padding_free does not support {spec.why}: set padding_free=False")
     attention_mask = model_kwargs["attention_mask"]
     real = attention_mask.bool()
     packed = {key: value for key, value in model_kwargs.items() if key != "attention_mask"}
-    for key in _PER_TOKEN_INPUTS:
+    for key in _PACKED_PER_TOKEN:
         if key in packed:
             packed[key] = model_kwargs[key][real].unsqueeze(0)
     padded_positions = attention_mask.long().cumsum(dim=1) - 1  # (N, L): 0, 1, ... along each sequence's tokens

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 
 from napo.data import SAMPLING_RATE
 from napo.formats import MEDIA_TAGS
+from napo.models.families import MEDIA_FEATURES, PROCESSOR_ONLY_OUTPUTS
 
 
 def generate(
@@ -90,10 +91,12 @@ def _generate_batch(
         inputs = tokenizer(texts, **kwargs)
     else:
         inputs = processing_class(text=texts, **kwargs)
-    inputs.pop("labels", None)  # PaliGemma's processor adds them; generate must not get them
+    for name in PROCESSOR_ONLY_OUTPUTS:  # PaliGemma's processor adds labels; generate must not get them
+        inputs.pop(name, None)
     inputs = inputs.to(model.device)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for name in MEDIA_FEATURES:  # image / audio features in the model's dtype (bf16 models)
+        if name in inputs and inputs[name].is_floating_point():
+            inputs[name] = inputs[name].to(model.dtype)
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     # Left padding puts every prompt's end at the same column: the new tokens start there.

@@ -56,8 +56,8 @@ from trl import DPOConfig, DPOTrainer
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.attention import register_xformers_attention
-from napo.fast import encode_images_once, image_chunks, unique_images
 from napo.models import DEFAULT_WORDS, build_tiny_model
+from napo.throughput import FlopCounter, set_levers
 
 NEGATIVE_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias")
 # Datasheet dense bf16 peak of the accelerators MFU is reported against, in FLOP/s.
@@ -333,111 +333,10 @@ def make_trainer(
     return NaPOTrainer(model, ref_model, args=args, train_dataset=rows, processing_class=processor)
 
 
-def unwrapped(model: PreTrainedModel) -> PreTrainedModel:
-    """The transformers model inside a PEFT model, or `model` itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@dataclass(frozen=True)
-class FlopCounter:
-    """Parameter counts and attention widths that turn a batch into FLOPs (model FLOPs: recomputation by gradient
-    checkpointing is not counted).
-
-    Forward FLOPs of a batch = 2·lm_params·T + 4·lm_layers·lm_width·Σ s²        (language model, T = Σ s tokens)
-                             + 2·vision_params·P + 4·vision_layers·vision_width·Σ p²   (vision tower, p patches
-                               per image, attention within each image)
-                             + 2·projector_params·I                              (I image tokens)
-    Training multiplies the forward by 3 (full fine-tune: forward + backward) or, with LoRA, the language model by
-    2 (the backward needs the input gradients through the frozen weights, not their weight gradients) and the frozen
-    vision tower by 1; an on-the-fly reference adds one forward.
-    """
-
-    lm_params: int  # applied to every token: decoder layers, final norm, LM head (not the embedding lookup)
-    lm_layers: int
-    lm_width: int  # attention heads × head dim
-    vision_params: int  # applied to every patch
-    vision_layers: int
-    vision_width: int
-    projector_params: int  # applied to every image token
-    patch_size: int  # pixels
-    lora: bool
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> FlopCounter:
-        base = unwrapped(model)
-        text, vision = base.config.get_text_config(), base.config.vision_config
-        inner = base.model
-        tower = inner.visual if hasattr(inner, "visual") else inner.vision_tower
-        projector = tower.merger if hasattr(tower, "merger") else inner.multi_modal_projector
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        lm = count(inner.language_model) - base.get_input_embeddings().weight.numel()
-        return cls(
-            lm_params=lm + base.get_output_embeddings().weight.numel(),
-            lm_layers=text.num_hidden_layers,
-            lm_width=text.num_attention_heads * head_dim,
-            vision_params=count(tower) - (count(projector) if projector in tower.modules() else 0),
-            vision_layers=getattr(vision, "depth", None) or vision.num_hidden_layers,
-            vision_width=getattr(vision, "embed_dim", None) or vision.hidden_size,
-            projector_params=count(projector),
-            patch_size=vision.patch_size,
-            lora=hasattr(model, "get_base_model"),
-        )
-
-    def forward(self, batch: dict[str, torch.Tensor], images_once: bool = False) -> tuple[float, float]:
-        """(language-model FLOPs, vision FLOPs) of one forward over `batch` (a collator's output); with
-        `images_once`, the vision tower and projector count each distinct image of the batch once."""
-        lengths = batch["attention_mask"].sum(dim=1).double()
-        grid_thw = batch.get("image_grid_thw")
-        images = unique_images(image_chunks(batch["pixel_values"], grid_thw))[0] if images_once else None
-        if grid_thw is not None:  # Qwen2-VL: patches per image; 2×2 patches merge into one token
-            patches = grid_thw[images if images is not None else slice(None)].prod(dim=-1).double()
-            image_tokens = patches.sum() / 4
-        else:  # LLaVA: one token per patch, plus the CLS patch the tower also encodes
-            n_images, _, height, _ = batch["pixel_values"].shape
-            n_images = len(images) if images is not None else n_images
-            grid = (height // self.patch_size) ** 2
-            patches = torch.full((n_images,), grid + 1.0, dtype=torch.float64)
-            image_tokens = torch.tensor(float(n_images * grid))
-        lm = 2 * self.lm_params * lengths.sum() + 4 * self.lm_layers * self.lm_width * (lengths**2).sum()
-        vision = (
-            2 * self.vision_params * patches.sum()
-            + 4 * self.vision_layers * self.vision_width * (patches**2).sum()
-            + 2 * self.projector_params * image_tokens
-        )
-        return float(lm), float(vision)
-
-    def step(self, batch: dict[str, torch.Tensor], reference: bool, images_once: bool = False) -> float:
-        """FLOPs of one training step over `batch`, plus one reference forward when `reference`."""
-        lm, vision = self.forward(batch, images_once)
-        flops = (2 * lm + vision) if self.lora else 3 * (lm + vision)
-        return flops + (lm + vision if reference else 0.0)
-
-
 def batches_of(trainer: Trainer) -> Iterator[dict[str, torch.Tensor]]:
     """The trainer's own training batches (its collator, its sampler), endlessly: collation stays in every step."""
     while True:
         yield from trainer.get_train_dataloader()
-
-
-def set_levers(trainer: Trainer, variant: Variant) -> None:
-    """Put the shared policy in `variant`'s attention implementation, gradient checkpointing and image encoding, and
-    its separate reference model, if any, in the same attention and image encoding; a NaPOTrainer in `variant`'s
-    padding-free setting."""
-    if isinstance(trainer, NaPOTrainer):
-        trainer.padding_free = variant.padding_free
-    for model in (trainer.model, trainer.ref_model):
-        if model is not None:
-            base = unwrapped(model)
-            if base.config._attn_implementation != variant.attn:
-                base.set_attn_implementation(variant.attn)
-            encode_images_once(model, variant.images_once)
-    base = unwrapped(trainer.model)
-    if base.is_activation_checkpointing != variant.gradient_checkpointing:
-        if variant.gradient_checkpointing:
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.activation_checkpointing_disable()
 
 
 def train_step(
@@ -631,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results = {}
     for variant in variants:
-        transient = transient_peak_bytes(lambda: step(variant), device)
+        transient = transient_peak_bytes(lambda variant=variant: step(variant), device)
         optimizer_bytes = tensor_bytes(t for s in optimizers[variant.optim].state.values() for t in s.values())
         resident = params_bytes + optimizer_bytes + (ref_bytes if uses_reference_model(variant) else 0)
         flops = mean_std(rates[variant.name]["flops"])

@@ -179,14 +179,14 @@ def _held_out_note_accuracy(model, processor) -> float:
     (centroids from even rows, accuracy on odd rows), in [0, 1]; chance is 1/7."""
     import torch
 
-    from napo.lab.audio import _audio_encoder
+    from napo.models import media_tower
 
     rows = sounds.make_split(RECIPE, "no_prior", 140, seed=5)
     notes = list(RECIPE["notes"])
     labels = torch.tensor([notes.index(r["answer"]) for r in rows])
     features = processor.feature_extractor([r["audios"][0] for r in rows], sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
-        pooled = _audio_encoder(model)(features["input_features"]).last_hidden_state.mean(dim=1)
+        pooled = media_tower(model)(features["input_features"]).last_hidden_state.mean(dim=1)
     pooled = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=1)
     fit, held = torch.arange(len(rows)) % 2 == 0, torch.arange(len(rows)) % 2 == 1
     centroids = torch.nn.functional.normalize(

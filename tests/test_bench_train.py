@@ -1,4 +1,5 @@
-"""scripts/bench_train.py: every lever it measures gives the plain path's loss, and the script runs on CPU."""
+"""scripts/bench_train.py: every lever it measures (`napo.throughput.set_levers`) gives the plain path's loss, the FLOP
+counter covers the model, and the script runs on CPU."""
 
 import copy
 import importlib.util
@@ -16,6 +17,7 @@ from trl import DPOConfig, DPOTrainer
 from napo import NaPOConfig, NaPOTrainer
 from napo.fast import encode_images_once, image_chunks, unique_images
 from napo.models import build_tiny_model
+from napo.throughput import FlopCounter, set_levers
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
@@ -48,7 +50,7 @@ def trainer_of(setup, variant):
 
 def loss_and_grads(trainer, variant=PLAIN, n=ROWS):
     """Loss and gradients of `trainer` on its first `n` dataset rows, the model put in `variant`'s levers."""
-    bench.set_levers(trainer, variant)
+    set_levers(trainer, variant)
     trainer.model.train()
     trainer.model.zero_grad(set_to_none=True)
     # Collators may mutate their examples (TRL's vision collator does): give each call new dicts.
@@ -57,7 +59,7 @@ def loss_and_grads(trainer, variant=PLAIN, n=ROWS):
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
     trainer.model.zero_grad(set_to_none=True)
-    bench.set_levers(trainer, PLAIN)
+    set_levers(trainer, PLAIN)
     return loss.detach(), grads
 
 
@@ -197,9 +199,22 @@ def test_fused_adamw_takes_the_plain_step(setup):
 
 def test_flop_counter_covers_every_parameter_once(setup):
     """Tied embeddings: the LM head stands for the embedding table, so the counts add up to the model's size."""
-    counter = bench.FlopCounter.of(setup[0])
+    counter = FlopCounter.of(setup[0])
     total = sum(p.numel() for p in setup[0].parameters())
     assert counter.lm_params + counter.vision_params + counter.projector_params == total
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "paligemma"])
+def test_flop_counter_splits_every_tiny_vlm_into_language_model_tower_and_projector(family):
+    """The registry's tower and projector and the decoder partition the parameters: nothing counted twice or missed
+    (the input embedding table is a lookup, counted only when the LM head is a separate matrix)."""
+    model, _ = build_tiny_model(family)
+    counter = FlopCounter.of(model)
+    embeddings, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lookup_only = embeddings.numel() if embeddings is not head else 0
+    total = sum(p.numel() for p in model.parameters())
+    assert counter.lm_params + counter.vision_params + counter.projector_params + lookup_only == total
+    assert counter.vision_params > 0 and counter.projector_params > 0
 
 
 def test_script_runs_on_cpu_and_records_cuda_only_levers_as_skipped(tmp_path, capsys):

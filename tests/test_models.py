@@ -1,4 +1,5 @@
-"""Tiny offline models: every family runs forward, batched generate, TRL's collator, save and load."""
+"""Tiny offline models: every family runs forward, batched generate, TRL's collator, save and load; each family's
+registry record (`napo.models.families`) says what its model and processor actually do."""
 
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from napo.models import (
     IMAGE_TOKEN,
     build_tiny_model,
     build_tokenizer,
+    family_of,
+    family_record,
     is_audio_model,
     is_vision_model,
     load_model,
+    media_projector,
+    media_tower,
+    rope_index_function,
 )
 
 VISION = ("llava", "qwen2_vl", "idefics3", "paligemma")
@@ -35,8 +41,11 @@ def _audio(seed: int, seconds: float) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(int(16000 * seconds)).astype(np.float32)
 
 
-def _prompt_batch(family: str, processor, rows: tuple[int, ...] = (0, 1)) -> dict[str, torch.Tensor]:
-    """Conversational prompts of different lengths (so one is left-padded), with their media."""
+def _prompt_batch(
+    family: str, processor, rows: tuple[int, ...] = (0, 1), *, forward_inputs_only: bool = True
+) -> dict[str, torch.Tensor]:
+    """Conversational prompts of different lengths (so one is left-padded), with their media; without the
+    processor's outputs that are not forward inputs unless `forward_inputs_only` is False."""
     part = {"qwen2_audio": [{"type": "audio"}], "text": []}.get(family, [{"type": "image"}])
     conversations = [[{"role": "user", "content": [*part, {"type": "text", "text": QUESTIONS[i]}]}] for i in rows]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
@@ -46,7 +55,8 @@ def _prompt_batch(family: str, processor, rows: tuple[int, ...] = (0, 1)) -> dic
     elif family == "qwen2_audio":
         media = {"audio": [_audio(i, 0.5 + 0.5 * i) for i in rows], "sampling_rate": 16000}
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
-    batch.pop("labels", None)  # PaliGemma's processor adds prompt labels; a forward doesn't need them
+    if forward_inputs_only:
+        batch.pop("labels", None)  # PaliGemma's processor adds prompt labels; a forward doesn't need them
     return dict(batch)
 
 
@@ -182,3 +192,95 @@ def test_word_tokenizer_lowercases_and_maps_unknown_words_to_unk() -> None:
     assert tokenizer.decode(tokenizer.encode("Two CATS")) == "two cats"
     assert tokenizer.encode("giraffe") == [tokenizer.unk_token_id]
     assert tokenizer.decode(tokenizer.encode("two cats, please.")) == "two cats, please."
+
+
+def test_the_record_is_found_from_the_model_it_builds(built) -> None:
+    family, model, _ = built
+    assert family_of(model) is family_record(family) and family_of(model.config) is family_record(family)
+
+
+def test_the_record_declares_every_processor_output(built) -> None:
+    """What a collator must carry along the tokens, cast, or drop: every output of the processor is declared."""
+    family, _, processor = built
+    record = family_record(family)
+    batch = _prompt_batch(family, processor, forward_inputs_only=False)
+    declared = {*record.media_features, *record.media_layout, *record.processor_only}
+    declared |= {"input_ids", "attention_mask", *(i.name for i in record.per_token_inputs)}
+    assert set(batch) == declared
+    for spec in record.per_token_inputs:
+        assert batch[spec.name].shape == batch["input_ids"].shape, spec.name
+    assert all(batch[name].is_floating_point() for name in record.media_features)
+
+
+@pytest.mark.parametrize("built", [*VISION, "qwen2_audio"], indirect=True)
+def test_one_placeholder_expands_to_the_media_tokens_of_the_model(built) -> None:
+    family, model, processor = built
+    record = family_record(family)
+    if family == "qwen2_audio":
+        placeholder, token_id = record.audio_placeholder, model.config.audio_token_index
+        media = {"audio": [_audio(0, 1.0)], "sampling_rate": 16000}
+    else:
+        placeholder, token_id = record.image_placeholder, model.config.image_token_id
+        media = {"images": [[_image(0)]]}
+    batch = processor(text=[f"{placeholder} what colour ?"], return_tensors="pt", **media)
+    assert int((batch["input_ids"] == token_id).sum()) > 1  # expanded to the media's tokens, one per patch / frame
+
+
+@pytest.mark.parametrize("built", [*VISION, "qwen2_audio"], indirect=True)
+def test_the_forward_runs_media_through_the_tower_and_projector_of_the_record(built) -> None:
+    family, model, processor = built
+    calls = []
+    handles = [
+        module.register_forward_hook(lambda module, args, out, name=name: calls.append(name))
+        for name, module in (("tower", media_tower(model)), ("projector", media_projector(model)))
+    ]
+    try:
+        with torch.no_grad():
+            model(**_prompt_batch(family, processor))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert {"tower", "projector"} <= set(calls)
+
+
+def test_prefix_lm_is_what_the_attention_does(built) -> None:
+    """Changing the last prompt token changes the logits at earlier positions exactly when the prompt is one
+    bidirectional block (prefix-LM); a causal model's earlier positions cannot see it."""
+    family, model, processor = built
+    batch = _prompt_batch(family, processor, rows=(0,))
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    tokenizer = getattr(processor, "tokenizer", processor)
+    last = int(changed["input_ids"][0, -1])
+    changed["input_ids"][0, -1] = tokenizer.convert_tokens_to_ids(
+        "red" if last != tokenizer.convert_tokens_to_ids("red") else "blue"
+    )
+    with torch.no_grad():
+        before, after = (model(**inputs).logits[0, :-1] for inputs in (batch, changed))
+    assert (not torch.allclose(before, after, atol=1e-6)) == family_record(family).prefix_lm
+
+
+def test_only_multimodal_rotary_families_have_a_rope_index(built) -> None:
+    family, model, processor = built
+    rope_index = rope_index_function(model)
+    assert (rope_index is not None) == (family_record(family).rope_index is not None)
+    if rope_index is not None:
+        batch = _prompt_batch(family, processor)
+        positions, _ = rope_index(
+            batch["input_ids"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=batch["image_grid_thw"],
+            attention_mask=batch["attention_mask"],
+        )
+        assert positions.shape == (3, *batch["input_ids"].shape)
+        assert not torch.equal(positions[1], positions[2])  # image tokens get distinct height and width positions
+
+
+def test_a_model_type_without_a_record_falls_back_or_names_the_registry() -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(
+        MistralConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    assert family_of(model) is None and rope_index_function(model) is None
+    with pytest.raises(ValueError, match="FAMILY_RECORDS"):
+        media_tower(model)

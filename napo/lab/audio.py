@@ -47,7 +47,7 @@ from napo.lab.pipeline import (
     train_preference,
 )
 from napo.lab.sounds import load_recipe, make_split, vocabulary
-from napo.models import build_tiny_model, build_tokenizer, load_model
+from napo.models import build_tiny_model, build_tokenizer, load_model, media_tower
 from napo.pairs import AUDIO_NEGATIVES
 
 # What the audio-blind and question-blind answers are generated from: the same degradations `napo pairs`
@@ -431,7 +431,7 @@ def _build_model(
         seed=seed,
     )
     if settings.encoder_conv_gain:  # see AudioLabSettings: He-scaled convolutions, so the clip outweighs the biases
-        encoder = _audio_encoder(model)
+        encoder = media_tower(model)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for conv in (encoder.conv1, encoder.conv2):
@@ -461,12 +461,6 @@ def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed:
         log_every=50,
     )
     return folder, time.perf_counter() - start
-
-
-def _audio_encoder(model: PreTrainedModel) -> torch.nn.Module:
-    """The Qwen2-Audio encoder module (`model.model.audio_tower` in transformers 5, `model.audio_tower` before)."""
-    inner = getattr(model, "model", model)
-    return inner.audio_tower if hasattr(inner, "audio_tower") else model.audio_tower
 
 
 def _pairs(
