@@ -41,20 +41,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--shared-set",
         nargs="*",
-        default=[],
+        default=["share_prompt=true"],
         metavar="FIELD=VALUE",
-        help="NaPOConfig settings of the shared variant's cells only, e.g. encode_images_once=true (a lever "
-        "that must not change results; value read as YAML; default: none)",
+        help="NaPOConfig settings of the shared variant's cells only: levers that must not change results "
+        "(value read as YAML; default: %(default)s)",
+    )
+    p.add_argument(
+        "--baseline-set",
+        nargs="*",
+        default=["share_prompt=false"],
+        metavar="FIELD=VALUE",
+        help="NaPOConfig settings of the per-cell variant's cells, to reproduce the code before the levers "
+        "(default: %(default)s, the padded forward of the previous round)",
     )
     p.add_argument("--work-dir", default=None, help="where the lab and the cells go (default: a temporary folder)")
     p.add_argument("--out", default="benchmarks/compare/cost.json", help="result JSON (default: %(default)s)")
     return p.parse_args(argv)
 
 
-def _levers(args: argparse.Namespace) -> dict:
+def _levers(settings: list[str]) -> dict:
     import yaml
 
-    pairs = [item.partition("=") for item in args.shared_set]
+    pairs = [item.partition("=") for item in settings]
     return {name: yaml.safe_load(value) for name, _, value in pairs}
 
 
@@ -71,7 +79,7 @@ def _config(args: argparse.Namespace, out: Path, share: bool, cell: tuple[str, f
         eval_n=args.eval_n,
         workers=1,
         share_reference=share,
-        train=_levers(args) if share else {},
+        train=_levers(args.shared_set if share else args.baseline_set),
     )
 
 
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     lab = prepare_lab(str(runs["per-cell"] / "lab"), quick=args.quick)
     start = time.perf_counter()  # the shared path's one-off cost: the reference scores the pairs once
     _with_reference_logps(
-        lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args)
+        lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args.shared_set)
     )
     shared_setup = time.perf_counter() - start
     for cell in cells:
@@ -132,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), 1 torch thread",
         "versions": {p: version(p) for p in ("torch", "transformers", "trl", "napo")},
-        "shared_variant_settings": _levers(args),
+        "shared_variant_settings": _levers(args.shared_set),
+        "per_cell_variant_settings": _levers(args.baseline_set),
         "cells": per_cell,
         "wall_ratio": {"mean": float(wall.mean()), "min": float(wall.min()), "max": float(wall.max())},
         "cpu_ratio": {"mean": float(cpu.mean()), "min": float(cpu.min()), "max": float(cpu.max())},

@@ -624,10 +624,14 @@ def _evaluate(
         "question_blind_agreement": mod["question_blind_agreement"],
         "image_share": mod["image_share"],
     }
+    # The short-answer splits go through `generate` as one list: one run of full batches instead of a partial batch
+    # per split (greedy decoding, so each row's answer does not depend on its batch-mates beyond rounding).
+    short = {split: _rows(recipe, split, n, seed) for split in ("prior_consistent", "no_prior", *POPE_SPLITS)}
+    answers = iter(
+        generate(model, processor, [r for rows in short.values() for r in rows], batch_size=64, max_new_tokens=4)
+    )
     answered = {"counterfactual": (counterfactual, mod["answers"])}
-    for split in ("prior_consistent", "no_prior"):
-        rows = _rows(recipe, split, n, seed)
-        answered[split] = (rows, generate(model, processor, rows, batch_size=64, max_new_tokens=4))
+    answered.update({split: (rows, [next(answers) for _ in rows]) for split, rows in short.items()})
     metrics["prior_consistent_accuracy"] = accuracy(
         answered["prior_consistent"][1], [r["answer"] for r in answered["prior_consistent"][0]]
     )
@@ -642,10 +646,8 @@ def _evaluate(
                     [answers[i] for i in at], [rows[i]["prior_answer"] for i in at]
                 )
     for split in POPE_SPLITS:
-        rows = _rows(recipe, split, n, seed)
-        pope = pope_metrics(
-            generate(model, processor, rows, batch_size=64, max_new_tokens=4), [r["answer"] for r in rows]
-        )
+        rows, answers = answered[split]
+        pope = pope_metrics(answers, [r["answer"] for r in rows])
         for key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
             metrics[f"{split}_{key}"] = pope[key]
     for key in ("f1", "accuracy", "yes_ratio"):
