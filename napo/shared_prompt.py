@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from napo.models.families import rope_index_function
+
 # Batch entries that describe the sequences: handled here, never passed to the model.
 _SEQUENCE_KEYS = (
     "input_ids",
@@ -35,14 +37,6 @@ _SEQUENCE_KEYS = (
     "ref_logps",
     "row_index",
 )
-# Per-token inputs whose positions this module cannot split into prompt and answer.
-_UNSUPPORTED_KEYS = {
-    "token_type_ids": "a prefix-LM mask (PaliGemma-style) attends bidirectionally over the prompt",
-    "mm_token_type_ids": "multimodal rotary positions (Qwen2.5-VL-style) are not prompt length + t",
-    "image_grid_thw": "multimodal rotary positions (Qwen2-VL-style) are not prompt length + t",
-    "video_grid_thw": "multimodal rotary positions (Qwen2-VL-style) are not prompt length + t",
-    "position_ids": "the batch brings its own positions",
-}
 
 
 def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -54,10 +48,20 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     row must share the row's prompt tokens (they do by construction; checked). Raises ValueError for inputs outside
     the scope of the module docstring, naming the entry.
     """
-    for key, why in _UNSUPPORTED_KEYS.items():
-        if key in batch:
-            raise ValueError(f"share_prompt: the batch has `{key}`: {why}; set share_prompt=False for this model")
     input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    if rope_index_function(model) is not None:
+        raise ValueError(
+            f"share_prompt: {model.config.model_type} computes multimodal rotary positions (get_rope_index), so an "
+            "answer's positions are not prompt length + t; set share_prompt=False for this model"
+        )
+    for key, value in batch.items():
+        # A per-token input (PaliGemma's prefix-LM `token_type_ids`, Qwen2.5-VL's `mm_token_type_ids`, positions)
+        # would have to be split into prompt and answer the model's own way.
+        if key not in _SEQUENCE_KEYS and torch.is_tensor(value) and value.shape[:2] == input_ids.shape:
+            raise ValueError(
+                f"share_prompt: the batch has the per-token input `{key}` (e.g. a prefix-LM mask), which shared-prompt "
+                "scoring cannot split between prompt and answer; set share_prompt=False for this model"
+            )
     rows = batch["sequence_row"]
     n_sequences = input_ids.size(0)
     prompt_lengths = (attention.bool() & ~completion.bool()).sum(dim=1)  # (N,): the prompt precedes the answer
