@@ -150,6 +150,15 @@ def _run(
     # Every row is converted and checked here (kind="source": a string `chosen`); bad rows become rejects.
     dataset, read_rejects = read_dataset(config.source, data, on_bad_row="collect", kind="source")
     source_rows = len(dataset) + len(read_rejects)
+    if len(dataset) == 0 and read_rejects:
+        # Nothing to perturb: say so, with every reason on disk, instead of failing later on the empty table's
+        # missing columns.
+        _write_text(out / "rejects.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in read_rejects))
+        first = read_rejects[0]
+        raise ValueError(
+            f"every row of {config.source} was rejected ({len(read_rejects)} of {source_rows}), e.g. row "
+            f"{first['row']} ({first['field']}): {first['reason']}; all reasons are in {out / 'rejects.jsonl'}"
+        )
     negatives = _resolve_negatives(config.negatives, dataset)
     # Local paths are recorded absolute: the same command run from another folder still resumes.
     where = {

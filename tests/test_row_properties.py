@@ -71,7 +71,8 @@ def run_napo(argv: list[str]) -> int:
     return 0
 
 
-def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> None:
+def run_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> int:
+    """Write a source of one row per kind under `folder`, run `napo pairs` on it into folder/out; its exit code."""
     (folder / "img").mkdir()
     lines = []
     for i, kind in enumerate(kinds):
@@ -90,7 +91,7 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
         lines.append(json.dumps(row))
     (folder / "source.jsonl").write_text("\n".join(lines) + "\n")
     out = folder / "out"
-    code = run_napo(
+    return run_napo(
         [
             "pairs",
             "--source",
@@ -107,6 +108,11 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
             "--no_progress",
         ]
     )
+
+
+def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> None:
+    code = run_pairs(kinds, table, folder, llava)
+    out = folder / "out"
     assert code == 0, (kinds, code)
     valid = [i for i, kind in enumerate(kinds) if kind == "valid"]
     written = datasets.load_from_disk(str(out / "dataset"))["id"]
@@ -124,14 +130,13 @@ def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(ll
         check_pairs(kinds, SOURCE_KINDS, Path(folder), llava)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a source whose every row is rejected stops with \"no 'prompt' column "
-    '(columns: [])" instead of writing 0 rows and the rejects (data branch: napo/data.py, pairs.py)',
-)
-def test_a_source_of_only_invalid_rows_is_all_rejected(llava):
+def test_a_source_of_only_invalid_rows_stops_with_every_reject_written(llava, capsys):
     with tempfile.TemporaryDirectory() as folder:
-        check_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), llava)
+        code = run_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), llava)
+        assert code == 3  # a data error, not an empty dataset written as a success
+        assert "every row of" in capsys.readouterr().err
+        rejects = [json.loads(line) for line in (Path(folder) / "out" / "rejects.jsonl").read_text().splitlines()]
+        assert sorted(r["row"] for r in rejects) == [0, 1] and all(r["field"] and r["reason"] for r in rejects)
 
 
 @given(kinds=st.lists(st.sampled_from(sorted(PREFERENCE_KINDS)), min_size=1, max_size=6))
