@@ -26,14 +26,16 @@ class Levers(Protocol):
     gradient_checkpointing: bool
     images_once: bool  # napo.fast.encode_images_once
     padding_free: bool  # NaPOConfig.padding_free: the batch's sequences packed into one row
+    share_prompt: bool  # NaPOConfig.share_prompt: a row's prompt once, its answers on the prompt's KV cache
 
 
 def set_levers(trainer: Trainer, levers: Levers) -> None:
     """Put the trainer's policy in `levers`' attention implementation, gradient checkpointing and image encoding, and
     its separate reference model, if any, in the same attention and image encoding; a NaPOTrainer in `levers`'
-    padding-free setting. Several trainers can share one policy: each call switches it to that trainer's levers."""
+    padding-free and shared-prompt settings. Several trainers can share one policy: each call switches it to that trainer's levers."""
     if isinstance(trainer, NaPOTrainer):
         trainer.padding_free = levers.padding_free
+        trainer.args.share_prompt = levers.share_prompt
     for model in (trainer.model, trainer.ref_model):
         if model is not None:
             base = unwrap_peft(model)

@@ -10,8 +10,10 @@ them alike. A row holds one chosen answer and K negatives:
     napo+<lever>      `napo` with one lever flipped: gc (gradient checkpointing), eager / sdpa (attention),
                       fused (AdamW `adamw_torch_fused`), images-once (`napo.fast.encode_images_once`: each row's
                       image through the vision tower once, not once per sequence), packed (`padding_free`: the
-                      batch's sequences in one row of their real tokens, no padding), flash (flash_attention_2, CUDA
-                      only), xformers (`napo.attention`, CUDA only)
+                      batch's sequences in one row of their real tokens, no padding), shared-prompt
+                      (`share_prompt`: a row's prompt and image once, its answers on the prompt's KV cache; FLOPs
+                      and MFU are still counted for the padded batch, so they read as effective FLOPs), flash
+                      (flash_attention_2, CUDA only), xformers (`napo.attention`, CUDA only)
 
 One step of every variant covers `--batch-rows` rows (TRL gets K·rows pairs per step), so all variants take the
 same number of optimizer steps per row. Throughput is rows/s; `speedup_vs_trl` is the per-round ratio of a
@@ -57,6 +59,7 @@ from trl import DPOConfig, DPOTrainer
 from napo import NaPOConfig, NaPOTrainer
 from napo.attention import register_xformers_attention
 from napo.models import DEFAULT_WORDS, build_tiny_model
+from napo.models.families import family_record
 from napo.throughput import FlopCounter, set_levers
 
 NEGATIVE_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias")
@@ -165,6 +168,7 @@ class Variant:
     optim: str  # transformers optim name
     images_once: bool = False  # napo.fast.encode_images_once
     padding_free: bool = False  # NaPOConfig.padding_free: the batch's sequences packed into one row
+    share_prompt: bool = False  # NaPOConfig.share_prompt: a row's prompt once, its answers on the prompt's KV cache
 
 
 def build_model(size: Size, device: torch.device, attn: str) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -236,7 +240,9 @@ def as_pairs(rows: Dataset) -> Dataset:
     return Dataset.from_list(pairs)
 
 
-def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tuple[list[Variant], dict[str, str]]:
+def plan_variants(
+    base: Variant, levers: list[str], device: torch.device, family: str
+) -> tuple[list[Variant], dict[str, str]]:
     """The contenders for `base` levers: napo, napo-precomputed, trl, then `napo` with each lever of `levers` flipped.
 
     Returns the variants and, for each requested lever that cannot run here, why (also printed).
@@ -269,6 +275,17 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
         elif lever == "packed":
             variants.append(replace(napo, name="napo+packed", padding_free=True))
             variants.append(replace(napo, name="napo-precomputed+packed", precompute=True, padding_free=True))
+        elif lever == "shared-prompt":
+            record = family_record(family)
+            if base.gradient_checkpointing:
+                skipped[lever] = "shared-prompt scoring needs the KV cache, which gradient checkpointing turns off"
+            elif record.rope_index or record.prefix_lm:
+                skipped[lever] = f"{family}'s positions or prefix-LM mask cannot be split between prompt and answer"
+            else:
+                variants.append(replace(napo, name="napo+shared-prompt", share_prompt=True))
+                variants.append(
+                    replace(napo, name="napo-precomputed+shared-prompt", precompute=True, share_prompt=True)
+                )
         elif lever == "fused":
             if base.optim == "adamw_torch_fused":
                 skipped[lever] = "the base optimizer is already adamw_torch_fused"
@@ -288,7 +305,7 @@ def plan_variants(base: Variant, levers: list[str], device: torch.device) -> tup
     return variants, skipped
 
 
-LEVERS = ("gc", "eager", "sdpa", "fused", "images-once", "packed", "flash", "xformers")
+LEVERS = ("gc", "eager", "sdpa", "fused", "images-once", "packed", "shared-prompt", "flash", "xformers")
 
 
 def make_trainer(
@@ -441,7 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--optim", default="adamw_torch", help="base optimizer (a transformers optim name)")
     parser.add_argument(
         "--levers",
-        default="gc,eager,fused,images-once,packed,flash,xformers",
+        default="gc,eager,fused,images-once,packed,shared-prompt,flash,xformers",
         help=f"comma-separated levers flipped on `napo`, each a variant: {', '.join(LEVERS)}",
     )
     parser.add_argument(
@@ -467,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = SIZES[args.model_size]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = Variant("base", "napo", False, args.gradient_checkpointing == "on", args.attn, args.optim)
-    variants, skipped = plan_variants(base, [lever for lever in args.levers.split(",") if lever], device)
+    variants, skipped = plan_variants(base, [lever for lever in args.levers.split(",") if lever], device, size.family)
 
     model, processor = build_model(size, device, args.attn)
     # Full fine-tune: one frozen copy serves every variant that computes the reference on the fly (TRL too).

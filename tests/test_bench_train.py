@@ -247,3 +247,15 @@ def test_script_runs_on_cpu_and_records_cuda_only_levers_as_skipped(tmp_path, ca
     assert record["peak_mem_ratio_vs_trl"]["napo"] < 1
     assert record["variants"]["napo-precomputed"]["resident_bytes"] < record["variants"]["napo"]["resident_bytes"]
     assert "python scripts/bench_train.py --model-size tiny" in record["command"]
+
+
+def test_shared_prompt_lever_runs_where_positions_can_be_split():
+    """LLaVA (1-D positions) gets the shared-prompt variants; Qwen2-VL (multimodal rotary positions) and a base with
+    gradient checkpointing (no KV cache) record why not, instead of failing mid-run."""
+    cpu = torch.device("cpu")
+    variants, skipped = bench.plan_variants(PLAIN, ["shared-prompt"], cpu, "llava")
+    assert [v.name for v in variants if v.share_prompt] == ["napo+shared-prompt", "napo-precomputed+shared-prompt"]
+    assert not skipped
+    for base, family in ((PLAIN, "qwen2_vl"), (replace(PLAIN, gradient_checkpointing=True), "llava")):
+        variants, skipped = bench.plan_variants(base, ["shared-prompt"], cpu, family)
+        assert not any(v.share_prompt for v in variants) and "shared-prompt" in skipped
