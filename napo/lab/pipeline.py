@@ -29,6 +29,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import CLIPVisionConfig, PreTrainedModel, ProcessorMixin
 
 from napo.evaluate import accuracy, answer_batch, chair, modality_metrics, pope_metrics, prior_following_rate
@@ -486,7 +487,8 @@ def supervised_fine_tune(
 
     AdamW at `lr` with a linear warm-up over 5% of `steps` and a cosine decay to 0; batches of `batch_size` rows
     in a seeded order, reshuffled each epoch; gradients clipped to norm 1. Saved atomically: a killed run leaves
-    no half-written folder that would look cached.
+    no half-written folder that would look cached. Progress: a bar with the ETA and the loss (renewed every `log_every`
+    steps), labelled `log_prefix`.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -500,7 +502,8 @@ def supervised_fine_tune(
     rng = np.random.default_rng(seed)
     order = np.array([], dtype=int)
     model.train()
-    for step in range(steps):
+    bar = tqdm(range(steps), desc=f"{log_prefix} SFT", unit="step", mininterval=5)
+    for step in bar:
         if len(order) < batch_size:  # a new epoch, reshuffled
             order = np.concatenate([order, rng.permutation(len(rows))])
         batch_idx, order = order[:batch_size], order[batch_size:]
@@ -513,7 +516,7 @@ def supervised_fine_tune(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
-            print(f"{log_prefix} sft step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     model.save_pretrained(tmp)
