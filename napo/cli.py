@@ -173,6 +173,9 @@ class NapoParser:
         namespace = self.parser.parse_args(argv)
         values = {key: value for key, value in vars(namespace).items() if not key.startswith("_seen_")}
         values.pop("config", None)
+        for m in self.mappings:  # a repeatable KEY=VALUE option never given: its field keeps the dataclass default
+            if values.get(m.dest) is None:
+                values.pop(m.dest, None)
         built = {}
         inner = set(self.nested.values())
         for cls in sorted(self.arguments, key=lambda c: c not in inner):  # nested classes first

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +336,20 @@ def test_cli_recipe_and_flags(tmp_path, monkeypatch):
     assert config.seeds == [5] and config.workers == 1
     assert config.train == {"learning_rate": 0.001, "warmup_steps": 2}
     assert config.output_dir == "napo-compare"
+
+
+def test_cli_without_set_keeps_the_default_train_settings(monkeypatch):
+    """A recipe without `train:` and no --set: every committed recipe is of this kind (it used to fail to parse)."""
+    seen = {}
+
+    def fake_run(config, *, command, progress):
+        seen["config"] = config
+        return {"cells_run": 0, "cells_failed": 0, "cells_total": 0, "outputs": {"report": "r.md"}}
+
+    monkeypatch.setattr(compare, "run_compare", fake_run)
+    recipe = Path(__file__).parents[1] / "data" / "recipes" / "compare_core.yaml"
+    main(["compare", "--recipe", str(recipe), "--seeds", "0", "--no-progress"])
+    assert seen["config"].train == {} and seen["config"].objectives == ["dpo", "napo-paper"]
 
 
 def test_default_recipe_is_the_full_grid():
