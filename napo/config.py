@@ -7,17 +7,13 @@ from dataclasses import dataclass, field
 import torch
 from trl import DPOConfig
 
-from napo.objectives import OBJECTIVES
+from napo.negatives import NEGATIVE_BY_COLUMN, NEGATIVES, negative_type
+from napo.objectives import LABEL_SMOOTHING_OBJECTIVES, check_objective_settings
 from napo.trl_losses import LABEL_SMOOTHING_LOSS_TYPES, TRL_LOSS_TYPES
 
-# Each negative column of a preference row, with the short name used in logged metrics ("" for the original
-# `rejected` column so that its metrics keep TRL's names: `rewards/margins`, ...).
-NEGATIVE_TYPES: dict[str, str] = {
-    "rejected": "",
-    "rejected_language_bias": "language_bias",
-    "rejected_vision_bias": "vision_bias",
-    "rejected_audio_bias": "audio_bias",
-}
+# Each negative column with the short name of its logged metrics ("" for `rejected`, whose metrics keep TRL's names);
+# kept for the modules that read it, the records are in `napo.negatives`.
+NEGATIVE_TYPES: dict[str, str] = {t.column: t.metric_prefix.rstrip("/") for t in NEGATIVES}
 MARGIN_REDUCTIONS = ("sum", "mean")
 
 
@@ -39,7 +35,8 @@ class NaPOConfig(DPOConfig):
     TRL's `loss_type` (with `loss_weights` and `f_divergence_type`) is the loss of every pair trained with DPO: all
     pairs with `objective="dpo"`, the original `rejected` pair with `objective="napo"` beside bias columns. Left unset,
     `objective` is "dpo" when `loss_type` / `loss_weights` / `f_divergence_type` / `ld_alpha` / `use_weighting`
-    are not TRL's defaults (a TRL user's config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that no pair would use is refused.
+    are not TRL's defaults (a TRL user's config then trains stock TRL's loss) and "napo" otherwise. A `loss_type` that
+    no pair would use is refused.
 
     Defaults that differ from `trl.DPOConfig`: `bf16` defaults to True only when CUDA is available (bf16
     autocast on CPU is several times slower than fp32).
@@ -96,54 +93,61 @@ class NaPOConfig(DPOConfig):
         metadata={"help": "γ_min, the floor of the dynamic weights (Eq. 14's truncation; 0.01 in the released code)."},
     )
     weight_rejected: float = field(
-        default=0.02,
+        default=NEGATIVE_BY_COLUMN["rejected"].weight,
         metadata={"help": "Fixed γ of the original `rejected` pair (weights='fixed'; the released code uses 0.02)."},
     )
     weight_language_bias: float = field(
-        default=0.49,
+        default=NEGATIVE_BY_COLUMN["rejected_language_bias"].weight,
         metadata={
             "help": "Fixed γ of `rejected_language_bias` (answer made without the image/audio; weights='fixed')."
         },
     )
     weight_vision_bias: float = field(
-        default=0.49,
+        default=NEGATIVE_BY_COLUMN["rejected_vision_bias"].weight,
         metadata={
             "help": "Fixed γ of `rejected_vision_bias` (answer from the image without the question; weights='fixed')."
         },
     )
     weight_audio_bias: float = field(
-        default=0.49,
+        default=NEGATIVE_BY_COLUMN["rejected_audio_bias"].weight,
         metadata={
             "help": "Fixed γ of `rejected_audio_bias` (answer from the audio without the question; weights='fixed')."
         },
     )
     alpha_rejected: float = field(
-        default=0.5, metadata={"help": "α of the adaptive q for `rejected` (used only when NaPO applies to it)."}
+        default=NEGATIVE_BY_COLUMN["rejected"].alpha,
+        metadata={"help": "α of the adaptive q for `rejected` (used only when NaPO applies to it)."},
     )
     alpha_language_bias: float = field(
-        default=0.5, metadata={"help": "α of the adaptive q for language-biased negatives (paper: 0.5 with 'mean')."}
+        default=NEGATIVE_BY_COLUMN["rejected_language_bias"].alpha,
+        metadata={"help": "α of the adaptive q for language-biased negatives (paper: 0.5 with 'mean')."},
     )
     alpha_vision_bias: float = field(
-        default=0.01, metadata={"help": "α of the adaptive q for vision-biased negatives (paper: 0.01 with 'sum')."}
+        default=NEGATIVE_BY_COLUMN["rejected_vision_bias"].alpha,
+        metadata={"help": "α of the adaptive q for vision-biased negatives (paper: 0.01 with 'sum')."},
     )
     alpha_audio_bias: float = field(
-        default=0.01, metadata={"help": "α of the adaptive q for audio-biased negatives (as vision-biased: 'sum')."}
+        default=NEGATIVE_BY_COLUMN["rejected_audio_bias"].alpha,
+        metadata={"help": "α of the adaptive q for audio-biased negatives (as vision-biased: 'sum')."},
     )
     margin_rejected: str = field(
-        default="mean", metadata={"help": "Margin ψ feeding q for `rejected`: 'sum' or 'mean' (per token)."}
+        default=NEGATIVE_BY_COLUMN["rejected"].margin,
+        metadata={"help": "Margin ψ feeding q for `rejected`: 'sum' or 'mean' (per token)."},
     )
     margin_language_bias: str = field(
-        default="mean",
+        default=NEGATIVE_BY_COLUMN["rejected_language_bias"].margin,
         metadata={
             "help": "Margin ψ feeding q for language-biased negatives: 'mean' = β·(Δ_w/|y_w| − Δ_l/|y_l|), log-ratios "
             "averaged per completion token (paper); 'sum' = the summed margin z of the loss."
         },
     )
     margin_vision_bias: str = field(
-        default="sum", metadata={"help": "Margin ψ feeding q for vision-biased negatives: 'sum' (paper) or 'mean'."}
+        default=NEGATIVE_BY_COLUMN["rejected_vision_bias"].margin,
+        metadata={"help": "Margin ψ feeding q for vision-biased negatives: 'sum' (paper) or 'mean'."},
     )
     margin_audio_bias: str = field(
-        default="sum", metadata={"help": "Margin ψ feeding q for audio-biased negatives: 'sum' or 'mean'."}
+        default=NEGATIVE_BY_COLUMN["rejected_audio_bias"].margin,
+        metadata={"help": "Margin ψ feeding q for audio-biased negatives: 'sum' or 'mean'."},
     )
     encode_images_once: bool = field(
         default=False,
@@ -204,29 +208,26 @@ class NaPOConfig(DPOConfig):
             self.bf16 = torch.cuda.is_available()
         super().__post_init__()
         self._check_trl_settings()
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is not one of: {', '.join(OBJECTIVES)}")
-        self.q = self._parse_q(self.q)
+        self.q = check_objective_settings(
+            self.objective,
+            q=self.q,
+            q_min=self.q_min,
+            weights=self.weights,
+            weight_min=self.weight_min,
+            label_smoothing=self.label_smoothing,
+        )
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.saturation_warning_steps < 0:
             raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
-        if self.q_min is not None and not 0.0 < self.q_min <= 1.0:
-            raise ValueError(f"q_min must be in (0, 1], got {self.q_min}")
-        if self.weights not in ("dynamic", "fixed"):
-            raise ValueError(f"weights must be 'dynamic' or 'fixed', got {self.weights!r}")
-        if not 0.0 <= self.weight_min <= 1.0:
-            raise ValueError(f"weight_min must be in [0, 1], got {self.weight_min}")
-        for column in NEGATIVE_TYPES:
+        for column in NEGATIVE_BY_COLUMN:
             weight, _, reduction = self.negative_type_settings(column)
             if weight < 0:
                 raise ValueError(f"weight of {column} must be >= 0, got {weight}")
             if reduction not in MARGIN_REDUCTIONS:
                 raise ValueError(f"margin reduction of {column} must be one of {MARGIN_REDUCTIONS}, got {reduction!r}")
-        if self.objective in ("cdpo", "rdpo") and not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"{self.objective} needs label_smoothing (the flip rate ε) in [0, 0.5)")
 
     @property
     def uses_trl_loss(self) -> bool:
@@ -281,7 +282,7 @@ class NaPOConfig(DPOConfig):
         for name, (is_set, why) in refused.items():
             if is_set:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not supported by NaPOTrainer: {why}; unset it")
-        reads_label_smoothing = self.objective in ("cdpo", "rdpo") or (
+        reads_label_smoothing = self.objective in LABEL_SMOOTHING_OBJECTIVES or (
             self.objective in ("dpo", "napo") and any(t in LABEL_SMOOTHING_LOSS_TYPES for t in self.loss_type)
         )
         if self.label_smoothing and not reads_label_smoothing:
@@ -291,19 +292,15 @@ class NaPOConfig(DPOConfig):
                 "would ignore it: unset it or choose one of those"
             )
 
-    @staticmethod
-    def _parse_q(q: str | float) -> str | float:
-        if q in ("paper", "official"):
-            return q
-        try:
-            value = float(q)
-        except (TypeError, ValueError):
-            raise ValueError(f"q must be 'paper', 'official' or a number in (0, 1], got {q!r}") from None
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"a fixed q must be in (0, 1], got {value}")
-        return value
-
     def negative_type_settings(self, column: str) -> tuple[float, float, str]:
-        """(γ weight, α, margin reduction) of a negative column such as `rejected_language_bias`."""
-        name = NEGATIVE_TYPES[column] or "rejected"
-        return getattr(self, f"weight_{name}"), getattr(self, f"alpha_{name}"), getattr(self, f"margin_{name}")
+        """(γ weight, α, margin reduction) of a negative column such as `rejected_language_bias`: the fields
+        `weight_<name>`, `alpha_<name>`, `margin_<name>` of its `napo.negatives` record."""
+        name = negative_type(column).name
+        fields = [f"{kind}_{name}" for kind in ("weight", "alpha", "margin")]
+        missing = [f for f in fields if not hasattr(self, f)]
+        if missing:
+            raise TypeError(
+                f"negative column {column!r} is registered in napo.negatives but {type(self).__name__} lacks its "
+                f"fields {missing}: declare them beside weight_language_bias"
+            )
+        return tuple(getattr(self, f) for f in fields)

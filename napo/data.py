@@ -36,10 +36,11 @@ from napo.formats import (
     parse_columns,
     split_implicit_prompt,
 )
+from napo.negatives import NEGATIVE_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-REJECTED_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias", "rejected_audio_bias")
+REJECTED_COLUMNS = NEGATIVE_COLUMNS  # the negative columns (`napo.negatives`), under the name this module used
 SAMPLING_RATE = 16_000  # Hz: every audio array napo stores or feeds a model is at this rate
 IMAGE_FIELDS = ("images", "image")  # source field names; a single "image" becomes a one-item "images"
 AUDIO_FIELDS = ("audios", "audio")

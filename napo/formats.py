@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from napo.negatives import NEGATIVE_COLUMNS
+
 MEDIA_TAGS = {"<image>": "image", "<audio>": "audio"}
 _TAG_PATTERN = re.compile("(" + "|".join(map(re.escape, MEDIA_TAGS)) + ")")
-_NEGATIVES = ("rejected", "rejected_language_bias", "rejected_vision_bias", "rejected_audio_bias")
 # ShareGPT / LLaVA / LLaMA-Factory speaker names -> TRL roles.
 _ROLES = {
     "human": "user",
@@ -192,14 +193,14 @@ def _trl(row: dict, kind: str) -> dict:
     out = dict(row)
     if isinstance(row.get("prompt"), list):
         out["prompt"] = messages(row["prompt"], "prompt")
-    for column in ("chosen", *_NEGATIVES):
+    for column in ("chosen", *NEGATIVE_COLUMNS):
         if column in row:
             out[column] = answer_text(row[column], column)
     return out
 
 
 def _trl_implicit(row: dict, kind: str) -> dict:
-    columns = tuple(c for c in ("chosen", *_NEGATIVES) if c in row)
+    columns = tuple(c for c in ("chosen", *NEGATIVE_COLUMNS) if c in row)
     if any(isinstance(row[c], list) for c in columns):
         row = {**row, **{c: messages(row[c], c) for c in columns if row[c] is not None}}
     out = split_implicit_prompt(row, columns)

@@ -7,6 +7,12 @@ Every objective here maps the per-pair margin
 to a per-pair loss of the same shape. The trainer computes z once (for each negative type) and looks the
 objective up in `OBJECTIVES`; nothing here knows about models, batches or trainers.
 
+Each objective also owns its settings and its batch statistics: NaPO's adaptive q (`napo_q`, from `adaptive_q`),
+the weights γ of the negative types (`type_weights`, from `dynamic_weights`), TRL's reward statistics
+(`reward_statistics`), their validation (`check_objective_settings`). Under data parallelism they take
+`reduce_sum`, a function that sums a tensor over the processes (the trainer passes its accelerator's); the default
+is one process.
+
 All functions compute in float32 whatever the input dtype (bf16 margins lose too much in `expm1` / `log`)
 and return the loss in the input's dtype.
 """
@@ -14,7 +20,7 @@ and return the loss in the input's dtype.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -258,3 +264,151 @@ def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
     if not total > PSI_SUM_FLOOR:
         return torch.full_like(psi, 1.0 / psi.numel())
     return (psi / total).clamp(min=gamma_min, max=1.0)
+
+
+# ------------------------------------------------------------------------------------------ settings
+# Objectives that read `label_smoothing` as the flip rate ε.
+LABEL_SMOOTHING_OBJECTIVES = ("cdpo", "rdpo")
+# How the weights γ of the negative types are set (`type_weights`).
+WEIGHT_MODES = ("dynamic", "fixed")
+
+
+def parse_q(q: str | float) -> str | float:
+    """NaPO's q setting: an adaptive variant ('paper', 'official') or a fixed number in (0, 1] (also as a string)."""
+    if q in Q_MIN_DEFAULTS:
+        return q
+    try:
+        value = float(q)
+    except (TypeError, ValueError):
+        raise ValueError(f"q must be 'paper', 'official' or a number in (0, 1], got {q!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"a fixed q must be in (0, 1], got {value}")
+    return value
+
+
+def check_objective_settings(
+    objective: str, *, q: str | float, q_min: float | None, weights: str, weight_min: float, label_smoothing: float
+) -> str | float:
+    """Raise ValueError for an objective name or an objective setting out of range; return `q` parsed (`parse_q`).
+
+    The settings are `NaPOConfig`'s: NaPO's `q` and `q_min`, the γ `weights` mode and its floor `weight_min`, and
+    `label_smoothing`, the flip rate ε of cdpo/rdpo."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of: {', '.join(OBJECTIVES)}")
+    q = parse_q(q)
+    if q_min is not None and not 0.0 < q_min <= 1.0:
+        raise ValueError(f"q_min must be in (0, 1], got {q_min}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be 'dynamic' or 'fixed', got {weights!r}")
+    if not 0.0 <= weight_min <= 1.0:
+        raise ValueError(f"weight_min must be in [0, 1], got {weight_min}")
+    if objective in LABEL_SMOOTHING_OBJECTIVES and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{objective} needs label_smoothing (the flip rate ε) in [0, 0.5)")
+    return q
+
+
+# ------------------------------------------------------------------------------------------ batch statistics
+# Sums a tensor over the data-parallel processes (elementwise), the same result on every process.
+ReduceSum = Callable[[Tensor], Tensor]
+
+
+def _one_process(values: Tensor) -> Tensor:
+    return values
+
+
+def mean_over_processes(values: Tensor, reduce_sum: ReduceSum = _one_process) -> Tensor:
+    """Mean of `values` (any shape) over the elements of all processes, float32 scalar; NaN when no process has any.
+    Identical on every process."""
+    stats = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
+    total, count = reduce_sum(stats)
+    return total / count
+
+
+def mean_of_process_means(values: Tensor, reduce_sum: ReduceSum = _one_process) -> Tensor:
+    """Mean over the processes that hold any of `values` of their local mean, float32 scalar (NaN when none does):
+    the released NaPO code's `gather_and_do_mean`, which weighs a process with few pairs as one with many."""
+    local = values.float()
+    held = local.numel() > 0
+    stats = torch.stack([local.mean() if held else local.new_zeros(()), local.new_tensor(float(held))])
+    total, count = reduce_sum(stats)
+    return total / count
+
+
+def napo_q(
+    q: str | float,
+    summed: Tensor,
+    per_token: Tensor,
+    *,
+    alpha: float,
+    margin: str,
+    beta: float,
+    q_min: float | None = None,
+    reduce_sum: ReduceSum = _one_process,
+) -> Tensor:
+    """q of one negative type for NaPO's loss: fixed, or adapted from ψ, its batch mean margin (detached).
+
+        paper (Eq. 12):  ψ = mean over the pairs of all processes of β·(Δ_w − Δ_l)
+        official:        ψ = mean over the processes of their mean of (Δ_w − Δ_l), no β (`mean_of_process_means`)
+
+    then q = `adaptive_q(ψ, alpha, q, q_min)`.
+
+    Args:
+        q: 'paper', 'official' or a fixed number (`parse_q`).
+        summed, per_token: the pairs' raw log-ratio differences Δ_w − Δ_l (no β), shape (n_pairs,) on this process
+            (n_pairs may be 0), with Δ = log π − log π_ref summed over the completion tokens or averaged per token.
+        alpha: α of the type; margin: 'sum' or 'mean', which of `summed` / `per_token` ψ is made of.
+        beta: β; q_min: the floor of q (None: the variant's, `Q_MIN_DEFAULTS`).
+        reduce_sum: sums over the processes (`ReduceSum`).
+
+    Returns:
+        q, a float32 scalar on `summed`'s device, in [q_min, 1], detached; identical on every process.
+    """
+    if not isinstance(q, str):
+        return torch.tensor(q, device=summed.device)
+    differences = (summed if margin == "sum" else per_token).detach()
+    if q == "official":
+        psi = mean_of_process_means(differences, reduce_sum)
+    else:
+        psi = mean_over_processes(beta * differences, reduce_sum)
+    return adaptive_q(psi, alpha, q, q_min).to(summed.device)
+
+
+def reward_statistics(
+    chosen_logratios: Tensor, negative_logratios: Tensor, beta: float, reduce_sum: ReduceSum = _one_process
+) -> dict[str, Tensor]:
+    """TRL's reward statistics of one negative type's pairs, means over the pairs of all processes (detached):
+
+        rewards/chosen = mean β·Δ_w    rewards/rejected = mean β·Δ_l
+        rewards/margins = ψ_Σ = mean z, z = β·(Δ_w − Δ_l)    rewards/accuracies = mean 1[z > 0]
+
+    `chosen_logratios`, `negative_logratios`: Δ_w, Δ_l of the pairs on this process, shape (n_pairs,). Returns float32
+    scalars, identical on every process (NaN when no process has a pair); `rewards/margins` is the ψ_Σ of
+    `type_weights`."""
+    chosen_logratios, negative_logratios = chosen_logratios.detach(), negative_logratios.detach()
+    z = beta * (chosen_logratios - negative_logratios)
+    return {
+        "rewards/chosen": mean_over_processes(beta * chosen_logratios, reduce_sum),
+        "rewards/rejected": mean_over_processes(beta * negative_logratios, reduce_sum),
+        "rewards/margins": mean_over_processes(z, reduce_sum),
+        "rewards/accuracies": mean_over_processes((z > 0).float(), reduce_sum),
+    }
+
+
+def normalised_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """γ̂: the fixed weights of the negative types present, renormalised to sum to 1 (ValueError when they sum to 0)."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"the weights of the negative columns present ({', '.join(weights)}) sum to 0")
+    return {name: weight / total for name, weight in weights.items()}
+
+
+def type_weights(
+    psi_sums: Mapping[str, Tensor], mode: str, fixed: Mapping[str, float], gamma_min: float = 0.01
+) -> dict[str, float]:
+    """γ of each negative type with pairs in the batch (the keys of `psi_sums`): `mode` 'fixed' takes `fixed[type]`
+    (γ̂, `normalised_weights`); 'dynamic' `dynamic_weights` (Eq. 13–14) of the types' ψ_Σ (scalar tensors, the
+    batch mean summed margins of `reward_statistics`) with floor `gamma_min` — identical on every process as ψ_Σ is."""
+    if mode == "fixed":
+        return {name: fixed[name] for name in psi_sums}
+    gammas = dynamic_weights(torch.stack([psi.float().cpu() for psi in psi_sums.values()]), gamma_min)
+    return dict(zip(psi_sums, gammas.tolist(), strict=True))

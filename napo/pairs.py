@@ -39,12 +39,10 @@ import perturb
 from napo.data import REJECTED_COLUMNS, DatasetOptions, read_dataset
 from napo.inference import generate
 from napo.jobs import LOCK_NAME, locks_output
+from napo.negatives import AUDIO_NEGATIVES, IMAGE_NEGATIVES
 
-VISION_NEGATIVES = {"rejected_language_bias": "image.drop", "rejected_vision_bias": "text.drop_question"}
-AUDIO_NEGATIVES = {
-    "rejected_language_bias": "audio.drop",
-    "rejected_audio_bias": "text.drop_question(prompt='Describe the audio.')",
-}
+# The default negatives of image and of audio data: column -> perturbation spec (records in `napo.negatives`).
+VISION_NEGATIVES = IMAGE_NEGATIVES
 # Files and folders a job writes; `overwrite` removes exactly these, never anything else in output_dir.
 _OUTPUTS = ("args.json", "shards", "dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md")
 # Upper edges (inclusive) of the answer-length histogram bins, in words; the last bin is open.

@@ -50,11 +50,19 @@ from trl.data_utils import (
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
-from napo.config import NEGATIVE_TYPES, NaPOConfig
+from napo.config import NaPOConfig
 from napo.data import RowError, prepare_preference_dataset, validate_preference_dataset
 from napo.fast import encode_images_once, pack_sequences
 from napo.inference import expand_media_tags
-from napo.objectives import adaptive_q, dynamic_weights, objective_loss
+from napo.negatives import negative_type
+from napo.objectives import (
+    mean_over_processes,
+    napo_q,
+    normalised_weights,
+    objective_loss,
+    reward_statistics,
+    type_weights,
+)
 from napo.shared_prompt import shared_prompt_logps
 from napo.trl_losses import trl_pair_loss
 
@@ -438,10 +446,7 @@ class NaPOTrainer(DPOTrainer):
     @staticmethod
     def _resolve_negative_types(args: NaPOConfig, columns: tuple[str, ...]) -> tuple[dict, dict]:
         """γ̂ (weights renormalised over the columns present) and the objective of each negative column."""
-        weights = {c: args.negative_type_settings(c)[0] for c in columns}
-        total = sum(weights.values())
-        if total <= 0:
-            raise ValueError(f"the weights of the negative columns present ({', '.join(columns)}) sum to 0")
+        weights = normalised_weights({c: args.negative_type_settings(c)[0] for c in columns})
         has_bias_types = any(c != "rejected" for c in columns)
         objectives = {
             # The paper keeps DPO for the original pair and applies NaPO to the bias-type negatives.
@@ -456,7 +461,7 @@ class NaPOTrainer(DPOTrainer):
                 "objective='dpo' to train TRL's loss, or add bias columns (their pairs use NaPO, `rejected` uses "
                 "loss_type)"
             )
-        return {c: w / total for c, w in weights.items()}, objectives
+        return weights, objectives
 
     def _default_collator(self):
         if self._on_the_fly:
@@ -752,11 +757,13 @@ class NaPOTrainer(DPOTrainer):
         model = model.get_base_model() if is_peft_model(model) else model
         return getattr(getattr(model, "model", model), "get_rope_index", None)
 
+    def _reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over all processes (`napo.objectives.ReduceSum`)."""
+        return self.accelerator.reduce(values, reduction="sum")
+
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
-        stats = torch.stack([values.float().sum(), torch.tensor(float(values.numel()), device=values.device)])
-        total, count = self.accelerator.reduce(stats, reduction="sum")
-        return total / count
+        return mean_over_processes(values, self._reduce_sum)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -810,7 +817,7 @@ class NaPOTrainer(DPOTrainer):
             policy_pair, ref_pair = self._pair_logps(chosen, negative, logps, ref_logps, token_logps, inputs)
             chosen_logratios, negative_logratios = policy_pair[0] - ref_pair[0], policy_pair[1] - ref_pair[1]
             z = self.beta * (chosen_logratios - negative_logratios)  # (n_pairs,)
-            prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
+            prefix = negative_type(column).metric_prefix
             if mode == "train":
                 self._watch_saturation(column, z)
             q = None
@@ -834,18 +841,15 @@ class NaPOTrainer(DPOTrainer):
                     )
                 if sequence_weights is not None:  # a pair weighs w(chosen) · w(negative), as in TRL
                     per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
-            psi_sum = self._global_mean(z.detach())
-            per_type[column] = (per_pair, pairs_everywhere, psi_sum)
-            chosen_rewards = self.beta * chosen_logratios.detach()
-            metrics[f"{prefix}rewards/chosen"].append(float(self._global_mean(chosen_rewards)))
-            negative_rewards = self.beta * negative_logratios.detach()
-            metrics[f"{prefix}rewards/rejected"].append(float(self._global_mean(negative_rewards)))
-            metrics[f"{prefix}rewards/margins"].append(float(psi_sum))
-            metrics[f"{prefix}rewards/accuracies"].append(float(self._global_mean((z.detach() > 0).float())))
-        weights = self._weights({column: psi_sum for column, (_, _, psi_sum) in per_type.items()})
+            statistics = reward_statistics(chosen_logratios, negative_logratios, self.beta, self._reduce_sum)
+            per_type[column] = (per_pair, pairs_everywhere, statistics["rewards/margins"])
+            for name, value in statistics.items():
+                metrics[f"{prefix}{name}"].append(float(value))
+        psi_sums = {column: psi_sum for column, (_, _, psi_sum) in per_type.items()}
+        weights = type_weights(psi_sums, self.args.weights, self._type_weights, self.args.weight_min)
         loss = logps.new_zeros(())
         for column, (per_pair, pairs_everywhere, _) in per_type.items():
-            prefix = f"{NEGATIVE_TYPES[column]}/" if NEGATIVE_TYPES[column] else ""
+            prefix = negative_type(column).metric_prefix
             metrics[f"{prefix}weight"].append(float(weights[column]))
             if per_pair is not None:
                 # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
@@ -1009,35 +1013,17 @@ class NaPOTrainer(DPOTrainer):
             parameter.grad = None  # torch optimizers leave parameters without a gradient untouched, state included
         return grad_norm
 
-    def _weights(self, psi_sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """γ of each negative type with pairs in the batch: `NaPOConfig.weights` 'fixed' (γ̂ of the columns present) or
-        'dynamic' (Eq. 13–14, `dynamic_weights` of the types' ψ_Σ, identical on every process since ψ_Σ is)."""
-        if self.args.weights == "fixed":
-            return {column: self._type_weights[column] for column in psi_sums}
-        gammas = dynamic_weights(torch.stack([psi.float().cpu() for psi in psi_sums.values()]), self.args.weight_min)
-        return dict(zip(psi_sums, gammas.tolist()))
-
     def _q(self, column: str, summed: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
-        """q of one negative type: fixed, or adapted from ψ, the batch mean margin over all processes (detached).
-
-        `summed` and `per_token` are the pairs' raw log-ratio differences Δ_w − Δ_l (no β), shape (n_pairs,), with Δ
-        summed over completion tokens or averaged per token; `margin_*` of the type picks one. 'paper' (Eq. 12) takes
-        ψ = the mean of β times it over all pairs; 'official' takes ψ without β, as the mean of the processes' means
-        (the released code's `gather_and_do_mean`)."""
-        if not isinstance(self.args.q, str):
-            return torch.tensor(self.args.q, device=summed.device)
-        _, alpha, reduction = self.args.negative_type_settings(column)
-        differences = (summed if reduction == "sum" else per_token).detach()
-        if self.args.q == "official":
-            psi = self._mean_of_process_means(differences)
-        else:
-            psi = self._global_mean(self.beta * differences)
-        return adaptive_q(psi, alpha, self.args.q, self.args.q_min).to(summed.device)
-
-    def _mean_of_process_means(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean over the processes that hold any of `values` of their local mean (NaN when none does)."""
-        local = values.float()
-        held = local.numel() > 0
-        stats = torch.stack([local.mean() if held else local.new_zeros(()), local.new_tensor(float(held))])
-        total, count = self.accelerator.reduce(stats, reduction="sum")
-        return total / count
+        """q of one negative type (`napo.objectives.napo_q` with this config's q, q_min and the type's α and margin,
+        over all processes). `summed`, `per_token`: the pairs' Δ_w − Δ_l (no β), shape (n_pairs,)."""
+        _, alpha, margin = self.args.negative_type_settings(column)
+        return napo_q(
+            self.args.q,
+            summed,
+            per_token,
+            alpha=alpha,
+            margin=margin,
+            beta=self.beta,
+            q_min=self.args.q_min,
+            reduce_sum=self._reduce_sum,
+        )

@@ -100,7 +100,7 @@ def test_rdpo_is_unbiased_under_flips():
 def test_objective_loss_dispatches_on_signature():
     z = torch.tensor([0.3, -0.2])
     everything = {"q": 0.5, "beta": 0.1, "label_smoothing": 0.1}
-    for name, fn in objectives.OBJECTIVES.items():
+    for name in objectives.OBJECTIVES:
         out = objective_loss(name, z, **everything)
         assert out.shape == z.shape
     torch.testing.assert_close(objective_loss("napo", z, **everything), napo_loss(z, 0.5))
@@ -206,3 +206,97 @@ def test_adaptive_q_rejects_bad_arguments():
         adaptive_q(torch.tensor(0.0), 0.5, "median")
     with pytest.raises(ValueError, match="q_min"):
         adaptive_q(torch.tensor(0.0), 0.5, q_min=0.0)
+
+
+def two_process_reduce(other: torch.Tensor, kind: str):
+    """`reduce_sum` of a simulated second process that holds `other`: it adds (Σ, n) or (mean, held) of `other`."""
+
+    def reduce_sum(stats: torch.Tensor) -> torch.Tensor:
+        if kind == "pooled":
+            contribution = [float(other.sum()), float(other.numel())]
+        else:
+            contribution = [float(other.mean()) if other.numel() else 0.0, float(other.numel() > 0)]
+        return stats + stats.new_tensor(contribution)
+
+    return reduce_sum
+
+
+def test_napo_q_paper_pools_pairs_and_official_averages_process_means():
+    # This process: Δ_w − Δ_l = (1, 3); the other: (10,). β = 0.1, α = 0.5.
+    mine, theirs = torch.tensor([1.0, 3.0]), torch.tensor([10.0])
+    paper = objectives.napo_q(
+        "paper",
+        mine,
+        mine / 2,
+        alpha=0.5,
+        margin="sum",
+        beta=0.1,
+        reduce_sum=two_process_reduce(0.1 * theirs, "pooled"),
+    )
+    psi = 0.1 * (1 + 3 + 10) / 3  # Eq. 12: the mean over all three pairs of β·(Δ_w − Δ_l)
+    assert float(paper) == pytest.approx(max(0.01, 1 - sigmoid(0.5 * psi)), abs=1e-6)
+    official = objectives.napo_q(
+        "official", mine, mine / 2, alpha=0.5, margin="sum", beta=0.1, reduce_sum=two_process_reduce(theirs, "means")
+    )
+    psi = ((1 + 3) / 2 + 10) / 2  # the released code: the mean of the two processes' means, no β
+    assert float(official) == pytest.approx(float(released_q(psi, 0.5)), abs=1e-6)
+    # margin="mean" reads the per-token differences; a fixed q is returned as is.
+    per_token = objectives.napo_q("paper", mine, mine / 2, alpha=0.5, margin="mean", beta=0.1)
+    assert float(per_token) == pytest.approx(1 - sigmoid(0.5 * 0.1 * 1.0), abs=1e-6)
+    assert float(objectives.napo_q(0.3, mine, mine, alpha=0.5, margin="sum", beta=0.1)) == pytest.approx(0.3)
+
+
+def test_napo_q_of_a_process_without_pairs_uses_the_others():
+    theirs = torch.tensor([4.0, 8.0])
+    empty = torch.zeros(0)
+    q = objectives.napo_q(
+        "official", empty, empty, alpha=0.01, margin="sum", beta=0.1, reduce_sum=two_process_reduce(theirs, "means")
+    )
+    assert float(q) == pytest.approx(float(released_q(6.0, 0.01)), abs=1e-6)
+
+
+def test_reward_statistics_hand_values():
+    chosen, negative = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 1.0, 0.5])  # Δ_w, Δ_l; β = 0.5
+    stats = objectives.reward_statistics(chosen, negative, 0.5)
+    expected = {
+        "rewards/chosen": 0.5 * 1.5 / 3,
+        "rewards/rejected": 0.5 * 2.5 / 3,
+        "rewards/margins": 0.5 * (1.0 - 2.0 + 0.0) / 3,
+        "rewards/accuracies": 1 / 3,  # only the first pair has z > 0 (z = 0 is not a win)
+    }
+    assert {name: float(value) for name, value in stats.items()} == pytest.approx(expected)
+    # Pooled with a second process holding one pair of z = 0.5·(4 − 0) = 2 (a win).
+    pooled = objectives.reward_statistics(chosen, negative, 0.5, two_process_reduce(torch.tensor([1.0]), "pooled"))
+    assert float(pooled["rewards/accuracies"]) == pytest.approx(2 / 4)
+
+
+def test_type_weights_fixed_and_dynamic():
+    fixed = objectives.normalised_weights({"rejected": 0.02, "rejected_language_bias": 0.49})
+    assert fixed == pytest.approx({"rejected": 0.02 / 0.51, "rejected_language_bias": 0.49 / 0.51})
+    psi = {"rejected": torch.tensor(0.2), "rejected_language_bias": torch.tensor(1.8)}
+    assert objectives.type_weights(psi, "fixed", fixed) == fixed
+    assert objectives.type_weights(psi, "dynamic", fixed, 0.01) == pytest.approx(
+        {"rejected": 0.1, "rejected_language_bias": 0.9}
+    )
+    with pytest.raises(ValueError, match="sum to 0"):
+        objectives.normalised_weights({"rejected": 0.0})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"objective": "simpo"}, "objective='simpo' is not one of"),
+        ({"q": "median"}, "q must be 'paper', 'official' or a number"),
+        ({"q": "1.5"}, r"a fixed q must be in \(0, 1\]"),
+        ({"q_min": 0.0}, "q_min must be in"),
+        ({"weights": "equal"}, "weights must be 'dynamic' or 'fixed'"),
+        ({"weight_min": -0.1}, "weight_min must be in"),
+        ({"objective": "rdpo", "label_smoothing": 0.5}, "rdpo needs label_smoothing"),
+    ],
+)
+def test_objective_settings_are_checked(settings, message):
+    good = {"objective": "napo", "q": "paper", "q_min": None, "weights": "dynamic", "weight_min": 0.01}
+    with pytest.raises(ValueError, match=message):
+        objectives.check_objective_settings(**{**good, "label_smoothing": 0.0, **settings})
+    assert objectives.check_objective_settings(**good, label_smoothing=0.0) == "paper"
+    assert objectives.check_objective_settings(**{**good, "q": "0.25"}, label_smoothing=0.0) == 0.25
