@@ -14,21 +14,18 @@ Reference log-probs come from a frozen copy of the model (full fine-tuning), fro
 adapter disabled (PEFT: no second model in memory), or are precomputed once before training and cached on disk
 (`precompute_ref_log_probs=True`) — for text and vision datasets alike.
 
-Relies on private parts of trl 1.16.0 (`_compute_loss`, `_prepare_dataset`, `_precompute_ref_logps`,
-`_set_signature_columns_if_needed`, the fused LM head): pinned exactly in pyproject.toml.
+Relies on private parts of trl 1.16.0 and transformers 5.23.0 (pinned exactly in pyproject.toml), all behind
+`napo.trl_seam.TRLSeam`: this module overrides no private method.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,22 +36,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.trainer_utils import TrainOutput
-from trl import DPOTrainer
-from trl.data_utils import (
-    _tokenize,
-    apply_chat_template,
-    common_prefix_length,
-    is_conversational,
-    prepare_multimodal_messages,
-)
-from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import flush_left, hash_module, pad, use_adapter
 
+from napo.collators import (  # noqa: F401  (ROW_INDEX, _ref_column: napo.compare imports them from here)
+    ROW_INDEX,
+    MultiNegativeCollator,
+    MultiNegativeVisionCollator,
+    _as_messages,
+    _is_chat,
+    _ref_column,
+    _template_kwargs,
+)
 from napo.config import NaPOConfig
-from napo.data import RowError, prepare_preference_dataset, validate_preference_dataset
+from napo.data import prepare_preference_dataset, validate_preference_dataset
 from napo.fast import encode_images_once, pack_sequences
-from napo.inference import expand_media_tags
 from napo.negatives import negative_type
+from napo.nonfinite import NonFiniteGradientGuard, stop_or_skip
 from napo.objectives import (
     mean_over_processes,
     napo_q,
@@ -65,6 +61,14 @@ from napo.objectives import (
 )
 from napo.shared_prompt import shared_prompt_logps
 from napo.trl_losses import trl_pair_loss
+from napo.trl_seam import (
+    TRLSeam,
+    _tokenize,
+    common_prefix_length,
+    disable_gradient_checkpointing,
+    hash_module,
+    use_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,42 +76,6 @@ logger = logging.getLogger(__name__)
 _SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
 # |z| beyond which σ(z) is within 3e-7 of 0 or 1: a σ-based loss (DPO, NaPO, cDPO, ...) has no gradient left there.
 SATURATED_MARGIN = 15.0
-# Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
-ROW_INDEX = "row_index"
-
-
-def _as_messages(answer: str | list) -> list[dict]:
-    """An answer as an assistant turn: preference rows store answers as strings even with chat prompts."""
-    return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
-
-
-def _is_chat(prompt: str | list) -> bool:
-    """Whether a prompt is TRL-style messages. Decided on the prompt alone: TRL's `is_conversational` looks at an
-    arbitrary one of the row's keys, and napo rows keep chat prompts beside plain-string answers."""
-    return is_conversational({"prompt": prompt})
-
-
-def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
-    """Messages whose first user turn starts with `n_audios` {"type": "audio"} parts, unless the messages
-    already place their audio parts (content already structured by `prepare_multimodal_messages`)."""
-    if n_audios == 0 or any(part.get("type") == "audio" for m in messages for part in m["content"]):
-        return messages
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    audio_parts = [{"type": "audio"} for _ in range(n_audios)]
-    messages = list(messages)
-    messages[first_user] = {**messages[first_user], "content": audio_parts + list(messages[first_user]["content"])}
-    return messages
-
-
-def _template_kwargs(example: dict[str, Any]) -> dict[str, Any]:
-    """The row's `tools` (a list, or its JSON string) and `chat_template_kwargs`, as TRL passes them to the template."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools or None, **(example.get("chat_template_kwargs") or {})}
-
-
-def _ref_column(column: str) -> str:
-    return f"ref_{column}_logps"
 
 
 def _with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | dict[str, Dataset] | None:
@@ -140,176 +108,7 @@ def _validate(dataset: Dataset | IterableDataset) -> list[str]:
     return validate_preference_dataset(dataset)
 
 
-def _row_index(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """{"row_index": (B,) tensor} of the batch's dataset rows, or {} when the examples carry no row index."""
-    if not examples or any(example.get(ROW_INDEX) is None for example in examples):
-        return {}
-    return {ROW_INDEX: torch.tensor([example[ROW_INDEX] for example in examples])}
-
-
-@dataclass
-class MultiNegativeCollator:
-    """Pads tokenized rows into one batch of chosen and negative sequences (text datasets).
-
-    Each example holds `prompt_ids`, `chosen_ids` and `<column>_ids` for every negative column (an empty list
-    where the row has no such negative), optionally `ref_chosen_logps` and `ref_<column>_logps`.
-
-    Returns input_ids / attention_mask / completion_mask of shape (N, L) for the N sequences of the batch
-    (right-padded), `sequence_row` (N,) the row each sequence belongs to, `sequence_type` (N,) 0 for chosen and
-    k for the k-th negative column, and `ref_logps` (N,) when the rows carry precomputed reference log-probs.
-    """
-
-    pad_token_id: int
-    negative_columns: tuple[str, ...]
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, masks, rows, types, refs = [], [], [], [], []
-        for row, example in enumerate(examples):
-            prompt = list(example["prompt_ids"])
-            for kind, column in enumerate(("chosen", *self.negative_columns)):
-                completion = list(example[f"{column}_ids"])
-                if not completion:
-                    continue
-                ids.append(prompt + completion)
-                masks.append([0] * len(prompt) + [1] * len(completion))
-                rows.append(row)
-                types.append(kind)
-                refs.append(example.get(_ref_column(column)))
-        if self.max_length is not None:
-            cut = (
-                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
-            )
-            ids, masks = [s[cut] for s in ids], [m[cut] for m in masks]
-        batch = {
-            "input_ids": pad([torch.tensor(s) for s in ids], padding_value=self.pad_token_id, padding_side="right"),
-            "attention_mask": pad([torch.ones(len(s), dtype=torch.long) for s in ids], 0, padding_side="right"),
-            "completion_mask": pad([torch.tensor(m, dtype=torch.long) for m in masks], 0, padding_side="right"),
-            "sequence_row": torch.tensor(rows),
-            "sequence_type": torch.tensor(types),
-        }
-        if refs and refs[0] is not None:
-            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
-        batch.update(_row_index(examples))
-        return batch
-
-
-@dataclass
-class MultiNegativeVisionCollator:
-    """Renders, tokenizes and pads raw multimodal rows into one batch of chosen and negative sequences.
-
-    Like TRL's `DataCollatorForVisionPreference` (processing happens on the fly, images and audio clips are
-    repeated for every sequence of their row) but with any number of negatives per row, and audio rows
-    (`audios`: 1-D float32 arrays at `sampling_rate` Hz, default 16000) besides image rows. Every negative is
-    scored with the row's full prompt, images and audio. Output as `MultiNegativeCollator`, plus the processor's
-    media tensors (`pixel_values`, `image_grid_thw`, `input_features`, ...).
-    """
-
-    processor: ProcessorMixin
-    negative_columns: tuple[str, ...]
-    max_length: int | None = None
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        prompts, completions, images, audios, rows, types, refs = [], [], [], [], [], [], []
-        sampling_rates = {example.get("sampling_rate") or 16000 for example in examples}
-        if len(sampling_rates) > 1:
-            raise ValueError(f"one batch mixes audio sampling rates {sorted(sampling_rates)}: resample to one rate")
-        for row, example in enumerate(examples):
-            row_images = example.get("images")
-            if row_images is None:
-                row_images = [example["image"]] if example.get("image") is not None else []
-            row_audios = [np.asarray(a, dtype=np.float32) for a in example.get("audios") or []]
-            for kind, column in enumerate(("chosen", *self.negative_columns)):
-                answer = example.get(column)
-                if answer is None:
-                    continue
-                if _is_chat(example["prompt"]):
-                    prompt_messages = prepare_multimodal_messages(example["prompt"], images=row_images)
-                    template = _template_kwargs(example)
-                    rendered = apply_chat_template(
-                        {
-                            "prompt": _with_audio_parts(prompt_messages, len(row_audios)),
-                            "completion": prepare_multimodal_messages(_as_messages(answer)),
-                            "chat_template_kwargs": {k: v for k, v in template.items() if k != "tools"},
-                        },
-                        self.processor,
-                        tools=template["tools"],
-                    )
-                    prompt, completion = rendered["prompt"], rendered["completion"]
-                else:  # a string prompt: its <image>/<audio> tags become the model's placeholders
-                    prompt, completion = expand_media_tags(self.processor, example["prompt"]), answer
-                prompts.append(prompt)
-                completions.append(completion)
-                images.append(row_images)
-                audios.extend(row_audios)  # the processor takes one flat list: a clip per audio placeholder
-                rows.append(row)
-                types.append(kind)
-                refs.append(example.get(_ref_column(column)))
-
-        # Media arguments only when present: processors refuse an all-empty image batch, and image-only processors
-        # take no audio argument.
-        media = {"images": images} if any(images) else {}
-        if audios:
-            media.update(audio=audios, sampling_rate=sampling_rates.pop())
-        processed = self.processor(
-            **media,
-            text=prompts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-            add_special_tokens=False,  # the chat template already wrote BOS
-        )
-        processed_completions = self.processor(
-            text=completions, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
-        )
-        prompt_mask = processed["attention_mask"]
-        completion_mask = processed_completions["attention_mask"]
-        input_ids = torch.cat((processed["input_ids"], processed_completions["input_ids"]), dim=1)
-        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
-        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
-        extra_names, extras = [], []
-        if "token_type_ids" in processed:  # PaliGemma / Gemma: prefix-LM attention over the prompt
-            extra_names.append("token_type_ids")
-            extras.append(torch.cat((processed["token_type_ids"], processed_completions["token_type_ids"]), dim=1))
-        if "mm_token_type_ids" in processed:  # Qwen2.5-VL family: which tokens are image tokens
-            extra_names.append("mm_token_type_ids")
-            completion_zeros = torch.zeros_like(processed_completions["input_ids"])
-            extras.append(torch.cat((processed["mm_token_type_ids"], completion_zeros), dim=1))
-        attention_mask, input_ids, completion_mask, *extras = flush_left(
-            attention_mask, input_ids, completion_mask, *extras
-        )
-        batch = dict(processed)
-        batch.pop("labels", None)  # PaliGemma's processor makes prompt labels; the trainer derives its own
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
-        batch.update(zip(extra_names, extras, strict=True))
-        if self.max_length is not None:
-            self._check_prompts_fit(prompt_mask.sum(dim=1), rows, examples)
-            # keep_start only: cutting the start would separate image tokens from their image features.
-            for key in ("input_ids", "attention_mask", "completion_mask", *extra_names):
-                batch[key] = batch[key][:, : self.max_length]
-        batch["sequence_row"] = torch.tensor(rows)
-        batch["sequence_type"] = torch.tensor(types)
-        if refs and refs[0] is not None:
-            batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
-        batch.update(_row_index(examples))
-        return batch
-
-    def _check_prompts_fit(self, prompt_lengths: torch.Tensor, rows: list[int], examples: list[dict]) -> None:
-        """Raise `RowError` for a row whose prompt (image/audio tokens included; `prompt_lengths` in tokens, shape
-        (N,) per sequence) leaves no answer token within `max_length`: cutting it would separate image tokens from
-        their image features, which crashes the model ("Image features and image tokens do not match")."""
-        for length, row in zip(prompt_lengths.tolist(), rows):
-            if length >= self.max_length:
-                raise RowError(
-                    examples[row].get(ROW_INDEX, row),
-                    "prompt",
-                    f"takes {length} tokens with its image/audio tokens, which leaves no answer token within "
-                    f"max_length={self.max_length}: raise --max_length, use smaller images or drop the row",
-                )
-
-
-class NaPOTrainer(DPOTrainer):
+class NaPOTrainer(TRLSeam):
     """Preference training with one negative column or several (`rejected`, `rejected_language_bias`,
     `rejected_vision_bias`, `rejected_audio_bias`) and any objective of `napo.objectives`.
 
@@ -388,11 +187,6 @@ class NaPOTrainer(DPOTrainer):
                 _validate(dataset)
         self._type_weights, self._type_objectives = self._resolve_negative_types(args, self.negative_columns)
 
-        # TRL refuses precomputed reference log-probs for vision data and would precompute with its two-sequence
-        # collator: napo precomputes itself once the trainer is built (see `_precompute_ref_logps`).
-        precompute, padding_free = args.precompute_ref_log_probs, args.padding_free
-        # TRL 1.16 turns padding_free off with a warning; napo packs the batch itself (see `_model_inputs`).
-        args.precompute_ref_log_probs = args.padding_free = False
         if (
             ref_model is None
             and isinstance(model, PreTrainedModel)
@@ -415,30 +209,32 @@ class NaPOTrainer(DPOTrainer):
             optimizers=optimizers,
             peft_config=peft_config,
         )
-        args.precompute_ref_log_probs = self.precompute_ref_logps = precompute
-        args.padding_free = self.padding_free = padding_free
-        self._rows_since_step: list[torch.Tensor] = []  # row_index of each micro-batch since the last optimizer step
+        # `TRLSeam` ran DPOTrainer.__init__ with precompute_ref_log_probs and padding_free off: napo does both itself.
+        self._gradient_guard = NonFiniteGradientGuard(
+            args.on_nonfinite, lambda name, value: self.logged_metrics("train")[name].append(value)
+        )
+        self.add_callback(self._gradient_guard)
         # Training micro-batches of this `train()` call, and those skipped as non-finite (their loss 0 is not trained).
         self._batches_run = self._batches_skipped = 0
         self._saturated_batches = dict.fromkeys(self.negative_columns, 0)  # consecutive batches, per negative type
         self._packing_verified = self._shared_prompt_verified = False
         if data_collator is None:
             self.data_collator = self._default_collator()
-        if args.encode_images_once and self._is_vision_dataset:
+        if args.encode_images_once and self.is_vision_dataset:
             # Before precomputing: the reference pass gains as much as training does.
             for module in (self.model, self.ref_model):
                 if module is not None:
                     encode_images_once(module)
-        if precompute:
+        if args.precompute_ref_log_probs:
             train_batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
-            self.train_dataset = self._precompute_ref_logps(self.train_dataset, "train", train_batch_size)
+            self.train_dataset = self.precompute_reference(self.train_dataset, "train", train_batch_size)
             if isinstance(self.eval_dataset, dict):  # dict and DatasetDict
                 self.eval_dataset = {
-                    name: self._precompute_ref_logps(d, name, eval_batch_size) for name, d in self.eval_dataset.items()
+                    name: self.precompute_reference(d, name, eval_batch_size) for name, d in self.eval_dataset.items()
                 }
             elif self.eval_dataset is not None:
-                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
+                self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval", eval_batch_size)
             if not is_peft_model(self.model):
                 self.ref_model = None  # every split's reference log-probs are cached: free the copy
 
@@ -467,28 +263,23 @@ class NaPOTrainer(DPOTrainer):
         if self._on_the_fly:
             return MultiNegativeVisionCollator(self.processing_class, self.negative_columns, self.args.max_length)
         return MultiNegativeCollator(
-            self._tokenizer.pad_token_id, self.negative_columns, self.args.max_length, self.args.truncation_mode
+            self.tokenizer_of_processor.pad_token_id,
+            self.negative_columns,
+            self.args.max_length,
+            self.args.truncation_mode,
         )
 
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            answer_columns = ("chosen", *self.negative_columns)
-            if self._on_the_fly:
-                columns = [
-                    "prompt",
-                    "image",
-                    "images",
-                    "audios",
-                    "sampling_rate",
-                    "tools",
-                    "chat_template_kwargs",
-                    *answer_columns,
-                ]
-            else:
-                columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
-            self._signature_columns = columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
+    def dataset_columns(self) -> list[str]:
+        """The dataset columns batches keep (the others are removed before collation)."""
+        answer_columns = ("chosen", *self.negative_columns)
+        if self._on_the_fly:
+            media = ["image", "images", "audios", "sampling_rate", "tools", "chat_template_kwargs"]
+            columns = ["prompt", *media, *answer_columns]
+        else:
+            columns = ["prompt_ids", *(f"{c}_ids" for c in answer_columns)]
+        return columns + [_ref_column(c) for c in answer_columns] + [ROW_INDEX]
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def tokenize_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
 
         Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
@@ -498,7 +289,7 @@ class NaPOTrainer(DPOTrainer):
         if "prompt_ids" in _column_names(dataset) or self._on_the_fly:
             return dataset
         answer_columns = ("chosen", *self.negative_columns)
-        eos = self._tokenizer.eos_token
+        eos = self.tokenizer_of_processor.eos_token
 
         def tokenize(example):
             prompt = example["prompt"]
@@ -594,7 +385,7 @@ class NaPOTrainer(DPOTrainer):
             )
         return logps
 
-    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+    def precompute_reference(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
 
         Computed once with the reference policy and cached under `<output_dir>/ref_logps/`, keyed by the dataset
@@ -642,7 +433,7 @@ class NaPOTrainer(DPOTrainer):
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         first_row = 0
         for batch in tqdm(loader, desc=description, disable=description is None or not self.is_world_process_zero()):
-            batch = self._prepare_inputs(batch)
+            batch = self.prepare_batch(batch)
             model_kwargs, labels, sum_per_sequence = self._model_inputs(batch)
             if of in ("policy", "logratio"):
                 with torch.no_grad():
@@ -658,26 +449,6 @@ class NaPOTrainer(DPOTrainer):
             table[rows, batch["sequence_type"].cpu().numpy()] = logps.float().cpu().numpy()
             first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence
         return table
-
-    # ------------------------------------------------------------------------------------------ resume
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
-        """Load a checkpoint's full-model weights with `from_pretrained`, which applies the model's key conversion.
-
-        transformers' Trainer loads the raw safetensors keys, but `save_pretrained` writes some families in their
-        legacy layout (LLaVA: `language_model.model.*` for `model.language_model.*`): every key is then reported
-        missing in a warning, the model silently keeps its initial weights and the resumed loss curve diverges.
-        PEFT adapters, FSDP and DeepSpeed checkpoints keep transformers' own loading.
-        """
-        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
-        if (
-            not isinstance(unwrapped, PreTrainedModel)
-            or is_peft_model(unwrapped)
-            or self.is_fsdp_enabled
-            or self.is_deepspeed_enabled
-        ):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype, use_safetensors=True)
-        unwrapped.load_state_dict(saved.state_dict())  # strict: a key that does not match is an error, not a warning
 
     # ------------------------------------------------------------------------------------------ loss
     def _model_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
@@ -765,10 +536,12 @@ class NaPOTrainer(DPOTrainer):
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
         return mean_over_processes(values, self._reduce_sum)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def preference_loss(self, model, inputs: dict, return_outputs: bool):
+        """Σ_t γ_t · mean over the pairs of type t of L_t(z) for a collated batch (module docstring), and the metrics
+        of each negative type (class docstring); with `return_outputs`, (loss, the model's outputs)."""
         mode = "train" if self.model.training else "eval"
         if mode == "train" and ROW_INDEX in inputs:
-            self._rows_since_step.append(inputs[ROW_INDEX])  # read back only if the step's gradients are not finite
+            self._gradient_guard.record_rows(inputs[ROW_INDEX])  # named if the step's gradients are not finite
         model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
         # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
         # argument); the reference forward is not asked.
@@ -806,7 +579,7 @@ class NaPOTrainer(DPOTrainer):
         chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
         chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
 
-        metrics = self._metrics[mode]
+        metrics = self.logged_metrics(mode)
         per_type = {}  # column -> (per-pair loss on this process or None, ψ_Σ: the mean β-scaled summed margin)
         for kind, column in enumerate(self.negative_columns, start=1):
             negative = (types == kind).nonzero().squeeze(1)
@@ -947,8 +720,8 @@ class NaPOTrainer(DPOTrainer):
                 f"{column}: margins saturated: every pair's margin z = β·(Δ_chosen − Δ_rejected) has been beyond "
                 f"±{SATURATED_MARGIN:g} "
                 f"for {steps} training batches (step {self.state.global_step}, β={self.beta}, this batch's mean "
-                f"|z| {float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative type's "
-                "loss gives (almost) no gradient. Lower beta (or the learning rate) if this is not intended."
+                f"|z| {float(z.detach().abs().mean()):.3g}): σ(z) is 0 or 1 to float precision, so this negative "
+                "type's loss gives (almost) no gradient. Lower beta (or the learning rate) if this is not intended."
             )
 
     def train(self, *args, **kwargs) -> TrainOutput:
@@ -971,47 +744,21 @@ class NaPOTrainer(DPOTrainer):
         rows. Logs `nonfinite/skipped`: the fraction of batches skipped in the logging window."""
         bad = ~torch.isfinite(logratios.detach())
         bad_everywhere = self.accelerator.reduce(bad.sum().float(), reduction="sum")
-        self._metrics["train" if self.model.training else "eval"]["nonfinite/skipped"].append(float(bad_everywhere > 0))
+        self.logged_metrics("train" if self.model.training else "eval")["nonfinite/skipped"].append(
+            float(bad_everywhere > 0)
+        )
         if bad_everywhere == 0:
             return False
         batch_rows = inputs["sequence_row"][bad].unique()
         row_ids = inputs[ROW_INDEX][batch_rows] if ROW_INDEX in inputs else batch_rows
         where = f"dataset rows {row_ids.tolist()}" if bad.any() else "rows of another process"
         message = f"non-finite (NaN/inf) log-probabilities at step {self.state.global_step} in {where}"
-        self._stop_or_skip(message, "batch")
+        stop_or_skip(self.args.on_nonfinite, message, "batch")
         return True
 
-    def _stop_or_skip(self, message: str, unit: str) -> None:
-        """Raise FloatingPointError about non-finite values (`on_nonfinite="stop"`), or log that the `unit` ("batch",
-        "optimizer step") they came in is skipped."""
-        if self.args.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"{message}: stopped before updating the model with them. Check those rows and the model's numerics "
-                f"(dtype, learning rate), or pass --on_nonfinite skip to skip such a {unit}"
-            )
-        logger.warning(f"{message}: {unit} skipped (on_nonfinite='skip')")
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        """The step's gradient norm (transformers computes it before every optimizer step; identical on every process,
-        also with FSDP) — and the guard against NaN/inf gradients behind a finite loss (an overflow in backward, the
-        gradient of sqrt at 0): `on_nonfinite="stop"` raises before the optimizer step, naming the dataset rows of
-        the step's micro-batches on this process; "skip" drops the step's gradients (the optimizer then leaves every
-        weight and its state as they were; the learning-rate schedule still advances) and logs
-        `nonfinite/skipped_steps`, the fraction of optimizer steps skipped in the logging window."""
-        grad_norm = super()._get_grad_norm(model, grad_norm)
-        row_indices, self._rows_since_step = self._rows_since_step, []
-        if grad_norm is None:  # DeepSpeed keeps the norm to itself and skips overflowing steps on its own
-            return grad_norm
-        finite = bool(np.isfinite(float(grad_norm)))
-        self._metrics["train"]["nonfinite/skipped_steps"].append(float(not finite))
-        if finite:
-            return grad_norm
-        rows = sorted(set(torch.cat(row_indices).tolist())) if row_indices else []
-        message = f"non-finite (NaN/inf) gradients behind a finite loss at step {self.state.global_step} (dataset rows {rows})"
-        self._stop_or_skip(message, "optimizer step")
-        for parameter in model.parameters():
-            parameter.grad = None  # torch optimizers leave parameters without a gradient untouched, state included
-        return grad_norm
+    def record_grad_norm(self, model: torch.nn.Module, grad_norm: float | torch.Tensor | None) -> None:
+        """Hand the step's gradient norm to the non-finite gradient guard (`napo.nonfinite.NonFiniteGradientGuard`)."""
+        self._gradient_guard.norm_computed(model, grad_norm)
 
     def _q(self, column: str, summed: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
         """q of one negative type (`napo.objectives.napo_q` with this config's q, q_min and the type's α and margin,
