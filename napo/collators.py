@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from transformers import ProcessorMixin
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
-from trl.trainer.utils import flush_left, pad
 
 from napo.data import RowError
 from napo.inference import expand_media_tags
+from napo.trl_seam import flush_left, pad
 
 # Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
 ROW_INDEX = "row_index"

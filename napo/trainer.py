@@ -60,7 +60,7 @@ from napo.objectives import (
     type_weights,
 )
 from napo.shared_prompt import shared_prompt_logps
-from napo.trl_losses import trl_pair_loss
+from napo.trl_losses import length_desensitized_logps, trl_config_loss
 from napo.trl_seam import (
     TRLSeam,
     _tokenize,
@@ -209,7 +209,6 @@ class NaPOTrainer(TRLSeam):
             optimizers=optimizers,
             peft_config=peft_config,
         )
-        # `TRLSeam` ran DPOTrainer.__init__ with precompute_ref_log_probs and padding_free off: napo does both itself.
         self._gradient_guard = NonFiniteGradientGuard(
             args.on_nonfinite, lambda name, value: self.logged_metrics("train")[name].append(value)
         )
@@ -225,6 +224,7 @@ class NaPOTrainer(TRLSeam):
             for module in (self.model, self.ref_model):
                 if module is not None:
                     encode_images_once(module)
+        # `TRLSeam` ran DPOTrainer.__init__ with precompute_ref_log_probs and padding_free off: napo does both itself.
         if args.precompute_ref_log_probs:
             train_batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
             eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
@@ -649,24 +649,15 @@ class NaPOTrainer(TRLSeam):
         inputs: dict,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """((log π(y_w), log π(y_l)), (log π_ref(y_w), log π_ref(y_l))) of the pairs (sequence `chosen[j]`, sequence
-        `negative[j]`), each shape (n_pairs,): the summed log-probs, or with `ld_alpha` (LD-DPO, as TRL) the tokens
-        past the shorter answer's length weighed by α: Σ_{t ≤ min(|y_w|, |y_l|)} log p_t + α·Σ_{t > min} log p_t,
-        from `token_logps` (policy, reference) of shape (N, L-1) — a pair-dependent sum, so a chosen answer with K
-        negatives has K of them."""
+        `negative[j]`), each shape (n_pairs,): the summed log-probs `logps`, `ref_logps` (N,), or with `ld_alpha`
+        LD-DPO's (`napo.trl_losses.length_desensitized_logps`) from `token_logps` (policy, reference), (N, L-1) each."""
         if token_logps is None:
             return (logps[chosen], logps[negative]), (ref_logps[chosen], ref_logps[negative])
-        scored = inputs["completion_mask"][:, 1:]
-        position = scored.cumsum(dim=1)  # 1, 2, ... along each answer's scored tokens
-        shared = torch.minimum(scored[chosen].sum(dim=1), scored[negative].sum(dim=1)).unsqueeze(1)  # (n_pairs, 1)
-
-        def weighted(per_token: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-            weights = torch.where(position[sequences] <= shared, 1.0, self.args.ld_alpha) * scored[sequences]
-            return (per_token[sequences] * weights).sum(dim=1)
-
+        scored, alpha = inputs["completion_mask"][:, 1:], self.args.ld_alpha
         policy, reference = token_logps
-        return (weighted(policy, chosen), weighted(policy, negative)), (
-            weighted(reference, chosen),
-            weighted(reference, negative),
+        return (
+            length_desensitized_logps(chosen, negative, policy, scored, alpha),
+            length_desensitized_logps(chosen, negative, reference, scored, alpha),
         )
 
     def _trl_loss(
@@ -679,32 +670,24 @@ class NaPOTrainer(TRLSeam):
         completion_tokens: torch.Tensor,
         shifted_completion_tokens: torch.Tensor,
     ) -> torch.Tensor:
-        """Σ_i loss_weights_i · TRL's `loss_type_i` for the pairs (sequence `chosen[j]`, sequence `negative[j]`), shape
-        (n_pairs,) (`napo.trl_losses.trl_pair_loss`). `policy_pair`, `ref_pair`: the pairs' (chosen, rejected) log-probs
+        """TRL's loss of this config for the pairs (sequence `chosen[j]`, sequence `negative[j]`), shape (n_pairs,)
+        (`napo.trl_losses.trl_config_loss`). `policy_pair`, `ref_pair`: the pairs' (chosen, rejected) log-probs
         (`_pair_logps`); `logps` (N,) the summed log-probs of the batch's sequences; `completion_tokens` (N,) their
         completion lengths (TRL's ipo/sigmoid_norm normaliser) and `shifted_completion_tokens` (N,) the scored ones
         (for sft, the mean NLL over the chosen tokens of the pairs)."""
-        args = self.args
         chosen_nll = None
-        if "sft" in args.loss_type:
+        if "sft" in self.args.loss_type:
             rows = chosen.unique()
             chosen_nll = -logps[rows].sum() / shifted_completion_tokens[rows].sum()
-        total = 0.0
-        for loss_type, weight in zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type), strict=True):
-            total = total + weight * trl_pair_loss(
-                loss_type,
-                *policy_pair,
-                *ref_pair,
-                beta=self.beta,
-                chosen_lengths=completion_tokens[chosen],
-                rejected_lengths=completion_tokens[negative],
-                label_smoothing=args.label_smoothing,
-                discopop_tau=args.discopop_tau,
-                f_divergence_type=args.f_divergence_type,
-                f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-                chosen_nll=chosen_nll,
-            )
-        return total
+        return trl_config_loss(
+            self.args,
+            *policy_pair,
+            *ref_pair,
+            beta=self.beta,
+            chosen_lengths=completion_tokens[chosen],
+            rejected_lengths=completion_tokens[negative],
+            chosen_nll=chosen_nll,
+        )
 
     def _watch_saturation(self, column: str, z: torch.Tensor) -> None:
         """Warn once a negative type's margins z (shape (n_pairs,), this process's pairs) have all been beyond

@@ -143,3 +143,67 @@ def trl_pair_loss(
             raise ValueError("loss_type 'sft' needs chosen_nll")
         return chosen_nll.expand(chosen_logratios.shape)
     raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(TRL_LOSS_TYPES)}")
+
+
+def length_desensitized_logps(
+    chosen: Tensor, negative: Tensor, token_logps: Tensor, scored: Tensor, ld_alpha: float
+) -> tuple[Tensor, Tensor]:
+    """LD-DPO's log-probs of the pairs (sequence `chosen[j]`, sequence `negative[j]`), as TRL's `ld_alpha`: the
+    tokens past the shorter answer's length weighed by α,
+
+        Σ_{t ≤ min(|y_w|, |y_l|)} log p_t + α · Σ_{t > min} log p_t
+
+    a pair-dependent sum, so a chosen answer with K negatives has K of them.
+
+    Args:
+        chosen, negative: indices of the pairs' sequences, shape (n_pairs,).
+        token_logps: per-token log-probs of the batch's N sequences, shape (N, L-1).
+        scored: 1 where a token of `token_logps` is a completion token, shape (N, L-1).
+        ld_alpha: α in [0, 1].
+
+    Returns:
+        (log π(y_w), log π(y_l)), each shape (n_pairs,).
+    """
+    position = scored.cumsum(dim=1)  # 1, 2, ... along each answer's scored tokens
+    shared = torch.minimum(scored[chosen].sum(dim=1), scored[negative].sum(dim=1)).unsqueeze(1)  # (n_pairs, 1)
+
+    def weighted(sequences: Tensor) -> Tensor:
+        weights = torch.where(position[sequences] <= shared, 1.0, ld_alpha) * scored[sequences]
+        return (token_logps[sequences] * weights).sum(dim=1)
+
+    return weighted(chosen), weighted(negative)
+
+
+def trl_config_loss(
+    config,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    chosen_nll: Tensor | None = None,
+) -> Tensor:
+    """Σ_i loss_weights_i · `trl_pair_loss(loss_type_i, ...)` for the n pairs, shape (n,): the loss a `DPOConfig`
+    (`config`: its `loss_type`, `loss_weights`, `label_smoothing`, `discopop_tau`, `f_divergence_type`,
+    `f_alpha_divergence_coef`) asks for. Arguments as `trl_pair_loss`; `chosen_nll` only when `sft` is a loss type."""
+    total = 0.0
+    for loss_type, weight in zip(config.loss_type, config.loss_weights or [1.0] * len(config.loss_type), strict=True):
+        total = total + weight * trl_pair_loss(
+            loss_type,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=beta,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            label_smoothing=config.label_smoothing,
+            discopop_tau=config.discopop_tau,
+            f_divergence_type=config.f_divergence_type,
+            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+            chosen_nll=chosen_nll,
+        )
+    return total
