@@ -536,13 +536,10 @@ class NaPOTrainer(TRLSeam):
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
         return mean_over_processes(values, self._reduce_sum)
 
-    def preference_loss(self, model, inputs: dict, return_outputs: bool):
-        """Σ_t γ_t · mean over the pairs of type t of L_t(z) for a collated batch (module docstring), and the metrics
-        of each negative type (class docstring); with `return_outputs`, (loss, the model's outputs)."""
-        mode = "train" if self.model.training else "eval"
-        if mode == "train" and ROW_INDEX in inputs:
-            self._gradient_guard.record_rows(inputs[ROW_INDEX])  # named if the step's gradients are not finite
-        model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
+    def _sequence_logps(self, model, inputs: dict, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence):
+        """(outputs, logps, ref_logps, token_logps) of a collated batch of N sequences: the policy's outputs (None with
+        `share_prompt`), its and the reference's summed completion log-probs (N,) (the reference's precomputed,
+        from the batch, when there), and with `ld_alpha` the per-token log-probs (policy, reference), (N, L-1) each."""
         # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
         # argument); the reference forward is not asked.
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
@@ -563,6 +560,18 @@ class NaPOTrainer(TRLSeam):
             token_logps = (outputs.log_probs[:, -scored:], ref_token_logps[:, -scored:])
         else:
             ref_logps = self._reference_logps(inputs, model_kwargs, labels, sum_per_sequence)
+        return outputs, logps, ref_logps, token_logps
+
+    def preference_loss(self, model, inputs: dict, return_outputs: bool):
+        """Σ_t γ_t · mean over the pairs of type t of L_t(z) for a collated batch (module docstring), and the metrics
+        of each negative type (class docstring); with `return_outputs`, (loss, the model's outputs)."""
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and ROW_INDEX in inputs:
+            self._gradient_guard.record_rows(inputs[ROW_INDEX])  # named if the step's gradients are not finite
+        model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
+        outputs, logps, ref_logps, token_logps = self._sequence_logps(
+            model, inputs, model_kwargs, labels, sum_per_sequence
+        )
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
         if mode == "train":
