@@ -587,7 +587,6 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     """Train and evaluate one cell; return its results.jsonl row (see the module docstring)."""
     import datasets
 
-    from napo.lab.pipeline import train_preference
     from napo.pairs import inject_label_noise
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -611,16 +610,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
 
             pairs = label_pairs(pairs)
     settings = objective_settings(objective, noise_rate)
-    trained = train_preference(
-        source["sft_dir"],
-        pairs,
-        str(cell_dir),
-        seed=seed,
-        max_steps=context["max_steps"],
-        beta=context["beta"],
-        **settings,
-        **context["train"],
-    )
+    trained = _train_cell(context, source, cell_dir, pairs, seed, settings)
     model, processing_class = _load(trained["model_dir"])
     # With shared reference log-probs in the pairs, scoring needs no reference model.
     reference = None if "ref_chosen_logps" in pairs.column_names else _load(source["sft_dir"])[0]
@@ -667,6 +657,43 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "q_trajectory": q_trajectory(trained["log_history"]),
         "finished": _now(),
     }
+
+
+# What a cell's training sets whatever the source, none of it a hyper-parameter: the grid shows one progress bar
+# and keeps no checkpoint (the cell folder is removed once evaluated), trackers stay off unless `train` asks.
+CELL_LOGISTICS = {"report_to": "none", "save_strategy": "no", "disable_tqdm": True}
+
+
+def cell_training_config(context: dict, cell_dir: Path, seed: int, settings: dict[str, Any]):
+    """The `NaPOConfig` of one cell: the grid's objective settings, seed, β and steps over the source's defaults,
+    and the grid's `train` settings over all of them.
+
+    The lab's defaults are the lab's (`napo.lab.pipeline.lab_training_config`: its learning rate, batch size, steps,
+    CPU); a user's dataset and model train with NaPOConfig's (TRL's) defaults and the user's `train` settings, as
+    `napo train` would, plus `CELL_LOGISTICS`.
+    """
+    grid = {"seed": seed, "beta": context["beta"], **settings}
+    if context["max_steps"] is not None:
+        grid["max_steps"] = context["max_steps"]
+    if context["source"] == "lab":
+        from napo.lab.pipeline import lab_training_config
+
+        return lab_training_config(cell_dir, **grid, **context["train"])
+    from napo.config import NaPOConfig
+
+    return NaPOConfig(**{**CELL_LOGISTICS, **context["train"], "output_dir": str(cell_dir / "trainer"), **grid})
+
+
+def _train_cell(context: dict, source: dict, cell_dir: Path, pairs, seed: int, settings: dict[str, Any]) -> dict:
+    """Train the cell's model from the source's SFT model (`napo.training.train_preference`); save it to
+    `<cell_dir>/model`. Returns model_dir, log_history and wall_time_s (the trainer is not kept: its model and
+    optimizer state would share memory with the evaluation's copy)."""
+    from napo.training import train_preference
+
+    model, processing_class = _load(source["sft_dir"])
+    config = cell_training_config(context, cell_dir, seed, settings)
+    run = train_preference(pairs, model, config, processing_class=processing_class, model_dir=cell_dir / "model")
+    return {"model_dir": run.model_dir, "log_history": run.log_history, "wall_time_s": run.wall_time_s}
 
 
 def _pair_label_counts(pairs) -> dict[str, dict[str, int]]:

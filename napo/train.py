@@ -28,6 +28,7 @@ from napo.data import DatasetOptions, read_dataset
 from napo.jobs import output_lock
 from napo.models import load_model
 from napo.trainer import NaPOTrainer
+from napo.training import train_preference
 
 logger = logging.getLogger(__name__)
 JOB_RECORD = "napo_job.json"
@@ -266,19 +267,17 @@ def run_training(
             dtype=dtype,
             attn_implementation=attn_implementation,
         )
-        trainer = NaPOTrainer(
-            model=policy,
-            args=config,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+        run = train_preference(
+            train_dataset,
+            policy,
+            config,
+            job.peft_config(),
             processing_class=processing_class,
-            peft_config=job.peft_config(),
-            callbacks=[_RecordJob(record)],
+            eval_dataset=eval_dataset,
+            callbacks=[_RecordJob(record)],  # records the job once the rows passed the trainer's checks
+            resume_from_checkpoint=checkpoint,
         )
-        if main_process:  # the rows passed the trainer's checks: record the job
-            _write_json(os.path.join(config.output_dir, JOB_RECORD), record)
-        trainer.train(resume_from_checkpoint=checkpoint)
-        trainer.save_model(config.output_dir)
+        trainer = run.trainer
         outputs = {"model": config.output_dir}
         if trainer.is_world_process_zero():  # one writer under `accelerate launch`
             outputs["model_card"] = write_model_card(trainer, job, train_dataset)
@@ -450,10 +449,15 @@ def _checkpoint_to_resume(job: TrainArguments, config: NaPOConfig, record: dict)
 
 
 class _RecordJob(TrainerCallback):
-    """Copies the job record into every checkpoint, so that resuming checks the checkpoint's own job."""
+    """Writes the job record into the output folder when training begins (the trainer is built: the rows passed its
+    checks) and into every checkpoint, so that resuming checks the checkpoint's own job."""
 
     def __init__(self, record: dict):
         self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            _write_json(os.path.join(args.output_dir, JOB_RECORD), self.record)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

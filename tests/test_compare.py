@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 from collections import defaultdict
@@ -148,17 +149,17 @@ def test_user_dataset_grid_runs_resumes_and_reports(user_setup, tmp_path, count_
 
 @pytest.mark.slow
 def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, count_cells):
-    import napo.lab.pipeline as pipeline
+    import napo.training as training
 
-    real_train = pipeline.train_preference
+    real_train = training.train_preference
 
-    def fails_for_napo(*args, **kwargs):
-        if kwargs["objective"] == "napo" and kwargs.get("q") == "paper":
+    def fails_for_napo(dataset, model, config, *args, **kwargs):
+        if config.objective == "napo" and config.q == "paper":
             raise RuntimeError("simulated out-of-memory")
-        return real_train(*args, **kwargs)
+        return real_train(dataset, model, config, *args, **kwargs)
 
     config = user_config(user_setup, tmp_path / "run", noise_rates=[0.4])
-    monkeypatch.setattr(pipeline, "train_preference", fails_for_napo)
+    monkeypatch.setattr(training, "train_preference", fails_for_napo)
     stats = run_compare(config, progress=False)
     assert stats["cells_run"] == 1 and stats["cells_failed"] == 1
     assert [r["key"] for r in read_results(tmp_path / "run" / "results.jsonl")] == ["dpo/noise=0.4/seed=0"]
@@ -166,7 +167,7 @@ def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, 
     assert [e["key"] for e in errors] == ["napo-paper/noise=0.4/seed=0"]
     assert "simulated out-of-memory" in errors[0]["error"]
 
-    monkeypatch.setattr(pipeline, "train_preference", real_train)
+    monkeypatch.setattr(training, "train_preference", real_train)
     count_cells.clear()
     stats = run_compare(config, progress=False)
     assert count_cells == ["napo-paper/noise=0.4/seed=0"] and stats["cells_failed"] == 0
@@ -174,6 +175,31 @@ def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, 
         "dpo/noise=0.4/seed=0",
         "napo-paper/noise=0.4/seed=0",
     ]
+
+
+def test_user_dataset_cells_train_with_the_users_settings(user_setup, tmp_path):
+    """`napo compare --dataset --model` trains as `napo train` would: NaPOConfig's (TRL's) defaults under what the
+    user passes in `train` (--set), never the lab's learning rate, step count or use_cpu (issue 16)."""
+    from napo import NaPOConfig
+
+    train = {"per_device_train_batch_size": 8, "num_train_epochs": 1, "logging_steps": 1}
+    train |= {"lr_scheduler_type": "constant", "gradient_checkpointing": False}
+    config = user_config(
+        user_setup, tmp_path / "run", objectives=["napo-paper"], noise_rates=[0.0], max_steps=None, train=train
+    )
+    run_compare(dataclasses.replace(config, keep_models=True), progress=False)
+    (row,) = read_results(tmp_path / "run" / "results.jsonl")
+    # 30 training rows (40, a quarter held out), 8 per step, one epoch: 4 steps, q logged at each (the lab: 120).
+    assert [step for step, _ in row["q_trajectory"]["rejected"]] == [1, 2, 3, 4]
+    args = torch.load(
+        tmp_path / "run" / "cells" / "napo-paper_noise=0_seed=0" / "model" / "training_args.bin", weights_only=False
+    )
+    defaults = NaPOConfig(output_dir="unused")
+    for name in ("learning_rate", "use_cpu", "bf16", "warmup_steps", "precompute_ref_log_probs", "max_steps"):
+        assert getattr(args, name) == getattr(defaults, name), name
+    for name, value in train.items():
+        assert getattr(args, name) == value, name
+    assert (args.objective, args.q, args.seed, args.beta) == ("napo", "paper", 0, config.beta)
 
 
 def test_pair_margins_match_the_trainer(tmp_path):

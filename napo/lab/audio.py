@@ -3,13 +3,13 @@ language- and audio-biased pairs with it (`napo pairs`' audio defaults), train D
 same SFT checkpoint, and measure every model's bias.
 
     lab = prepare_audio_lab("out")                       # SFT checkpoint + pairs (cached in out/cache/audio-*/)
-    run = train_preference(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
+    run = train_lab_model(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
     metrics = evaluate_audio_model(run["model_dir"], lab)
     report = run_audio_lab("benchmarks/lab")             # all of it, plus audio_report.md / audio_report.json
 
     napo lab --audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]    (or: python -m napo.lab.audio ...)
 
-Preference training is the vision lab's `napo.lab.pipeline.train_preference` (it only needs a checkpoint
+Preference training is the vision lab's `napo.lab.pipeline.train_lab_model` (it only needs a checkpoint
 and pairs); the SFT loop and the evaluation are the audio twins of the vision lab's: the clips, the
 model family and the modality that `audio.drop` removes differ.
 """
@@ -44,7 +44,7 @@ from napo.lab.pipeline import (
     _mean_std,
     _versions,
     supervised_fine_tune,
-    train_preference,
+    train_lab_model,
 )
 from napo.lab.sounds import load_recipe, make_split, vocabulary
 from napo.models import build_tiny_model, build_tokenizer, load_model, media_tower
@@ -271,7 +271,7 @@ def run_audio_lab(
     runs: list[dict[str, Any]] = []
     for seed in seeds:
         for objective in ("dpo", "napo"):
-            run = train_preference(
+            run = train_lab_model(
                 lab["sft_dir"],
                 lab["pairs_dir"],
                 Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",

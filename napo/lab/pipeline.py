@@ -2,7 +2,7 @@
 pairs with it, train DPO and NaPO from the same SFT checkpoint, and measure every model's bias.
 
     lab = prepare_lab("out")                      # SFT checkpoint + pairs (cached in out/cache/)
-    run = train_preference(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
+    run = train_lab_model(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
     metrics = evaluate_lab_model(run["model_dir"], lab)
     report = run_lab("benchmarks/lab")            # all of it, plus report.md / report.json / PNGs
 
@@ -156,51 +156,29 @@ def prepare_lab(
     }
 
 
-def train_preference(
-    sft_dir: str | Path,
-    pairs: str | Path | datasets.Dataset,
-    out_dir: str | Path,
-    *,
-    objective: str,
-    seed: int,
-    q: str | float = "paper",
-    max_steps: int | None = None,
-    label_noise: float = 0.0,
-    **config_overrides: Any,
-) -> dict[str, Any]:
-    """Train one preference objective from the SFT checkpoint; save the model to `<out_dir>/model`.
+def lab_training_config(out_dir: str | Path, *, objective: str, seed: int, **overrides: Any):
+    """The lab's preference-training settings (`LabSettings.full()`'s β, learning rate, batch size and steps; CPU,
+    fp32, cosine schedule, reference log-probs precomputed once), as a `NaPOConfig` with output folder
+    `<out_dir>/trainer`.
 
     Args:
-        sft_dir: the SFT checkpoint (`prepare_lab()["sft_dir"]`), also the frozen reference.
-        pairs: preference rows (a `save_to_disk` folder or a Dataset), e.g. `prepare_lab()["pairs_dir"]`.
+        out_dir: the run's folder (`train_lab_model` saves the model to `<out_dir>/model`).
         objective: a name of `napo.objectives.OBJECTIVES` ("napo", "dpo", ...).
-        seed: the trainer's seed (batch order) and the label-noise seed.
-        q: NaPO's q ("paper", "official" or a fixed float).
-        max_steps: optimizer steps; None: the full lab's `pref_steps`.
-        label_noise: fraction of rows whose preference is flipped before training (marked `noisy`).
-        config_overrides: any other `NaPOConfig` field (beta, learning_rate, weight_*, ...).
-
-    Returns model_dir, log_history (the trainer's logged dicts: loss, `language_bias/q`,
-    `vision_bias/rewards/margins`, ...), wall_time_s (training only) and noisy_rows (flipped row indices).
+        seed: the trainer's seed (batch order).
+        overrides: any other `NaPOConfig` field (q, max_steps, beta, learning_rate, weight_*, ...); `max_steps=None`
+            keeps the lab's `pref_steps`.
     """
     from napo.config import NaPOConfig  # trl is slow to import: only training needs it
-    from napo.pairs import inject_label_noise
-    from napo.trainer import NaPOTrainer
 
-    dataset = pairs if isinstance(pairs, datasets.Dataset) else datasets.load_from_disk(str(pairs))
-    noisy: list[int] = []
-    if label_noise > 0:
-        dataset, noisy = inject_label_noise(dataset, label_noise, seed)
-    model, processor = load_model(str(sft_dir))
     defaults = LabSettings.full()
     config = dict(
         output_dir=str(Path(out_dir) / "trainer"),
         objective=objective,
-        q=q,
+        q="paper",
         beta=defaults.beta,
         learning_rate=defaults.pref_lr,
         per_device_train_batch_size=defaults.pref_batch_size,
-        max_steps=max_steps or defaults.pref_steps,
+        max_steps=defaults.pref_steps,
         lr_scheduler_type="cosine",
         gradient_checkpointing=False,
         use_cpu=True,
@@ -215,20 +193,39 @@ def train_preference(
         # A row's 3-4 answers share its 74-token prompt (64 image tokens): run it once (2.5x faster steps, same loss).
         share_prompt=True,
     )
-    config.update(config_overrides)
-    trainer = NaPOTrainer(model=model, args=NaPOConfig(**config), train_dataset=dataset, processing_class=processor)
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    model_dir = Path(out_dir) / "model"
-    trainer.model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    return {
-        "model_dir": str(model_dir),
-        "log_history": trainer.state.log_history,
-        "wall_time_s": wall,
-        "noisy_rows": noisy,
-    }
+    if overrides.get("max_steps", 0) is None:
+        del overrides["max_steps"]
+    config.update(overrides)
+    return NaPOConfig(**config)
+
+
+def train_lab_model(
+    sft_dir: str | Path,
+    pairs: str | Path | datasets.Dataset,
+    out_dir: str | Path,
+    *,
+    objective: str,
+    seed: int,
+    **config_overrides: Any,
+) -> dict[str, Any]:
+    """Train one preference objective from the SFT checkpoint with the lab's settings (`lab_training_config`)
+    through `napo.training.train_preference`; save the model to `<out_dir>/model`.
+
+    Args:
+        sft_dir: the SFT checkpoint (`prepare_lab()["sft_dir"]`), also the frozen reference.
+        pairs: preference rows (a `save_to_disk` folder or a Dataset), e.g. `prepare_lab()["pairs_dir"]`.
+        objective, seed, config_overrides: as `lab_training_config`'s (q, max_steps, beta, learning_rate, ...).
+
+    Returns model_dir, log_history (the trainer's logged dicts: loss, `language_bias/q`,
+    `vision_bias/rewards/margins`, ...) and wall_time_s (training only).
+    """
+    from napo.training import train_preference
+
+    dataset = pairs if isinstance(pairs, datasets.Dataset) else datasets.load_from_disk(str(pairs))
+    model, processor = load_model(str(sft_dir))
+    config = lab_training_config(out_dir, objective=objective, seed=seed, **config_overrides)
+    run = train_preference(dataset, model, config, processing_class=processor, model_dir=Path(out_dir) / "model")
+    return {"model_dir": run.model_dir, "log_history": run.log_history, "wall_time_s": run.wall_time_s}
 
 
 def evaluate_lab_model(
@@ -297,7 +294,7 @@ def run_lab(
     steps = lab["settings"]["pref_steps"]
     for seed in seeds:
         for objective in ("dpo", "napo"):
-            run = train_preference(
+            run = train_lab_model(
                 lab["sft_dir"],
                 lab["pairs_dir"],
                 Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
