@@ -34,12 +34,10 @@ and retried on the next run. Output layout under `output_dir`:
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import time
@@ -56,6 +54,7 @@ from tqdm.auto import tqdm
 from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
 from napo.data import DatasetOptions
 from napo.jobs import locks_output
+from napo.provenance import available_cores, device_description, utc_now, versions_text, write_text_atomic
 from napo.sweep import BACKENDS, run_cells
 
 DEFAULT_OBJECTIVES = (
@@ -281,7 +280,7 @@ class CompareConfig:
                 "by --cell-cpus / --cell-gpus"
             )
         if self.backend == "local" and self.workers is None:
-            self.workers = max(1, _cores() // 2)
+            self.workers = max(1, available_cores() // 2)
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers}: expected at least 1")
         if self.backend == "local" and self.ray_address is not None:
@@ -408,7 +407,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
                 failed += 1
                 _append_line(
                     out / "errors.jsonl",
-                    {"key": cell_key(*cell, config.noise_kind), "error": outcome["error"], "time": _now()},
+                    {"key": cell_key(*cell, config.noise_kind), "error": outcome["error"], "time": utc_now()},
                 )
                 bar.set_postfix(failed=failed)
             else:
@@ -421,7 +420,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     ]
     meta = {
         "command": command or "napo.compare.run_compare (Python API)",
-        "date": _now(),
+        "date": utc_now(),
         "run_wall_s": time.perf_counter() - start,
         "cells_run": len(todo) - failed,
         "cells_failed": failed,
@@ -554,7 +553,7 @@ def _sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
     from napo.lab.pipeline import evaluate_lab_model
 
     metrics = evaluate_lab_model(lab["sft_dir"], lab, n=n)
-    _write_text(path, json.dumps({"n": n, "sft_dir": lab["sft_dir"], "metrics": metrics}) + "\n")
+    write_text_atomic(path, json.dumps({"n": n, "sft_dir": lab["sft_dir"], "metrics": metrics}) + "\n")
     return metrics
 
 
@@ -655,7 +654,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "cell_cpu_s": time.process_time() - cpu_started,
         "margins": margin_summary(train_margins["margin"], train_margins["noisy"]),
         "q_trajectory": q_trajectory(trained["log_history"]),
-        "finished": _now(),
+        "finished": utc_now(),
     }
 
 
@@ -823,7 +822,7 @@ def write_report(out: Path, rows: list[dict], config: CompareConfig, meta: dict)
     outputs = {"results": out / "results.jsonl", "summary": out / "summary.csv", "report": out / "README.md"}
     _write_csv(outputs["summary"], summary)
     outputs.update(_plots(out, rows, summary, config, meta.get("sft_metrics", {})))
-    _write_text(outputs["report"], _markdown(rows, summary, config, meta))
+    write_text_atomic(outputs["report"], _markdown(rows, summary, config, meta))
     if (out / "errors.jsonl").exists():
         outputs["errors"] = out / "errors.jsonl"
     return {name: str(path) for name, path in outputs.items()}
@@ -834,7 +833,7 @@ def _write_csv(path: Path, summary: list[dict]) -> None:
     lines += [
         f"{s['objective']},{s['noise_rate']!r},{s['metric']},{s['mean']!r},{s['std']!r},{s['n']}" for s in summary
     ]
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _table(
@@ -929,8 +928,8 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"{len(rows)} finished cells: training {train_time:.0f} s, training + evaluation + scoring "
         f"{sum(r['cell_wall_s'] for r in rows):.0f} s (cells of parallel workers overlap)",
         f"- cells finished: {len(rows)} of {meta['cells_total']}",
-        f"- device: {_device()}",
-        f"- versions: {_versions()}",
+        f"- device: {device_description()}",
+        f"- versions: {versions_text()}",
         f"- source: {source}",
         f"- noise: {config.noise_kind} "
         + (
@@ -1119,39 +1118,10 @@ def _append_line(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _threads_per_worker(workers: int) -> int:
     """cores / workers torch threads, capped by OMP_NUM_THREADS when set: on a shared, oversubscribed machine
     one thread per process is faster than threads that wait on each other at every parallel region."""
-    threads = max(1, _cores() // workers)
+    threads = max(1, available_cores() // workers)
     return (
         min(threads, int(os.environ["OMP_NUM_THREADS"])) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else threads
     )
-
-
-def _device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores available)"
-
-
-def _versions() -> str:
-    from importlib.metadata import version
-
-    packages = ("torch", "transformers", "trl", "datasets", "napo")
-    return f"python {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in packages)

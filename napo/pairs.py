@@ -40,6 +40,7 @@ from napo.data import REJECTED_COLUMNS, DatasetOptions, read_dataset
 from napo.inference import generate
 from napo.jobs import LOCK_NAME, locks_output
 from napo.negatives import AUDIO_NEGATIVES, IMAGE_NEGATIVES
+from napo.provenance import write_text_atomic
 
 # The default negatives of image and of audio data: column -> perturbation spec (records in `napo.negatives`).
 VISION_NEGATIVES = IMAGE_NEGATIVES
@@ -151,7 +152,7 @@ def _run(
     if len(dataset) == 0 and read_rejects:
         # Nothing to perturb: say so, with every reason on disk, instead of failing later on the empty table's
         # missing columns.
-        _write_text(out / "rejects.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in read_rejects))
+        write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in read_rejects))
         first = read_rejects[0]
         raise ValueError(
             f"every row of {config.source} was rejected ({len(read_rejects)} of {source_rows}), e.g. row "
@@ -269,7 +270,7 @@ def _check_or_write_args(out: Path, job: dict) -> None:
                 f"arguments (see {path}) to resume, or pass --overwrite to start over"
             )
         return
-    _write_text(path, json.dumps(job, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(job, indent=2) + "\n")
 
 
 def _write_shard(
@@ -340,7 +341,7 @@ def _write_shard(
         **counts,
         "rejects": rejects,
     }
-    _write_text(shard_dir / f"{shard_id:05d}.json", json.dumps(stats) + "\n")
+    write_text_atomic(shard_dir / f"{shard_id:05d}.json", json.dumps(stats) + "\n")
     tmp = shard_dir / f"{shard_id:05d}.tmp-{os.getpid()}"
     shard.save_to_disk(str(tmp))
     os.replace(tmp, shard_dir / f"{shard_id:05d}")  # the folder's existence marks the shard done
@@ -373,7 +374,7 @@ def _finish(
     final.to_parquet(str(tmp))
     os.replace(tmp, out / "data.parquet")
     rejects = sorted(rejects + [r for s in shard_stats for r in s["rejects"]], key=lambda r: r["row"])
-    _write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    write_text_atomic(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
 
     outputs = {name: str(out / name) for name in ("dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md")}
     stats = {
@@ -396,8 +397,8 @@ def _finish(
         "bins": _bin_labels(),
         "outputs": outputs,
     }
-    _write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-    _write_text(out / "stats.md", _stats_markdown(stats, config))
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out / "stats.md", _stats_markdown(stats, config))
     return stats
 
 
@@ -513,12 +514,6 @@ def _stats_markdown(stats: dict, config: PairsConfig) -> str:
     for column, counts in stats["answer_words_histogram"].items():
         lines.append(f"| {column} | " + " | ".join(map(str, counts)) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _replace_dir(path: Path, write: Callable[[str], None]) -> None:

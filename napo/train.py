@@ -27,6 +27,7 @@ from napo.config import NEGATIVE_TYPES, NaPOConfig
 from napo.data import DatasetOptions, read_dataset
 from napo.jobs import output_lock
 from napo.models import load_model
+from napo.provenance import write_json_atomic
 from napo.trainer import NaPOTrainer
 from napo.training import train_preference
 
@@ -282,10 +283,10 @@ def run_training(
         if trainer.is_world_process_zero():  # one writer under `accelerate launch`
             outputs["model_card"] = write_model_card(trainer, job, train_dataset)
             outputs["log_history"] = os.path.join(config.output_dir, "log_history.json")
-            _write_json(outputs["log_history"], trainer.state.log_history)
+            write_json_atomic(outputs["log_history"], trainer.state.log_history)
             if eval_dataset is not None:
                 outputs["eval_metrics"] = os.path.join(config.output_dir, "eval_results.json")
-                _write_json(outputs["eval_metrics"], trainer.evaluate())
+                write_json_atomic(outputs["eval_metrics"], trainer.evaluate())
     return outputs
 
 
@@ -457,19 +458,12 @@ class _RecordJob(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            _write_json(os.path.join(args.output_dir, JOB_RECORD), self.record)
+            write_json_atomic(os.path.join(args.output_dir, JOB_RECORD), self.record)
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(checkpoint):
-            _write_json(os.path.join(checkpoint, JOB_RECORD), self.record)
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, default=str)
-    os.replace(tmp, path)
+            write_json_atomic(os.path.join(checkpoint, JOB_RECORD), self.record)
 
 
 def _model_loading(job: TrainArguments, config: NaPOConfig) -> tuple[str | None, str | None]:

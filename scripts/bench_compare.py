@@ -14,17 +14,15 @@ beside it and amortised over the subset's cells.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+
+from napo.provenance import provenance, write_json_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -137,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     mean_shared = float(np.mean([c["shared_wall_s"] for c in per_cell]))
     record = {
         "command": "python scripts/bench_compare.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), 1 torch thread",
-        "versions": {p: version(p) for p in ("torch", "transformers", "trl", "napo")},
+        **provenance("cpu"),  # the lab's cells train on the CPU
         "shared_variant_settings": _levers(args.shared_set),
         "per_cell_variant_settings": _levers(args.baseline_set),
         "cells": per_cell,
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "largest_result_difference": max(c["largest_result_difference"] for c in per_cell),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_json_atomic(args.out, record)
     print(
         json.dumps(
             {k: record[k] for k in ("wall_ratio", "cpu_ratio", "amortised_wall_ratio", "largest_result_difference")},

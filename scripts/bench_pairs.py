@@ -15,25 +15,22 @@ library versions, date and this command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 
 import perturb
 from napo.models import build_tiny_model, load_model
 from napo.pairs import VISION_NEGATIVES, PairsConfig, build_pairs
+from napo.provenance import provenance, write_json_atomic, write_text_atomic
 
 OBJECTS = ["bear", "banana", "apple", "lemon", "sky", "grass", "snow", "car", "bird", "frog"]
 
@@ -146,23 +143,16 @@ def main() -> None:
         "pairs_seconds": pairs_s,
         "generate_seconds": plain_s,
         "model": "build_tiny_model('llava', seed=0): hidden 64, 2 layers, 32 px images, 16 image tokens",
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads",
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "datasets": datasets.__version__,
-            "numpy": np.__version__,
-        },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance("cpu"),
         "command": " ".join(
             shlex.quote(a) for a in [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')}", "python", *sys.argv]
         ),
     }
     out = Path(__file__).resolve().parent.parent / "benchmarks" / "pairs"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{args.name}.md").write_text(
+    write_json_atomic(out / f"{args.name}.json", result, indent=2)
+    write_text_atomic(
+        out / f"{args.name}.md",
         f"# napo pairs throughput: {args.name}\n\n"
         f"{args.rows} rows x {len(VISION_NEGATIVES)} negatives, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
         f"{result['device']}, {result['date']}.\n\n"
@@ -171,7 +161,7 @@ def main() -> None:
         f"| plain batched `model.generate` loop | {result['generate_rows_per_s']:.1f} |\n"
         f"| ratio (target >= 0.8) | {result['ratio_vs_generate']:.2f} |\n\n"
         f"Fastest of {args.repeats} interleaved runs per side; per-run ratios {', '.join(f'{r:.2f}' for r in result['paired_ratios'])}.\n\n"
-        f"Command: `{result['command']}`\n"
+        f"Command: `{result['command']}`\n",
     )
     print(json.dumps({k: result[k] for k in ("pairs_rows_per_s", "generate_rows_per_s", "ratio_vs_generate")}))
 

@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -60,6 +57,7 @@ from napo import NaPOConfig, NaPOTrainer
 from napo.attention import register_xformers_attention
 from napo.models import DEFAULT_WORDS, build_tiny_model
 from napo.models.families import family_record
+from napo.provenance import device_description, utc_now, versions, write_json_atomic
 from napo.throughput import FlopCounter, set_levers
 
 NEGATIVE_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias")
@@ -421,30 +419,6 @@ def mean_std(values: list[float]) -> dict[str, float | list[float]]:
     return {"mean": float(array.mean()), "std": std, "per_repeat": [float(v) for v in array]}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return f"CPU {model}, {torch.get_num_threads()} threads"
-
-
-def versions() -> dict[str, str]:
-    names = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
-    found = {name: importlib.metadata.version(name) for name in names}
-    found["python"] = platform.python_version()
-    head = Path(__file__).resolve().parents[1] / ".git"
-    if head.exists():
-        found["napo_commit"] = os.popen(f"git --git-dir={head} rev-parse --short HEAD").read().strip()
-    return found
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-size", choices=sorted(SIZES), required=True)
@@ -543,7 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
     params_bytes = tensor_bytes(model.parameters())
     ref_bytes = tensor_bytes(ref_model.parameters()) if ref_model is not None else 0
     peak_tflops = args.peak_tflops or next(
-        (v / 1e12 for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in device_name(device)), None
+        (v / 1e12 for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in device_description(device)),
+        None,
     )
     results = {}
     for variant in variants:
@@ -597,13 +572,13 @@ def main(argv: list[str] | None = None) -> dict:
             "padding_share_of_napo_batch": 1 - float(napo_batch["attention_mask"].double().mean()),
             "vision_share_of_forward_flops": vision_flops / (lm_flops + vision_flops),
         },
-        "device": device_name(device),
+        "device": device_description(device),
         "dtype": "fp32 weights, bf16 autocast" if device.type == "cuda" else "fp32",
         "versions": versions(),
         "command": "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
         + "python scripts/bench_train.py "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "settings": {
             k: getattr(args, k)
             for k in (
@@ -655,7 +630,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomic(args.out, record, indent=2)
     print(
         json.dumps(
             {

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -36,9 +34,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 from safetensors.torch import load_file
+
+from napo.provenance import device_description, utc_now, versions_text, write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 # Runs the napo command with its generator (pairs) or training step (train) slowed down once a first shard or
@@ -704,16 +703,15 @@ def write_report(out: Path, results: list[dict]) -> None:
     commands = sorted({r.get("command", COMMAND) for r in results})
     meta = {
         "command": "; ".join(commands),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only)",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, datasets {datasets.__version__}",
+        "date": utc_now(),
+        "device": device_description("cpu"),  # every case runs CPU only
+        "versions": versions_text(),
         "crashes": sum(bool(r.get("crash")) for r in results),
         "corruption": sum(bool(r.get("corruption")) for r in results),
         "passed": sum(r["status"] == "pass" for r in results),
         "cases": len(results),
     }
-    (out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=1) + "\n")
+    write_json_atomic(out / "results.json", {**meta, "results": results})
     lines = [
         "# Reliability under hostile use (issue #17)",
         "",
@@ -730,7 +728,7 @@ def write_report(out: Path, results: list[dict]) -> None:
         observed = (r.get("observed") or r.get("skipped") or "").replace("|", "/")
         expected = r["expected"].replace("|", "/")
         lines.append(f"| {r['case']} | {expected} | {observed} | {r['status']} |")
-    (out / "README.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "README.md", "\n".join(lines) + "\n")
     print(f"report: {out / 'README.md'}")
 
 

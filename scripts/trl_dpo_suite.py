@@ -265,18 +265,9 @@ def rewrite(source: str, models: dict[str, str], trainer: str) -> str:
 
 def environment() -> dict:
     """Date, device and library versions of this run."""
-    import datetime
-    import platform
-    from importlib.metadata import version
+    from napo.provenance import provenance
 
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.machine()}"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "versions": {p: version(p) for p in ("trl", "transformers", "torch", "datasets", "peft", "accelerate")},
-    }
+    return provenance()
 
 
 def rewrite_testing_utils(source: str) -> str:
@@ -353,7 +344,9 @@ def main() -> None:
         "tests": outcomes,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from napo.provenance import write_json_atomic
+
+    write_json_atomic(args.out, result)
     print(json.dumps(counts))
 
 

@@ -387,7 +387,7 @@ def test_default_recipe_is_the_full_grid():
 
 
 def test_threads_per_worker(monkeypatch):
-    monkeypatch.setattr(compare, "_cores", lambda: 16)
+    monkeypatch.setattr(compare, "available_cores", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert [compare._threads_per_worker(w) for w in (1, 4, 32)] == [16, 4, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")

@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,15 @@ from napo.inference import generate
 from napo.jobs import locks_output
 from napo.lab.pipeline import (
     _cell,
-    _device,
     _last_q_and_margins,
     _mean_std,
-    _versions,
     supervised_fine_tune,
     train_lab_model,
 )
 from napo.lab.sounds import load_recipe, make_split, vocabulary
 from napo.models import build_tiny_model, build_tokenizer, load_model, media_tower
 from napo.pairs import AUDIO_NEGATIVES
+from napo.provenance import device_description, utc_now, versions, write_json_atomic, write_text_atomic
 
 # What the audio-blind and question-blind answers are generated from: the same degradations `napo pairs`
 # uses for audio data, so the lab measures the biases the pairs target.
@@ -297,9 +295,9 @@ def run_audio_lab(
             log(f"[audio lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
     report = {
         "command": command or "python -m napo.lab.audio" + (" --quick" if quick else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "date": utc_now(),
+        "device": device_description("cpu"),  # the lab trains and evaluates on the CPU
+        "versions": versions(),
         "seeds": list(seeds),
         "settings": settings,
         "recipe": "napo/lab/recipes/sounds.yaml" if recipe is None else str(recipe),
@@ -312,8 +310,8 @@ def run_audio_lab(
     }
     report["wall_time_s"] = time.perf_counter() - start
     report["outputs"] = {name: str(out / name) for name in ("audio_report.json", "audio_report.md")}
-    (out / "audio_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "audio_report.md").write_text(render_audio_report(report))
+    write_json_atomic(out / "audio_report.json", report, indent=2)
+    write_text_atomic(out / "audio_report.md", render_audio_report(report))
     return report
 
 

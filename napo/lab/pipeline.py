@@ -17,12 +17,9 @@ import hashlib
 import json
 import math
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from napo.inference import generate
 from napo.jobs import locks_output
 from napo.lab.scenes import load_recipe, make_split, vocabulary
 from napo.models import build_tiny_model, build_tokenizer, load_model
+from napo.provenance import device_description, utc_now, versions, write_json_atomic, write_text_atomic
 
 POPE_SPLITS = ("pope_random", "pope_popular", "pope_adversarial")
 # The metrics the report's `models` table carries for every model (the list).
@@ -317,9 +315,9 @@ def run_lab(
             log(f"[lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
     report = {
         "command": command or "napo lab" + (" --quick" if quick else ""),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "date": utc_now(),
+        "device": device_description("cpu"),  # the lab trains and evaluates on the CPU
+        "versions": versions(),
         "seeds": list(seeds),
         "settings": lab["settings"],
         "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
@@ -339,8 +337,8 @@ def run_lab(
     outputs["report.json"] = str(out / "report.json")
     outputs["report.md"] = str(out / "report.md")
     report["outputs"] = outputs
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(render_report(report))
+    write_json_atomic(out / "report.json", report, indent=2)
+    write_text_atomic(out / "report.md", render_report(report))
     return report
 
 
@@ -840,15 +838,3 @@ def _plots(out: Path, report: dict[str, Any], shares: dict[str, list[float]]) ->
     fig.savefig(out / "image_share.png", dpi=110)
     plt.close(fig)
     return {"metrics.png": str(out / "metrics.png"), "image_share.png": str(out / "image_share.png")}
-
-
-def _device() -> str:
-    threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {threads} torch threads ({os.cpu_count()} cores visible)"
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    names = ("torch", "transformers", "trl", "datasets", "numpy")
-    return {"python": sys.version.split()[0], **{n: md.version(n) for n in names}}
