@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from napo.compare import _with_reference_logps, cell_key, read_results, run_compare
+    from napo.compare import cell_key, read_results, run_compare
+    from napo.compare.source import with_reference_logps
     from napo.lab.pipeline import prepare_lab
 
     torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         (runs["shared"] / "lab").symlink_to(runs["per-cell"] / "lab", target_is_directory=True)
     lab = prepare_lab(str(runs["per-cell"] / "lab"), quick=args.quick)
     start = time.perf_counter()  # the shared path's one-off cost: the reference scores the pairs once
-    _with_reference_logps(
+    with_reference_logps(
         lab["pairs_dir"], lab["sft_dir"], Path(lab["sft_dir"]).parent / "pairs_reference", _levers(args.shared_set)
     )
     shared_setup = time.perf_counter() - start

@@ -63,14 +63,16 @@ def user_config(user_setup, out, **overrides) -> CompareConfig:
 @pytest.fixture
 def count_cells(monkeypatch):
     """Counts the cells actually trained (in this process: workers=1)."""
+    import napo.compare.cell as cell
+
     calls = []
-    real = compare.run_cell
+    real = cell.run_cell
 
     def counted(context, objective, noise_rate, seed):
         calls.append(compare.cell_key(objective, noise_rate, seed))
         return real(context, objective, noise_rate, seed)
 
-    monkeypatch.setattr(compare, "run_cell", counted)
+    monkeypatch.setattr(cell, "run_cell", counted)
     return calls
 
 
@@ -387,11 +389,13 @@ def test_default_recipe_is_the_full_grid():
 
 
 def test_threads_per_worker(monkeypatch):
-    monkeypatch.setattr(compare, "available_cores", lambda: 16)
+    import napo.compare.run as run
+
+    monkeypatch.setattr(run, "available_cores", lambda: 16)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert [compare._threads_per_worker(w) for w in (1, 4, 32)] == [16, 4, 1]
+    assert [run._threads_per_worker(w) for w in (1, 4, 32)] == [16, 4, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert compare._threads_per_worker(1) == 2
+    assert run._threads_per_worker(1) == 2
 
 
 @pytest.mark.slow

@@ -1,0 +1,131 @@
+"""The numbers of a `napo compare` report: per-cell values, their mean and spread over seeds, and NaPO's paired
+differences to DPO with Student-t intervals. Pure functions of results.jsonl rows; nothing here draws or writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
+
+# Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
+LOWER_IS_BETTER = (
+    frozenset(
+        {
+            "blind_agreement",
+            "chair_s",
+            "chair_i",
+            "margin_flipped_mean",
+            "margin_flipped_fitted",
+            "train_wall_s",
+            "cell_wall_s",
+        }
+    )
+    | BENCHMARK_LOWER_IS_BETTER
+)
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
+_MARGIN_FIELDS = ("clean_mean", "flipped_mean", "clean_fitted", "flipped_fitted")
+
+
+def cell_values(row: dict) -> dict[str, float]:
+    """The numbers of a results row that the report aggregates: its metrics, margins (prefixed margin_) and times."""
+    values = dict(row["metrics"])
+    values.update(
+        {f"margin_{name}": row["margins"][name] for name in _MARGIN_FIELDS if row["margins"].get(name) is not None}
+    )
+    values["train_wall_s"] = row["train_wall_s"]
+    return values
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation (ddof=1; NaN for a single seed) over seeds of every value of
+    `cell_values`, per (objective, noise rate, metric): [{objective, noise_rate, metric, mean, std, n}, ...]."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        for metric, value in cell_values(row).items():
+            groups[(row["objective"], row["noise_rate"], metric)].append(value)
+    return [
+        {
+            "objective": objective,
+            "noise_rate": rate,
+            "metric": metric,
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+            "n": len(values),
+        }
+        for (objective, rate, metric), values in groups.items()
+    ]
+
+
+def paired_differences(
+    rows: list[dict], metrics: tuple[str, ...], rates: list[float], objectives: list[str]
+) -> list[dict]:
+    """NaPO variants against DPO per metric and noise rate: the mean paired difference over seeds (replicates; the
+    same noisy rows per seed) with its 95% Student-t interval, and whether the interval excludes 0, in the
+    metric's better direction.
+
+        d_s = value(napo variant, rate, seed s) − value(dpo, rate, s);   mean ± t_{0.975, n−1} · std(d, ddof=1) / √n
+
+    Returns [{metric, objective, noise_rate, mean, low, high (NaN for one seed), n, call}, ...], call one of
+    "NaPO better", "DPO better", "interval includes 0", "one seed: no interval".
+    """
+    values = {(r["objective"], r["noise_rate"], r["seed"]): cell_values(r) for r in rows}
+    found = []
+    for metric in metrics:
+        for napo in [o for o in objectives if o.startswith("napo")]:
+            for rate in rates:
+                diffs = [
+                    v[metric] - values[("dpo", rate, s)][metric]
+                    for (o, r, s), v in values.items()
+                    if o == napo and r == rate and metric in v and metric in values.get(("dpo", rate, s), {})
+                ]
+                if not diffs:
+                    continue
+                mean = float(np.mean(diffs))
+                half = math.nan
+                if len(diffs) > 1:
+                    half = t_quantile_975(len(diffs) - 1) * float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+                if math.isnan(half):
+                    call = "one seed: no interval"
+                elif abs(mean) > half:
+                    call = "NaPO better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
+                else:
+                    call = "interval includes 0"
+                found.append(
+                    {
+                        "metric": metric,
+                        "objective": napo,
+                        "noise_rate": rate,
+                        "mean": mean,
+                        "low": mean - half,
+                        "high": mean + half,
+                        "n": len(diffs),
+                        "call": call,
+                    }
+                )
+    return found
+
+
+def t_quantile_975(df: int) -> float:
+    """The two-sided 95% Student t quantile for `df` ≥ 1 degrees of freedom (the next tabulated df below; 1.96
+    beyond 30)."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
