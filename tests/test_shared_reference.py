@@ -58,7 +58,9 @@ def test_shared_reference_gives_the_per_cell_results(colour_grid_source, tmp_pat
             workers=1,
             keep_models=True,
             share_reference=share,
-            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3},
+            # A user's cells train with the user's settings: precomputing makes the per-cell path's reference pass
+            # one per cell (an .npy in its trainer folder) rather than one per step.
+            train={"per_device_train_batch_size": 8, "learning_rate": 1e-3, "precompute_ref_log_probs": True},
             **colour_grid_source,
         )
 
