@@ -349,7 +349,7 @@ def write_model_card(trainer: NaPOTrainer, job: TrainArguments, train_dataset: d
         "",
         "## NaPO training",
         "",
-        f"- base model: `{job.model_name_or_path}`" + (" (LoRA adapter, rank %d)" % job.lora_r if job.use_peft else ""),
+        f"- base model: `{job.model_name_or_path}`" + (f" (LoRA adapter, rank {job.lora_r})" if job.use_peft else ""),
         f"- dataset: `{job.dataset_name}`, {len(train_dataset)} rows",
         f"- objective: `{config.objective}`"
         + (f", q = `{config.q}`" if config.objective == "napo" else "")
