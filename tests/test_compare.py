@@ -304,6 +304,39 @@ def test_objective_names_and_label_smoothing():
         CompareConfig(train={"beta": 0.2})
 
 
+def test_objective_names_come_from_the_registry(monkeypatch):
+    """A loss registered in napo.objectives is a grid name at once: by its name, or with its q when it takes one."""
+    from napo.objectives import OBJECTIVES
+
+    monkeypatch.setitem(OBJECTIVES, "squared", lambda margins: (1 - margins) ** 2)
+    monkeypatch.setitem(OBJECTIVES, "soft", lambda margins, q, label_smoothing: margins * q * label_smoothing)
+    assert objective_settings("squared", 0.3) == {"objective": "squared"}
+    assert objective_settings("soft-official", 0.3) == {"objective": "soft", "q": "official", "label_smoothing": 0.3}
+    assert objective_settings("soft-q0.5", 0.0)["q"] == "0.5"
+    for bad in ("soft", "squared-paper", "soft-q2"):
+        with pytest.raises(ValueError, match="objective"):
+            objective_settings(bad, 0.0)
+    assert "squared" in compare.objective_grammar() and "soft-q<" in compare.objective_grammar()
+
+
+def test_cell_settings_by_source(tmp_path):
+    """A lab cell trains with the lab's settings; a cell on a user's dataset with NaPOConfig's defaults; both under
+    the grid's objective, seed, beta, steps and `train`."""
+    from napo import NaPOConfig
+    from napo.compare.cell import cell_training_config
+    from napo.lab.pipeline import LabSettings
+
+    grid = {"beta": 0.2, "max_steps": None, "train": {"warmup_steps": 3}}
+    settings = objective_settings("napo-q0.3", 0.1)
+    lab = cell_training_config({**grid, "source": "lab"}, tmp_path, 4, settings)
+    user = cell_training_config({**grid, "source": "dataset", "max_steps": 7}, tmp_path, 4, settings)
+    lab_defaults, defaults = LabSettings.full(), NaPOConfig(output_dir="unused")
+    assert (lab.learning_rate, lab.max_steps, lab.use_cpu) == (lab_defaults.pref_lr, lab_defaults.pref_steps, True)
+    assert (user.learning_rate, user.max_steps, user.use_cpu) == (defaults.learning_rate, 7, defaults.use_cpu)
+    for config in (lab, user):
+        assert (config.objective, config.q, config.seed, config.beta, config.warmup_steps) == ("napo", 0.3, 4, 0.2, 3)
+
+
 def test_noise_kinds_keys_and_intervals():
     assert compare.cell_key("dpo", 0.2, 1) == "dpo/noise=0.2/seed=1"  # flips keep the earlier keys
     assert compare.cell_key("dpo", 0.15, 1, "annotator") == "dpo/annotator=0.15/seed=1"
