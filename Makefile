@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 lab: $(STAMP)
 	$(BIN)/napo lab
 
+# Lint and format check first (seconds), so a style error fails before the ~9 min suite starts.
 test: $(STAMP)
+	$(BIN)/ruff check napo scripts tests && $(BIN)/ruff format --check napo scripts tests
 	$(BIN)/python -m pytest -q
 
 clean:

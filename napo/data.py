@@ -535,7 +535,8 @@ def _as_list(value: Any, *, audio: bool) -> list:
 
 
 def _image_cell(index: int, field: str, value: Any, base_dir: str, options: DatasetOptions) -> dict:
-    """Decode one image fully (truncated files fail here, not in training); return it as an `Image` cell of RGB bytes."""
+    """Decode one image fully (truncated files fail here, not in training); return it as an `Image` cell of RGB
+    bytes."""
     if isinstance(value, Image.Image):
         data, where = None, "the in-memory image"
         image = value

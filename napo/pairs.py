@@ -76,7 +76,8 @@ class PairsConfig:
     keep_identical: bool = field(
         default=False,
         metadata={
-            "help": "keep negatives identical to chosen (default: set them to None; a row with no negative left is dropped)"
+            "help": "keep negatives identical to chosen "
+            "(default: set them to None; a row with no negative left is dropped)"
         },
     )
     inject_label_noise: float = field(
@@ -232,7 +233,8 @@ def _resolve_negatives(negatives: dict[str, str] | None, dataset: datasets.Datas
     for needed in ("prompt", "chosen"):
         if needed not in dataset.column_names:
             raise ValueError(
-                f"the source has no {needed!r} column (columns: {dataset.column_names}); napo pairs needs prompt and chosen"
+                f"the source has no {needed!r} column (columns: {dataset.column_names}); "
+                "napo pairs needs prompt and chosen"
             )
     return negatives
 

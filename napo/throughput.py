@@ -32,7 +32,8 @@ class Levers(Protocol):
 def set_levers(trainer: Trainer, levers: Levers) -> None:
     """Put the trainer's policy in `levers`' attention implementation, gradient checkpointing and image encoding, and
     its separate reference model, if any, in the same attention and image encoding; a NaPOTrainer in `levers`'
-    padding-free and shared-prompt settings. Several trainers can share one policy: each call switches it to that trainer's levers."""
+    padding-free and shared-prompt settings. Several trainers can share one policy: each call switches it to that
+    trainer's levers."""
     if isinstance(trainer, NaPOTrainer):
         trainer.padding_free = levers.padding_free
         trainer.args.share_prompt = levers.share_prompt

@@ -154,13 +154,15 @@ def main() -> None:
     write_text_atomic(
         out / f"{args.name}.md",
         f"# napo pairs throughput: {args.name}\n\n"
-        f"{args.rows} rows x {len(VISION_NEGATIVES)} negatives, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+        f"{args.rows} rows x {len(VISION_NEGATIVES)} negatives, batch {args.batch_size}, "
+        f"{args.max_new_tokens} new tokens, "
         f"{result['device']}, {result['date']}.\n\n"
         "| | rows/s |\n|---|---|\n"
         f"| `napo pairs` (read, perturb, generate, write) | {result['pairs_rows_per_s']:.1f} |\n"
         f"| plain batched `model.generate` loop | {result['generate_rows_per_s']:.1f} |\n"
         f"| ratio (target >= 0.8) | {result['ratio_vs_generate']:.2f} |\n\n"
-        f"Fastest of {args.repeats} interleaved runs per side; per-run ratios {', '.join(f'{r:.2f}' for r in result['paired_ratios'])}.\n\n"
+        f"Fastest of {args.repeats} interleaved runs per side; "
+        f"per-run ratios {', '.join(f'{r:.2f}' for r in result['paired_ratios'])}.\n\n"
         f"Command: `{result['command']}`\n",
     )
     print(json.dumps({k: result[k] for k in ("pairs_rows_per_s", "generate_rows_per_s", "ratio_vs_generate")}))

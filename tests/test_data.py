@@ -36,7 +36,8 @@ def _rows(n: int = 4) -> list[dict]:
 
 
 def _write_jsonl(folder, rows: list[dict], images: dict[int, list[Image.Image]]) -> str:
-    """rows -> folder/data.jsonl, with row i's images saved as PNG files under folder/img/ and referenced by relative path."""
+    """rows -> folder/data.jsonl, with row i's images saved as PNG files under folder/img/ and referenced by relative
+    path."""
     os.makedirs(folder / "img", exist_ok=True)
     lines = []
     for i, row in enumerate(rows):

@@ -128,7 +128,8 @@ def test_modality_shapley_by_hand() -> None:
     v_no_text = np.array([-2.0, -5.0, -3.0])
     v_none = np.array([-5.0, -6.0, -3.0])
     # sample 0: phi_image = 0.5*[(-1+4) + (-2+5)] = 3;    phi_text = 0.5*[(-1+2) + (-4+5)] = 1;   share 3/4
-    # sample 1: phi_image = 0.5*[(-2+2.5) + (-5+6)] = 0.75; phi_text = 0.5*[(-2+5) + (-2.5+6)] = 3.25; share 0.75/4 = 0.1875
+    # sample 1: phi_image = 0.5*[(-2+2.5) + (-5+6)] = 0.75; phi_text = 0.5*[(-2+5) + (-2.5+6)] = 3.25;
+    #           share 0.75/4 = 0.1875
     # sample 2: nothing changes -> both 0, share defined as 0.5
     out = modality_shapley(v_full, v_no_image, v_no_text, v_none)
     np.testing.assert_allclose(out["phi_image"], [3.0, 0.75, 0.0])

@@ -342,7 +342,9 @@ def test_ld_alpha_weighs_each_pair_by_its_own_shorter_answer(tmp_path):
     weights = {c: args.negative_type_settings(c)[0] for c in columns}
     expected = 0.0
     for column in columns:
-        pairs = dataset.filter(lambda row: row[column] is not None).select_columns(["prompt", "chosen", column])
+        pairs = dataset.filter(lambda row, column=column: row[column] is not None).select_columns(
+            ["prompt", "chosen", column]
+        )
         pairs = as_trl_pairs(pairs.rename_column(column, "rejected") if column != "rejected" else pairs)
         stock = DPOTrainer(
             model=perturbed(base),

@@ -87,8 +87,9 @@ def load_vlind(data: str | os.PathLike, prompts: str = "instructblip") -> tuple[
         best = f"{counterfactual}/{item['best_img_id']}.jpg"
         true, false = item["true_statement"], item["false_statement"]
 
-        def ask(test: str, template: str, image: str, **fill: str) -> None:
-            questions.append(Question(f"{index}/{test}", templates[template].format(**fill), image))
+        # `index` bound as a default: the closure is called only inside this iteration, but binding it says so.
+        def ask(test: str, template: str, image: str, *, _index: int = index, **fill: str) -> None:
+            questions.append(Question(f"{_index}/{test}", templates[template].format(**fill), image))
 
         ask("a1", "a", factual, statement=false)
         ask("a2", "a", factual, statement=true)

@@ -257,7 +257,8 @@ def run_audio_lab(
     out.mkdir(parents=True, exist_ok=True)
     lab = prepare_audio_lab(out, recipe=recipe, quick=quick)
     log(
-        f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows"
+        f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: "
+        f"{lab['pairs_stats']['rows_written']} pair rows"
     )
     settings = lab["settings"]
     metrics: dict[str, list[dict[str, float]]] = {
@@ -328,9 +329,10 @@ def render_audio_report(report: dict[str, Any]) -> str:
         "",
         "Clips: one instrument plays one note (1 s, 16 kHz) with white noise at the recipe's SNR; each instrument "
         "with a typical note plays it in 95% of training clips. Counterfactual rows play another note.",
-        f"SFT: {report['settings']['sft_steps']} steps, lr {report['settings']['sft_lr']:g}; the audio encoder's input convolutions "
-        f"He-initialised (gain {report['settings'].get('encoder_conv_gain', 0):g}; 0 = transformers' std 0.02, with which SFT "
-        f"collapsed the encoder and the model could not hear the note). Preference pairs: {report['pairs']['rows_written']} rows "
+        f"SFT: {report['settings']['sft_steps']} steps, lr {report['settings']['sft_lr']:g}; the audio encoder's "
+        f"input convolutions He-initialised (gain {report['settings'].get('encoder_conv_gain', 0):g}; 0 = "
+        "transformers' std 0.02, with which SFT collapsed the encoder and the model could not hear the note). "
+        f"Preference pairs: {report['pairs']['rows_written']} rows "
         f"from {report['settings']['n_pairs']} train-like and {report['settings'].get('n_counterfactual_pairs', 0)} "
         f"counterfactual source clips; {report['settings']['pref_steps']} preference steps, every parameter trained.",
         "",
@@ -354,9 +356,11 @@ def render_audio_report(report: dict[str, Any]) -> str:
     for name in ("dpo", "napo"):
         d, s = m[name], {k: v["std"] for k, v in models[name].items()}
         lines.append(
-            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual {sft['counterfactual_accuracy']:.3f} → "
+            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual "
+            f"{sft['counterfactual_accuracy']:.3f} → "
             f"{d['counterfactual_accuracy']:.3f} ± {s['counterfactual_accuracy']:.3f}, prior-consistent "
-            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± {s['prior_consistent_accuracy']:.3f}; "
+            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± "
+            f"{s['prior_consistent_accuracy']:.3f}; "
             f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; audio share "
             f"{sft['audio_share']:.3f} → {d['audio_share']:.3f}; no-prior accuracy (hearing the note) "
             f"{sft['no_prior_accuracy']:.3f} → {d['no_prior_accuracy']:.3f} ± {s['no_prior_accuracy']:.3f}."
@@ -367,7 +371,8 @@ def render_audio_report(report: dict[str, Any]) -> str:
             f"- **The SFT model does not hear the note**: on instruments without a typical note it is right "
             f"{sft['no_prior_accuracy']:.3f} of the time (chance {chance:.3f}). Preference pairs cannot teach a "
             "perception the model lacks: at this model size and SFT budget the audio does not separate the notes "
-            "(raise the SFT steps, the model size or `audio.snr_db` before reading the DPO / NaPO rows as a comparison)."
+            "(raise the SFT steps, the model size or `audio.snr_db` before reading the DPO / NaPO rows as a "
+            "comparison)."
         )
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
     spread = max(models[name]["counterfactual_accuracy"]["std"] for name in ("dpo", "napo"))

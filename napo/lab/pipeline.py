@@ -280,7 +280,8 @@ def run_lab(
     log(f"[lab] preparing SFT model and pairs in {out / 'cache'}")
     lab = prepare_lab(out, recipe=recipe, quick=quick, keep_identical=keep_identical)
     log(
-        f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: {lab['pairs_stats']['rows_written']} pair rows"
+        f"[lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: "
+        f"{lab['pairs_stats']['rows_written']} pair rows"
     )
     metrics: dict[str, list[dict[str, float]]] = {"sft": [], "dpo": [], "napo": []}
     shares: dict[str, list[float]] = {"sft": [], "dpo": [], "napo": []}
@@ -709,16 +710,19 @@ def _findings(report: dict[str, Any]) -> list[str]:
     gap = sft["prior_consistent_accuracy"] - sft["counterfactual_accuracy"]
     lines = [
         f"- **Bias after SFT**: counterfactual accuracy {sft['counterfactual_accuracy']:.3f} vs prior-consistent "
-        f"{sft['prior_consistent_accuracy']:.3f} (gap {gap:.3f}, {'above' if gap > 0.2 else 'NOT above'} the 0.2 the lab asks for); "
+        f"{sft['prior_consistent_accuracy']:.3f} (gap {gap:.3f}, {'above' if gap > 0.2 else 'NOT above'} the 0.2 "
+        "the lab asks for); "
         f"{sft['prior_following_rate']:.3f} of counterfactual answers are the prior colour; blind agreement "
         f"{sft['blind_agreement']:.3f}; image share {sft['image_share']:.3f}.",
     ]
     for name in ("dpo", "napo"):
         d = m[name]
         lines.append(
-            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual {sft['counterfactual_accuracy']:.3f} → "
+            f"- **{name.upper()}** (n={len(report['seeds'])} seeds): counterfactual "
+            f"{sft['counterfactual_accuracy']:.3f} → "
             f"{d['counterfactual_accuracy']:.3f} ± {s[name]['counterfactual_accuracy']:.3f}, while prior-consistent "
-            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± {s[name]['prior_consistent_accuracy']:.3f}; "
+            f"{sft['prior_consistent_accuracy']:.3f} → {d['prior_consistent_accuracy']:.3f} ± "
+            f"{s[name]['prior_consistent_accuracy']:.3f}; "
             f"blind agreement {sft['blind_agreement']:.3f} → {d['blind_agreement']:.3f}; image share "
             f"{sft['image_share']:.3f} → {d['image_share']:.3f}; POPE F1 {sft['pope_f1']:.3f} → {d['pope_f1']:.3f}; "
             f"CHAIRs {sft['chair_s']:.3f} → {d['chair_s']:.3f}."
@@ -756,7 +760,8 @@ def _findings(report: dict[str, Any]) -> list[str]:
         )
         if loss > gain:
             lines.append(
-                f"- **{name.upper()} trades more than it gains**: +{gain:.3f} counterfactual for -{loss:.3f} prior-consistent. "
+                f"- **{name.upper()} trades more than it gains**: +{gain:.3f} counterfactual for -{loss:.3f} "
+                "prior-consistent. "
                 "The model learnt mostly to avoid the prior colour, not to read the image."
             )
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
@@ -771,11 +776,15 @@ def _findings(report: dict[str, Any]) -> list[str]:
         )
     else:
         better = "NaPO" if diff > 0 else "DPO"
-        verdict = f"- **NaPO vs DPO**: {better} is ahead on counterfactual accuracy by {abs(diff):.3f} (seed spread {noise:.3f})."
+        verdict = (
+            f"- **NaPO vs DPO**: {better} is ahead on counterfactual accuracy by {abs(diff):.3f} "
+            f"(seed spread {noise:.3f})."
+        )
         if diff < 0:
             verdict += (
                 " NaPO does not beat DPO here. Our reading: these labels are clean, so NaPO's robustness buys nothing, "
-                "while its gradient dL/dz = −σ(z)^q·(1 − σ(z)) is DPO's scaled by σ(z)^q ≤ 1 (≈ 0.7 near z = 0 with q ≈ 0.5): "
+                "while its gradient dL/dz = −σ(z)^q·(1 − σ(z)) is DPO's scaled by σ(z)^q ≤ 1 "
+                "(≈ 0.7 near z = 0 with q ≈ 0.5): "
                 "at the same learning rate and step count NaPO moves the model a little less, in both directions (less "
                 "counterfactual gain, slightly less prior-consistent loss)."
             )

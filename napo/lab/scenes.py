@@ -473,7 +473,8 @@ def _place(rec: dict[str, Any], entries: _Entries, rng: np.random.Generator, dis
                     break
             else:
                 raise RuntimeError(
-                    f"could not place {count} x {name} in a {size}px image; lower image.object_size or scene.max_objects"
+                    f"could not place {count} x {name} in a {size}px image; "
+                    "lower image.object_size or scene.max_objects"
                 )
     return sorted(placed, key=lambda p: p["box"][0])
 
