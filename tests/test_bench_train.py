@@ -48,7 +48,7 @@ def trainer_of(setup, variant):
     return bench.make_trainer(variant, policy, reference, processor, rows, pairs, ROWS, workdir, 0)
 
 
-def loss_and_grads(trainer, variant=PLAIN, n=ROWS):
+def loss_and_grads_with_levers(trainer, variant=PLAIN, n=ROWS):
     """Loss and gradients of `trainer` on its first `n` dataset rows, the model put in `variant`'s levers."""
     set_levers(trainer, variant)
     trainer.model.train()
@@ -97,24 +97,24 @@ def test_one_forward_per_row_equals_trl_on_the_separate_pairs(setup):
         processing_class=processor,
     )
     trl = DPOTrainer(policy, reference, args=DPOConfig(**common), train_dataset=pairs, processing_class=processor)
-    napo_loss, napo_grads = loss_and_grads(napo)
-    trl_loss, trl_grads = loss_and_grads(trl, n=3 * ROWS)
+    napo_loss, napo_grads = loss_and_grads_with_levers(napo)
+    trl_loss, trl_grads = loss_and_grads_with_levers(trl, n=3 * ROWS)
     torch.testing.assert_close(napo_loss, trl_loss, rtol=1e-5, atol=1e-7)
     assert_close_grads(napo_grads, trl_grads, rtol=1e-4)
 
 
 def test_precomputed_reference_gives_the_on_the_fly_loss(setup):
-    on_the_fly, _ = loss_and_grads(trainer_of(setup, PLAIN))
+    on_the_fly, _ = loss_and_grads_with_levers(trainer_of(setup, PLAIN))
     precomputed = trainer_of(setup, replace(PLAIN, name="napo-precomputed", precompute=True))
     assert precomputed.ref_model is None and "ref_chosen_logps" in precomputed.train_dataset.column_names
-    loss, _ = loss_and_grads(precomputed)
+    loss, _ = loss_and_grads_with_levers(precomputed)
     torch.testing.assert_close(loss, on_the_fly, rtol=1e-5, atol=1e-6)
 
 
 def test_eager_attention_gives_the_sdpa_loss(setup):
     trainer = trainer_of(setup, PLAIN)
-    sdpa = loss_and_grads(trainer)
-    eager = loss_and_grads(trainer, replace(PLAIN, attn="eager"))
+    sdpa = loss_and_grads_with_levers(trainer)
+    eager = loss_and_grads_with_levers(trainer, replace(PLAIN, attn="eager"))
     torch.testing.assert_close(eager[0], sdpa[0], rtol=1e-5, atol=1e-6)
     assert_close_grads(eager[1], sdpa[1], rtol=1e-3)
 
@@ -122,8 +122,8 @@ def test_eager_attention_gives_the_sdpa_loss(setup):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup):
     checkpointed = replace(PLAIN, gradient_checkpointing=True)
     trainer = trainer_of(setup, checkpointed)
-    plain = loss_and_grads(trainer)
-    with_gc = loss_and_grads(trainer, checkpointed)
+    plain = loss_and_grads_with_levers(trainer)
+    with_gc = loss_and_grads_with_levers(trainer, checkpointed)
     torch.testing.assert_close(with_gc[0], plain[0], rtol=1e-6, atol=1e-7)
     assert_close_grads(with_gc[1], plain[1], rtol=1e-5)
 
@@ -134,8 +134,8 @@ def test_images_encoded_once_give_the_same_loss_and_gradients(setup):
     tower = trainer.model.model.visual
     handle = tower.register_forward_hook(lambda module, args, kwargs_out: encoded.append(args[0].shape[0]))
     try:
-        plain = loss_and_grads(trainer)
-        once = loss_and_grads(trainer, replace(PLAIN, images_once=True))
+        plain = loss_and_grads_with_levers(trainer)
+        once = loss_and_grads_with_levers(trainer, replace(PLAIN, images_once=True))
     finally:
         handle.remove()
     # The hook sits on the policy's tower: its first call is the plain forward, its last the lever's.
@@ -150,8 +150,8 @@ def test_packed_batches_give_the_same_loss_and_gradients(setup):
     trainer = trainer_of(setup, PLAIN)
     batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(ROWS)])
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
-    plain = loss_and_grads(trainer)
-    packed = loss_and_grads(trainer, replace(PLAIN, padding_free=True))
+    plain = loss_and_grads_with_levers(trainer)
+    packed = loss_and_grads_with_levers(trainer, replace(PLAIN, padding_free=True))
     torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-6)
     assert_close_grads(packed[1], plain[1], rtol=1e-3)
 

@@ -399,26 +399,70 @@ def test_cli_recipe_and_flags(tmp_path, monkeypatch):
     assert config.output_dir == "napo-compare"
 
 
-def test_cli_without_set_keeps_the_default_train_settings(monkeypatch):
-    """A recipe without `train:` and no --set: every committed recipe is of this kind (it used to fail to parse)."""
-    seen = {}
+@pytest.mark.parametrize(
+    "recipe", sorted((Path(__file__).parents[1] / "data" / "recipes").glob("compare*.yaml")), ids=lambda p: p.stem
+)
+def test_committed_recipe_through_the_cli_trains_its_cells_with_the_labs_settings(recipe, tmp_path):
+    """`napo compare --recipe R` as a user types it, no mock: every committed recipe (none has `train:`, none is given
+    --set; such a recipe once failed to parse) becomes the grid its YAML says, and each of its objectives, at its
+    highest noise rate, a lab cell NaPOConfig with the lab's learning rate, steps and CPU under the recipe's β."""
+    import yaml
 
-    def fake_run(config, *, command, progress):
-        seen["config"] = config
-        return {"cells_run": 0, "cells_failed": 0, "cells_total": 0, "outputs": {"report": "r.md"}}
+    from napo.cli import parse_command
+    from napo.compare.cell import cell_training_config
+    from napo.lab.pipeline import LabSettings
 
-    monkeypatch.setattr(compare, "run_compare", fake_run)
-    recipe = Path(__file__).parents[1] / "data" / "recipes" / "compare_core.yaml"
-    main(["compare", "--recipe", str(recipe), "--seeds", "0", "--no-progress"])
-    assert seen["config"].train == {} and seen["config"].objectives == ["dpo", "napo-paper"]
+    written = yaml.safe_load(recipe.read_text())
+    config = parse_command(["compare", "--recipe", str(recipe), "--no-progress"])[CompareConfig]
+    assert config.train == {} and config.source == "lab"
+    assert (config.objectives, config.noise_rates, config.seeds, config.beta) == (
+        written["objectives"],
+        written["noise_rates"],
+        written["seeds"],
+        written["beta"],
+    )
+    assert config.noise_kind == written.get("noise_kind", "flip") and config.output_dir == written["output_dir"]
+    lab = LabSettings.full()
+    grid = {"beta": config.beta, "max_steps": config.max_steps, "train": config.train, "source": config.source}
+    for objective in config.objectives:
+        settings = objective_settings(objective, max(config.noise_rates))
+        cell = cell_training_config(grid, tmp_path, config.seeds[-1], settings)
+        assert (cell.learning_rate, cell.max_steps, cell.use_cpu) == (lab.pref_lr, lab.pref_steps, True), objective
+        assert (cell.objective, cell.beta, cell.seed) == (settings["objective"], written["beta"], written["seeds"][-1])
 
 
-def test_default_recipe_is_the_full_grid():
-    from pathlib import Path
+def test_default_recipe_builds_every_cell_the_readme_promises(tmp_path):
+    """The committed grid, through napo: its 120 cell keys (10 objectives x 4 flip rates x 3 seeds, the names
+    results.jsonl resumes by) and, per objective and rate, the NaPOConfig a lab cell trains with: the objective, its
+    fixed or adaptive q and cDPO/rDPO's ε = the rate clipped to [0.05, 0.45], all written out by hand here."""
+    from napo.compare.cell import cell_training_config
+    from napo.compare.grid import grid_keys
 
     recipe = compare.load_recipe(str(Path(__file__).parents[1] / "data" / "recipes" / "compare.yaml"))
     config = CompareConfig(**recipe)
-    assert len(config.objectives) * len(config.noise_rates) * len(config.seeds) == 120
+    # objective name -> (NaPOConfig.objective, q or None where the loss takes none, reads ε)
+    expected = {
+        "dpo": ("dpo", None, False),
+        "cdpo": ("cdpo", None, True),
+        "rdpo": ("rdpo", None, True),
+        "ipo": ("ipo", None, False),
+        "hinge": ("hinge", None, False),
+        "napo-q0.3": ("napo", 0.3, False),
+        "napo-q0.7": ("napo", 0.7, False),
+        "napo-q1.0": ("napo", 1.0, False),
+        "napo-paper": ("napo", "paper", False),
+        "napo-official": ("napo", "official", False),
+    }
+    epsilon = {0.0: 0.05, 0.1: 0.1, 0.2: 0.2, 0.4: 0.4}
+    keys = {f"{o}/noise={r}/seed={s}" for o in expected for r in ("0", "0.1", "0.2", "0.4") for s in (0, 1, 2)}
+    assert grid_keys(config) == keys and len(keys) == 120
+    grid = {"beta": config.beta, "max_steps": config.max_steps, "train": config.train, "source": config.source}
+    for name, (objective, q, reads_epsilon) in expected.items():
+        for rate, eps in epsilon.items():
+            cell = cell_training_config(grid, tmp_path, 2, objective_settings(name, rate))
+            assert (cell.objective, cell.seed, cell.beta) == (objective, 2, 0.1), (name, rate)
+            assert q is None or cell.q == q, (name, rate, cell.q)
+            assert cell.label_smoothing == (eps if reads_epsilon else 0.0), (name, rate, cell.label_smoothing)
 
 
 def test_threads_per_worker(monkeypatch):

@@ -59,7 +59,9 @@ COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 
 
-def preference_rows(n: int, *, subjects=("banana", "cat", "frog"), image_files: list[str] | None = None) -> list[dict]:
+def colour_pair_rows(n: int, *, subjects=("banana", "cat", "frog"), image_files: list[str] | None = None) -> list[dict]:
+    """`n` chat rows "what colour is the <subject> ?" with a chosen colour and language- and vision-bias negatives (row
+    i's image is `image_files[i]` when given). Not test_trainer's `preference_rows`, which builds a `Dataset`."""
     rows = []
     for i in range(n):
         row = {
@@ -81,7 +83,7 @@ def write_llava_jsonl(folder: Path, n: int) -> Path:
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
         names.append(f"img{i}.png")
     path = folder / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(n, image_files=names)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in colour_pair_rows(n, image_files=names)))
     return path
 
 
@@ -100,7 +102,7 @@ def text_trainer() -> NaPOTrainer:
     model, tokenizer = build_tiny_model("text", seed=0)
     config = NaPOConfig(output_dir="unused", per_device_train_batch_size=4, max_steps=1, **TINY_TRAINING)
     return NaPOTrainer(
-        model, args=config, train_dataset=Dataset.from_list(preference_rows(4)), processing_class=tokenizer
+        model, args=config, train_dataset=Dataset.from_list(colour_pair_rows(4)), processing_class=tokenizer
     )
 
 
@@ -245,7 +247,7 @@ def nan_trainer(on_nonfinite: str, tmp_path: Path, where: str = "log_probs") -> 
         learning_rate=1e-2,
         **TINY_TRAINING,
     )
-    rows = preference_rows(4, subjects=("banana", "cat", "frog", "cat"))
+    rows = colour_pair_rows(4, subjects=("banana", "cat", "frog", "cat"))
     trainer = NaPOTrainer(model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     embeddings = model.get_input_embeddings()
     if where == "log_probs":
@@ -447,7 +449,7 @@ def test_text_prompt_longer_than_max_length_is_dropped_with_a_logged_reason(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, tokenizer = build_tiny_model("text", seed=0)
-    rows = preference_rows(4)
+    rows = colour_pair_rows(4)
     rows[1]["prompt"] = [{"role": "user", "content": "what colour is the cat ? " * 10}]
     config = NaPOConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, max_length=30, **TINY_TRAINING
