@@ -461,7 +461,7 @@ def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed:
         lr=settings.sft_lr,
         seed=seed,
         log_prefix="[audio lab]",
-        log_every=50,
+        log_every=10,
     )
     return folder, time.perf_counter() - start
 

@@ -461,7 +461,7 @@ def _sft(folder: Path, recipe: dict[str, Any], settings: LabSettings, seed: int)
         lr=settings.sft_lr,
         seed=seed,
         log_prefix="[lab]",
-        log_every=100,
+        log_every=10,
     )
     return folder, time.perf_counter() - start
 
