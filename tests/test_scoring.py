@@ -16,13 +16,8 @@ from napo.scoring import sequence_logps
 COLUMNS = ("rejected", "rejected_language_bias")
 
 
-@pytest.mark.parametrize("family", ["text", "llava", "qwen2_vl", "paligemma"])
-def test_evaluation_log_probs_equal_the_trainers_log_prob_table(family, tmp_path):
-    """The margin a user evaluates is the margin training optimises: the same rows (chat prompt, image, K answers of
-    different lengths, one missing) give the same summed log-probs through both paths, batched differently."""
-    reference, processor = build_tiny_model(family, seed=0)
-    model = perturbed(reference)  # away from near-uniform predictions, where any two scorings look alike
-    dataset = preference_rows(5, vision=family != "text", columns=COLUMNS)
+def policy_table(model, reference, processor, dataset, tmp_path) -> tuple[NaPOTrainer, np.ndarray]:
+    """A trainer of `model` on `dataset` and its `log_prob_table` of the policy (rows x answers), in eval mode."""
     trainer = NaPOTrainer(
         model=model,
         ref_model=reference,
@@ -31,7 +26,17 @@ def test_evaluation_log_probs_equal_the_trainers_log_prob_table(family, tmp_path
         processing_class=processor,
     )
     trainer.model.eval()
-    table = trainer.log_prob_table(trainer.train_dataset, batch_size=4, of="policy")
+    return trainer, trainer.log_prob_table(trainer.train_dataset, batch_size=4, of="policy")
+
+
+@pytest.mark.parametrize("family", ["text", "llava", "qwen2_vl", "paligemma"])
+def test_evaluation_log_probs_equal_the_trainers_log_prob_table(family, tmp_path):
+    """The margin a user evaluates is the margin training optimises: the same rows (chat prompt, image, K answers of
+    different lengths, one missing) give the same summed log-probs through both paths, batched differently."""
+    reference, processor = build_tiny_model(family, seed=0)
+    model = perturbed(reference)  # away from near-uniform predictions, where any two scorings look alike
+    dataset = preference_rows(5, vision=family != "text", columns=COLUMNS)
+    trainer, table = policy_table(model, reference, processor, dataset, tmp_path)
     rows = list(dataset)
     for k, column in enumerate(("chosen", *trainer.negative_columns)):
         present = [i for i, row in enumerate(rows) if row[column] is not None]
@@ -103,14 +108,7 @@ def test_string_prompt_image_rows_are_scored_alike(tmp_path):
     dataset = preference_rows(3, vision=True, conversational=False).map(
         lambda row: {"prompt": "<image>" + row["prompt"]}
     )
-    trainer = NaPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
-        train_dataset=dataset,
-        processing_class=processor,
-    )
-    table = trainer.log_prob_table(trainer.train_dataset, batch_size=4, of="policy")
+    _, table = policy_table(model, reference, processor, dataset, tmp_path)
     samples = [{"prompt": row["prompt"], "images": row["images"]} for row in dataset]
     scored = answer_log_probs(model, processor, samples, list(dataset["chosen"]))
     np.testing.assert_allclose(scored, table[:, 0], rtol=1e-4, atol=1e-4)
