@@ -16,15 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import ProcessorMixin
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from napo.data import RowError
-from napo.encoding import encode_sequences, render_training_answer
+from napo.encoding import ROW_INDEX, encode_sequences, render_training_answer
 from napo.models.families import PER_TOKEN_INPUTS
 from napo.trl_seam import pad
-
-# Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
-ROW_INDEX = "row_index"
 
 
 def _ref_column(column: str) -> str:
@@ -159,3 +156,19 @@ class MultiNegativeVisionCollator:
                     f"takes {length} tokens with its image/audio tokens, which leaves no answer token within "
                     f"max_length={self.max_length}: raise --max_length, use smaller images or drop the row",
                 )
+
+
+def preference_collator(
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    negative_columns: tuple[str, ...],
+    *,
+    multimodal: bool,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> MultiNegativeCollator | MultiNegativeVisionCollator:
+    """The collator of a preference dataset: raw rows encoded on the fly when they carry media (`multimodal`),
+    otherwise rows tokenized by `napo.encoding.tokenize_text_dataset` padded."""
+    if multimodal:
+        return MultiNegativeVisionCollator(processing_class, negative_columns, max_length)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return MultiNegativeCollator(tokenizer.pad_token_id, negative_columns, max_length, truncation_mode)

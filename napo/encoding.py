@@ -18,21 +18,53 @@ through here, so a margin measured in evaluation is computed on the tokens train
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset, IterableDataset
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
 
 from napo.data import SAMPLING_RATE
 from napo.formats import MEDIA_TAGS
-from napo.models.families import PER_TOKEN_INPUTS, PROCESSOR_ONLY_OUTPUTS
+from napo.models.families import MEDIA_FEATURES, PER_TOKEN_INPUTS, PROCESSOR_ONLY_OUTPUTS
 from napo.trl_seam import _tokenize, common_prefix_length, flush_left
 
+logger = logging.getLogger(__name__)
+
 ProcessingClass = PreTrainedTokenizerBase | ProcessorMixin
+# Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
+ROW_INDEX = "row_index"
+# Row columns whose media a processor encodes with the text (rows with any are encoded on the fly, in the collator).
+MEDIA_COLUMNS = ("image", "images", "audios")
+
+
+def has_media(row: dict) -> bool:
+    """Whether a row carries images or audio clips (`MEDIA_COLUMNS`)."""
+    return any(row.get(k) is not None for k in MEDIA_COLUMNS)
+
+
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """The columns of a dataset; of a stream whose features are unknown until read, those of its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(next(iter(dataset)))
+
+
+def with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | dict[str, Dataset] | None:
+    """`dataset` (or each dataset of a dict) with a `row_index` column of its 0-based row numbers, unless it has one:
+    rows dropped or reordered later (length filter, shuffling) keep the index of the dataset the user passed."""
+    if isinstance(dataset, dict):
+        return {name: with_row_index(d) for name, d in dataset.items()}
+    if dataset is None or ROW_INDEX in column_names(dataset):
+        return dataset
+    if isinstance(dataset, IterableDataset):  # numbered as the rows stream past
+        return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
+    return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -183,6 +215,48 @@ def tokenize_text_row(
     return output
 
 
+def tokenize_text_dataset(
+    dataset: Dataset | IterableDataset,
+    processing_class: ProcessingClass,
+    answer_columns: Sequence[str],
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    num_proc: int | None = None,
+    name: str = "train",
+) -> Dataset | IterableDataset:
+    """Text rows tokenized into `prompt_ids` and `<column>_ids` (`tokenize_text_row`; a dataset that has
+    `prompt_ids` is returned as it is). With `max_length` and `truncation_mode="keep_start"`, rows whose prompt fills
+    `max_length` tokens are dropped (no answer token would be left to score), with a warning naming their
+    `row_index` (`name` labels the dataset in it and in the progress bar)."""
+    if "prompt_ids" in column_names(dataset):
+        return dataset
+    eos = getattr(processing_class, "tokenizer", processing_class).eos_token
+
+    def tokenize(example):
+        return tokenize_text_row(processing_class, example, answer_columns, eos)
+
+    def fits(example) -> bool:
+        return len(example["prompt_ids"]) < max_length
+
+    filtered = max_length is not None and truncation_mode == "keep_start"
+    if isinstance(dataset, IterableDataset):  # tokenized lazily as rows stream; `map` takes no desc / num_proc
+        dataset = dataset.map(tokenize)
+        return dataset.filter(fits) if filtered else dataset
+    dataset = dataset.map(tokenize, desc=f"Tokenizing {name} dataset", num_proc=num_proc)
+    if not filtered:
+        return dataset
+    dataset = with_row_index(dataset)  # a no-op, except for a dataset first seen by `evaluate()`
+    kept = dataset.filter(fits, num_proc=num_proc)
+    if len(kept) < len(dataset):
+        dropped = sorted(set(dataset[ROW_INDEX]) - set(kept[ROW_INDEX]))
+        logger.warning(
+            f"{name} dataset: dropped rows {dropped}: their prompt fills max_length={max_length} "
+            f"tokens and leaves no answer token to learn from (raise --max_length to keep them)"
+        )
+    return kept
+
+
 def encode_texts(
     processing_class: ProcessingClass,
     texts: list[str],
@@ -259,6 +333,16 @@ def encode_sequences(
     batch.update(zip(per_token, extras, strict=True))
     batch["prompt_lengths"] = prompt_mask.sum(dim=1)
     return batch
+
+
+def to_model(batch: dict, model: torch.nn.Module) -> dict:
+    """`batch`'s tensors on the model's device, its floating media features (`MEDIA_FEATURES`: pixels, audio
+    features) in the model's dtype (bf16 models); every other tensor keeps its dtype."""
+    moved = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for name in MEDIA_FEATURES:
+        if name in moved and moved[name].is_floating_point():
+            moved[name] = moved[name].to(model.dtype)
+    return moved
 
 
 def answer_batch(

@@ -3,8 +3,9 @@ the model-running part that produces their inputs.
 
 The pure functions (`accuracy` ... `modality_shapley`) run no model: they take plain lists or
 arrays and raise ValueError on empty input or on inputs of different lengths. The model-running
-functions (`answer_log_probs`, `modality_metrics`; `answer_batch` is `napo.encoding`'s) answer and score samples
-(preference-row-shaped dicts: "prompt", "images") with a model and its processing class.
+functions (`answer_log_probs`, `preference_log_probs`, `modality_metrics`) answer and score samples
+(preference-row-shaped dicts: "prompt", "images") with a model and its processing class, encoded by
+`napo.encoding` and scored by `napo.scoring` as the trainer encodes and scores them.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import perturb
-from napo.encoding import answer_batch
+from napo.collators import preference_collator
+from napo.data import prepare_preference_dataset, validate_preference_dataset
+from napo.encoding import answer_batch, has_media, to_model, tokenize_text_dataset, with_row_index
 from napo.inference import generate
-from napo.models.families import MEDIA_FEATURES
-from napo.scoring import sequence_logps
+from napo.scoring import answer_table, sequence_logps
 
 _TRAILING_PUNCTUATION = ".,!?;:"
 _YES_NO = re.compile(r"^(yes|no)\b")
@@ -252,15 +256,51 @@ def answer_log_probs(
             inputs, answer_mask = answer_batch(
                 processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk]
             )
-            batch = {**inputs.to(model.device), "completion_mask": answer_mask.to(model.device)}
-            for name in MEDIA_FEATURES:  # image / audio features in the model's dtype (bf16 models)
-                if name in batch and batch[name].is_floating_point():
-                    batch[name] = batch[name].to(model.dtype)
+            batch = to_model({**inputs, "completion_mask": answer_mask}, model)
             # The trainer's scoring (`napo.scoring`), from the logits: this model has no fused LM head.
             out[chunk] = sequence_logps(model, batch, fused_lm_head=False).double().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(chunk))
     return out
+
+
+@torch.inference_mode()
+def preference_log_probs(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    dataset: Dataset,
+    *,
+    reference: PreTrainedModel | None = None,
+    batch_size: int = 32,
+    max_length: int | None = 1024,
+) -> tuple[np.ndarray, Dataset, tuple[str, ...]]:
+    """log π(y|x) of every answer of a preference dataset, or with `reference` the log-ratio
+    log π(y|x) − log π_ref(y|x), in nats, without building a trainer: rows are encoded by the trainer's collator
+    (`napo.collators.preference_collator`, text rows tokenized by `napo.encoding.tokenize_text_dataset`) and scored by
+    `napo.scoring.sequence_logps`, so the numbers are `NaPOTrainer.log_prob_table`'s (padded layout) for a trainer
+    with this `max_length` (NaPOConfig's default: 1024). The models are not modified (no fused LM head is installed).
+
+    Returns (table, scored, negative_columns): table float32 (len(scored), 1 + K), column 0 the chosen answer,
+    column k the k-th negative column, NaN where a row lacks it; `scored` the rows scored (text rows whose prompt
+    fills `max_length` dropped, with a warning), with a `row_index` column (their position in `dataset`).
+    """
+    dataset = with_row_index(prepare_preference_dataset(dataset))
+    columns = tuple(validate_preference_dataset(dataset))
+    multimodal = has_media(dataset[0])
+    if not multimodal:
+        dataset = tokenize_text_dataset(
+            dataset, processing_class, ("chosen", *columns), max_length=max_length, name="scored"
+        )
+    collator = preference_collator(processing_class, columns, multimodal=multimodal, max_length=max_length)
+
+    def score(batch: dict) -> torch.Tensor:
+        logps = sequence_logps(model, to_model(batch, model), fused_lm_head=False)
+        if reference is not None:
+            logps = logps - sequence_logps(reference, to_model(batch, reference), fused_lm_head=False).to(logps)
+        return logps
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    return answer_table(loader, score, len(dataset), 1 + len(columns)), dataset, columns
 
 
 MODALITY_PASSES = 7  # model passes of `modality_metrics` over its rows: 3 generations + 4 Shapley scorings

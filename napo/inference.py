@@ -11,8 +11,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from napo.encoding import encode_texts, render_prompt
-from napo.models.families import MEDIA_FEATURES
+from napo.encoding import encode_texts, render_prompt, to_model
 
 
 def generate(
@@ -83,10 +82,7 @@ def _generate_batch(
         padding_side="left",
         add_special_tokens=isinstance(samples[0]["prompt"], str),  # a chat template already wrote <bos>
     )
-    inputs = inputs.to(model.device)
-    for name in MEDIA_FEATURES:  # image / audio features in the model's dtype (bf16 models)
-        if name in inputs and inputs[name].is_floating_point():
-            inputs[name] = inputs[name].to(model.dtype)
+    inputs = to_model(inputs, model)
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     # Left padding puts every prompt's end at the same column: the new tokens start there.

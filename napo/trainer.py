@@ -38,13 +38,12 @@ from transformers.trainer_utils import TrainOutput
 
 from napo.collators import (  # noqa: F401  (ROW_INDEX, _ref_column: napo.compare imports them from here)
     ROW_INDEX,
-    MultiNegativeCollator,
-    MultiNegativeVisionCollator,
     _ref_column,
+    preference_collator,
 )
 from napo.config import NaPOConfig
 from napo.data import prepare_preference_dataset, validate_preference_dataset
-from napo.encoding import tokenize_text_row
+from napo.encoding import MEDIA_COLUMNS, has_media, tokenize_text_dataset, with_row_index
 from napo.fast import encode_images_once
 from napo.models.families import rope_index_function
 from napo.negatives import negative_type
@@ -77,25 +76,6 @@ logger = logging.getLogger(__name__)
 
 # |z| beyond which σ(z) is within 3e-7 of 0 or 1: a σ-based loss (DPO, NaPO, cDPO, ...) has no gradient left there.
 SATURATED_MARGIN = 15.0
-
-
-def _with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | dict[str, Dataset] | None:
-    """`dataset` (or each dataset of a dict) with a `row_index` column of its 0-based row numbers, unless it has one:
-    rows dropped or reordered later (length filter, shuffling) keep the index of the dataset the user passed."""
-    if isinstance(dataset, dict):
-        return {name: _with_row_index(d) for name, d in dataset.items()}
-    if dataset is None or ROW_INDEX in _column_names(dataset):
-        return dataset
-    if isinstance(dataset, IterableDataset):  # numbered as the rows stream past
-        return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
-    return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
-
-
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    """The columns of a dataset; of a stream whose features are unknown until read, those of its first row."""
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    return list(next(iter(dataset)))
 
 
 # Rows of a stream checked before training (a stream cannot be read twice cheaply, and may not end).
@@ -170,12 +150,12 @@ class NaPOTrainer(TRLSeam):
         elif eval_dataset is not None:
             eval_dataset = prepare_preference_dataset(eval_dataset)
         self.negative_columns = tuple(_validate(train_dataset))
-        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
+        train_dataset, eval_dataset = with_row_index(train_dataset), with_row_index(eval_dataset)
         # Image and audio rows are processed on the fly by the multimodal collator; TRL only knows about images.
         first_row = next(iter(train_dataset))
-        self._on_the_fly = any(first_row.get(k) is not None for k in ("image", "images", "audios"))
+        self._on_the_fly = has_media(first_row)
         if self._on_the_fly and processing_class is not None and not isinstance(processing_class, ProcessorMixin):
-            media = [k for k in ("image", "images", "audios") if first_row.get(k) is not None]
+            media = [k for k in MEDIA_COLUMNS if first_row.get(k) is not None]
             raise ValueError(
                 f"the training rows carry {'/'.join(media)} but processing_class is a "
                 f"{type(processing_class).__name__}, a text tokenizer: pass the model's processor (AutoProcessor) of "
@@ -261,13 +241,12 @@ class NaPOTrainer(TRLSeam):
         return weights, objectives
 
     def _default_collator(self):
-        if self._on_the_fly:
-            return MultiNegativeVisionCollator(self.processing_class, self.negative_columns, self.args.max_length)
-        return MultiNegativeCollator(
-            self.tokenizer_of_processor.pad_token_id,
+        return preference_collator(
+            self.processing_class,
             self.negative_columns,
-            self.args.max_length,
-            self.args.truncation_mode,
+            multimodal=self._on_the_fly,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
         )
 
     def dataset_columns(self) -> list[str]:
@@ -283,36 +262,22 @@ class NaPOTrainer(TRLSeam):
     def tokenize_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
 
-        Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
-        rows the completion starts where the rendered prompt and prompt+answer diverge, and the row's `tools` and
-        `chat_template_kwargs` go to the chat template.
+        Same rules as TRL (`napo.encoding.tokenize_text_dataset`): standard (string) rows get the EOS token appended to
+        every answer; for conversational rows the completion starts where the rendered prompt and prompt+answer
+        diverge, and the row's `tools` and `chat_template_kwargs` go to the chat template. Rows whose prompt fills
+        `max_length` are dropped, with a warning naming them.
         """
-        if "prompt_ids" in _column_names(dataset) or self._on_the_fly:
+        if self._on_the_fly:
             return dataset
-        answer_columns = ("chosen", *self.negative_columns)
-        eos = self.tokenizer_of_processor.eos_token
-
-        def tokenize(example):
-            return tokenize_text_row(processing_class, example, answer_columns, eos)
-
-        if isinstance(dataset, IterableDataset):  # tokenized lazily as rows stream; `map` takes no desc / num_proc
-            dataset = dataset.map(tokenize)
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-            return dataset
-        dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset", num_proc=args.dataset_num_proc)
-        if args.max_length is not None and args.truncation_mode == "keep_start":
-            # A prompt that fills max_length leaves no completion token to learn from.
-            dataset = _with_row_index(dataset)  # a no-op, except for a dataset first seen by `evaluate()`
-            kept = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, num_proc=args.dataset_num_proc)
-            if len(kept) < len(dataset):
-                dropped = sorted(set(dataset[ROW_INDEX]) - set(kept[ROW_INDEX]))
-                logger.warning(
-                    f"{dataset_name} dataset: dropped rows {dropped}: their prompt fills max_length={args.max_length} "
-                    f"tokens and leaves no answer token to learn from (raise --max_length to keep them)"
-                )
-            dataset = kept
-        return dataset
+        return tokenize_text_dataset(
+            dataset,
+            processing_class,
+            ("chosen", *self.negative_columns),
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+            name=dataset_name,
+        )
 
     # ------------------------------------------------------------------------------- reference log-probs
     def _reference_logps(self, inputs: dict, scoring: ScoringInputs, per_token: bool = False) -> torch.Tensor:

@@ -9,15 +9,15 @@ from test_trainer import COMMON, perturbed, preference_rows
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.encoding import answer_batch
-from napo.evaluate import answer_log_probs
+from napo.evaluate import answer_log_probs, preference_log_probs
 from napo.models import build_tiny_model
 from napo.scoring import sequence_logps
 
 COLUMNS = ("rejected", "rejected_language_bias")
 
 
-def policy_table(model, reference, processor, dataset, tmp_path) -> tuple[NaPOTrainer, np.ndarray]:
-    """A trainer of `model` on `dataset` and its `log_prob_table` of the policy (rows x answers), in eval mode."""
+def trainer_table(model, reference, processor, dataset, tmp_path, of="policy") -> tuple[NaPOTrainer, np.ndarray]:
+    """A trainer of `model` on `dataset` and its `log_prob_table` (rows x answers) of `of`, in eval mode."""
     trainer = NaPOTrainer(
         model=model,
         ref_model=reference,
@@ -26,7 +26,7 @@ def policy_table(model, reference, processor, dataset, tmp_path) -> tuple[NaPOTr
         processing_class=processor,
     )
     trainer.model.eval()
-    return trainer, trainer.log_prob_table(trainer.train_dataset, batch_size=4, of="policy")
+    return trainer, trainer.log_prob_table(trainer.train_dataset, batch_size=4, of=of)
 
 
 @pytest.mark.parametrize("family", ["text", "llava", "qwen2_vl", "paligemma"])
@@ -36,7 +36,7 @@ def test_evaluation_log_probs_equal_the_trainers_log_prob_table(family, tmp_path
     reference, processor = build_tiny_model(family, seed=0)
     model = perturbed(reference)  # away from near-uniform predictions, where any two scorings look alike
     dataset = preference_rows(5, vision=family != "text", columns=COLUMNS)
-    trainer, table = policy_table(model, reference, processor, dataset, tmp_path)
+    trainer, table = trainer_table(model, reference, processor, dataset, tmp_path)
     rows = list(dataset)
     for k, column in enumerate(("chosen", *trainer.negative_columns)):
         present = [i for i, row in enumerate(rows) if row[column] is not None]
@@ -44,6 +44,21 @@ def test_evaluation_log_probs_equal_the_trainers_log_prob_table(family, tmp_path
         scored = answer_log_probs(model, processor, samples, [rows[i][column] for i in present], batch_size=3)
         assert np.all(np.isfinite(scored)) and np.ptp(scored) > 1e-3  # real, distinct log-probs
         np.testing.assert_allclose(scored, table[present, k], rtol=1e-4, atol=1e-4, err_msg=column)
+
+
+@pytest.mark.parametrize("family", ["text", "qwen2_vl"])
+def test_preference_log_probs_equal_the_trainers_log_ratio_table(family, tmp_path):
+    """Scoring a preference dataset without a trainer (compare's margins, held-out pairs) gives the trainer's
+    log-ratios log π − log π_ref, and leaves the models without TRL's fused LM head."""
+    reference, processor = build_tiny_model(family, seed=0)
+    model = perturbed(reference)
+    dataset = preference_rows(5, vision=family != "text", columns=COLUMNS)
+    table, scored, columns = preference_log_probs(model, processor, dataset, reference=reference, batch_size=3)
+    assert columns == COLUMNS and len(scored) == len(dataset)
+    assert "forward" not in vars(model) and "forward" not in vars(reference)  # TRL patches the instance's forward
+    _, expected = trainer_table(model, reference, processor, dataset, tmp_path, of="logratio")
+    assert np.nanmax(np.abs(expected)) > 1e-2  # policy and reference differ
+    np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "paligemma"])
@@ -108,7 +123,7 @@ def test_string_prompt_image_rows_are_scored_alike(tmp_path):
     dataset = preference_rows(3, vision=True, conversational=False).map(
         lambda row: {"prompt": "<image>" + row["prompt"]}
     )
-    _, table = policy_table(model, reference, processor, dataset, tmp_path)
+    _, table = trainer_table(model, reference, processor, dataset, tmp_path)
     samples = [{"prompt": row["prompt"], "images": row["images"]} for row in dataset]
     scored = answer_log_probs(model, processor, samples, list(dataset["chosen"]))
     np.testing.assert_allclose(scored, table[:, 0], rtol=1e-4, atol=1e-4)
