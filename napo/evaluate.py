@@ -56,7 +56,8 @@ def prior_following_rate(predictions: Sequence[str], prior_answers: Sequence[str
     for i, p in enumerate(prior_answers):
         if not isinstance(p, str):
             raise ValueError(
-                f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known (e.g. the counterfactual split)"
+                f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known "
+                "(e.g. the counterfactual split)"
             )
     return _match_rate(predictions, prior_answers)
 
@@ -136,7 +137,8 @@ def chair(
     for phrase, target in synonyms.items():
         if target not in canonical:
             raise ValueError(
-                f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary objects"
+                f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary "
+                "objects"
             )
     phrases = {tuple(_WORD.findall(v)): v for v in canonical} | {
         tuple(_WORD.findall(k)): v for k, v in synonyms.items()
@@ -194,7 +196,8 @@ def modality_shapley(
             )
         if arr.shape != arrays[0].shape:
             raise ValueError(
-                f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value per sample for all four"
+                f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value "
+                "per sample for all four"
             )
     full, no_image, no_text, none = arrays
     phi_image = 0.5 * ((full - no_image) + (no_text - none))
