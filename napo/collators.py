@@ -11,51 +11,17 @@ image/audio rows on the fly.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import ProcessorMixin
-from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from napo.data import RowError
-from napo.inference import expand_media_tags
-from napo.trl_seam import flush_left, pad
-
-# Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
-ROW_INDEX = "row_index"
-
-
-def _as_messages(answer: str | list) -> list[dict]:
-    """An answer as an assistant turn: preference rows store answers as strings even with chat prompts."""
-    return answer if isinstance(answer, list) else [{"role": "assistant", "content": answer}]
-
-
-def _is_chat(prompt: str | list) -> bool:
-    """Whether a prompt is TRL-style messages. Decided on the prompt alone: TRL's `is_conversational` looks at an
-    arbitrary one of the row's keys, and napo rows keep chat prompts beside plain-string answers."""
-    return is_conversational({"prompt": prompt})
-
-
-def _with_audio_parts(messages: list[dict], n_audios: int) -> list[dict]:
-    """Messages whose first user turn starts with `n_audios` {"type": "audio"} parts, unless the messages
-    already place their audio parts (content already structured by `prepare_multimodal_messages`)."""
-    if n_audios == 0 or any(part.get("type") == "audio" for m in messages for part in m["content"]):
-        return messages
-    first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    audio_parts = [{"type": "audio"} for _ in range(n_audios)]
-    messages = list(messages)
-    messages[first_user] = {**messages[first_user], "content": audio_parts + list(messages[first_user]["content"])}
-    return messages
-
-
-def _template_kwargs(example: dict[str, Any]) -> dict[str, Any]:
-    """The row's `tools` (a list, or its JSON string) and `chat_template_kwargs`, as TRL passes them to the template."""
-    tools = example.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools or None, **(example.get("chat_template_kwargs") or {})}
+from napo.encoding import ROW_INDEX, encode_sequences, render_training_answer
+from napo.models.families import PER_TOKEN_INPUTS
+from napo.trl_seam import pad
 
 
 def _ref_column(column: str) -> str:
@@ -146,21 +112,7 @@ class MultiNegativeVisionCollator:
                 answer = example.get(column)
                 if answer is None:
                     continue
-                if _is_chat(example["prompt"]):
-                    prompt_messages = prepare_multimodal_messages(example["prompt"], images=row_images)
-                    template = _template_kwargs(example)
-                    rendered = apply_chat_template(
-                        {
-                            "prompt": _with_audio_parts(prompt_messages, len(row_audios)),
-                            "completion": prepare_multimodal_messages(_as_messages(answer)),
-                            "chat_template_kwargs": {k: v for k, v in template.items() if k != "tools"},
-                        },
-                        self.processor,
-                        tools=template["tools"],
-                    )
-                    prompt, completion = rendered["prompt"], rendered["completion"]
-                else:  # a string prompt: its <image>/<audio> tags become the model's placeholders
-                    prompt, completion = expand_media_tags(self.processor, example["prompt"]), answer
+                prompt, completion = render_training_answer(self.processor, example, answer, row_images)
                 prompts.append(prompt)
                 completions.append(completion)
                 images.append(row_images)
@@ -169,47 +121,22 @@ class MultiNegativeVisionCollator:
                 types.append(kind)
                 refs.append(example.get(_ref_column(column)))
 
-        # Media arguments only when present: processors refuse an all-empty image batch, and image-only processors
-        # take no audio argument.
-        media = {"images": images} if any(images) else {}
-        if audios:
-            media.update(audio=audios, sampling_rate=sampling_rates.pop())
-        processed = self.processor(
-            **media,
-            text=prompts,
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
+        batch = encode_sequences(
+            self.processor,
+            prompts,
+            completions,
+            images=images,
+            audios=audios,
+            sampling_rate=sampling_rates.pop(),
             add_special_tokens=False,  # the chat template already wrote BOS
         )
-        processed_completions = self.processor(
-            text=completions, padding=True, padding_side="right", return_tensors="pt", add_special_tokens=False
-        )
-        prompt_mask = processed["attention_mask"]
-        completion_mask = processed_completions["attention_mask"]
-        input_ids = torch.cat((processed["input_ids"], processed_completions["input_ids"]), dim=1)
-        attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
-        completion_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
-        extra_names, extras = [], []
-        if "token_type_ids" in processed:  # PaliGemma / Gemma: prefix-LM attention over the prompt
-            extra_names.append("token_type_ids")
-            extras.append(torch.cat((processed["token_type_ids"], processed_completions["token_type_ids"]), dim=1))
-        if "mm_token_type_ids" in processed:  # Qwen2.5-VL family: which tokens are image tokens
-            extra_names.append("mm_token_type_ids")
-            completion_zeros = torch.zeros_like(processed_completions["input_ids"])
-            extras.append(torch.cat((processed["mm_token_type_ids"], completion_zeros), dim=1))
-        attention_mask, input_ids, completion_mask, *extras = flush_left(
-            attention_mask, input_ids, completion_mask, *extras
-        )
-        batch = dict(processed)
-        batch.pop("labels", None)  # PaliGemma's processor makes prompt labels; the trainer derives its own
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
-        batch.update(zip(extra_names, extras, strict=True))
+        prompt_lengths = batch.pop("prompt_lengths")
         if self.max_length is not None:
-            self._check_prompts_fit(prompt_mask.sum(dim=1), rows, examples)
+            self._check_prompts_fit(prompt_lengths, rows, examples)
             # keep_start only: cutting the start would separate image tokens from their image features.
-            for key in ("input_ids", "attention_mask", "completion_mask", *extra_names):
-                batch[key] = batch[key][:, : self.max_length]
+            for key in ("input_ids", "attention_mask", "completion_mask", *PER_TOKEN_INPUTS):
+                if key in batch:
+                    batch[key] = batch[key][:, : self.max_length]
         batch["sequence_row"] = torch.tensor(rows)
         batch["sequence_type"] = torch.tensor(types)
         if refs and refs[0] is not None:
@@ -229,3 +156,19 @@ class MultiNegativeVisionCollator:
                     f"takes {length} tokens with its image/audio tokens, which leaves no answer token within "
                     f"max_length={self.max_length}: raise --max_length, use smaller images or drop the row",
                 )
+
+
+def preference_collator(
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    negative_columns: tuple[str, ...],
+    *,
+    multimodal: bool,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> MultiNegativeCollator | MultiNegativeVisionCollator:
+    """The collator of a preference dataset: raw rows encoded on the fly when they carry media (`multimodal`),
+    otherwise rows tokenized by `napo.encoding.tokenize_text_dataset` padded."""
+    if multimodal:
+        return MultiNegativeVisionCollator(processing_class, negative_columns, max_length)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return MultiNegativeCollator(tokenizer.pad_token_id, negative_columns, max_length, truncation_mode)

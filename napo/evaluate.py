@@ -3,8 +3,9 @@ the model-running part that produces their inputs.
 
 The pure functions (`accuracy` ... `modality_shapley`) run no model: they take plain lists or
 arrays and raise ValueError on empty input or on inputs of different lengths. The model-running
-functions (`answer_batch`, `answer_log_probs`, `modality_metrics`) answer and score samples
-(preference-row-shaped dicts: "prompt", "images") with a model and its processing class.
+functions (`answer_log_probs`, `preference_log_probs`, `modality_metrics`) answer and score samples
+(preference-row-shaped dicts: "prompt", "images") with a model and its processing class, encoded by
+`napo.encoding` and scored by `napo.scoring` as the trainer encodes and scores them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 import perturb
-from napo.data import SAMPLING_RATE
-from napo.inference import generate, render_prompt
+from napo.collators import preference_collator
+from napo.data import prepare_preference_dataset, validate_preference_dataset
+from napo.encoding import answer_batch, has_media, to_model, tokenize_text_dataset, with_row_index
+from napo.inference import generate
+from napo.scoring import answer_table, sequence_logps
 
 _TRAILING_PUNCTUATION = ".,!?;:"
 _YES_NO = re.compile(r"^(yes|no)\b")
@@ -50,7 +56,8 @@ def prior_following_rate(predictions: Sequence[str], prior_answers: Sequence[str
     for i, p in enumerate(prior_answers):
         if not isinstance(p, str):
             raise ValueError(
-                f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known (e.g. the counterfactual split)"
+                f"prior_following_rate: prior_answers[{i}] is {p!r}; keep only rows whose prior answer is known "
+                "(e.g. the counterfactual split)"
             )
     return _match_rate(predictions, prior_answers)
 
@@ -130,7 +137,8 @@ def chair(
     for phrase, target in synonyms.items():
         if target not in canonical:
             raise ValueError(
-                f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary objects"
+                f"chair: synonyms[{phrase!r}] = {target!r} is not in the vocabulary; map synonyms onto vocabulary "
+                "objects"
             )
     phrases = {tuple(_WORD.findall(v)): v for v in canonical} | {
         tuple(_WORD.findall(k)): v for k, v in synonyms.items()
@@ -188,7 +196,8 @@ def modality_shapley(
             )
         if arr.shape != arrays[0].shape:
             raise ValueError(
-                f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value per sample for all four"
+                f"modality_shapley: {name} has shape {arr.shape} but v_full has {arrays[0].shape}; pass one value "
+                "per sample for all four"
             )
     full, no_image, no_text, none = arrays
     phi_image = 0.5 * ((full - no_image) + (no_text - none))
@@ -222,50 +231,6 @@ def _match_rate(a: Sequence[str], b: Sequence[str]) -> float:
 # running a model
 
 
-def answer_batch(
-    processing_class: PreTrainedTokenizerBase | ProcessorMixin, samples: Sequence[dict], answers: Sequence[str]
-) -> tuple[BatchFeature, torch.Tensor]:
-    """Encode prompt + answer + EOS of every sample into one right-padded batch.
-
-    The prompt is rendered as `napo.inference.generate` renders it (messages through the chat
-    template with the generation prompt; a string as is), so the answer tokens follow exactly the
-    context the model generates from. Every sample must have images, or none may, and the same for
-    audios (processors refuse a batch where only some texts carry media).
-
-    Returns the model inputs (input_ids, attention_mask of shape (B, L), plus the processor's image
-    or audio tensors) and answer_mask (B, L): 1 on the answer's tokens and its closing EOS, 0 on prompt and
-    padding. Right padding keeps every token at the position it has in an unbatched forward.
-    """
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    kwargs: dict[str, Any] = dict(padding=True, padding_side="right", return_tensors="pt")
-    if not isinstance(samples[0]["prompt"], str):
-        kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>
-    texts = [render_prompt(processing_class, sample) for sample in samples]
-    with_images, with_audio = bool(samples[0].get("images")), bool(samples[0].get("audios"))
-    if any(bool(s.get("images")) != with_images or bool(s.get("audios")) != with_audio for s in samples):
-        raise ValueError("answer_batch: some samples have images (or audios) and some have none; batch them separately")
-    if processing_class is tokenizer:
-        prompts = tokenizer(texts, **kwargs)
-    else:
-        if with_audio:  # as `napo.inference.generate` passes audio: all clips of the batch, flat, at 16 kHz
-            kwargs.update(audio=[wave for s in samples for wave in s["audios"]], sampling_rate=SAMPLING_RATE)
-        prompts = processing_class(text=texts, images=[s["images"] for s in samples] if with_images else None, **kwargs)
-    answer_ids = tokenizer([a + tokenizer.eos_token for a in answers], add_special_tokens=False)["input_ids"]
-    prompt_lengths = prompts["attention_mask"].sum(dim=1).tolist()
-    rows = [prompts["input_ids"][i, :n].tolist() + ids for i, (n, ids) in enumerate(zip(prompt_lengths, answer_ids))]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answer_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, n) in enumerate(zip(rows, prompt_lengths)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        answer_mask[i, n : len(row)] = 1
-    batch = BatchFeature({k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")})
-    batch["input_ids"], batch["attention_mask"] = input_ids, attention_mask
-    return batch, answer_mask
-
-
 @torch.inference_mode()
 def answer_log_probs(
     model: PreTrainedModel,
@@ -277,7 +242,8 @@ def answer_log_probs(
     on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """log π(answer | sample) in nats: the sum of the log-probabilities of the answer's tokens and
-    of the EOS that ends it (what the preference trainer scores), under the full sample.
+    of the EOS that ends it (what the preference trainer scores), under the full sample; encoded by
+    `napo.encoding.answer_batch` and scored by `napo.scoring.sequence_logps`, as in training.
 
     Samples with and without images (or audios) may be mixed; they are batched separately. Shape (n,), float64.
     `on_batch` is called with the number of samples of each scored batch (progress bars).
@@ -293,19 +259,51 @@ def answer_log_probs(
             inputs, answer_mask = answer_batch(
                 processing_class, [samples[i] for i in chunk], [answers[i] for i in chunk]
             )
-            inputs = inputs.to(model.device)
-            for key in ("pixel_values", "input_features"):  # image / audio features in the model's dtype (bf16 models)
-                if key in inputs:
-                    inputs[key] = inputs[key].to(model.dtype)
-            logits = model(**inputs).logits[:, :-1].float()
-            targets = inputs["input_ids"][:, 1:]
-            # log-softmax over the vocabulary, then keep only the target token of each position.
-            token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            mask = answer_mask[:, 1:].to(token_logps.device)
-            out[chunk] = (token_logps * mask).sum(dim=1).double().cpu().numpy()
+            batch = to_model({**inputs, "completion_mask": answer_mask}, model)
+            # The trainer's scoring (`napo.scoring`), from the logits: this model has no fused LM head.
+            out[chunk] = sequence_logps(model, batch, fused_lm_head=False).double().cpu().numpy()
             if on_batch is not None:
                 on_batch(len(chunk))
     return out
+
+
+@torch.inference_mode()
+def preference_log_probs(
+    model: PreTrainedModel,
+    processing_class: PreTrainedTokenizerBase | ProcessorMixin,
+    dataset: Dataset,
+    *,
+    reference: PreTrainedModel | None = None,
+    batch_size: int = 32,
+    max_length: int | None = 1024,
+) -> tuple[np.ndarray, Dataset, tuple[str, ...]]:
+    """log π(y|x) of every answer of a preference dataset, or with `reference` the log-ratio
+    log π(y|x) − log π_ref(y|x), in nats, without building a trainer: rows are encoded by the trainer's collator
+    (`napo.collators.preference_collator`, text rows tokenized by `napo.encoding.tokenize_text_dataset`) and scored by
+    `napo.scoring.sequence_logps`, so the numbers are `NaPOTrainer.log_prob_table`'s (padded layout) for a trainer
+    with this `max_length` (NaPOConfig's default: 1024). The models are not modified (no fused LM head is installed).
+
+    Returns (table, scored, negative_columns): table float32 (len(scored), 1 + K), column 0 the chosen answer,
+    column k the k-th negative column, NaN where a row lacks it; `scored` the rows scored (text rows whose prompt
+    fills `max_length` dropped, with a warning), with a `row_index` column (their position in `dataset`).
+    """
+    dataset = with_row_index(prepare_preference_dataset(dataset))
+    columns = tuple(validate_preference_dataset(dataset))
+    multimodal = has_media(dataset[0])
+    if not multimodal:
+        dataset = tokenize_text_dataset(
+            dataset, processing_class, ("chosen", *columns), max_length=max_length, name="scored"
+        )
+    collator = preference_collator(processing_class, columns, multimodal=multimodal, max_length=max_length)
+
+    def score(batch: dict) -> torch.Tensor:
+        logps = sequence_logps(model, to_model(batch, model), fused_lm_head=False)
+        if reference is not None:
+            logps = logps - sequence_logps(reference, to_model(batch, reference), fused_lm_head=False).to(logps)
+        return logps
+
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False)
+    return answer_table(loader, score, len(dataset), 1 + len(columns)), dataset, columns
 
 
 MODALITY_PASSES = 7  # model passes of `modality_metrics` over its rows: 3 generations + 4 Shapley scorings

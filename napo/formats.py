@@ -13,7 +13,7 @@ lists are kept as such when they carry more than one plain-text turn), and every
 Media tags: `<image>` and `<audio>` inside a message's string content become `{"type": "image"}` /
 `{"type": "audio"}` parts in place, so the model's chat template writes its own placeholder. In a string prompt
 they stay as written and are replaced by the model's placeholder when the prompt is rendered
-(`napo.inference.expand_media_tags`).
+(`napo.encoding.expand_media_tags`).
 """
 
 from __future__ import annotations

@@ -6,15 +6,12 @@ A sample is a preference-row-shaped dict (DESIGN.md): "prompt" (a string, or TRL
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from napo.data import SAMPLING_RATE
-from napo.formats import MEDIA_TAGS
-from napo.models.families import MEDIA_FEATURES, PROCESSOR_ONLY_OUTPUTS
+from napo.encoding import encode_texts, render_prompt, to_model
 
 
 def generate(
@@ -77,102 +74,17 @@ def _generate_batch(
     temperature: float,
 ) -> list[str]:
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    texts = [render_prompt(processing_class, sample) for sample in samples]
-    chat = not isinstance(samples[0]["prompt"], str)
-    kwargs: dict = dict(padding=True, padding_side="left", return_tensors="pt")
-    if chat:
-        kwargs["add_special_tokens"] = False  # the chat template already wrote <bos>: don't add a second one
-    if samples[0].get("images"):
-        kwargs["images"] = [sample["images"] for sample in samples]
-    if samples[0].get("audios"):
-        kwargs["audio"] = [wave for sample in samples for wave in sample["audios"]]
-        kwargs["sampling_rate"] = SAMPLING_RATE
-    if processing_class is tokenizer:
-        inputs = tokenizer(texts, **kwargs)
-    else:
-        inputs = processing_class(text=texts, **kwargs)
-    for name in PROCESSOR_ONLY_OUTPUTS:  # PaliGemma's processor adds labels; generate must not get them
-        inputs.pop(name, None)
-    inputs = inputs.to(model.device)
-    for name in MEDIA_FEATURES:  # image / audio features in the model's dtype (bf16 models)
-        if name in inputs and inputs[name].is_floating_point():
-            inputs[name] = inputs[name].to(model.dtype)
+    inputs = encode_texts(
+        processing_class,
+        [render_prompt(processing_class, sample) for sample in samples],
+        images=[sample["images"] for sample in samples] if samples[0].get("images") else None,
+        audios=[wave for sample in samples for wave in sample["audios"]] if samples[0].get("audios") else None,
+        padding_side="left",
+        add_special_tokens=isinstance(samples[0]["prompt"], str),  # a chat template already wrote <bos>
+    )
+    inputs = to_model(inputs, model)
     sampling = dict(do_sample=True, temperature=temperature) if do_sample else dict(do_sample=False)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     # Left padding puts every prompt's end at the same column: the new tokens start there.
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def render_prompt(processing_class: PreTrainedTokenizerBase | ProcessorMixin, sample: dict) -> str:
-    """The model's input text for one sample: a string prompt with its media tags expanded (`expand_media_tags`),
-    messages through the chat template."""
-    prompt = sample["prompt"]
-    if isinstance(prompt, str):
-        return expand_media_tags(processing_class, prompt)
-    messages = _with_placeholders(prompt, "image", len(sample.get("images") or []))
-    messages = _with_placeholders(messages, "audio", len(sample.get("audios") or []))
-    return processing_class.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def _with_placeholders(messages: list[dict], kind: str, count: int) -> list[dict]:
-    """Put `count` {"type": kind} parts first in the first user message when the messages have none of that kind."""
-    has_kind = any(
-        isinstance(m["content"], list) and any(part.get("type") == kind for part in m["content"]) for m in messages
-    )
-    if count == 0 or has_kind:
-        return messages
-    out, done = [], False
-    for message in messages:
-        if message["role"] == "user" and not done:
-            content = message["content"]
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-            message = {**message, "content": [{"type": kind}] * count + parts}
-            done = True
-        out.append(message)
-    return out
-
-
-_PLACEHOLDER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MARK = "\x00napo\x00"
-
-
-def media_placeholders(processing_class: PreTrainedTokenizerBase | ProcessorMixin) -> dict[str, str]:
-    """{"<image>": the model's image placeholder, "<audio>": its audio placeholder}, read from its chat template.
-
-    The template renders a user turn with and without a {"type": kind} part before the same text; what the first
-    adds before the text is the placeholder (LLaVA: "<image>", Qwen2-VL: "<|vision_start|><|image_pad|><|vision_end|>").
-    A template that does not render such parts leaves the tag as it is.
-    """
-    try:
-        return _PLACEHOLDER_CACHE[processing_class]
-    except (KeyError, TypeError):
-        pass
-    found = {}
-    for tag, kind in MEDIA_TAGS.items():
-        found[tag] = tag
-        try:
-            with_part, without = (
-                processing_class.apply_chat_template(
-                    [{"role": "user", "content": [*parts, {"type": "text", "text": _MARK}]}], tokenize=False
-                ).split(_MARK)[0]
-                for parts in ([{"type": kind}], [])
-            )
-        except Exception:  # no chat template, or one that refuses the part: keep the data's tag
-            continue
-        if with_part.startswith(without) and with_part[len(without) :].strip():
-            found[tag] = with_part[len(without) :]
-    try:
-        _PLACEHOLDER_CACHE[processing_class] = found
-    except TypeError:
-        pass
-    return found
-
-
-def expand_media_tags(processing_class: PreTrainedTokenizerBase | ProcessorMixin, text: str) -> str:
-    """`text` with every `<image>` / `<audio>` tag (the LLaVA / LLaMA-Factory convention of string prompts) replaced
-    by the model's own placeholder (`media_placeholders`); unchanged where the model's placeholder is the tag."""
-    for tag, placeholder in media_placeholders(processing_class).items():
-        if tag in text and placeholder.strip() != tag:
-            text = text.replace(tag, placeholder)
-    return text

@@ -25,7 +25,6 @@ import copy
 import logging
 import os
 import textwrap
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,16 +38,14 @@ from transformers.trainer_utils import TrainOutput
 
 from napo.collators import (  # noqa: F401  (ROW_INDEX, _ref_column: napo.compare imports them from here)
     ROW_INDEX,
-    MultiNegativeCollator,
-    MultiNegativeVisionCollator,
-    _as_messages,
-    _is_chat,
     _ref_column,
-    _template_kwargs,
+    preference_collator,
 )
 from napo.config import NaPOConfig
 from napo.data import prepare_preference_dataset, validate_preference_dataset
-from napo.fast import encode_images_once, pack_sequences
+from napo.encoding import MEDIA_COLUMNS, has_media, tokenize_text_dataset, with_row_index
+from napo.fast import encode_images_once
+from napo.models.families import rope_index_function
 from napo.negatives import negative_type
 from napo.nonfinite import NonFiniteGradientGuard, stop_or_skip
 from napo.objectives import (
@@ -59,42 +56,26 @@ from napo.objectives import (
     reward_statistics,
     type_weights,
 )
-from napo.shared_prompt import shared_prompt_logps
-from napo.trl_losses import length_desensitized_logps, trl_config_loss
-from napo.trl_seam import (
-    TRLSeam,
-    _tokenize,
-    common_prefix_length,
-    disable_gradient_checkpointing,
-    hash_module,
-    use_adapter,
+from napo.scoring import (
+    ScoringInputs,
+    answer_table,
+    check_same_logps,
+    forward_kwargs,
+    packed_inputs,
+    padded_inputs,
+    sequence_logps,
+    summed_logps,
 )
+from napo.scoring import (
+    token_logps as per_token_logps,
+)
+from napo.trl_losses import length_desensitized_logps, trl_config_loss
+from napo.trl_seam import TRLSeam, disable_gradient_checkpointing, hash_module, use_adapter
 
 logger = logging.getLogger(__name__)
 
-# Batch entries that describe the sequences rather than feed the model.
-_SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
 # |z| beyond which σ(z) is within 3e-7 of 0 or 1: a σ-based loss (DPO, NaPO, cDPO, ...) has no gradient left there.
 SATURATED_MARGIN = 15.0
-
-
-def _with_row_index(dataset: Dataset | dict[str, Dataset] | None) -> Dataset | dict[str, Dataset] | None:
-    """`dataset` (or each dataset of a dict) with a `row_index` column of its 0-based row numbers, unless it has one:
-    rows dropped or reordered later (length filter, shuffling) keep the index of the dataset the user passed."""
-    if isinstance(dataset, dict):
-        return {name: _with_row_index(d) for name, d in dataset.items()}
-    if dataset is None or ROW_INDEX in _column_names(dataset):
-        return dataset
-    if isinstance(dataset, IterableDataset):  # numbered as the rows stream past
-        return dataset.map(lambda _, index: {ROW_INDEX: index}, with_indices=True)
-    return dataset.add_column(ROW_INDEX, list(range(len(dataset))))
-
-
-def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    """The columns of a dataset; of a stream whose features are unknown until read, those of its first row."""
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
-    return list(next(iter(dataset)))
 
 
 # Rows of a stream checked before training (a stream cannot be read twice cheaply, and may not end).
@@ -169,12 +150,12 @@ class NaPOTrainer(TRLSeam):
         elif eval_dataset is not None:
             eval_dataset = prepare_preference_dataset(eval_dataset)
         self.negative_columns = tuple(_validate(train_dataset))
-        train_dataset, eval_dataset = _with_row_index(train_dataset), _with_row_index(eval_dataset)
+        train_dataset, eval_dataset = with_row_index(train_dataset), with_row_index(eval_dataset)
         # Image and audio rows are processed on the fly by the multimodal collator; TRL only knows about images.
         first_row = next(iter(train_dataset))
-        self._on_the_fly = any(first_row.get(k) is not None for k in ("image", "images", "audios"))
+        self._on_the_fly = has_media(first_row)
         if self._on_the_fly and processing_class is not None and not isinstance(processing_class, ProcessorMixin):
-            media = [k for k in ("image", "images", "audios") if first_row.get(k) is not None]
+            media = [k for k in MEDIA_COLUMNS if first_row.get(k) is not None]
             raise ValueError(
                 f"the training rows carry {'/'.join(media)} but processing_class is a "
                 f"{type(processing_class).__name__}, a text tokenizer: pass the model's processor (AutoProcessor) of "
@@ -260,13 +241,12 @@ class NaPOTrainer(TRLSeam):
         return weights, objectives
 
     def _default_collator(self):
-        if self._on_the_fly:
-            return MultiNegativeVisionCollator(self.processing_class, self.negative_columns, self.args.max_length)
-        return MultiNegativeCollator(
-            self.tokenizer_of_processor.pad_token_id,
+        return preference_collator(
+            self.processing_class,
             self.negative_columns,
-            self.args.max_length,
-            self.args.truncation_mode,
+            multimodal=self._on_the_fly,
+            max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode,
         )
 
     def dataset_columns(self) -> list[str]:
@@ -282,73 +262,43 @@ class NaPOTrainer(TRLSeam):
     def tokenize_dataset(self, dataset, processing_class, args, dataset_name):
         """Tokenizes text rows into `prompt_ids`, `chosen_ids` and `<column>_ids` (empty where None).
 
-        Same rules as TRL: standard (string) rows get the EOS token appended to every answer; for conversational
-        rows the completion starts where the rendered prompt and prompt+answer diverge, and the row's `tools` and
-        `chat_template_kwargs` go to the chat template.
+        Same rules as TRL (`napo.encoding.tokenize_text_dataset`): standard (string) rows get the EOS token appended to
+        every answer; for conversational rows the completion starts where the rendered prompt and prompt+answer
+        diverge, and the row's `tools` and `chat_template_kwargs` go to the chat template. Rows whose prompt fills
+        `max_length` are dropped, with a warning naming them.
         """
-        if "prompt_ids" in _column_names(dataset) or self._on_the_fly:
+        if self._on_the_fly:
             return dataset
-        answer_columns = ("chosen", *self.negative_columns)
-        eos = self.tokenizer_of_processor.eos_token
-
-        def tokenize(example):
-            prompt = example["prompt"]
-            if _is_chat(prompt):
-                template = _template_kwargs(example)  # tools and chat_template_kwargs, as TRL passes them
-                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template)["input_ids"]
-                full = {
-                    c: _tokenize(processing_class, prompt + _as_messages(example[c]), **template)["input_ids"]
-                    for c in answer_columns
-                    if example.get(c) is not None  # an eval set may lack a negative column of the training set
-                }
-            else:
-                prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-                full = {
-                    c: _tokenize(processing_class, prompt + (a if a.endswith(eos) else a + eos))["input_ids"]
-                    for c in answer_columns
-                    if (a := example.get(c)) is not None
-                }
-            prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full.values())
-            output = {"prompt_ids": prompt_ids[:prompt_len]}
-            for column in answer_columns:
-                output[f"{column}_ids"] = full[column][prompt_len:] if column in full else []
-            return output
-
-        if isinstance(dataset, IterableDataset):  # tokenized lazily as rows stream; `map` takes no desc / num_proc
-            dataset = dataset.map(tokenize)
-            if args.max_length is not None and args.truncation_mode == "keep_start":
-                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-            return dataset
-        dataset = dataset.map(tokenize, desc=f"Tokenizing {dataset_name} dataset", num_proc=args.dataset_num_proc)
-        if args.max_length is not None and args.truncation_mode == "keep_start":
-            # A prompt that fills max_length leaves no completion token to learn from.
-            dataset = _with_row_index(dataset)  # a no-op, except for a dataset first seen by `evaluate()`
-            kept = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length, num_proc=args.dataset_num_proc)
-            if len(kept) < len(dataset):
-                dropped = sorted(set(dataset[ROW_INDEX]) - set(kept[ROW_INDEX]))
-                logger.warning(
-                    f"{dataset_name} dataset: dropped rows {dropped}: their prompt fills max_length={args.max_length} "
-                    f"tokens and leaves no answer token to learn from (raise --max_length to keep them)"
-                )
-            dataset = kept
-        return dataset
+        return tokenize_text_dataset(
+            dataset,
+            processing_class,
+            ("chosen", *self.negative_columns),
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+            name=dataset_name,
+        )
 
     # ------------------------------------------------------------------------------- reference log-probs
-    def _reference_logps(
-        self, inputs: dict, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence, per_token: bool = False
-    ) -> torch.Tensor:
+    def _reference_logps(self, inputs: dict, scoring: ScoringInputs, per_token: bool = False) -> torch.Tensor:
         """Summed completion log-probs of every sequence under the reference policy, shape (N,); with `per_token` the
         fused head's per-token log-probs, shape (B, L-1) (0 off the completion). `inputs` is the collated batch,
-        `model_kwargs`/`labels`/`sum_per_sequence` its padded or packed form (`_model_inputs`)."""
+        `scoring` its padded or packed form (`_model_inputs`)."""
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             self._reference_policy() as reference,
         ):
-            if self.args.share_prompt and not per_token:
-                return self._shared_prompt_logps(reference, inputs)
-            outputs = reference(**model_kwargs, labels=labels, fused_lm_head=True)
-        return outputs.log_probs if per_token else sum_per_sequence(outputs.log_probs)
+            if per_token:
+                return per_token_logps(reference, *scoring[:2])
+            return self._summed_logps(reference, inputs, scoring)
+
+    def _summed_logps(self, model: torch.nn.Module, inputs: dict, scoring: ScoringInputs) -> torch.Tensor:
+        """Summed completion log-probs (N,) of a collated batch under `model`: shared-prompt with `share_prompt`,
+        else from `scoring`, the batch's padded or packed layout (`_model_inputs`)."""
+        if self.args.share_prompt:
+            return self._shared_prompt_logps(model, inputs)
+        return summed_logps(model, scoring)
 
     @contextlib.contextmanager
     def _reference_policy(self):
@@ -372,16 +322,15 @@ class NaPOTrainer(TRLSeam):
             yield self.model
 
     def _shared_prompt_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-        """`napo.shared_prompt.shared_prompt_logps`, checked once against the padded path (`_verify_scoring`)."""
-        logps = shared_prompt_logps(model, inputs)
+        """`napo.shared_prompt.shared_prompt_logps`, checked once against the padded layout (`check_same_logps`)."""
+        logps = sequence_logps(model, inputs, shared_prompt=True)
         if not self._shared_prompt_verified:
             self._shared_prompt_verified = True
-            model_kwargs, labels, sum_per_sequence = self._padded_inputs(inputs)
-            self._verify_scoring(
+            check_same_logps(
                 "share_prompt",
                 model,
-                lambda: shared_prompt_logps(model, inputs),
-                lambda: sum_per_sequence(model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs),
+                lambda: sequence_logps(model, inputs, shared_prompt=True),
+                lambda: sequence_logps(model, inputs),
             )
         return logps
 
@@ -429,104 +378,42 @@ class NaPOTrainer(TRLSeam):
         """
         if of not in ("reference", "policy", "logratio"):
             raise ValueError(f"of={of!r}: expected 'reference', 'policy' or 'logratio'")
-        table = np.full((len(dataset), 1 + len(self.negative_columns)), np.nan, dtype=np.float32)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        first_row = 0
-        for batch in tqdm(loader, desc=description, disable=description is None or not self.is_world_process_zero()):
+
+        def score(batch: dict) -> torch.Tensor:
             batch = self.prepare_batch(batch)
-            model_kwargs, labels, sum_per_sequence = self._model_inputs(batch)
+            scoring = self._model_inputs(batch)
             if of in ("policy", "logratio"):
                 with torch.no_grad():
-                    if self.args.share_prompt:
-                        logps = self._shared_prompt_logps(self.model, batch)
-                    else:
-                        out = self.model(**model_kwargs, labels=labels, fused_lm_head=True)
-                        logps = sum_per_sequence(out.log_probs)
+                    logps = self._summed_logps(self.model, batch, scoring)
             if of in ("reference", "logratio"):
-                reference = self._reference_logps(batch, model_kwargs, labels, sum_per_sequence)
+                reference = self._reference_logps(batch, scoring)
                 logps = logps - reference if of == "logratio" else reference
-            rows = batch["sequence_row"].cpu().numpy() + first_row
-            table[rows, batch["sequence_type"].cpu().numpy()] = logps.float().cpu().numpy()
-            first_row += int((batch["sequence_type"] == 0).sum())  # every row has exactly one chosen sequence
-        return table
+            return logps
+
+        show = description is not None and self.is_world_process_zero()
+        batches = tqdm(loader, desc=description, disable=not show)
+        return answer_table(batches, score, len(dataset), 1 + len(self.negative_columns))
 
     # ------------------------------------------------------------------------------------------ loss
-    def _model_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        """The model's keyword arguments and labels for a collated batch of N sequences, and `sum_per_sequence`,
-        which maps the fused LM head's per-token log-probs (B, L-1) to each sequence's summed completion log-prob
-        (N,). With `padding_free` the sequences are packed into one row (`napo.fast.pack_sequences`, B = 1); the
-        first packed batch is checked against the padded one (`_verify_packing`)."""
+    def _model_inputs(self, inputs: dict) -> ScoringInputs:
+        """The padded or, with `padding_free`, packed layout of a collated batch (`napo.scoring.padded_inputs`,
+        `packed_inputs`); the first packed batch is checked against the padded one (`napo.scoring.check_same_logps`):
+        a family whose forward ignores packed `position_ids` would otherwise let packed sequences attend to each
+        other and train on wrong log-probs without any error."""
         if not self.padding_free:
-            return self._padded_inputs(inputs)
-        packed = self._packed_inputs(inputs)
+            return padded_inputs(inputs)
+        rope_index = rope_index_function(self.accelerator.unwrap_model(self.model))
+        packed = packed_inputs(inputs, rope_index)
         if not self._packing_verified:
-            self._verify_packing(self._padded_inputs(inputs), packed)
+            check_same_logps(
+                "padding_free",
+                self.model,
+                lambda: summed_logps(self.model, packed),
+                lambda: summed_logps(self.model, padded_inputs(inputs)),
+            )
             self._packing_verified = True
         return packed
-
-    @staticmethod
-    def _model_kwargs(inputs: dict) -> dict:
-        """What the model takes from a collated batch (the entries describing the sequences left out)."""
-        return {k: v for k, v in inputs.items() if k not in _SEQUENCE_KEYS}
-
-    def _padded_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        model_kwargs = {**self._model_kwargs(inputs), "use_cache": False}
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        seq_len = labels.size(1) - 1
-
-        def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
-            # The last seq_len positions: prompt-learning PEFT prepends virtual tokens to the model's outputs.
-            return log_probs[:, -seq_len:].sum(dim=1)
-
-        return model_kwargs, labels, sum_per_sequence
-
-    def _packed_inputs(self, inputs: dict) -> tuple[dict, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-        model_kwargs = {**self._model_kwargs(inputs), "use_cache": False}
-        packed, labels, sequence_of_token = pack_sequences(model_kwargs, inputs["completion_mask"], self._rope_index())
-        n_sequences, seq_len = inputs["input_ids"].size(0), labels.size(1) - 1
-
-        def sum_per_sequence(log_probs: torch.Tensor) -> torch.Tensor:
-            return log_probs.new_zeros(n_sequences).index_add(0, sequence_of_token[1:], log_probs[0, -seq_len:])
-
-        return packed, labels, sum_per_sequence
-
-    def _verify_packing(self, padded: tuple, packed: tuple) -> None:
-        """Raise ValueError unless the model gives the same summed log-probs for a batch packed and padded.
-
-        A family whose forward ignores packed `position_ids` (its attention never sees where sequences start) would
-        otherwise let packed sequences attend to each other and train on wrong log-probs without any error."""
-
-        def summed(kwargs: dict, labels: torch.Tensor, sum_per_sequence: Callable) -> torch.Tensor:
-            return sum_per_sequence(self.model(**kwargs, labels=labels, fused_lm_head=True).log_probs)
-
-        self._verify_scoring("padding_free", self.model, lambda: summed(*packed), lambda: summed(*padded))
-
-    def _verify_scoring(self, option: str, model: torch.nn.Module, fast: Callable, padded: Callable) -> None:
-        """Raise ValueError unless `fast()` and `padded()` — summed log-probs (N,) of one batch by `option`'s path and
-        by the padded one — agree (once, on the first batch: two extra forwards without gradients, in eval mode so
-        dropout does not differ). Tolerance: 0.1 nats + 1% per sequence, far above bf16 rounding, far below what
-        a leak between sequences (or a wrong position) changes."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logps = [padded().float(), fast().float()]
-        finally:
-            model.train(was_training)
-        difference = (logps[0] - logps[1]).abs()
-        if (difference > 0.1 + 0.01 * logps[0].abs()).any():
-            config = self.accelerator.unwrap_model(model).config
-            raise ValueError(
-                f"{option}: this model ({config.model_type}, attention {config._attn_implementation!r}) gives "
-                f"log-probs up to {float(difference.max()):.3g} nats away from the padded batch's: its attention or "
-                f"positions do not fit {option}'s batch layout; set {option}=False"
-            )
-
-    def _rope_index(self) -> Callable | None:
-        """The model's multimodal rotary position function (Qwen2-VL family), or None for 1-D positions."""
-        model = self.accelerator.unwrap_model(self.model)
-        model = model.get_base_model() if is_peft_model(model) else model
-        return getattr(getattr(model, "model", model), "get_rope_index", None)
 
     def _reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over all processes (`napo.objectives.ReduceSum`)."""
@@ -536,13 +423,15 @@ class NaPOTrainer(TRLSeam):
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
         return mean_over_processes(values, self._reduce_sum)
 
-    def _sequence_logps(self, model, inputs: dict, model_kwargs: dict, labels: torch.Tensor, sum_per_sequence):
+    def _sequence_logps(self, model, inputs: dict, scoring: ScoringInputs):
         """(outputs, logps, ref_logps, token_logps) of a collated batch of N sequences: the policy's outputs (None with
-        `share_prompt`), its and the reference's summed completion log-probs (N,) (the reference's precomputed,
-        from the batch, when there), and with `ld_alpha` the per-token log-probs (policy, reference), (N, L-1) each."""
+        `share_prompt`), its and the reference's summed completion log-probs (N,) (`napo.scoring`; the reference's
+        precomputed, from the batch, when there), and with `ld_alpha` the per-token log-probs (policy, reference),
+        (N, L-1) each."""
         # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
         # argument); the reference forward is not asked.
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        model_kwargs, labels, sum_per_sequence = scoring
         if self.args.share_prompt:
             if self.aux_loss_enabled:
                 raise ValueError("share_prompt: MoE router losses need the padded forward; set share_prompt=False")
@@ -554,12 +443,12 @@ class NaPOTrainer(TRLSeam):
         if "ref_logps" in inputs:
             ref_logps = inputs["ref_logps"].to(logps.dtype)
         elif self.args.ld_alpha is not None:
-            ref_token_logps = self._reference_logps(inputs, model_kwargs, labels, sum_per_sequence, per_token=True)
+            ref_token_logps = self._reference_logps(inputs, scoring, per_token=True)
             ref_logps = sum_per_sequence(ref_token_logps)
             scored = labels.size(1) - 1
             token_logps = (outputs.log_probs[:, -scored:], ref_token_logps[:, -scored:])
         else:
-            ref_logps = self._reference_logps(inputs, model_kwargs, labels, sum_per_sequence)
+            ref_logps = self._reference_logps(inputs, scoring)
         return outputs, logps, ref_logps, token_logps
 
     def preference_loss(self, model, inputs: dict, return_outputs: bool):
@@ -568,10 +457,9 @@ class NaPOTrainer(TRLSeam):
         mode = "train" if self.model.training else "eval"
         if mode == "train" and ROW_INDEX in inputs:
             self._gradient_guard.record_rows(inputs[ROW_INDEX])  # named if the step's gradients are not finite
-        model_kwargs, labels, sum_per_sequence = self._model_inputs(inputs)
-        outputs, logps, ref_logps, token_logps = self._sequence_logps(
-            model, inputs, model_kwargs, labels, sum_per_sequence
-        )
+        scoring = self._model_inputs(inputs)
+        sum_per_sequence = scoring[2]
+        outputs, logps, ref_logps, token_logps = self._sequence_logps(model, inputs, scoring)
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         logratios = logps - ref_logps
         if mode == "train":
@@ -644,7 +532,7 @@ class NaPOTrainer(TRLSeam):
             metrics["aux_loss"].append(float(self._global_mean(outputs.aux_loss.detach())))
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**self._model_kwargs(inputs))
+                outputs = model(**forward_kwargs(inputs))
             return loss, outputs
         return loss
 

@@ -217,7 +217,7 @@ def test_pair_margins_match_the_trainer(tmp_path):
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     pairs, flipped = inject_label_noise(colour_pairs(12), 0.25, seed=3)
 
-    same = pair_margins(reference, copy.deepcopy(reference), tokenizer, pairs, beta=0.1, work_dir=tmp_path / "a")
+    same = pair_margins(reference, copy.deepcopy(reference), tokenizer, pairs, beta=0.1)
     assert np.allclose(same["margin"], 0.0, atol=1e-5)
     scored = pair_margins(
         copy.deepcopy(policy),
@@ -225,7 +225,6 @@ def test_pair_margins_match_the_trainer(tmp_path):
         tokenizer,
         pairs,
         beta=0.1,
-        work_dir=tmp_path / "b",
         batch_size=5,
     )
     assert scored["margin"].shape == (12,) and sorted(np.flatnonzero(scored["noisy"]).tolist()) == flipped

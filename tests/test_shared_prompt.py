@@ -67,7 +67,7 @@ def test_a_shared_prompt_path_that_disagrees_with_the_padded_one_stops_on_the_fi
 
     shared = trainers_for("text", tmp_path)[True]
     original = module.shared_prompt_logps
-    monkeypatch.setattr("napo.trainer.shared_prompt_logps", lambda model, batch: original(model, batch) + 0.5)
+    monkeypatch.setattr("napo.scoring.shared_prompt_logps", lambda model, batch: original(model, batch) + 0.5)
     with pytest.raises(ValueError, match="share_prompt: this model .* nats away"):
         loss_and_grads(shared, fresh_rows(shared, 2))
 

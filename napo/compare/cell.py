@@ -49,9 +49,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         metrics = evaluate_lab_model((model, processing_class), source["lab"], n=context["eval_n"])
     else:
         heldout = datasets.load_from_disk(context["heldout"])
-        held = pair_margins(
-            model, reference, processing_class, heldout, beta=context["beta"], work_dir=cell_dir / "scoring"
-        )
+        held = pair_margins(model, reference, processing_class, heldout, beta=context["beta"])
         metrics = {
             "heldout_reward_accuracy": float(np.mean(held["margin"] > 0)),
             "heldout_mean_margin": float(np.mean(held["margin"])),
@@ -62,10 +60,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         bench_dir = Path(context["out"], "benchmarks", key.replace("/", "_"))
         shutil.rmtree(bench_dir, ignore_errors=True)  # a failed attempt's answers came from other weights
         metrics.update(evaluate_model(context["eval"], model, processing_class, bench_dir, model_id=key))
-    # After evaluation: scoring wraps the model in a trainer, which patches its forward.
-    train_margins = pair_margins(
-        model, reference, processing_class, pairs, beta=context["beta"], work_dir=cell_dir / "scoring"
-    )
+    train_margins = pair_margins(model, reference, processing_class, pairs, beta=context["beta"])
     if not context["keep_models"]:
         shutil.rmtree(cell_dir, ignore_errors=True)
     return {
@@ -161,7 +156,7 @@ def _pair_label_counts(pairs) -> dict[str, dict[str, int]]:
 
 
 def pair_margins(
-    model, reference, processing_class, pairs, *, beta: float, work_dir: Path, batch_size: int = 32
+    model, reference, processing_class, pairs, *, beta: float, batch_size: int = 32
 ) -> dict[str, np.ndarray]:
     """The β-scaled reward margin z of every (row, negative column) pair of `pairs` under `model` vs `reference`.
 
@@ -171,7 +166,9 @@ def pair_margins(
         z = β · [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))]   (nats · β)
 
     with y_w the row's `chosen` as stored (for a flipped row: the biased answer), scored exactly as
-    `NaPOTrainer` scores them in training (same tokenization, full prompt and images).
+    `NaPOTrainer` scores them in training (`napo.evaluate.preference_log_probs`: the trainer's collator and
+    `napo.scoring`, full prompt and images), without building a trainer; the models are put in eval mode on the GPU
+    when there is one, as a trainer would place them, and their forward is left as it is.
 
     Returns:
         {"margin": (n_pairs,), "noisy": (n_pairs,) bool (the row's `noisy`, False when the column is absent),
@@ -179,27 +176,22 @@ def pair_margins(
     """
     import torch
 
-    from napo import NaPOConfig, NaPOTrainer
-    from napo.trainer import _ref_column
+    from napo.collators import _ref_column
+    from napo.evaluate import preference_log_probs
+    from napo.negatives import NEGATIVE_COLUMNS
 
-    args = NaPOConfig(
-        output_dir=str(work_dir),
-        beta=beta,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device).eval()
+    answers = [c for c in ("chosen", *NEGATIVE_COLUMNS) if c in pairs.column_names]
+    stored = all(_ref_column(c) in pairs.column_names for c in answers)
+    if not stored:
+        reference.to(device).eval()
+    logratios, scored, negatives = preference_log_probs(
+        model, processing_class, pairs, reference=None if stored else reference, batch_size=batch_size
     )
-    trainer = NaPOTrainer(
-        model=model, ref_model=reference, args=args, train_dataset=pairs, processing_class=processing_class
-    )
-    trainer.model.eval()
-    columns = ("chosen", *trainer.negative_columns)
-    scored = trainer.train_dataset
-    if all(_ref_column(c) in scored.column_names for c in columns):  # precomputed: no reference pass
-        stored = np.stack([np.asarray(scored[_ref_column(c)], dtype=np.float32) for c in columns], axis=1)
-        logratios = trainer.log_prob_table(scored, batch_size, of="policy") - stored
-    else:
-        logratios = trainer.log_prob_table(scored, batch_size, of="logratio")
+    columns = ("chosen", *negatives)
+    if stored:  # precomputed: no reference pass
+        logratios = logratios - np.stack([np.asarray(scored[_ref_column(c)], dtype=np.float32) for c in columns], 1)
     # From the scored dataset: its rows are the table's (a row whose prompt fills max_length is not scored).
     noisy_rows = (
         np.asarray(scored["noisy"], dtype=bool) if "noisy" in scored.column_names else np.zeros(len(scored), dtype=bool)
