@@ -116,7 +116,7 @@ class NaPOTrainer(TRLSeam):
                 year         = 2025,
                 booktitle    = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
                 pages        = {9423--9433}
-            }"""),
+            }"""),  # noqa: E501 (the BibTeX booktitle is one line)
     }
 
     def __init__(

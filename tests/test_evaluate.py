@@ -29,7 +29,8 @@ def llava():
 
 
 def _by_hand(model, processor, sample: dict, answer: str) -> float:
-    """One sample, no batching: render prompt + answer + <eos> as one text, forward, sum log-softmax of the last tokens."""
+    """One sample, no batching: render prompt + answer + <eos> as one text, forward, sum log-softmax of the last
+    tokens."""
     tokenizer = processor.tokenizer
     text = (
         processor.apply_chat_template(sample["prompt"], tokenize=False, add_generation_prompt=True)

@@ -130,7 +130,7 @@ def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(weights, tmp_pat
 
     stock_losses, stock_grads, stock_margins = {}, {}, {}
     for column in columns:
-        pairs = dataset.filter(lambda row: row[column] is not None).map(lambda row: {"rejected": row[column]})
+        pairs = dataset.filter(lambda row, c=column: row[c] is not None).map(lambda row, c=column: {"rejected": row[c]})
         pairs = as_trl_pairs(pairs.select_columns(["prompt", "chosen", "rejected"]))
         stock = DPOTrainer(
             model=perturbed(base),
