@@ -121,6 +121,8 @@ def start_slowed(marker: Path, *args: str, env: dict | None = None) -> subproces
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {})},
+        # A background run (nohup, `&`) inherits SIGINT ignored: give the job the terminal's default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

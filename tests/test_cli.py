@@ -642,7 +642,12 @@ def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp
     for debug in ([], ["--debug"]):
         stalled = tmp_path / f"stalled{len(debug)}"
         process = subprocess.Popen(
-            [sys.executable, "-c", STALLING_PAIRS, *args, *debug, str(stalled)], stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", STALLING_PAIRS, *args, *debug, str(stalled)],
+            stderr=subprocess.PIPE,
+            text=True,
+            # A job started in the background (nohup, `&`, some CI runners) inherits SIGINT ignored, and Python then
+            # installs no KeyboardInterrupt handler: give the child the default disposition a terminal user has.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 240
         while not stalled.exists():
