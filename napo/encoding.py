@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 ProcessingClass = PreTrainedTokenizerBase | ProcessorMixin
 # Column added to every dataset the trainer gets: each row's 0-based position, so errors can name source rows.
 ROW_INDEX = "row_index"
+# Entries of a collated batch that describe its sequences rather than feed the model.
+SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", ROW_INDEX)
 # Row columns whose media a processor encodes with the text (rows with any are encoded on the fly, in the collator).
 MEDIA_COLUMNS = ("image", "images", "audios")
 

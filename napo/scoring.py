@@ -27,11 +27,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from napo.encoding import SEQUENCE_KEYS
 from napo.fast import pack_sequences
 from napo.shared_prompt import shared_prompt_logps
-
-# Batch entries that describe the sequences rather than feed the model.
-SEQUENCE_KEYS = ("completion_mask", "sequence_row", "sequence_type", "ref_logps", "row_index")
 
 # (model keyword arguments, labels (B, L): the scored token ids, -100 elsewhere, sum_per_sequence): what a padded or
 # packed batch gives the model, and the map of its per-token log-probs (B, L-1) to each sequence's sum (N,).

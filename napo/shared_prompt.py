@@ -25,18 +25,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from napo.encoding import SEQUENCE_KEYS
 from napo.models.families import rope_index_function
 
-# Batch entries that describe the sequences: handled here, never passed to the model.
-_SEQUENCE_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "completion_mask",
-    "sequence_row",
-    "sequence_type",
-    "ref_logps",
-    "row_index",
-)
+# What this module reads from a batch itself; every other entry is a model input (media, per-token inputs).
+_HANDLED_KEYS = ("input_ids", "attention_mask", *SEQUENCE_KEYS)
 
 
 def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -57,7 +50,7 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     for key, value in batch.items():
         # A per-token input (PaliGemma's prefix-LM `token_type_ids`, Qwen2.5-VL's `mm_token_type_ids`, positions)
         # would have to be split into prompt and answer the model's own way.
-        if key not in _SEQUENCE_KEYS and torch.is_tensor(value) and value.shape[:2] == input_ids.shape:
+        if key not in _HANDLED_KEYS and torch.is_tensor(value) and value.shape[:2] == input_ids.shape:
             raise ValueError(
                 f"share_prompt: the batch has the per-token input `{key}` (e.g. a prefix-LM mask), which shared-prompt "
                 "scoring cannot split between prompt and answer; set share_prompt=False for this model"
@@ -83,7 +76,7 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     prompt_positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     media = {}
     for key, value in batch.items():
-        if key in _SEQUENCE_KEYS or value is None:
+        if key in _HANDLED_KEYS or value is None:
             continue
         if not torch.is_tensor(value) or value.size(0) != n_sequences:
             raise ValueError(

@@ -194,6 +194,8 @@ class NaPOTrainer(TRLSeam):
             args.on_nonfinite, lambda name, value: self.logged_metrics("train")[name].append(value)
         )
         self.add_callback(self._gradient_guard)
+        if args.share_prompt and self.aux_loss_enabled:
+            raise ValueError("share_prompt: MoE router losses need the padded forward; set share_prompt=False")
         # Training micro-batches of this `train()` call, and those skipped as non-finite (their loss 0 is not trained).
         self._batches_run = self._batches_skipped = 0
         self._saturated_batches = dict.fromkeys(self.negative_columns, 0)  # consecutive batches, per negative type
@@ -433,8 +435,6 @@ class NaPOTrainer(TRLSeam):
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         model_kwargs, labels, sum_per_sequence = scoring
         if self.args.share_prompt:
-            if self.aux_loss_enabled:
-                raise ValueError("share_prompt: MoE router losses need the padded forward; set share_prompt=False")
             outputs, logps = None, self._shared_prompt_logps(model, inputs)
         else:
             outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)

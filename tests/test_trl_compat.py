@@ -206,6 +206,17 @@ def test_moe_router_aux_loss_is_added_as_stock_trl_adds_it(model_type, tmp_path)
     assert abs(float(napo_loss - off_loss) - 0.5 * napo._metrics["train"]["aux_loss"][-1]) < 1e-5
 
 
+def test_share_prompt_with_a_moe_router_loss_is_refused_when_the_trainer_is_built(tmp_path):
+    _, tokenizer = build_tiny_model("text", seed=0)
+    with pytest.raises(ValueError, match="share_prompt: MoE router losses need the padded forward"):
+        NaPOTrainer(
+            model=_tiny_moe("qwen3_moe", len(tokenizer)),
+            args=_args(tmp_path, share_prompt=True),
+            train_dataset=preference_rows(2, vision=False),
+            processing_class=tokenizer,
+        )
+
+
 def _args(tmp_path, **settings) -> NaPOConfig:
     return NaPOConfig(output_dir=str(tmp_path), **{**COMMON, **settings})
 
