@@ -518,3 +518,45 @@ def test_eval_benchmarks_enter_every_cell_and_the_tables(user_setup, tmp_path):
     assert "## pope/f1" in (tmp_path / "grid" / "README.md").read_text()
     with pytest.raises(ValueError, match="benchmark 'popes'"):
         user_config(user_setup, tmp_path / "bad", eval=f"popes={questions}")
+
+
+def _claim_rows(gains: dict[float, list[float]], costs: dict[float, list[float]]) -> list[dict]:
+    """Result rows where DPO sits at 0.5 / 0.9 and NaPO-paper at 0.5 + gain / 0.9 + cost, per rate and seed."""
+    rows = []
+    for rate, seed_gains in gains.items():
+        for seed, (gain, cost) in enumerate(zip(seed_gains, costs[rate], strict=True)):
+            for objective, (cf, pc) in {"dpo": (0.5, 0.9), "napo-paper": (0.5 + gain, 0.9 + cost)}.items():
+                rows.append(
+                    {
+                        "objective": objective,
+                        "noise_rate": rate,
+                        "seed": seed,
+                        "metrics": {"counterfactual_accuracy": cf, "prior_consistent_accuracy": pc},
+                        "margins": {},
+                        "train_wall_s": 1.0,
+                    }
+                )
+    return rows
+
+
+def test_claim_verdict_follows_issue_15s_rule():
+    gain = [0.06, 0.08, 0.07, 0.09, 0.10]  # mean 0.08, sd 0.0158: 95% interval 0.08 ± 2.776·0.0158/√5 = [0.060, 0.100]
+    flat = [0.01, -0.01, 0.0, 0.02, -0.02]  # cost interval straddles 0: not significantly worse
+    bad_at_zero = [-0.3] * 5  # ε = 0 is outside the rule
+    rows = _claim_rows({0.0: bad_at_zero, 0.15: gain, 0.3: gain}, {0.0: bad_at_zero, 0.15: flat, 0.3: flat})
+    decided = compare.claim_verdict(rows)
+    assert decided["verdict"] == "confirmed", decided
+    assert [r["noise_rate"] for r in decided["rates"]] == [0.15, 0.3]
+    low = 0.08 - 2.776 * float(np.std(gain, ddof=1)) / math.sqrt(5)
+    assert decided["rates"][0]["gain"]["low"] == pytest.approx(low)
+
+    small = [g - 0.04 for g in gain]  # mean 0.04 < 0.05 at one rate: refuted
+    assert compare.claim_verdict(_claim_rows({0.15: gain, 0.3: small}, {0.15: flat, 0.3: flat}))["verdict"] == "refuted"
+    worse = [-0.05, -0.04, -0.06, -0.05, -0.05]  # prior-consistent significantly lower: refuted
+    decided = compare.claim_verdict(_claim_rows({0.15: gain}, {0.15: worse}))
+    assert decided["verdict"] == "refuted" and "prior_consistent_accuracy -0.050" in decided["reasons"][0]
+    noisy = [0.3, -0.2, 0.25, -0.1, 0.15]  # mean 0.08 but the interval includes 0: refuted
+    assert compare.claim_verdict(_claim_rows({0.15: noisy}, {0.15: flat}))["verdict"] == "refuted"
+    three = compare.claim_verdict(_claim_rows({0.15: gain[:3]}, {0.15: flat[:3]}))
+    assert three["verdict"] == "undecided" and "3 paired replicates" in three["reasons"][0]
+    assert compare.claim_verdict(_claim_rows({0.0: gain}, {0.0: flat}))["verdict"] == "undecided"

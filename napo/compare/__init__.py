@@ -53,9 +53,18 @@ from napo.compare.grid import (
 )
 from napo.compare.report import KEY_METRICS, VERDICT_METRICS, write_report
 from napo.compare.run import read_results, run_compare
-from napo.compare.stats import LOWER_IS_BETTER, cell_values, paired_differences, summarize, t_quantile_975
+from napo.compare.stats import (
+    CLAIM_RULE,
+    LOWER_IS_BETTER,
+    cell_values,
+    claim_verdict,
+    paired_differences,
+    summarize,
+    t_quantile_975,
+)
 
 __all__ = [
+    "CLAIM_RULE",
     "DEFAULT_NOISE_RATES",
     "DEFAULT_OBJECTIVES",
     "DEFAULT_SEEDS",
@@ -67,6 +76,7 @@ __all__ = [
     "CompareConfig",
     "cell_key",
     "cell_values",
+    "claim_verdict",
     "label_smoothing_for",
     "load_recipe",
     "margin_summary",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from napo.compare.grid import SMOOTHING_RANGE, CompareConfig
-from napo.compare.stats import LOWER_IS_BETTER, paired_differences, summarize
+from napo.compare.stats import LOWER_IS_BETTER, claim_verdict, paired_differences, summarize
 from napo.provenance import device_description, versions_text, write_text_atomic
 
 # Metrics the verdict compares NaPO and DPO on, by source: the debiasing gain, what it may cost (NOTES: DPO on
@@ -102,6 +102,20 @@ def _verdict_table(rows: list[dict], metrics: tuple[str, ...], rates: list[float
     ]
 
 
+def _claim_lines(rows: list[dict]) -> list[str]:
+    """The paper's claim decided by `stats.claim_verdict`'s rule, with the numbers it was decided on."""
+    decided = claim_verdict(rows)
+    rule = decided["rule"]
+    lines = [
+        f"**The paper's claim: {decided['verdict']}.** Rule: at every noise rate ≥ {rule['min_noise_rate']:g}, "
+        f"{rule['objective']} − DPO (paired over ≥ {rule['min_replicates']} replicates) gains ≥ "
+        f"{rule['min_gain']:+.2f} {rule['gain_metric']} with its 95% interval above 0, and its "
+        f"{rule['cost_metric']} interval reaches 0 or above (not significantly worse); refuted otherwise.",
+    ]
+    lines += [f"- {reason}" for reason in decided["reasons"]]
+    return lines
+
+
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
     objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
     rates = sorted(r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows))
@@ -159,6 +173,8 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     lines += _verdict_table(rows, VERDICT_METRICS[config.source], rates, objectives) or [
         "(no DPO and NaPO cells to compare yet)"
     ]
+    if config.source == "lab":
+        lines += ["", *_claim_lines(rows)]
     for metric in metrics:
         lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]
     lines += [

@@ -129,3 +129,67 @@ def t_quantile_975(df: int) -> float:
     if df < 1:
         raise ValueError(f"t quantile needs df >= 1, got {df}")
     return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+
+
+# Issue 15's decision rule for the paper's claim (NaPO beats DPO under the noise NaPO is for), on the lab's metrics.
+CLAIM_RULE = {
+    "objective": "napo-paper",
+    "min_noise_rate": 0.15,
+    "gain_metric": "counterfactual_accuracy",
+    "min_gain": 0.05,
+    "cost_metric": "prior_consistent_accuracy",
+    "min_replicates": 5,
+}
+
+
+def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
+    """The paper's claim decided from a lab grid's rows by `rule` (default `CLAIM_RULE`).
+
+    At every noise rate ε ≥ `min_noise_rate` with paired cells of `objective` and DPO, with d_s the paired
+    per-replicate difference `objective` − DPO (`paired_differences`):
+
+        confirmed  ⇔  for each such ε:  mean(d[gain_metric]) ≥ min_gain  and  low95(d[gain_metric]) > 0
+                                        and  high95(d[cost_metric]) ≥ 0   (prior-consistent not significantly worse)
+
+    "refuted" otherwise; "undecided" when no rate ≥ `min_noise_rate` has paired cells or any has fewer than
+    `min_replicates` replicates (then `reasons` says which). Returns {verdict, rule, rates: [{noise_rate, n,
+    gain (mean, low, high), cost (mean, low, high), passes}], reasons: [str]}.
+    """
+    rule = dict(CLAIM_RULE, **(rule or {}))
+    objective, gain, cost = rule["objective"], rule["gain_metric"], rule["cost_metric"]
+    rates = sorted({r["noise_rate"] for r in rows if r["noise_rate"] >= rule["min_noise_rate"]})
+    diffs = {
+        (d["metric"], d["noise_rate"]): d
+        for d in paired_differences(rows, (gain, cost), rates, ["dpo", objective])
+        if d["objective"] == objective
+    }
+    checked, reasons = [], []
+    for rate in rates:
+        g, c = diffs.get((gain, rate)), diffs.get((cost, rate))
+        if g is None or c is None:
+            continue
+        passes = g["mean"] >= rule["min_gain"] and g["low"] > 0 and c["high"] >= 0
+        checked.append(
+            {
+                "noise_rate": rate,
+                "n": g["n"],
+                "gain": {k: g[k] for k in ("mean", "low", "high")},
+                "cost": {k: c[k] for k in ("mean", "low", "high")},
+                "passes": bool(passes),
+            }
+        )
+        if g["n"] < rule["min_replicates"]:
+            reasons.append(f"noise {rate:g}: {g['n']} paired replicates, the rule needs {rule['min_replicates']}")
+        elif not passes:
+            reasons.append(
+                f"noise {rate:g}: {gain} {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}], {cost} "
+                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
+            )
+    if not checked:
+        verdict = "undecided"
+        reasons.append(f"no noise rate ≥ {rule['min_noise_rate']:g} has paired {objective} and dpo cells")
+    elif any(r["n"] < rule["min_replicates"] for r in checked):
+        verdict = "undecided"
+    else:
+        verdict = "confirmed" if all(r["passes"] for r in checked) else "refuted"
+    return {"verdict": verdict, "rule": rule, "rates": checked, "reasons": reasons}
