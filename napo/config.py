@@ -149,6 +149,15 @@ class NaPOConfig(DPOConfig):
         default=NEGATIVE_BY_COLUMN["rejected_audio_bias"].margin,
         metadata={"help": "Margin ψ feeding q for audio-biased negatives: 'sum' or 'mean'."},
     )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "λ of an NLL term on the chosen answers, added to the loss of any objective: loss + λ · mean over "
+            "the batch's rows of −log π(y_w), the answer's summed log-prob (the released code's `SFT_weight`, 0 there "
+            "by default). It keeps the chosen likelihood from falling while margins grow (DPO's likelihood "
+            "displacement). TRL's loss_type 'sft' differs: a per-token mean, only on pairs trained with DPO."
+        },
+    )
     encode_images_once: bool = field(
         default=False,
         metadata={
@@ -220,6 +229,8 @@ class NaPOConfig(DPOConfig):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.saturation_warning_steps < 0:
             raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
         for column in NEGATIVE_BY_COLUMN:

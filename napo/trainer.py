@@ -526,6 +526,10 @@ class NaPOTrainer(TRLSeam):
                 # over processes this is the mean over all pairs, however unevenly the processes hold them.
                 pairs_per_process = pairs_everywhere / self.accelerator.num_processes
                 loss = loss + weights[column] * per_pair.sum() / pairs_per_process
+        if self.args.sft_weight:  # NLL on each row's chosen answer, averaged over all processes' rows like the pairs
+            chosen_logps = logps[types == 0]
+            rows_everywhere = self.accelerator.reduce(torch.tensor(float(chosen_logps.numel()), device=logps.device))
+            loss = loss - self.args.sft_weight * chosen_logps.sum() / (rows_everywhere / self.accelerator.num_processes)
         metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss

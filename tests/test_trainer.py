@@ -409,3 +409,50 @@ def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(fami
     )
     assert sequences == 10
     assert images_seen[0] * (4 if deduplicates else 1) == images_seen[-1] * (sequences if deduplicates else 1)
+
+
+def test_sft_weight_adds_the_chosen_nll_as_stock_trls_sft_loss_does(tmp_path):
+    # Stock TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, λ] adds λ · the mean NLL per chosen token; napo's
+    # sft_weight adds λ' · the mean over rows of the summed chosen NLL. With every chosen answer T tokens long the two
+    # agree at λ' = λ / T, loss and gradients; and the same term enters NaPO's loss unchanged.
+    base, processing = build_tiny_model("text", seed=0)
+    dataset = preference_rows(6, vision=False)
+    stock = DPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"), loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], **COMMON
+        ),
+        train_dataset=as_trl_pairs(dataset),
+        processing_class=processing,
+    )
+    batch = stock.data_collator(fresh_rows(stock, 6))
+    chosen_tokens = batch["completion_mask"][:6].sum(dim=1)
+    assert (chosen_tokens == chosen_tokens[0]).all(), "the check needs chosen answers of one length"
+    trl_loss, trl_grads = loss_and_grads(stock, fresh_rows(stock, 6))
+
+    def napo_loss(objective, sft_weight):
+        trainer = NaPOTrainer(
+            model=perturbed(base),
+            ref_model=copy.deepcopy(base),
+            args=NaPOConfig(
+                output_dir=str(tmp_path / f"{objective}{sft_weight}"),
+                objective=objective,
+                sft_weight=sft_weight,
+                **COMMON,
+            ),
+            train_dataset=dataset,
+            processing_class=processing,
+        )
+        return loss_and_grads(trainer, fresh_rows(trainer, 6))
+
+    loss, grads = napo_loss("dpo", 0.7 / float(chosen_tokens[0]))
+    assert abs(float(loss) - float(trl_loss)) < 1e-5
+    for name in trl_grads:
+        torch.testing.assert_close(grads[name], trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    term = float(loss) - float(napo_loss("dpo", 0.0)[0])
+    assert term > 0.1  # the NLL term is there and not negligible: the comparison above has teeth
+    napo_with, napo_without = napo_loss("napo", 0.7 / float(chosen_tokens[0]))[0], napo_loss("napo", 0.0)[0]
+    assert float(napo_with) - float(napo_without) == pytest.approx(term, abs=1e-5)
+    with pytest.raises(ValueError, match="sft_weight"):
+        NaPOConfig(output_dir=str(tmp_path / "bad"), sft_weight=-1.0, **COMMON)
