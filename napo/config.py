@@ -153,8 +153,9 @@ class NaPOConfig(DPOConfig):
         default=0.0,
         metadata={
             "help": "λ of an NLL term on the chosen answers, added to the loss of any objective: loss + λ · mean over "
-            "the batch's rows of −log π(y_w), the answer's summed log-prob (the released code's `SFT_weight`, 0 there "
-            "by default). It keeps the chosen likelihood from falling while margins grow (DPO's likelihood "
+            "the batch's rows of −log π(y_w), the answer's summed log-prob, as the released code's DPO trainer "
+            "(`LLaVA15DPOTrainer`, env `SFT_weight`, 0 by default; its NaPO trainer has no such term)."
+            " It keeps the chosen likelihood from falling while margins grow (DPO's likelihood "
             "displacement). TRL's loss_type 'sft' differs: a per-token mean, only on pairs trained with DPO."
         },
     )
