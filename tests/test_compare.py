@@ -148,6 +148,14 @@ def test_user_dataset_grid_runs_resumes_and_reports(user_setup, tmp_path, count_
     run_compare(wider, progress=False)
     assert count_cells == [] and "cells finished: 4 of 6" in (tmp_path / "run" / "README.md").read_text()
 
+    # Other training settings in the same folder: the old rows are not results of this grid, so one cell reruns
+    # (a one-cell grid keeps this cheap) and the report holds that cell alone.
+    train = dict(config.train, learning_rate=5e-4)
+    other = user_config(user_setup, tmp_path / "run", objectives=["dpo"], noise_rates=[0.0], train=train)
+    assert run_compare(other, progress=False)["cells_run"] == 1 and count_cells == ["dpo/noise=0/seed=0"]
+    assert "cells finished: 1 of 1" in (tmp_path / "run" / "README.md").read_text()
+    assert len({row["settings"] for row in read_results(tmp_path / "run" / "results.jsonl")}) == 2
+
 
 @pytest.mark.slow
 def test_failed_cell_is_recorded_and_retried(user_setup, tmp_path, monkeypatch, count_cells):

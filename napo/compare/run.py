@@ -4,6 +4,7 @@ results.jsonl / errors.jsonl appended as cells finish, then the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -48,10 +49,15 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     context = prepare_sources(config, out)
-    # Only cells trained from this very SFT model and pairs count: after the lab (or the data) changes, every cell
-    # reruns.
+    # Only cells trained from this very SFT model and pairs, with these training settings, count: after the lab, the
+    # data or the settings change, every cell reruns (the cell key names only objective, noise and seed).
     sources = source_dirs(context, config.seeds)
-    done = {row["key"] for row in read_results(results_path) if row.get("source_dir") == sources.get(row.get("seed"))}
+    fingerprint = settings_fingerprint(config, context["max_steps"])
+
+    def current(row: dict) -> bool:
+        return row.get("source_dir") == sources.get(row.get("seed")) and row.get("settings") == fingerprint
+
+    done = {row["key"] for row in read_results(results_path) if current(row)}
     # Seed-major order: a run stopped early holds whole replicates of the grid, not whole noise rates.
     todo = [
         (objective, rate, seed)
@@ -85,13 +91,9 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
                 )
                 bar.set_postfix(failed=failed)
             else:
-                _append_line(results_path, outcome)
+                _append_line(results_path, {**outcome, "settings": fingerprint})
                 bar.update(1)
-    rows = [
-        row
-        for row in read_results(results_path)
-        if row["key"] in grid_keys(config) and row.get("source_dir") == sources.get(row.get("seed"))
-    ]
+    rows = [row for row in read_results(results_path) if row["key"] in grid_keys(config) and current(row)]
     meta = {
         "command": command or "napo.compare.run_compare (Python API)",
         "date": utc_now(),
@@ -107,6 +109,14 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
+
+
+def settings_fingerprint(config: CompareConfig, max_steps: int | None) -> str:
+    """A short hash of what decides a cell's result beyond its key and its source: the extra training settings, β,
+    the step count and the evaluation (lab rows per split, benchmarks). Recorded in every results row as
+    `settings`."""
+    decisive = dict(train=config.train, beta=config.beta, max_steps=max_steps, eval_n=config.eval_n, eval=config.eval)
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _append_line(path: Path, row: dict) -> None:
