@@ -276,7 +276,6 @@ class NaPOTrainer(TrainerScoring):
         scoring = self._model_inputs(inputs)
         sum_per_sequence = scoring[2]
         outputs, logps, ref_logps, token_logps = self._sequence_logps(model, inputs, scoring)
-        lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
         if mode == "train":
             self._batches_run += 1
         if self._nonfinite_batch(inputs, logps - ref_logps):
@@ -285,6 +284,7 @@ class NaPOTrainer(TrainerScoring):
             return (skipped, outputs) if return_outputs else skipped
         sequence_weights = None
         if self.args.use_weighting:  # WPO (Eq. 2): w = exp(mean over the completion of log p − log Σ_v p_v²)
+            lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)  # scored completion tokens, (N,)
             with torch.no_grad():
                 sequence_weights = torch.exp(sum_per_sequence(outputs.log_probs - outputs.log_sum_sq_probs) / lengths)
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
