@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
-from napo.data import RowError
 from napo.encoding import ROW_INDEX, encode_sequences, render_training_answer
 from napo.models.families import PER_TOKEN_INPUTS
+from napo.rows import RowError
 from napo.trl_seam import pad
 
 

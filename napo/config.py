@@ -8,7 +8,7 @@ import torch
 from trl import DPOConfig
 
 from napo.negatives import NEGATIVE_BY_COLUMN, NEGATIVES, negative_type
-from napo.objectives import LABEL_SMOOTHING_OBJECTIVES, check_objective_settings
+from napo.objectives import LABEL_SMOOTHING_OBJECTIVES, check_objective_settings, normalised_weights
 from napo.trl_losses import LABEL_SMOOTHING_LOSS_TYPES, TRL_LOSS_TYPES
 
 # Each negative column with the short name of its logged metrics ("" for `rejected`, whose metrics keep TRL's names);
@@ -316,3 +316,23 @@ class NaPOConfig(DPOConfig):
                 f"fields {missing}: declare them beside weight_language_bias"
             )
         return tuple(getattr(self, f) for f in fields)
+
+    def negative_type_plan(self, columns: tuple[str, ...]) -> tuple[dict[str, float], dict[str, str]]:
+        """γ̂ (weights renormalised over the negative columns a dataset has) and the objective of each column; raises
+        ValueError when TRL's loss settings would train no pair."""
+        weights = normalised_weights({c: self.negative_type_settings(c)[0] for c in columns})
+        has_bias_types = any(c != "rejected" for c in columns)
+        objectives = {
+            # The paper keeps DPO for the original pair and applies NaPO to the bias-type negatives.
+            c: "dpo" if (self.objective == "napo" and c == "rejected" and has_bias_types) else self.objective
+            for c in columns
+        }
+        if self.uses_trl_loss and "dpo" not in objectives.values():
+            raise ValueError(
+                f"loss_type={self.loss_type} (loss_weights={self.loss_weights}, f_divergence_type="
+                f"{self.f_divergence_type!r}) is the loss of pairs trained with DPO, but with objective="
+                f"{self.objective!r} and the negative columns {list(columns)} every pair is trained with NaPO: set "
+                "objective='dpo' to train TRL's loss, or add bias columns (their pairs use NaPO, `rejected` uses "
+                "loss_type)"
+            )
+        return weights, objectives

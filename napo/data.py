@@ -1,4 +1,4 @@
-"""Reading source and preference datasets, and checking preference rows before training.
+"""Reading source and preference datasets: files, folders and hub ids, their layouts, one checked canonical row each.
 
 `read_dataset` reads the data users have (JSONL, `.json` arrays, parquet files or folders, `save_to_disk` folders
 including `DatasetDict`, Hugging Face hub ids through `datasets.load_dataset`), detects its row layout
@@ -6,44 +6,53 @@ including `DatasetDict`, Hugging Face hub ids through `datasets.load_dataset`), 
 converts every row to napo's canonical row and checks it, so one bad row is a reject naming its row, field and
 reason, never a crash of the job. Media columns follow DESIGN.md's preference rows: `images` is a list of RGB images
 (an `Image` feature, decoded to PIL on access) and `audios` a list of 1-D float32 arrays at 16 kHz with an int
-`sampling_rate` column. `validate_preference_dataset` checks the answer columns the trainer needs.
+`sampling_rate` column.
+
+The jobs live one per module: `napo.rows` checks rows (`RowError`, `validate_preference_dataset`, which checks the
+answer columns the trainer needs), `napo.media` decodes images and audio; this module reads sources and builds the
+table. Their public names are importable from here too, as they were before the split.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import os
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
-import librosa
-import numpy as np
-from PIL import Image
 
-from napo.formats import (
-    LAYOUT_NAMES,
-    MEDIA_TAGS,
-    Layout,
-    LayoutError,
-    detect_layout,
-    parse_columns,
-    split_implicit_prompt,
-)
+from napo.formats import LAYOUT_NAMES, Layout, LayoutError, detect_layout, parse_columns
+from napo.media import SAMPLING_RATE, decode_row
 from napo.negatives import NEGATIVE_COLUMNS
+from napo.rows import (
+    RowError,
+    check_answer,
+    check_column_types,
+    check_media_placeholders,
+    check_prompt,
+    prepare_preference_dataset,
+    validate_preference_dataset,
+)
+
+__all__ = [
+    "REJECTED_COLUMNS",
+    "SAMPLING_RATE",
+    "DatasetOptions",
+    "RowError",
+    "check_answer",
+    "check_prompt",
+    "prepare_preference_dataset",
+    "read_dataset",
+    "validate_preference_dataset",
+]
 
 logger = logging.getLogger(__name__)
 
 REJECTED_COLUMNS = NEGATIVE_COLUMNS  # the negative columns (`napo.negatives`), under the name this module used
-SAMPLING_RATE = 16_000  # Hz: every audio array napo stores or feeds a model is at this rate
-IMAGE_FIELDS = ("images", "image")  # source field names; a single "image" becomes a one-item "images"
-AUDIO_FIELDS = ("audios", "audio")
 ON_BAD_ROW = ("raise", "collect")
 KINDS = ("preference", "source", "rows")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -93,15 +102,6 @@ class DatasetOptions:
     def split(self) -> str:
         """The split read from a DatasetDict folder or a hub dataset."""
         return self.dataset_split or "train"
-
-
-class RowError(ValueError):
-    """A row that cannot be used: names the row (index, or e.g. "line 7 of a.jsonl"), the field, and the problem."""
-
-    def __init__(self, row: int | str, field: str, problem: str):
-        self.row, self.field, self.problem = row, field, problem
-        where = f"row {row}" if isinstance(row, int) else str(row)
-        super().__init__(f"{where}, field {field!r}: {problem}")
 
 
 def read_dataset(
@@ -166,107 +166,13 @@ def read_dataset(
             if on_bad_row == "raise":
                 raise
             bad_rows.append({"row": error.row, "field": error.field, "reason": error.problem})
-    _check_column_types(decoded, bad_rows, on_bad_row)
+    check_column_types(decoded, bad_rows, on_bad_row)
     dataset = _to_dataset(path, decoded, source_features)
     logger.info(
         f"{path}: {len(dataset)} rows read as {layout.name if layout else 'plain rows'}"
         f"{f', {len(bad_rows)} rejected' if bad_rows else ''}"
     )
     return dataset, bad_rows
-
-
-def prepare_preference_dataset(dataset: datasets.Dataset) -> datasets.Dataset:
-    """A TRL dataset as napo's trainer takes it: without a `prompt` column, the shared prefix of `chosen` and the
-    rejected answers becomes the prompt (TRL's implicit prompt); every other dataset is returned as it is."""
-    columns = dataset.column_names or list(next(iter(dataset)))  # an IterableDataset may not know its columns
-    if "prompt" in columns or "chosen" not in columns:
-        return dataset
-    answers = tuple(c for c in ("chosen", *REJECTED_COLUMNS) if c in columns)
-    described = {"desc": "Extracting the implicit prompts"} if isinstance(dataset, datasets.Dataset) else {}
-    return dataset.map(split_implicit_prompt, fn_kwargs={"answer_columns": answers}, **described)
-
-
-def validate_preference_dataset(dataset: datasets.Dataset, *, require_rejected: bool = True) -> list[str]:
-    """Check a preference dataset before training; return the rejected columns present, in REJECTED_COLUMNS order.
-
-    Checks: a `prompt` and a `chosen` column; (when `require_rejected`) at least one of REJECTED_COLUMNS;
-    in every row a non-empty prompt, a `chosen` that is a non-empty string or TRL assistant messages, and rejected
-    values of the same kinds or None (None = that kind of negative is missing for this row), with at least one
-    negative.
-
-    Raises:
-        ValueError: a column is missing (the message lists the columns found and what to add).
-        RowError: a row breaks a rule (the message names the row, the column and what was expected).
-    """
-    columns = list(dataset.column_names)
-    for needed in ("prompt", "chosen"):
-        if needed not in columns:
-            raise ValueError(
-                f"the dataset has no {needed!r} column (columns: {columns}); a preference row needs 'prompt' "
-                f"(a string or TRL messages) and 'chosen' (the preferred answer): rename your column or build "
-                f"the dataset with `napo pairs`"
-            )
-    rejected = [name for name in REJECTED_COLUMNS if name in columns]
-    if require_rejected and not rejected:
-        raise ValueError(
-            f"the dataset has none of the rejected columns {list(REJECTED_COLUMNS)} (columns: {columns}); "
-            f"generate negatives with `napo pairs` or rename your negative column to 'rejected'"
-        )
-    for index, row in enumerate(dataset.select_columns(["prompt", "chosen", *rejected])):
-        check_prompt(index, row["prompt"])
-        check_answer(index, "chosen", row["chosen"])
-        for name in rejected:
-            check_answer(index, name, row[name], allow_none=True)
-        if require_rejected and all(row[name] is None for name in rejected):
-            raise RowError(
-                index,
-                "/".join(rejected),
-                "every negative is None: give the row at least one rejected answer or drop it",
-            )
-    return rejected
-
-
-def check_prompt(row: int | str, prompt: Any) -> None:
-    """Raise `RowError` unless `prompt` is a non-empty string or a non-empty list of {"role", "content"} messages."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RowError(row, "prompt", "is an empty string: expected the question (a string or TRL messages)")
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise RowError(row, "prompt", f"is {_describe(prompt)}: expected a non-empty string or a list of TRL messages")
-    for message in prompt:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(row, "prompt", f"has message {message!r}: expected {{'role': ..., 'content': ...}}")
-
-
-def check_answer(
-    row: int | str, field: str, value: Any, *, allow_none: bool = False, allow_messages: bool = True
-) -> None:
-    """Raise `RowError` unless `value` is a non-empty string, a non-empty list of assistant messages (TRL's
-    conversational answers, when `allow_messages`), or None when `allow_none`."""
-    if value is None and allow_none:
-        return
-    if allow_messages and isinstance(value, list) and value:
-        for message in value:
-            if (
-                not isinstance(message, dict)
-                or message.get("role") != "assistant"
-                or (not message.get("content") and not message.get("tool_calls"))
-            ):
-                raise RowError(row, field, f"has message {message!r}: expected assistant turns with content")
-        return
-    if not isinstance(value, str) or not value.strip():
-        allowed = "a non-empty string" + (" or assistant messages" if allow_messages else "")
-        allowed += " or None (negative missing)" if allow_none else ""
-        raise RowError(row, field, f"is {_describe(value)}: expected {allowed}")
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "missing (None)"
-    if isinstance(value, str):
-        return "an empty string" if not value.strip() else repr(value)
-    return f"a {type(value).__name__}"
 
 
 # ------------------------------------------------------------------------------------------- reading files
@@ -401,221 +307,15 @@ def _canonical_row(
             raise RowError(index, error.field, error.problem) from None
         except (KeyError, TypeError, AttributeError, IndexError) as error:  # a value of an unexpected shape
             raise RowError(index, "<layout>", f"does not fit the {layout.name} layout: {error!r}") from None
-    row = _decode_row(index, row, base_dir, options)
+    row = decode_row(index, row, base_dir, options)
     if "prompt" in row or kind != "rows":
         check_prompt(index, row.get("prompt"))
     for name in ("chosen", *REJECTED_COLUMNS):
         if name in row or (name == "chosen" and kind != "rows"):
             messages_ok = kind == "preference" or name != "chosen"
             check_answer(index, name, row.get(name), allow_none=name != "chosen", allow_messages=messages_ok)
-    _check_media(index, row)
+    check_media_placeholders(index, row)
     return row
-
-
-def _check_media(index: int, row: dict) -> None:
-    """Raise `RowError` for a row with both images and audio, or whose prompt has another number of placeholders
-    (typed parts, or `<image>`/`<audio>` tags in strings) than it has images / audio clips (0 placeholders: TRL puts
-    one per item before the first user text)."""
-    counts = {"image": len(row.get("images") or []), "audio": len(row.get("audios") or [])}
-    if counts["image"] and counts["audio"]:
-        raise RowError(index, "images/audios", "has both images and audio: napo trains one modality per row")
-    prompt = row.get("prompt")
-    for kind, count in counts.items():
-        tag = next(t for t, k in MEDIA_TAGS.items() if k == kind)
-        if isinstance(prompt, str):
-            placeholders = prompt.count(tag)
-        elif isinstance(prompt, list):
-            placeholders = sum(
-                part.get("type") == kind if isinstance(part, dict) else 0
-                for message in prompt
-                if isinstance(message.get("content"), list)
-                for part in message["content"]
-            ) + sum(message["content"].count(tag) for message in prompt if isinstance(message.get("content"), str))
-        else:
-            placeholders = 0
-        if placeholders and placeholders != count:
-            raise RowError(
-                index,
-                "prompt",
-                f"has {placeholders} {kind} placeholder(s) for {count} {kind} item(s): "
-                f"give one {tag} tag or {{'type': '{kind}'}} part per item, or none",
-            )
-
-
-def _check_column_types(rows: list[dict], bad_rows: list[dict], on_bad_row: str) -> None:
-    """Reject (in place) rows whose value in a non-media column has another type than the column's first value:
-    Arrow would refuse the whole dataset without naming the row. 1 and 1.5 share a column; None fits any column;
-    an answer column may mix strings and messages (strings are then turned into assistant messages), and message
-    contents may mix strings and typed parts (strings then become one text part)."""
-    column_types: dict[str, type] = {}
-    kept = []
-    for row in rows:
-        try:
-            for name, value in row.items():
-                if value is None or name in ("images", "audios", "sampling_rate", "_row"):
-                    continue
-                kind = float if type(value) is int else type(value)
-                if name in ("chosen", *REJECTED_COLUMNS):
-                    continue
-                expected = column_types.setdefault(name, kind)
-                if kind is not expected:
-                    problem = f"is {_describe(value)} where earlier rows have a {expected.__name__}"
-                    raise RowError(row["_row"], name, f"{problem}: use one type per column")
-            kept.append(row)
-        except RowError as error:
-            if on_bad_row == "raise":
-                raise
-            bad_rows.append({"row": error.row, "field": error.field, "reason": error.problem})
-    rows[:] = kept
-    # Arrow holds one type per column: once some message content is a list of typed parts, string contents become
-    # one text part (chat templates render both alike).
-    prompts = [row["prompt"] for row in rows if isinstance(row.get("prompt"), list)]
-    if any(isinstance(m.get("content"), list) for prompt in prompts for m in prompt):
-        for prompt in prompts:
-            for k, message in enumerate(prompt):
-                if isinstance(message.get("content"), str):
-                    prompt[k] = {**message, "content": [{"type": "text", "text": message["content"]}]}
-    for name in ("chosen", *REJECTED_COLUMNS):
-        values = [row.get(name) for row in rows]
-        if any(isinstance(v, list) for v in values) and any(isinstance(v, str) for v in values):
-            for row in rows:
-                if isinstance(row.get(name), str):
-                    row[name] = [{"role": "assistant", "content": row[name]}]
-
-
-def _decode_row(index: int, row: dict, base_dir: str, options: DatasetOptions) -> dict:
-    """Replace the source's image/audio fields, in place in the column order, by `images` (list of encoded RGB
-    images) and `audios` + `sampling_rate`; `_row` records the source index for later checks."""
-    image_field = _media_field(index, row, IMAGE_FIELDS)
-    audio_field = _media_field(index, row, AUDIO_FIELDS)
-    out = {"_row": index}
-    for name, value in row.items():
-        if name == image_field:
-            out["images"] = [_image_cell(index, name, item, base_dir, options) for item in _as_list(value, audio=False)]
-        elif name == audio_field:
-            source_rate = _sampling_rate(index, "sampling_rate", row.get("sampling_rate"))
-            items = _as_list(value, audio=True)
-            out["audios"] = [_audio_array(index, name, item, base_dir, source_rate, options) for item in items]
-            out["sampling_rate"] = SAMPLING_RATE
-        elif name not in IMAGE_FIELDS + AUDIO_FIELDS + ("sampling_rate",):
-            out[name] = value
-    return out
-
-
-def _sampling_rate(index: int, field: str, value: Any) -> int:
-    """A source sampling rate in Hz: a positive whole number; None means SAMPLING_RATE."""
-    if value is None:
-        return SAMPLING_RATE
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-        or value != int(value)
-    ):
-        raise RowError(index, field, f"is {value!r}: expected a positive whole number of Hz, e.g. 16000")
-    return int(value)
-
-
-def _media_field(index: int, row: dict, names: tuple[str, str]) -> str | None:
-    present = [name for name in names if name in row]
-    if len(present) > 1 and all(row[name] is not None for name in present):
-        raise RowError(index, "/".join(present), "both are set: keep one media field (a list under the plural name)")
-    return next((name for name in present if row[name] is not None), present[0] if present else None)
-
-
-def _as_list(value: Any, *, audio: bool) -> list:
-    if value is None:
-        return []
-    if audio and isinstance(value, (list, tuple)) and value and isinstance(value[0], (int, float)):
-        return [value]  # one raw waveform
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]  # one path, one image, or one waveform array
-
-
-def _image_cell(index: int, field: str, value: Any, base_dir: str, options: DatasetOptions) -> dict:
-    """Decode one image fully (truncated files fail here, not in training); return it as an `Image` cell of RGB
-    bytes."""
-    if isinstance(value, Image.Image):
-        data, where = None, "the in-memory image"
-        image = value
-    else:
-        data, where = _media_bytes(index, field, value, base_dir, options)
-        try:
-            with warnings.catch_warnings():
-                # PIL only warns between MAX_IMAGE_PIXELS and twice that, then decodes hundreds of MB: refuse those too.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                image.load()
-        except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
-            raise RowError(index, field, f"{where} cannot be decoded as an image: {error}") from error
-    if data is not None and image.mode == "RGB" and image.format in ("PNG", "JPEG", "WEBP"):
-        return {"bytes": data, "path": None}  # already RGB: keep the original bytes (no lossy re-encode)
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return {"bytes": buffer.getvalue(), "path": None}
-
-
-def _audio_array(
-    index: int, field: str, value: Any, base_dir: str, source_rate: int, options: DatasetOptions
-) -> np.ndarray:
-    """One waveform as float32 mono at SAMPLING_RATE, every sample finite. Shape: (samples,)."""
-    if isinstance(value, dict) and value.get("array") is not None:
-        value, source_rate = value["array"], _sampling_rate(index, field, value.get("sampling_rate") or source_rate)
-    if isinstance(value, (list, np.ndarray)):
-        try:
-            wave = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError) as error:
-            raise RowError(index, field, f"is not a numeric waveform: {error}") from None
-        if wave.ndim not in (1, 2) or wave.size == 0:
-            raise RowError(index, field, f"has shape {wave.shape}: expected (samples,) or (channels, samples)")
-        wave = wave.mean(axis=0) if wave.ndim == 2 else wave  # (channels, samples) -> mono
-        if not np.isfinite(wave).all():
-            raise RowError(index, field, "has NaN or infinite samples: fix or drop the clip")
-        if source_rate != SAMPLING_RATE:
-            wave = librosa.resample(wave, orig_sr=source_rate, target_sr=SAMPLING_RATE)
-        return wave.astype(np.float32)
-    data, where = _media_bytes(index, field, value, base_dir, options)
-    try:
-        wave, _ = librosa.load(io.BytesIO(data), sr=SAMPLING_RATE, mono=True)
-    except Exception as error:  # soundfile / audioread raise several unrelated types
-        raise RowError(index, field, f"{where} cannot be decoded as audio: {error}") from error
-    if not np.isfinite(wave).all():
-        raise RowError(index, field, f"{where} has NaN or infinite samples: fix or drop the clip")
-    return wave.astype(np.float32)
-
-
-def _media_bytes(index: int, field: str, value: Any, base_dir: str, options: DatasetOptions) -> tuple[bytes, str]:
-    """The raw bytes of a media cell (a path, or an undecoded {"bytes", "path"} cell) and a name for messages.
-
-    A path resolves against `base_dir`; one that leads outside it (`../`, an absolute path, a symlink) is refused
-    unless `options.allow_outside_paths`, and a file over `options.max_media_bytes` is refused before it is read."""
-    limit = options.max_media_bytes
-    if isinstance(value, dict) and value.get("bytes") is not None:
-        if len(value["bytes"]) > limit:
-            raise RowError(index, field, f"embeds {len(value['bytes'])} bytes, over max_media_bytes={limit}")
-        return value["bytes"], f"the embedded file {value.get('path') or ''}".rstrip()
-    path = value.get("path") if isinstance(value, dict) else value
-    if not isinstance(path, str) or not path:
-        raise RowError(index, field, f"holds {_describe(path)}: expected a file path or image/audio bytes")
-    full = os.path.join(base_dir, path)
-    if not options.allow_outside_paths:
-        folder = os.path.realpath(base_dir)
-        if os.path.commonpath([os.path.realpath(full), folder]) != folder:
-            raise RowError(
-                index,
-                field,
-                f"{path} is outside the data folder {folder}: move the file there, or pass "
-                f"--allow-outside-paths if you trust this dataset",
-            )
-    if not os.path.isfile(full):
-        raise RowError(index, field, f"{full} does not exist: fix the path (relative to {base_dir}) or drop the row")
-    size = os.path.getsize(full)
-    if size > limit:
-        raise RowError(index, field, f"{full} has {size} bytes, over max_media_bytes={limit}: not read")
-    with open(full, "rb") as handle:
-        return handle.read(), full
 
 
 _MEDIA_FEATURES = {

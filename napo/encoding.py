@@ -29,8 +29,8 @@ from datasets import Dataset, IterableDataset
 from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 from trl.data_utils import apply_chat_template, is_conversational, prepare_multimodal_messages
 
-from napo.data import SAMPLING_RATE
 from napo.formats import MEDIA_TAGS
+from napo.media import SAMPLING_RATE
 from napo.models.families import MEDIA_FEATURES, PER_TOKEN_INPUTS, PROCESSOR_ONLY_OUTPUTS
 from napo.trl_seam import _tokenize, common_prefix_length, flush_left
 

@@ -22,9 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixi
 
 import perturb
 from napo.collators import preference_collator
-from napo.data import prepare_preference_dataset, validate_preference_dataset
 from napo.encoding import answer_batch, has_media, to_model, tokenize_text_dataset, with_row_index
 from napo.inference import generate
+from napo.rows import prepare_preference_dataset, validate_preference_dataset
 from napo.scoring import answer_table, sequence_logps
 
 _TRAILING_PUNCTUATION = ".,!?;:"

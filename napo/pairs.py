@@ -39,7 +39,9 @@ import perturb
 from napo.data import REJECTED_COLUMNS, DatasetOptions, read_dataset
 from napo.inference import generate
 from napo.jobs import LOCK_NAME, locks_output
+from napo.label_noise import inject_label_noise
 from napo.negatives import AUDIO_NEGATIVES, IMAGE_NEGATIVES
+from napo.pairs_stats import bin_labels, length_histogram, stats_markdown
 from napo.provenance import write_text_atomic
 
 # The default negatives of image and of audio data: column -> perturbation spec (records in `napo.negatives`).
@@ -47,7 +49,6 @@ VISION_NEGATIVES = IMAGE_NEGATIVES
 # Files and folders a job writes; `overwrite` removes exactly these, never anything else in output_dir.
 _OUTPUTS = ("args.json", "shards", "dataset", "data.parquet", "rejects.jsonl", "stats.json", "stats.md")
 # Upper edges (inclusive) of the answer-length histogram bins, in words; the last bin is open.
-_LENGTH_BINS = (0, 1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -395,67 +396,13 @@ def _finish(
             for column, spec in negatives.items()
         },
         "label_noise": {"rate": config.inject_label_noise, "rows_swapped": len(noisy_rows)},
-        "answer_words_histogram": {column: _length_histogram(final[column]) for column in ("chosen", *negatives)},
-        "bins": _bin_labels(),
+        "answer_words_histogram": {column: length_histogram(final[column]) for column in ("chosen", *negatives)},
+        "bins": bin_labels(),
         "outputs": outputs,
     }
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-    write_text_atomic(out / "stats.md", _stats_markdown(stats, config))
+    write_text_atomic(out / "stats.md", stats_markdown(stats, config))
     return stats
-
-
-def inject_label_noise(
-    dataset: datasets.Dataset, rate: float, seed: int, negatives: list[str] | None = None
-) -> tuple[datasets.Dataset, list[int]]:
-    """Flip the preference of round(rate * rows) rows, the same rows for every negative column; add bool `noisy`.
-
-    A row has one `chosen` for all its negatives, so a flipped row gets chosen := its first non-None negative
-    (in the order of `negatives`) and every non-None negative := the original chosen: each of its pairs then
-    prefers a biased answer over the reference one. With one negative column this is a plain swap. Precomputed
-    reference log-probs (`ref_chosen_logps`, `ref_<column>_logps`), where present, move with their answers.
-
-    Args:
-        rate: fraction of rows to flip, in [0, 1].
-        seed: the flipped rows are `numpy.random.default_rng(seed).choice(rows, count, replace=False)`.
-        negatives: the rejected columns to flip; None: every column of REJECTED_COLUMNS present.
-
-    Returns:
-        `(dataset, flipped)`: a new dataset (same columns in the same order, plus `noisy`) and the sorted
-        indices of the flipped rows.
-    """
-    if not 0 <= rate <= 1:
-        raise ValueError(f"label noise rate {rate}: expected a fraction in [0, 1]")
-    final = dataset
-    negatives = negatives if negatives is not None else [c for c in REJECTED_COLUMNS if c in final.column_names]
-    if not negatives:
-        raise ValueError(f"no rejected column to flip (columns: {final.column_names})")
-    count = round(rate * len(final))
-    flipped = sorted(np.random.default_rng(seed).choice(len(final), size=count, replace=False).tolist())
-    answers = ("chosen", *negatives)
-    # Each layer maps an answer column to a column that moves with it: the texts, then (when the dataset carries
-    # them) their reference log-probs, so that a shared precomputed reference stays right after the flip.
-    layers = [{name: name for name in answers}]
-    refs = {name: f"ref_{name}_logps" for name in answers if f"ref_{name}_logps" in final.column_names}
-    if refs and len(refs) < len(answers):
-        raise ValueError(f"reference log-prob columns {sorted(refs.values())} cover only some of {list(answers)}")
-    layers += [refs] if refs else []
-    features = {column: final.features[column] for layer in layers[1:] for column in layer.values()}
-    columns = {column: list(final[column]) for layer in layers for column in layer.values()}
-    for i in flipped:
-        present = [name for name in negatives if columns[name][i] is not None]
-        for layer in layers:
-            original = columns[layer["chosen"]][i]
-            columns[layer["chosen"]][i] = columns[layer[present[0]]][i]
-            for name in present:
-                columns[layer[name]][i] = original
-    noisy = np.zeros(len(final), dtype=bool)
-    noisy[flipped] = True
-    order = final.column_names
-    final = final.remove_columns(list(columns))
-    for name, values in columns.items():
-        final = final.add_column(name, values, feature=features.get(name, datasets.Value("string")))
-    final = final.add_column("noisy", noisy.tolist(), feature=datasets.Value("bool"))
-    return final.select_columns([*order, "noisy"]), flipped
 
 
 def _seed(*parts: int) -> int:
@@ -466,56 +413,6 @@ def _seed(*parts: int) -> int:
 def _same_answer(answer: str, chosen: str) -> bool:
     """Equal up to case and whitespace: such a negative teaches nothing (or the opposite of what is intended)."""
     return " ".join(answer.split()).casefold() == " ".join(chosen.split()).casefold()
-
-
-def _length_histogram(answers: list[str | None]) -> list[int]:
-    """Counts of answers per word-count bin (`_bin_labels`); None answers are not counted."""
-    counts = [0] * (len(_LENGTH_BINS) + 1)
-    for answer in answers:
-        if answer is not None:
-            words = len(answer.split())
-            counts[next((b for b, edge in enumerate(_LENGTH_BINS) if words <= edge), len(_LENGTH_BINS))] += 1
-    return counts
-
-
-def _bin_labels() -> list[str]:
-    labels, low = [], 0
-    for edge in _LENGTH_BINS:
-        labels.append(str(edge) if low == edge else f"{low}-{edge}")
-        low = edge + 1
-    return [*labels, f">{_LENGTH_BINS[-1]}"]
-
-
-def _stats_markdown(stats: dict, config: PairsConfig) -> str:
-    lines = [
-        "# napo pairs",
-        "",
-        f"source `{config.source}`, generator `{config.model}`",
-        "",
-        f"- source rows: {stats['source_rows']}",
-        f"- rows written: {stats['rows_written']}",
-        f"- rejected rows (see rejects.jsonl): {stats['rejects']}",
-        f"- rows dropped because no negative was left: {stats['dropped_no_negative']}",
-        f"- label noise: rate {stats['label_noise']['rate']}, rows swapped {stats['label_noise']['rows_swapped']}",
-        "",
-        "| negative | spec | written | identical to chosen | empty |",
-        "|---|---|---|---|---|",
-    ]
-    for column, n in stats["negatives"].items():
-        fate = "kept" if n["identical_kept"] else "dropped"
-        lines.append(
-            f"| {column} | `{n['spec']}` | {n['written']} | {n['identical_to_chosen']} ({fate}) | {n['empty']} |"
-        )
-    lines += [
-        "",
-        "Answer length (words):",
-        "",
-        "| answer | " + " | ".join(stats["bins"]) + " |",
-        "|---" * (len(stats["bins"]) + 1) + "|",
-    ]
-    for column, counts in stats["answer_words_histogram"].items():
-        lines.append(f"| {column} | " + " | ".join(map(str, counts)) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def _replace_dir(path: Path, write: Callable[[str], None]) -> None:

@@ -41,20 +41,8 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     row must share the row's prompt tokens (they do by construction; checked). Raises ValueError for inputs outside
     the scope of the module docstring, naming the entry.
     """
+    _refuse_unsupported(model, batch)
     input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    if rope_index_function(model) is not None:
-        raise ValueError(
-            f"share_prompt: {model.config.model_type} computes multimodal rotary positions (get_rope_index), so an "
-            "answer's positions are not prompt length + t; set share_prompt=False for this model"
-        )
-    for key, value in batch.items():
-        # A per-token input (PaliGemma's prefix-LM `token_type_ids`, Qwen2.5-VL's `mm_token_type_ids`, positions)
-        # would have to be split into prompt and answer the model's own way.
-        if key not in _HANDLED_KEYS and torch.is_tensor(value) and value.shape[:2] == input_ids.shape:
-            raise ValueError(
-                f"share_prompt: the batch has the per-token input `{key}` (e.g. a prefix-LM mask), which shared-prompt "
-                "scoring cannot split between prompt and answer; set share_prompt=False for this model"
-            )
     rows = batch["sequence_row"]
     n_sequences = input_ids.size(0)
     prompt_lengths = (attention.bool() & ~completion.bool()).sum(dim=1)  # (N,): the prompt precedes the answer
@@ -114,6 +102,25 @@ def shared_prompt_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     logits = torch.cat((prompt_out.logits[:, -1:][rows], answer_out.logits[:, :-1]), dim=1).float()
     token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, answer_ids.unsqueeze(2)).squeeze(2)
     return (token_logps * answer_mask).sum(dim=1)
+
+
+def _refuse_unsupported(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError for a model with multimodal rotary positions or a batch with a per-token input other than
+    the ones this module splits itself: shared-prompt scoring would give them wrong positions or masks."""
+    input_ids = batch["input_ids"]
+    if rope_index_function(model) is not None:
+        raise ValueError(
+            f"share_prompt: {model.config.model_type} computes multimodal rotary positions (get_rope_index), so an "
+            "answer's positions are not prompt length + t; set share_prompt=False for this model"
+        )
+    for key, value in batch.items():
+        # A per-token input (PaliGemma's prefix-LM `token_type_ids`, Qwen2.5-VL's `mm_token_type_ids`, positions)
+        # would have to be split into prompt and answer the model's own way.
+        if key not in _HANDLED_KEYS and torch.is_tensor(value) and value.shape[:2] == input_ids.shape:
+            raise ValueError(
+                f"share_prompt: the batch has the per-token input `{key}` (e.g. a prefix-LM mask), which shared-prompt "
+                "scoring cannot split between prompt and answer; set share_prompt=False for this model"
+            )
 
 
 def _check_shared_prompts(

@@ -15,62 +15,40 @@ adapter disabled (PEFT: no second model in memory), or are precomputed once befo
 (`precompute_ref_log_probs=True`) — for text and vision datasets alike.
 
 Relies on private parts of trl 1.16.0 and transformers 5.23.0 (pinned exactly in pyproject.toml), all behind
-`napo.trl_seam.TRLSeam`: this module overrides no private method.
+`napo.trl_seam.TRLSeam`: this module overrides no private method. How sequences are scored (padded, packed or
+shared-prompt layouts, the reference policy, precomputed reference log-probs) lives in `napo.trainer_scoring`, the
+trainer's base class; this module builds the trainer and computes the loss.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
 import textwrap
 
-import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from transformers.trainer_utils import TrainOutput
 
-from napo.collators import (  # noqa: F401  (ROW_INDEX, _ref_column: napo.compare imports them from here)
-    ROW_INDEX,
-    _ref_column,
-    preference_collator,
-)
+from napo.collators import ROW_INDEX, _ref_column, preference_collator
 from napo.config import NaPOConfig
-from napo.data import prepare_preference_dataset, validate_preference_dataset
 from napo.encoding import MEDIA_COLUMNS, has_media, tokenize_text_dataset, with_row_index
 from napo.fast import encode_images_once
-from napo.models.families import rope_index_function
 from napo.negatives import negative_type
 from napo.nonfinite import NonFiniteGradientGuard, stop_or_skip
 from napo.objectives import (
     mean_over_processes,
     napo_q,
-    normalised_weights,
     objective_loss,
     reward_statistics,
     type_weights,
 )
-from napo.scoring import (
-    ScoringInputs,
-    answer_table,
-    check_same_logps,
-    forward_kwargs,
-    packed_inputs,
-    padded_inputs,
-    sequence_logps,
-    summed_logps,
-)
-from napo.scoring import (
-    token_logps as per_token_logps,
-)
-from napo.trl_losses import length_desensitized_logps, trl_config_loss
-from napo.trl_seam import TRLSeam, disable_gradient_checkpointing, hash_module, use_adapter
+from napo.rows import prepare_preference_dataset, validate_preference_dataset
+from napo.scoring import forward_kwargs
+from napo.trainer_scoring import TrainerScoring
+from napo.trl_losses import pair_logps, trl_sequence_pair_loss
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +67,7 @@ def _validate(dataset: Dataset | IterableDataset) -> list[str]:
     return validate_preference_dataset(dataset)
 
 
-class NaPOTrainer(TRLSeam):
+class NaPOTrainer(TrainerScoring):
     """Preference training with one negative column or several (`rejected`, `rejected_language_bias`,
     `rejected_vision_bias`, `rejected_audio_bias`) and any objective of `napo.objectives`.
 
@@ -137,6 +115,43 @@ class NaPOTrainer(TRLSeam):
             args = NaPOConfig(output_dir="napo-output")
         if not isinstance(args, NaPOConfig):
             raise TypeError(f"args must be a NaPOConfig, got {type(args).__name__}")
+        train_dataset, eval_dataset = self._checked_datasets(train_dataset, eval_dataset, processing_class)
+        self._type_weights, self._type_objectives = args.negative_type_plan(self.negative_columns)
+        if (
+            ref_model is None
+            and isinstance(model, PreTrainedModel)
+            and peft_config is None
+            and not is_peft_model(model)
+        ):
+            # TRL would rebuild the reference from the model's name, which fails for a model never saved. A frozen
+            # copy is the reference; with precomputation it is dropped once the log-probs are cached.
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self._wire_training_state(args, default_collator=data_collator is None)
+        # `TRLSeam` ran DPOTrainer.__init__ with precompute_ref_log_probs and padding_free off: napo does both itself.
+        if args.precompute_ref_log_probs:
+            self._precompute_references(args)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _checked_datasets(
+        self, train_dataset: Dataset | None, eval_dataset: Dataset | dict[str, Dataset] | None, processing_class
+    ) -> tuple[Dataset, Dataset | dict[str, Dataset] | None]:
+        """The training and evaluation datasets as the trainer uses them, checked: implicit prompts split off, every
+        row validated (`napo.rows`), a `row_index` column added; sets `negative_columns` and `_on_the_fly` (rows with
+        media, processed by the multimodal collator). Raises ValueError for a missing training set or media rows
+        with a text tokenizer."""
         if train_dataset is None:
             # TRL's words first, so that code matching TRL's error still matches.
             raise ValueError(
@@ -166,30 +181,11 @@ class NaPOTrainer(TRLSeam):
         for dataset in eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]:
             if dataset is not None:
                 _validate(dataset)
-        self._type_weights, self._type_objectives = self._resolve_negative_types(args, self.negative_columns)
+        return train_dataset, eval_dataset
 
-        if (
-            ref_model is None
-            and isinstance(model, PreTrainedModel)
-            and peft_config is None
-            and not is_peft_model(model)
-        ):
-            # TRL would rebuild the reference from the model's name, which fails for a model never saved. A frozen
-            # copy is the reference; with precomputation it is dropped once the log-probs are cached.
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-        )
+    def _wire_training_state(self, args: NaPOConfig, default_collator: bool) -> None:
+        """After `DPOTrainer.__init__`: the non-finite gradient guard, the per-`train()` counters, napo's collator
+        (unless the caller passed one) and, with `encode_images_once`, the vision towers' image cache."""
         self._gradient_guard = NonFiniteGradientGuard(
             args.on_nonfinite, lambda name, value: self.logged_metrics("train")[name].append(value)
         )
@@ -200,47 +196,28 @@ class NaPOTrainer(TRLSeam):
         self._batches_run = self._batches_skipped = 0
         self._saturated_batches = dict.fromkeys(self.negative_columns, 0)  # consecutive batches, per negative type
         self._packing_verified = self._shared_prompt_verified = False
-        if data_collator is None:
+        if default_collator:
             self.data_collator = self._default_collator()
         if args.encode_images_once and self.is_vision_dataset:
             # Before precomputing: the reference pass gains as much as training does.
             for module in (self.model, self.ref_model):
                 if module is not None:
                     encode_images_once(module)
-        # `TRLSeam` ran DPOTrainer.__init__ with precompute_ref_log_probs and padding_free off: napo does both itself.
-        if args.precompute_ref_log_probs:
-            train_batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
-            eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
-            self.train_dataset = self.precompute_reference(self.train_dataset, "train", train_batch_size)
-            if isinstance(self.eval_dataset, dict):  # dict and DatasetDict
-                self.eval_dataset = {
-                    name: self.precompute_reference(d, name, eval_batch_size) for name, d in self.eval_dataset.items()
-                }
-            elif self.eval_dataset is not None:
-                self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval", eval_batch_size)
-            if not is_peft_model(self.model):
-                self.ref_model = None  # every split's reference log-probs are cached: free the copy
 
-    # ------------------------------------------------------------------------------------------ set-up
-    @staticmethod
-    def _resolve_negative_types(args: NaPOConfig, columns: tuple[str, ...]) -> tuple[dict, dict]:
-        """γ̂ (weights renormalised over the columns present) and the objective of each negative column."""
-        weights = normalised_weights({c: args.negative_type_settings(c)[0] for c in columns})
-        has_bias_types = any(c != "rejected" for c in columns)
-        objectives = {
-            # The paper keeps DPO for the original pair and applies NaPO to the bias-type negatives.
-            c: "dpo" if (args.objective == "napo" and c == "rejected" and has_bias_types) else args.objective
-            for c in columns
-        }
-        if args.uses_trl_loss and "dpo" not in objectives.values():
-            raise ValueError(
-                f"loss_type={args.loss_type} (loss_weights={args.loss_weights}, f_divergence_type="
-                f"{args.f_divergence_type!r}) is the loss of pairs trained with DPO, but with objective="
-                f"{args.objective!r} and the negative columns {list(columns)} every pair is trained with NaPO: set "
-                "objective='dpo' to train TRL's loss, or add bias columns (their pairs use NaPO, `rejected` uses "
-                "loss_type)"
-            )
-        return weights, objectives
+    def _precompute_references(self, args: NaPOConfig) -> None:
+        """`precompute_ref_log_probs`: every split's reference log-probs added as columns (`precompute_reference`);
+        the frozen reference copy is then freed (a PEFT model keeps its adapter-disabled reference)."""
+        train_batch_size = args.precompute_ref_batch_size or args.per_device_train_batch_size
+        eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        self.train_dataset = self.precompute_reference(self.train_dataset, "train", train_batch_size)
+        if isinstance(self.eval_dataset, dict):  # dict and DatasetDict
+            self.eval_dataset = {
+                name: self.precompute_reference(d, name, eval_batch_size) for name, d in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self.precompute_reference(self.eval_dataset, "eval", eval_batch_size)
+        if not is_peft_model(self.model):
+            self.ref_model = None  # every split's reference log-probs are cached: free the copy
 
     def _default_collator(self):
         return preference_collator(
@@ -281,142 +258,7 @@ class NaPOTrainer(TRLSeam):
             name=dataset_name,
         )
 
-    # ------------------------------------------------------------------------------- reference log-probs
-    def _reference_logps(self, inputs: dict, scoring: ScoringInputs, per_token: bool = False) -> torch.Tensor:
-        """Summed completion log-probs of every sequence under the reference policy, shape (N,); with `per_token` the
-        fused head's per-token log-probs, shape (B, L-1) (0 off the completion). `inputs` is the collated batch,
-        `scoring` its padded or packed form (`_model_inputs`)."""
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            self._reference_policy() as reference,
-        ):
-            if per_token:
-                return per_token_logps(reference, *scoring[:2])
-            return self._summed_logps(reference, inputs, scoring)
-
-    def _summed_logps(self, model: torch.nn.Module, inputs: dict, scoring: ScoringInputs) -> torch.Tensor:
-        """Summed completion log-probs (N,) of a collated batch under `model`: shared-prompt with `share_prompt`,
-        else from `scoring`, the batch's padded or packed layout (`_model_inputs`)."""
-        if self.args.share_prompt:
-            return self._shared_prompt_logps(model, inputs)
-        return summed_logps(model, scoring)
-
-    @contextlib.contextmanager
-    def _reference_policy(self):
-        """The module that computes reference log-probs: the frozen reference model, or the policy with its
-        adapters disabled (PEFT: the "ref" adapter when there is one), or — once precomputation freed the frozen
-        copy — the policy itself, which is the reference only before the first update."""
-        if self.ref_model is not None:
-            yield self.ref_model
-        elif is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = "ref" if "ref" in unwrapped.peft_config else None  # None: adapters disabled = base model
-            with use_adapter(unwrapped, adapter_name=adapter):
-                yield self.model
-        else:
-            # TRL's rule; after the first update TRL's `evaluate` refuses a new dataset before reaching here.
-            if self.state.global_step > 0:
-                raise ValueError(
-                    "Cannot compute reference log-probs after training has started: precompute_ref_log_probs=True "
-                    "freed the reference model; pass the dataset as eval_dataset at initialization, or ref_model"
-                )
-            yield self.model
-
-    def _shared_prompt_logps(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-        """`napo.shared_prompt.shared_prompt_logps`, checked once against the padded layout (`check_same_logps`)."""
-        logps = sequence_logps(model, inputs, shared_prompt=True)
-        if not self._shared_prompt_verified:
-            self._shared_prompt_verified = True
-            check_same_logps(
-                "share_prompt",
-                model,
-                lambda: sequence_logps(model, inputs, shared_prompt=True),
-                lambda: sequence_logps(model, inputs),
-            )
-        return logps
-
-    def precompute_reference(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """Adds `ref_chosen_logps` and `ref_<column>_logps` (NaN where a row lacks the negative) to `dataset`.
-
-        Computed once with the reference policy and cached under `<output_dir>/ref_logps/`, keyed by the dataset
-        fingerprint, the reference weights and the columns, so a resumed or repeated run reads them back.
-        Works for vision datasets too: the collator processes the images exactly as during training.
-        """
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                f"`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
-                f"Dataset or set `precompute_ref_log_probs=False`. (The {name} dataset is a stream: its reference "
-                "log-probs cannot be stored beside its rows.)"
-            )
-        if "ref_chosen_logps" in dataset.column_names:
-            return dataset
-        answer_columns = ("chosen", *self.negative_columns)
-        reference = self.ref_model if self.ref_model is not None else self.model
-        key = Hasher.hash((dataset._fingerprint, hash_module(reference), answer_columns, self.args.max_length))
-        cache = os.path.join(self.args.output_dir, "ref_logps", f"{name}-{key}.npy")
-        if os.path.exists(cache):
-            table = np.load(cache)
-        else:
-            table = self.log_prob_table(dataset, batch_size, f"Reference log-probs for the {name} dataset")
-            if self.is_world_process_zero():
-                os.makedirs(os.path.dirname(cache), exist_ok=True)
-                np.save(cache + ".tmp.npy", table)
-                os.replace(cache + ".tmp.npy", cache)  # atomic: a killed run never leaves a half-written cache
-        for k, column in enumerate(answer_columns):
-            dataset = dataset.add_column(_ref_column(column), table[:, k].tolist())
-        return dataset
-
-    def log_prob_table(
-        self, dataset: Dataset, batch_size: int, description: str | None = None, of: str = "reference"
-    ) -> np.ndarray:
-        """Summed completion log-probs of every row's answers, without gradients: under the reference policy
-        (`of="reference"`), under the policy (`"policy"`), or the policy's log-ratio to the reference,
-        log π(y|x) − log π_ref(y|x) (`"logratio"`).
-
-        Returns float32 (len(dataset), 1 + K): column 0 the chosen answer, column k the k-th negative column, NaN
-        where a row lacks that negative. Batches go through the trainer's collator, as in training. `description`
-        labels a progress bar (none when None).
-        """
-        if of not in ("reference", "policy", "logratio"):
-            raise ValueError(f"of={of!r}: expected 'reference', 'policy' or 'logratio'")
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-
-        def score(batch: dict) -> torch.Tensor:
-            batch = self.prepare_batch(batch)
-            scoring = self._model_inputs(batch)
-            if of in ("policy", "logratio"):
-                with torch.no_grad():
-                    logps = self._summed_logps(self.model, batch, scoring)
-            if of in ("reference", "logratio"):
-                reference = self._reference_logps(batch, scoring)
-                logps = logps - reference if of == "logratio" else reference
-            return logps
-
-        show = description is not None and self.is_world_process_zero()
-        batches = tqdm(loader, desc=description, disable=not show)
-        return answer_table(batches, score, len(dataset), 1 + len(self.negative_columns))
-
     # ------------------------------------------------------------------------------------------ loss
-    def _model_inputs(self, inputs: dict) -> ScoringInputs:
-        """The padded or, with `padding_free`, packed layout of a collated batch (`napo.scoring.padded_inputs`,
-        `packed_inputs`); the first packed batch is checked against the padded one (`napo.scoring.check_same_logps`):
-        a family whose forward ignores packed `position_ids` would otherwise let packed sequences attend to each
-        other and train on wrong log-probs without any error."""
-        if not self.padding_free:
-            return padded_inputs(inputs)
-        rope_index = rope_index_function(self.accelerator.unwrap_model(self.model))
-        packed = packed_inputs(inputs, rope_index)
-        if not self._packing_verified:
-            check_same_logps(
-                "padding_free",
-                self.model,
-                lambda: summed_logps(self.model, packed),
-                lambda: summed_logps(self.model, padded_inputs(inputs)),
-            )
-            self._packing_verified = True
-        return packed
-
     def _reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over all processes (`napo.objectives.ReduceSum`)."""
         return self.accelerator.reduce(values, reduction="sum")
@@ -424,32 +266,6 @@ class NaPOTrainer(TRLSeam):
     def _global_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of `values` over all processes (NaN when no process has any); identical on every rank."""
         return mean_over_processes(values, self._reduce_sum)
-
-    def _sequence_logps(self, model, inputs: dict, scoring: ScoringInputs):
-        """(outputs, logps, ref_logps, token_logps) of a collated batch of N sequences: the policy's outputs (None with
-        `share_prompt`), its and the reference's summed completion log-probs (N,) (`napo.scoring`; the reference's
-        precomputed, from the batch, when there), and with `ld_alpha` the per-token log-probs (policy, reference),
-        (N, L-1) each."""
-        # MoE models return their router's load-balancing loss only when asked (VLM wrappers: only as a forward
-        # argument); the reference forward is not asked.
-        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        model_kwargs, labels, sum_per_sequence = scoring
-        if self.args.share_prompt:
-            outputs, logps = None, self._shared_prompt_logps(model, inputs)
-        else:
-            outputs = model(**model_kwargs, **router, labels=labels, fused_lm_head=True)
-            logps = sum_per_sequence(outputs.log_probs)  # (N,), summed over completion tokens
-        token_logps = None  # LD-DPO: per-token log-probs (policy, reference), shape (N, L-1) each, padded path only
-        if "ref_logps" in inputs:
-            ref_logps = inputs["ref_logps"].to(logps.dtype)
-        elif self.args.ld_alpha is not None:
-            ref_token_logps = self._reference_logps(inputs, scoring, per_token=True)
-            ref_logps = sum_per_sequence(ref_token_logps)
-            scored = labels.size(1) - 1
-            token_logps = (outputs.log_probs[:, -scored:], ref_token_logps[:, -scored:])
-        else:
-            ref_logps = self._reference_logps(inputs, scoring)
-        return outputs, logps, ref_logps, token_logps
 
     def preference_loss(self, model, inputs: dict, return_outputs: bool):
         """Σ_t γ_t · mean over the pairs of type t of L_t(z) for a collated batch (module docstring), and the metrics
@@ -460,16 +276,15 @@ class NaPOTrainer(TRLSeam):
         scoring = self._model_inputs(inputs)
         sum_per_sequence = scoring[2]
         outputs, logps, ref_logps, token_logps = self._sequence_logps(model, inputs, scoring)
-        lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)
-        logratios = logps - ref_logps
         if mode == "train":
             self._batches_run += 1
-        if self._nonfinite_batch(inputs, logratios):
+        if self._nonfinite_batch(inputs, logps - ref_logps):
             self._batches_skipped += mode == "train"
             skipped = logps.new_zeros((), requires_grad=True)  # a leaf: backward reaches no weight, so no update
             return (skipped, outputs) if return_outputs else skipped
         sequence_weights = None
         if self.args.use_weighting:  # WPO (Eq. 2): w = exp(mean over the completion of log p − log Σ_v p_v²)
+            lengths = inputs["completion_mask"][:, 1:].sum(dim=1).clamp(min=1)  # scored completion tokens, (N,)
             with torch.no_grad():
                 sequence_weights = torch.exp(sum_per_sequence(outputs.log_probs - outputs.log_sum_sq_probs) / lengths)
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
@@ -477,55 +292,18 @@ class NaPOTrainer(TRLSeam):
         chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
 
         metrics = self.logged_metrics(mode)
-        per_type = {}  # column -> (per-pair loss on this process or None, ψ_Σ: the mean β-scaled summed margin)
+        per_type = {}  # column -> (per-pair loss on this process or None, pairs on all processes, ψ_Σ)
         for kind, column in enumerate(self.negative_columns, start=1):
             negative = (types == kind).nonzero().squeeze(1)
             pairs_everywhere = self.accelerator.reduce(torch.tensor(float(negative.numel()), device=logps.device))
             if pairs_everywhere == 0:  # the same decision on every rank, so the collectives below stay matched
                 continue
             chosen = chosen_of_row[rows[negative]]
-            policy_pair, ref_pair = self._pair_logps(chosen, negative, logps, ref_logps, token_logps, inputs)
-            chosen_logratios, negative_logratios = policy_pair[0] - ref_pair[0], policy_pair[1] - ref_pair[1]
-            z = self.beta * (chosen_logratios - negative_logratios)  # (n_pairs,)
-            prefix = negative_type(column).metric_prefix
-            if mode == "train":
-                self._watch_saturation(column, z)
-            q = None
-            if self._type_objectives[column] == "napo":
-                # The pairs' raw log-ratio differences (no β), summed and per token: `_q` picks and scales one.
-                q = self._q(
-                    column,
-                    chosen_logratios - negative_logratios,
-                    chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative],
-                )
-                metrics[f"{prefix}q"].append(float(q))
-            per_pair = None
-            if negative.numel():
-                if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
-                    per_pair = self._trl_loss(
-                        chosen, negative, policy_pair, ref_pair, logps, inputs["completion_mask"].sum(dim=1), lengths
-                    )
-                else:
-                    per_pair = objective_loss(
-                        self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
-                    )
-                if sequence_weights is not None:  # a pair weighs w(chosen) · w(negative), as in TRL
-                    per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
-            statistics = reward_statistics(chosen_logratios, negative_logratios, self.beta, self._reduce_sum)
-            per_type[column] = (per_pair, pairs_everywhere, statistics["rewards/margins"])
-            for name, value in statistics.items():
-                metrics[f"{prefix}{name}"].append(float(value))
-        psi_sums = {column: psi_sum for column, (_, _, psi_sum) in per_type.items()}
-        weights = type_weights(psi_sums, self.args.weights, self._type_weights, self.args.weight_min)
-        loss = logps.new_zeros(())
-        for column, (per_pair, pairs_everywhere, _) in per_type.items():
-            prefix = negative_type(column).metric_prefix
-            metrics[f"{prefix}weight"].append(float(weights[column]))
-            if per_pair is not None:
-                # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
-                # over processes this is the mean over all pairs, however unevenly the processes hold them.
-                pairs_per_process = pairs_everywhere / self.accelerator.num_processes
-                loss = loss + weights[column] * per_pair.sum() / pairs_per_process
+            per_pair, psi_sum = self._type_loss(column, chosen, negative, (logps, ref_logps, token_logps), inputs)
+            if per_pair is not None and sequence_weights is not None:  # a pair weighs w(chosen) · w(negative), as TRL
+                per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
+            per_type[column] = (per_pair, pairs_everywhere, psi_sum)
+        loss = self._weighted_loss(per_type, logps.new_zeros(()), metrics)
         if self.args.sft_weight:  # NLL on each row's chosen answer, averaged over all processes' rows like the pairs
             chosen_logps = logps[types == 0]
             rows_everywhere = self.accelerator.reduce(torch.tensor(float(chosen_logps.numel()), device=logps.device))
@@ -540,55 +318,62 @@ class NaPOTrainer(TRLSeam):
             return loss, outputs
         return loss
 
-    def _pair_logps(
-        self,
-        chosen: torch.Tensor,
-        negative: torch.Tensor,
-        logps: torch.Tensor,
-        ref_logps: torch.Tensor,
-        token_logps: tuple[torch.Tensor, torch.Tensor] | None,
-        inputs: dict,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """((log π(y_w), log π(y_l)), (log π_ref(y_w), log π_ref(y_l))) of the pairs (sequence `chosen[j]`, sequence
-        `negative[j]`), each shape (n_pairs,): the summed log-probs `logps`, `ref_logps` (N,), or with `ld_alpha`
-        LD-DPO's (`napo.trl_losses.length_desensitized_logps`) from `token_logps` (policy, reference), (N, L-1) each."""
-        if token_logps is None:
-            return (logps[chosen], logps[negative]), (ref_logps[chosen], ref_logps[negative])
-        scored, alpha = inputs["completion_mask"][:, 1:], self.args.ld_alpha
-        policy, reference = token_logps
-        return (
-            length_desensitized_logps(chosen, negative, policy, scored, alpha),
-            length_desensitized_logps(chosen, negative, reference, scored, alpha),
+    def _type_loss(
+        self, column: str, chosen: torch.Tensor, negative: torch.Tensor, sequence_logps: tuple, inputs: dict
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One negative type's per-pair loss L_t(z), shape (n_pairs,) (None when this process holds none of its
+        pairs), and ψ_Σ, the mean β-scaled summed margin over all processes (for dynamic γ); logs the type's q (NaPO)
+        and reward statistics. `chosen`, `negative`: the pairs' sequence indices, shape (n_pairs,); `sequence_logps`:
+        (logps, ref_logps, token_logps) of `_sequence_logps`."""
+        logps, ref_logps, token_logps = sequence_logps
+        completion_mask = inputs["completion_mask"]
+        lengths = completion_mask[:, 1:].sum(dim=1).clamp(min=1)
+        policy_pair, ref_pair = pair_logps(
+            chosen, negative, logps, ref_logps, token_logps, completion_mask[:, 1:], self.args.ld_alpha
         )
+        chosen_logratios, negative_logratios = policy_pair[0] - ref_pair[0], policy_pair[1] - ref_pair[1]
+        z = self.beta * (chosen_logratios - negative_logratios)  # (n_pairs,)
+        metrics = self.logged_metrics("train" if self.model.training else "eval")
+        prefix = negative_type(column).metric_prefix
+        if self.model.training:
+            self._watch_saturation(column, z)
+        q = None
+        if self._type_objectives[column] == "napo":
+            # The pairs' raw log-ratio differences (no β), summed and per token: `_q` picks and scales one.
+            q = self._q(
+                column,
+                chosen_logratios - negative_logratios,
+                chosen_logratios / lengths[chosen] - negative_logratios / lengths[negative],
+            )
+            metrics[f"{prefix}q"].append(float(q))
+        per_pair = None
+        if negative.numel():
+            if self._type_objectives[column] == "dpo" and self.args.uses_trl_loss:
+                per_pair = trl_sequence_pair_loss(
+                    self.args, chosen, negative, policy_pair, ref_pair, logps, completion_mask, beta=self.beta
+                )
+            else:
+                per_pair = objective_loss(
+                    self._type_objectives[column], z, q=q, beta=self.beta, label_smoothing=self.args.label_smoothing
+                )
+        statistics = reward_statistics(chosen_logratios, negative_logratios, self.beta, self._reduce_sum)
+        for name, value in statistics.items():
+            metrics[f"{prefix}{name}"].append(float(value))
+        return per_pair, statistics["rewards/margins"]
 
-    def _trl_loss(
-        self,
-        chosen: torch.Tensor,
-        negative: torch.Tensor,
-        policy_pair: tuple[torch.Tensor, torch.Tensor],
-        ref_pair: tuple[torch.Tensor, torch.Tensor],
-        logps: torch.Tensor,
-        completion_tokens: torch.Tensor,
-        shifted_completion_tokens: torch.Tensor,
-    ) -> torch.Tensor:
-        """TRL's loss of this config for the pairs (sequence `chosen[j]`, sequence `negative[j]`), shape (n_pairs,)
-        (`napo.trl_losses.trl_config_loss`). `policy_pair`, `ref_pair`: the pairs' (chosen, rejected) log-probs
-        (`_pair_logps`); `logps` (N,) the summed log-probs of the batch's sequences; `completion_tokens` (N,) their
-        completion lengths (TRL's ipo/sigmoid_norm normaliser) and `shifted_completion_tokens` (N,) the scored ones
-        (for sft, the mean NLL over the chosen tokens of the pairs)."""
-        chosen_nll = None
-        if "sft" in self.args.loss_type:
-            rows = chosen.unique()
-            chosen_nll = -logps[rows].sum() / shifted_completion_tokens[rows].sum()
-        return trl_config_loss(
-            self.args,
-            *policy_pair,
-            *ref_pair,
-            beta=self.beta,
-            chosen_lengths=completion_tokens[chosen],
-            rejected_lengths=completion_tokens[negative],
-            chosen_nll=chosen_nll,
-        )
+    def _weighted_loss(self, per_type: dict, loss: torch.Tensor, metrics: dict) -> torch.Tensor:
+        """`loss` + Σ_t γ_t · (sum of type t's per-pair losses on this process) / (its mean pair count per process);
+        `per_type`: column -> (per-pair loss or None, pairs on all processes, ψ_Σ). Logs each type's γ."""
+        psi_sums = {column: psi_sum for column, (_, _, psi_sum) in per_type.items()}
+        weights = type_weights(psi_sums, self.args.weights, self._type_weights, self.args.weight_min)
+        for column, (per_pair, pairs_everywhere, _) in per_type.items():
+            metrics[f"{negative_type(column).metric_prefix}weight"].append(float(weights[column]))
+            if per_pair is not None:
+                # Sum over this process's pairs / the mean pair count per process: once DDP averages the gradients
+                # over processes this is the mean over all pairs, however unevenly the processes hold them.
+                pairs_per_process = pairs_everywhere / self.accelerator.num_processes
+                loss = loss + weights[column] * per_pair.sum() / pairs_per_process
+        return loss
 
     def _watch_saturation(self, column: str, z: torch.Tensor) -> None:
         """Warn once a negative type's margins z (shape (n_pairs,), this process's pairs) have all been beyond

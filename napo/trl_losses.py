@@ -80,6 +80,9 @@ def trl_pair_loss(
 ) -> Tensor:
     """Per-pair loss of one TRL `loss_type` for n pairs. Shape (n,); its mean is TRL's loss for that type.
 
+    long: one branch per TRL loss type, each its paper's equation in a line or two, read top to bottom as TRL's
+    `_compute_loss` chain; a table of functions would scatter them.
+
     Args:
         loss_type: one of `TRL_LOSS_TYPES`.
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: shape (n,) (module docstring).
@@ -207,3 +210,58 @@ def trl_config_loss(
             chosen_nll=chosen_nll,
         )
     return total
+
+
+def pair_logps(
+    chosen: Tensor,
+    negative: Tensor,
+    logps: Tensor,
+    ref_logps: Tensor,
+    token_logps: tuple[Tensor, Tensor] | None,
+    scored: Tensor,
+    ld_alpha: float | None,
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """((log π(y_w), log π(y_l)), (log π_ref(y_w), log π_ref(y_l))) of the pairs (sequence `chosen[j]`, sequence
+    `negative[j]`), each shape (n_pairs,): the summed log-probs `logps`, `ref_logps` (N,), or with `ld_alpha`
+    LD-DPO's (`length_desensitized_logps`) from `token_logps` (policy, reference), (N, L-1) each, whose completion
+    tokens are the 1s of `scored` (N, L-1)."""
+    if token_logps is None:
+        return (logps[chosen], logps[negative]), (ref_logps[chosen], ref_logps[negative])
+    policy, reference = token_logps
+    return (
+        length_desensitized_logps(chosen, negative, policy, scored, ld_alpha),
+        length_desensitized_logps(chosen, negative, reference, scored, ld_alpha),
+    )
+
+
+def trl_sequence_pair_loss(
+    config,
+    chosen: Tensor,
+    negative: Tensor,
+    policy_pair: tuple[Tensor, Tensor],
+    ref_pair: tuple[Tensor, Tensor],
+    logps: Tensor,
+    completion_mask: Tensor,
+    *,
+    beta: float,
+) -> Tensor:
+    """`trl_config_loss` of the pairs (sequence `chosen[j]`, sequence `negative[j]`) of a batch of N sequences, shape
+    (n_pairs,). `policy_pair`, `ref_pair`: the pairs' (chosen, rejected) log-probs (`pair_logps`); `logps` (N,) the
+    summed log-probs of the batch's sequences; `completion_mask` (N, L) their completion tokens: the lengths are
+    TRL's ipo/sigmoid_norm normaliser, and for sft the chosen NLL is the mean over the scored (shifted) chosen tokens
+    of the pairs."""
+    completion_tokens = completion_mask.sum(dim=1)
+    chosen_nll = None
+    if "sft" in config.loss_type:
+        rows = chosen.unique()
+        scored_tokens = completion_mask[:, 1:].sum(dim=1).clamp(min=1)
+        chosen_nll = -logps[rows].sum() / scored_tokens[rows].sum()
+    return trl_config_loss(
+        config,
+        *policy_pair,
+        *ref_pair,
+        beta=beta,
+        chosen_lengths=completion_tokens[chosen],
+        rejected_lengths=completion_tokens[negative],
+        chosen_nll=chosen_nll,
+    )

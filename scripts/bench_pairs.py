@@ -73,7 +73,7 @@ def plain_generate_loop(model, processor, degraded: list[list[dict]], batch_size
     return time.perf_counter() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=300, help="source rows (default: 300)")
     parser.add_argument(
@@ -88,9 +88,12 @@ def main() -> None:
     parser.add_argument(
         "--name", default="tiny_llava_cpu", help="result file name under benchmarks/pairs/ (default: tiny_llava_cpu)"
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    return parser.parse_args()
 
+
+def time_both(args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """Seconds of the plain generate loop and of `napo pairs` per repeat, back to back, on the same model and rows
+    (saved and loaded by path, as a user's model), after one untimed warm-up batch of the plain loop."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, processor = build_tiny_model("llava", seed=0)
@@ -126,7 +129,11 @@ def main() -> None:
             stats = build_pairs(config, model=model, processing_class=processor, progress=False)
             pairs_s.append(time.perf_counter() - start)
             assert stats["rows_written"] == args.rows, stats
+    return plain_s, pairs_s
 
+
+def write_result(args: argparse.Namespace, plain_s: list[float], pairs_s: list[float]) -> dict:
+    """benchmarks/pairs/<name>.json and .md from the timings (the fastest run of each side counts)."""
     result = {
         "name": args.name,
         "rows": args.rows,
@@ -165,6 +172,13 @@ def main() -> None:
         f"per-run ratios {', '.join(f'{r:.2f}' for r in result['paired_ratios'])}.\n\n"
         f"Command: `{result['command']}`\n",
     )
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    result = write_result(args, *time_both(args))
     print(json.dumps({k: result[k] for k in ("pairs_rows_per_s", "generate_rows_per_s", "ratio_vs_generate")}))
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import shlex
@@ -40,312 +39,35 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
-from PIL import Image
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from transformers import PreTrainedModel, ProcessorMixin, Trainer
-from trl import DPOConfig, DPOTrainer
+from transformers import PreTrainedModel, Trainer
 
-from napo import NaPOConfig, NaPOTrainer
-from napo.attention import register_xformers_attention
-from napo.models import DEFAULT_WORDS, build_tiny_model
-from napo.models.families import family_record
 from napo.provenance import device_description, utc_now, versions, write_json_atomic
 from napo.throughput import FlopCounter, set_levers
 
-NEGATIVE_COLUMNS = ("rejected", "rejected_language_bias", "rejected_vision_bias")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling module, also when this file is loaded by path
+from bench_train_setup import (  # noqa: E402
+    LEVERS,
+    NEGATIVE_COLUMNS,
+    SIZES,
+    Size,
+    Variant,
+    as_pairs,
+    build_model,
+    make_trainer,
+    plan_variants,
+    synthesise_rows,
+)
+
 # Datasheet dense bf16 peak of the accelerators MFU is reported against, in FLOP/s.
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
-
-
-@dataclass(frozen=True)
-class Size:
-    """Shapes of a benchmark model and of its rows.
-
-    `text` / `vision` override the language / vision sub-configs of the family's tiny model; `image_size` and
-    `patch_size` are pixels; `*_words` are words of the built-in word-level tokenizer, one token each.
-    """
-
-    family: str
-    text: dict
-    vision: dict
-    image_size: int
-    patch_size: int
-    prompt_words: int
-    answer_words: int
-    lora: bool = False
-
-
-def _llama_text(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> dict:
-    return dict(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        intermediate_size=intermediate,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,  # the tiny config's own head dim would otherwise stay
-        vocab_size=vocab,
-    )
-
-
-def _qwen2_vl_text(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> dict:
-    half = hidden // heads // 2
-    # mrope splits the rotary half-dimension over (time, height, width) as Qwen2-VL does (16, 24, 24 of 64).
-    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
-    return dict(
-        _llama_text(hidden, layers, intermediate, heads, kv_heads, vocab),
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6},
-    )
-
-
-# Image tokens : text tokens is 2 : 1 for every size (a 448 px image is 256 Qwen2-VL tokens; a 336 px one, 576 LLaVA
-# tokens; prompt and answers as in RLAIF-V-style preference data).
-SIZES: dict[str, Size] = {
-    # Qwen2-VL-2B-Instruct's config.
-    "2b": Size(
-        "qwen2_vl",
-        _qwen2_vl_text(1536, 28, 8960, 12, 2, 151936),
-        dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
-        image_size=448,
-        patch_size=14,
-        prompt_words=32,
-        answer_words=96,
-    ),
-    # LLaVA-1.5-7B's config (CLIP ViT-L/14-336 + Vicuna-7B), LoRA r=128 on the language model as in its recipe.
-    "7b-lora": Size(
-        "llava",
-        _llama_text(4096, 32, 11008, 32, 32, 32064),
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-        image_size=336,
-        patch_size=14,
-        prompt_words=96,
-        answer_words=192,
-        lora=True,
-    ),
-    # Qwen2-VL-2B scaled to ~48 M parameters (same ratios of widths, head dim 64, tied embeddings) and its rows to
-    # 16 image tokens (112 px), so that a step fits a shared 2-core CPU.
-    "cpu-50m": Size(
-        "qwen2_vl",
-        _qwen2_vl_text(384, 10, 2240, 6, 2, 16384),
-        dict(depth=8, embed_dim=320, hidden_size=384, num_heads=5, mlp_ratio=4),
-        image_size=112,
-        patch_size=14,
-        prompt_words=2,
-        answer_words=6,
-    ),
-    # For the tests: seconds per run.
-    "tiny": Size(
-        "qwen2_vl",
-        _qwen2_vl_text(64, 2, 128, 4, 2, 256),
-        dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=4),
-        image_size=32,
-        patch_size=8,
-        prompt_words=4,
-        answer_words=6,
-    ),
-}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One contender: which trainer, where its reference log-probs come from, and its levers."""
-
-    name: str
-    trainer: str  # "napo" or "trl"
-    precompute: bool
-    gradient_checkpointing: bool
-    attn: str  # transformers attn_implementation
-    optim: str  # transformers optim name
-    images_once: bool = False  # napo.fast.encode_images_once
-    padding_free: bool = False  # NaPOConfig.padding_free: the batch's sequences packed into one row
-    share_prompt: bool = False  # NaPOConfig.share_prompt: a row's prompt once, its answers on the prompt's KV cache
-
-
-def build_model(size: Size, device: torch.device, attn: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """The model of `size` with random weights on `device`, and the family's processor.
-
-    Full fine-tuning keeps fp32 weights (bf16 comes from autocast); LoRA keeps the frozen base in bf16 on CUDA
-    and puts fp32 adapters of rank 128 on every linear layer of the language model.
-    """
-    tiny, processor = build_tiny_model(size.family, image_size=size.image_size, patch_size=size.patch_size)
-    model_class, config = type(tiny), copy.deepcopy(tiny.config)
-    del tiny
-    text_config, vision_config = config.get_text_config(), config.vision_config
-    for key, value in size.text.items():
-        setattr(text_config, key, value)
-    if getattr(text_config, "layer_types", None):  # derived from the layer count when the config was built
-        text_config.layer_types = text_config.layer_types[:1] * text_config.num_hidden_layers
-    for key, value in size.vision.items():
-        setattr(vision_config, key, value)
-    if size.family == "llava":
-        config.vision_feature_layer = -2  # LLaVA-1.5 reads the penultimate CLIP layer
-    config.tie_word_embeddings = text_config.tie_word_embeddings
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise on the device: a 7B model built on the host takes minutes
-        model = model_class._from_config(config, attn_implementation=attn)
-    if size.lora:
-        if device.type == "cuda":
-            model.to(torch.bfloat16)
-        lora = LoraConfig(
-            r=128,
-            lora_alpha=256,
-            lora_dropout=0.0,
-            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-        )
-        model = get_peft_model(model, lora)
-    return model, processor
-
-
-def synthesise_rows(size: Size, n: int, seed: int = 0, length_spread: float = 0.5) -> Dataset:
-    """`n` preference rows: a chat prompt of `size.prompt_words` random words with one random-noise image of
-    `size.image_size` px, a `chosen` answer and one answer per `NEGATIVE_COLUMNS` (strings, as napo takes them).
-
-    Each answer has a word count drawn uniformly from size.answer_words · [1 − length_spread, 1 + length_spread]: in
-    real preference data a row's answers differ in length (a language-biased negative is often a few words, a
-    hallucinated caption long), which is the padding a padded batch pays for."""
-    rng = np.random.default_rng(seed)
-    words = np.array(DEFAULT_WORDS)
-    rows = []
-    for _ in range(n):
-        pixels = rng.integers(0, 256, (size.image_size, size.image_size, 3), dtype=np.uint8)
-        row = {
-            "prompt": [{"role": "user", "content": " ".join(rng.choice(words, size.prompt_words))}],
-            "images": [Image.fromarray(pixels)],
-        }
-        low, high = round(size.answer_words * (1 - length_spread)), round(size.answer_words * (1 + length_spread))
-        for column in ("chosen", *NEGATIVE_COLUMNS):
-            row[column] = " ".join(rng.choice(words, max(1, int(rng.integers(low, high + 1)))))
-        rows.append(row)
-    return Dataset.from_list(rows)
-
-
-def as_pairs(rows: Dataset) -> Dataset:
-    """The rows as stock TRL takes them: K separate (chosen, rejected) pairs per row, answers as assistant turns."""
-    pairs = []
-    for row in rows:
-        chosen = [{"role": "assistant", "content": row["chosen"]}]
-        for column in NEGATIVE_COLUMNS:
-            rejected = [{"role": "assistant", "content": row[column]}]
-            pairs.append({"prompt": row["prompt"], "images": row["images"], "chosen": chosen, "rejected": rejected})
-    return Dataset.from_list(pairs)
-
-
-def plan_variants(
-    base: Variant, levers: list[str], device: torch.device, family: str
-) -> tuple[list[Variant], dict[str, str]]:
-    """The contenders for `base` levers: napo, napo-precomputed, trl, then `napo` with each lever of `levers` flipped.
-
-    Returns the variants and, for each requested lever that cannot run here, why (also printed).
-    """
-    napo = replace(base, name="napo", trainer="napo", precompute=False)
-    variants = [napo, replace(napo, name="napo-precomputed", precompute=True), replace(napo, name="trl", trainer="trl")]
-    skipped: dict[str, str] = {}
-    for lever in levers:
-        if lever == "gc":
-            variants.append(
-                replace(
-                    napo,
-                    name=f"napo+gc={'off' if base.gradient_checkpointing else 'on'}",
-                    gradient_checkpointing=not base.gradient_checkpointing,
-                )
-            )
-        elif lever in ("eager", "sdpa", "flash"):
-            attn = "flash_attention_2" if lever == "flash" else lever
-            if attn == base.attn:
-                skipped[lever] = f"the base attention is already {attn}"
-            elif lever == "flash" and device.type != "cuda":
-                skipped[lever] = "flash-attention is CUDA-only"
-            elif lever == "flash" and importlib.util.find_spec("flash_attn") is None:
-                skipped[lever] = "the flash_attn package is not installed"
-            else:
-                variants.append(replace(napo, name=f"napo+{lever}", attn=attn))
-        elif lever == "images-once":
-            variants.append(replace(napo, name="napo+images-once", images_once=True))
-            variants.append(replace(napo, name="napo-precomputed+images-once", precompute=True, images_once=True))
-        elif lever == "packed":
-            variants.append(replace(napo, name="napo+packed", padding_free=True))
-            variants.append(replace(napo, name="napo-precomputed+packed", precompute=True, padding_free=True))
-        elif lever == "shared-prompt":
-            record = family_record(family)
-            if base.gradient_checkpointing:
-                skipped[lever] = "shared-prompt scoring needs the KV cache, which gradient checkpointing turns off"
-            elif record.rope_index or record.prefix_lm:
-                skipped[lever] = f"{family}'s positions or prefix-LM mask cannot be split between prompt and answer"
-            else:
-                variants.append(replace(napo, name="napo+shared-prompt", share_prompt=True))
-                variants.append(
-                    replace(napo, name="napo-precomputed+shared-prompt", precompute=True, share_prompt=True)
-                )
-        elif lever == "fused":
-            if base.optim == "adamw_torch_fused":
-                skipped[lever] = "the base optimizer is already adamw_torch_fused"
-            else:
-                variants.append(replace(napo, name="napo+fused", optim="adamw_torch_fused"))
-        elif lever == "xformers":
-            if device.type != "cuda":
-                skipped[lever] = "xformers is CUDA-only"
-            elif importlib.util.find_spec("xformers") is None:
-                skipped[lever] = "the xformers package is not installed (pip install 'napo[gpu]')"
-            else:
-                variants.append(replace(napo, name="napo+xformers", attn=register_xformers_attention()))
-        else:
-            raise ValueError(f"unknown lever {lever!r}: expected some of {', '.join(LEVERS)}")
-    for lever, reason in skipped.items():
-        print(f"lever {lever} skipped: {reason}", flush=True)
-    return variants, skipped
-
-
-LEVERS = ("gc", "eager", "sdpa", "fused", "images-once", "packed", "shared-prompt", "flash", "xformers")
-
-
-def make_trainer(
-    variant: Variant,
-    model: PreTrainedModel,
-    ref_model: PreTrainedModel | None,
-    processor: ProcessorMixin,
-    rows: Dataset,
-    pairs: Dataset,
-    batch_rows: int,
-    output_dir: str,
-    workers: int,
-) -> Trainer:
-    """The trainer of `variant` over the shared `model` (and `ref_model`, None for LoRA: adapters disabled).
-
-    Mixed precision is left to `train_step` (one autocast for every variant), so bf16/fp16 are off here.
-    """
-    common = dict(
-        output_dir=os.path.join(output_dir, variant.name),
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        fp16=False,
-        use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=variant.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        optim=variant.optim,
-        max_length=None,  # no truncation: every sequence of every variant is forwarded whole
-        dataloader_num_workers=workers,
-        beta=0.1,
-        seed=0,
-    )
-    if variant.trainer == "trl":
-        args = DPOConfig(**common, per_device_train_batch_size=len(NEGATIVE_COLUMNS) * batch_rows)
-        return DPOTrainer(model, ref_model, args=args, train_dataset=pairs, processing_class=processor)
-    args = NaPOConfig(
-        **common,
-        per_device_train_batch_size=batch_rows,
-        precompute_ref_log_probs=variant.precompute,
-        precompute_ref_batch_size=batch_rows,
-    )
-    return NaPOTrainer(model, ref_model, args=args, train_dataset=rows, processing_class=processor)
 
 
 def batches_of(trainer: Trainer) -> Iterator[dict[str, torch.Tensor]]:
@@ -426,7 +148,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each variant before the repeats")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; spread is over these")
     parser.add_argument("--batch-rows", type=int, default=2, help="rows per step (TRL: K·rows pairs)")
-    parser.add_argument("--negatives", type=int, default=3, choices=[3], help="negatives per row (K)")
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=len(NEGATIVE_COLUMNS),
+        choices=[len(NEGATIVE_COLUMNS)],
+        help="negatives per row (K): the rows hold one answer per column of NEGATIVE_COLUMNS",
+    )
     parser.add_argument("--attn", default="sdpa", help="base attention implementation: sdpa or eager")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off")
     parser.add_argument("--optim", default="adamw_torch", help="base optimizer (a transformers optim name)")
@@ -452,22 +180,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Runs the benchmark and writes its JSON to `--out`; returns the same record."""
-    args = parse_args(argv)
-    size = SIZES[args.model_size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base = Variant("base", "napo", False, args.gradient_checkpointing == "on", args.attn, args.optim)
-    variants, skipped = plan_variants(base, [lever for lever in args.levers.split(",") if lever], device, size.family)
+@dataclass
+class Contenders:
+    """Every variant's trainer over one shared model, with the optimizers and batch streams they step."""
 
+    variants: list[Variant]
+    model: PreTrainedModel
+    ref_model: PreTrainedModel | None  # the frozen copy every on-the-fly reference uses; None for LoRA
+    counter: FlopCounter
+    rows: Dataset
+    trainers: dict[str, Trainer]
+    setup_s: dict[str, float]  # trainer construction, per variant
+    optimizers: dict[str, torch.optim.Optimizer]  # one per optimizer kind: Adam state is held once
+    batches: dict[str, Iterator[dict]]
+
+    def step(self, variant: Variant) -> dict[str, torch.Tensor]:
+        """One optimizer step of `variant` (`train_step`); returns its batch."""
+        return train_step(
+            self.trainers[variant.name], self.batches[variant.name], self.optimizers[variant.optim], variant
+        )
+
+
+def build_contenders(args: argparse.Namespace, size: Size, device: torch.device, variants: list[Variant]) -> Contenders:
+    """The model of `size`, the rows, and a trainer, an optimizer and a batch stream for each of `variants`."""
     model, processor = build_model(size, device, args.attn)
     # Full fine-tune: one frozen copy serves every variant that computes the reference on the fly (TRL too).
     ref_model = None if size.lora else copy.deepcopy(model).eval().requires_grad_(False)
-    counter = FlopCounter.of(model)
     rows = synthesise_rows(size, 4 * args.batch_rows, length_spread=args.answer_length_spread)
     pairs = as_pairs(rows)
     workdir = tempfile.mkdtemp(prefix="bench_train-")  # fresh: precomputed reference log-probs are not reused
-
     trainers, setup_s = {}, {}
     for variant in variants:
         start = time.perf_counter()
@@ -476,26 +217,25 @@ def main(argv: list[str] | None = None) -> dict:
         )
         setup_s[variant.name] = time.perf_counter() - start
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizers = {}  # one per optimizer kind, shared by the variants that use it: Adam state is held once
+    optimizers = {}
     for variant in variants:
         if variant.optim not in optimizers:
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainers[variant.name].args, model)
             optimizers[variant.optim] = cls(trainable, **kwargs)
     batches = {v.name: batches_of(trainers[v.name]) for v in variants}
+    counter = FlopCounter.of(model)
+    return Contenders(variants, model, ref_model, counter, rows, trainers, setup_s, optimizers, batches)
 
-    def step(variant: Variant) -> dict[str, torch.Tensor]:
-        return train_step(trainers[variant.name], batches[variant.name], optimizers[variant.optim], variant)
 
-    def uses_reference_model(variant: Variant) -> bool:
-        return not variant.precompute
-
+def time_rounds(bench: Contenders, args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, list]]:
+    """Warm-up steps, then `args.repeats` interleaved rounds (order rotated each round) of `args.steps` timed steps
+    per variant: per variant, one rate per round of rows/s, rows per CPU second, tokens/s and FLOP/s."""
+    variants = bench.variants
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for variant in variants:
         for _ in range(args.warmup):
-            step(variant)
-    rates: dict[str, dict[str, list[float]]] = {
-        v.name: {"rows": [], "rows_cpu": [], "tokens": [], "flops": []} for v in variants
-    }
+            bench.step(variant)
+    rates = {v.name: {"rows": [], "rows_cpu": [], "tokens": [], "flops": []} for v in variants}
     for repeat in range(args.repeats):
         order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for variant in order:
@@ -503,9 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
             sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
-                batch = step(variant)
+                batch = bench.step(variant)
                 tokens += float(batch["attention_mask"].sum())
-                flops += counter.step(batch, uses_reference_model(variant), variant.images_once)
+                flops += bench.counter.step(batch, not variant.precompute, variant.images_once)
             sync()
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
             rates[variant.name]["rows"].append(args.steps * args.batch_rows / seconds)
@@ -513,18 +253,21 @@ def main(argv: list[str] | None = None) -> dict:
             rates[variant.name]["tokens"].append(tokens / seconds)
             rates[variant.name]["flops"].append(flops / seconds)
             print(f"repeat {repeat} {variant.name:>28}: {rates[variant.name]['rows'][-1]:.3f} rows/s", flush=True)
+    return rates
 
-    params_bytes = tensor_bytes(model.parameters())
-    ref_bytes = tensor_bytes(ref_model.parameters()) if ref_model is not None else 0
-    peak_tflops = args.peak_tflops or next(
-        (v / 1e12 for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in device_description(device)),
-        None,
-    )
+
+def variant_results(
+    bench: Contenders, rates: dict[str, dict[str, list]], device: torch.device, peak_tflops: float | None
+) -> dict[str, dict]:
+    """Per variant: its rates (mean ± std over rounds), MFU, and memory (resident + one more step's transient peak;
+    the frozen reference copy counts for the variants that use it, those that do not precompute)."""
+    params_bytes = tensor_bytes(bench.model.parameters())
+    ref_bytes = tensor_bytes(bench.ref_model.parameters()) if bench.ref_model is not None else 0
     results = {}
-    for variant in variants:
-        transient = transient_peak_bytes(lambda variant=variant: step(variant), device)
-        optimizer_bytes = tensor_bytes(t for s in optimizers[variant.optim].state.values() for t in s.values())
-        resident = params_bytes + optimizer_bytes + (ref_bytes if uses_reference_model(variant) else 0)
+    for variant in bench.variants:
+        transient = transient_peak_bytes(lambda variant=variant: bench.step(variant), device)
+        optimizer_bytes = tensor_bytes(t for s in bench.optimizers[variant.optim].state.values() for t in s.values())
+        resident = params_bytes + optimizer_bytes + (0 if variant.precompute else ref_bytes)
         flops = mean_std(rates[variant.name]["flops"])
         results[variant.name] = {
             "variant": asdict(variant),
@@ -536,8 +279,14 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_mem_bytes": resident + transient,
             "resident_bytes": resident,
             "transient_peak_bytes": transient,
-            "setup_s": setup_s[variant.name],
+            "setup_s": bench.setup_s[variant.name],
         }
+    return results
+
+
+def comparisons(variants: list[Variant], rates: dict[str, dict[str, list]], results: dict[str, dict]) -> dict:
+    """The record's ratios: every variant against TRL (rows/s, rows per CPU second, peak memory; per round, then
+    mean ± std), and each lever's effect against the variant it flips."""
 
     def paired_ratio(name: str, other: str, rate: str = "rows") -> dict:
         return mean_std([a / b for a, b in zip(rates[name][rate], rates[other][rate], strict=True)])
@@ -550,16 +299,74 @@ def main(argv: list[str] | None = None) -> dict:
         "reference precomputed (napo-precomputed vs napo)": ("napo-precomputed", "napo"),
         **{f"{v.name} vs napo": (v.name, "napo") for v in variants[3:]},
     }
-    napo_batch = next(batches["napo"])
-    lm_flops, vision_flops = counter.forward(napo_batch)
+    others = [name for name in results if name != "trl"]
+    return {
+        "speedup_vs_trl": {name: paired_ratio(name, "trl") for name in others},
+        "speedup_vs_trl_cpu_time": {name: paired_ratio(name, "trl", "rows_cpu") for name in others},
+        "peak_mem_ratio_vs_trl": {name: memory_ratio(name, "trl") for name in others},
+        "levers": {
+            label: {
+                "rows_per_s_ratio": paired_ratio(a, b),
+                "rows_per_cpu_s_ratio": paired_ratio(a, b, "rows_cpu"),
+                "peak_mem_ratio": memory_ratio(a, b),
+            }
+            for label, (a, b) in lever_effects.items()
+        },
+    }
+
+
+def measured_notes(device: torch.device, peak_tflops: float | None, n_rows: int) -> dict[str, str]:
+    """What each number of the record measures, in words (the record's "measured")."""
+    return {
+        "rows_per_s": "rows (one chosen + K negatives each) per second of wall time over `steps` consecutive "
+        "optimizer steps (collation, forward, backward, clipping, AdamW), variants interleaved per repeat; "
+        "mean ± sample std over repeats. Ratios are per repeat, then mean ± std.",
+        "rows_per_cpu_s": "the same rows over the process CPU time (all threads, time.process_time) of those "
+        "steps: on a shared CPU, where other processes take most of the wall time, this measures the work; "
+        "meaningless on a GPU, where the host mostly waits",
+        "tokens_per_s": "tokens forwarded through the policy (image tokens included, padding not) per second; "
+        "TRL forwards more tokens for the same rows",
+        "flops": FlopCounter.__doc__.split("\n\n", 1)[1].strip(),
+        "mfu": "achieved FLOP/s over the dense bf16 peak"
+        if peak_tflops
+        else "not meaningful on CPU (fp32, no bf16 peak): see flops_per_s for achieved FLOP/s",
+        "peak_mem_bytes": "resident (parameters + AdamW state + the frozen reference copy when the variant "
+        "uses it) + transient peak of one step above its start (gradients, activations, batch), "
+        + (
+            "from torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "from the torch CPU allocations recorded by torch.profiler (profile_memory=True); not RSS"
+        ),
+        "setup_s": "trainer construction; for napo-precomputed it includes the one reference pass over all "
+        f"{n_rows} rows",
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark and writes its JSON to `--out`; returns the same record."""
+    args = parse_args(argv)
+    size = SIZES[args.model_size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base = Variant("base", "napo", False, args.gradient_checkpointing == "on", args.attn, args.optim)
+    variants, skipped = plan_variants(base, [lever for lever in args.levers.split(",") if lever], device, size.family)
+    bench = build_contenders(args, size, device, variants)
+    rates = time_rounds(bench, args, device)
+    peak_tflops = args.peak_tflops or next(
+        (v / 1e12 for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in device_description(device)),
+        None,
+    )
+    results = variant_results(bench, rates, device, peak_tflops)
+    napo_batch = next(bench.batches["napo"])
+    lm_flops, vision_flops = bench.counter.forward(napo_batch)
+    settings = ("steps", "warmup", "repeats", "batch_rows", "attn", "gradient_checkpointing", "optim")
     record = {
         "model_size": args.model_size,
         "model": {
             "family": size.family,
-            "params": sum(p.numel() for p in model.parameters()),
-            "params_trainable": sum(p.numel() for p in trainable),
+            "params": sum(p.numel() for p in bench.model.parameters()),
+            "params_trainable": sum(p.numel() for p in bench.model.parameters() if p.requires_grad),
             "lora": size.lora,
-            "flop_counter": asdict(counter),
+            "flop_counter": asdict(bench.counter),
         },
         "rows": {
             "negatives_per_row": args.negatives,
@@ -579,67 +386,19 @@ def main(argv: list[str] | None = None) -> dict:
         + "python scripts/bench_train.py "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date": utc_now(),
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "steps",
-                "warmup",
-                "repeats",
-                "batch_rows",
-                "attn",
-                "gradient_checkpointing",
-                "optim",
-                "dataloader_workers",
-            )
-        },
-        "speedup_vs_trl": {name: paired_ratio(name, "trl") for name in results if name != "trl"},
-        "speedup_vs_trl_cpu_time": {name: paired_ratio(name, "trl", "rows_cpu") for name in results if name != "trl"},
-        "peak_mem_ratio_vs_trl": {name: memory_ratio(name, "trl") for name in results if name != "trl"},
-        "levers": {
-            label: {
-                "rows_per_s_ratio": paired_ratio(a, b),
-                "rows_per_cpu_s_ratio": paired_ratio(a, b, "rows_cpu"),
-                "peak_mem_ratio": memory_ratio(a, b),
-            }
-            for label, (a, b) in lever_effects.items()
-        },
+        "settings": {k: getattr(args, k) for k in (*settings, "dataloader_workers")},
+        **comparisons(variants, rates, results),
         "levers_skipped": skipped,
         "variants": results,
-        "measured": {
-            "rows_per_s": "rows (one chosen + K negatives each) per second of wall time over `steps` consecutive "
-            "optimizer steps (collation, forward, backward, clipping, AdamW), variants interleaved per repeat; "
-            "mean ± sample std over repeats. Ratios are per repeat, then mean ± std.",
-            "rows_per_cpu_s": "the same rows over the process CPU time (all threads, time.process_time) of those "
-            "steps: on a shared CPU, where other processes take most of the wall time, this measures the work; "
-            "meaningless on a GPU, where the host mostly waits",
-            "tokens_per_s": "tokens forwarded through the policy (image tokens included, padding not) per second; "
-            "TRL forwards more tokens for the same rows",
-            "flops": FlopCounter.__doc__.split("\n\n", 1)[1].strip(),
-            "mfu": "achieved FLOP/s over the dense bf16 peak"
-            if peak_tflops
-            else "not meaningful on CPU (fp32, no bf16 peak): see flops_per_s for achieved FLOP/s",
-            "peak_mem_bytes": "resident (parameters + AdamW state + the frozen reference copy when the variant "
-            "uses it) + transient peak of one step above its start (gradients, activations, batch), "
-            + (
-                "from torch.cuda.max_memory_allocated"
-                if device.type == "cuda"
-                else "from the torch CPU allocations recorded by torch.profiler (profile_memory=True); not RSS"
-            ),
-            "setup_s": "trainer construction; for napo-precomputed it includes the one reference pass over all "
-            f"{len(rows)} rows",
-        },
+        "measured": measured_notes(device, peak_tflops, len(bench.rows)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out, record, indent=2)
-    print(
-        json.dumps(
-            {
-                "speedup_vs_trl": {k: round(v["mean"], 3) for k, v in record["speedup_vs_trl"].items()},
-                "peak_mem_ratio_vs_trl": {k: round(v, 3) for k, v in record["peak_mem_ratio_vs_trl"].items()},
-            },
-            indent=1,
-        )
-    )
+    summary = {
+        "speedup_vs_trl": {k: round(v["mean"], 3) for k, v in record["speedup_vs_trl"].items()},
+        "peak_mem_ratio_vs_trl": {k: round(v, 3) for k, v in record["peak_mem_ratio_vs_trl"].items()},
+    }
+    print(json.dumps(summary, indent=1))
     return record
 
 

@@ -152,6 +152,40 @@ def load_benchmark(spec: BenchmarkSpec, answers: dict[str, tuple[str, str]] | No
     )
 
 
+def _answers_per_part(
+    benchmark: Benchmark, keys: dict[str | None, list[str]], predictions: list[str]
+) -> tuple[dict[str | None, dict], dict[str | None, str]]:
+    """Each part's answers ({question key: answer}) and the file they came from: one file per part, in order, or one
+    file for all parts (question ids then must not repeat across parts). `keys`: each part's question keys."""
+    if len(predictions) == len(keys):
+        per_part = {part: benchmark.read(path) for part, path in zip(keys, predictions)}
+        sources = dict(zip(keys, predictions))
+    elif len(predictions) == 1:
+        answers = benchmark.read(predictions[0])
+        owner: dict[str, str | None] = {}
+        for part, ids in keys.items():
+            for key in ids:
+                if key in owner:
+                    raise ValueError(
+                        f"question id {key} is in both {owner[key]} and {part}: pass one --predictions "
+                        "file per --data file, in the same order"
+                    )
+                owner[key] = part
+        unknown = [key for key in answers if key not in owner]
+        if unknown:
+            raise ValueError(
+                f"{predictions[0]}: answers for ids that are not questions of this benchmark, e.g. "
+                f"{unknown[:5]} ({answers[unknown[0]][1]})"
+            )
+        per_part = {part: {k: v for k, v in answers.items() if owner[k] == part} for part in keys}
+        sources = dict.fromkeys(keys, predictions[0])
+    else:
+        raise ValueError(
+            f"{len(predictions)} --predictions files for {len(keys)} --data files: pass one, or one per data file"
+        )
+    return per_part, sources
+
+
 def evaluate(
     spec: BenchmarkSpec,
     *,
@@ -198,32 +232,7 @@ def evaluate(
             for part, questions in parts.items()
         ]
     keys = {part: [id_key(q.question_id, "question") for q in questions] for part, questions in parts.items()}
-    if len(predictions) == len(parts):
-        per_part = {part: benchmark.read(path) for part, path in zip(parts, predictions)}
-        sources = dict(zip(parts, predictions))
-    elif len(predictions) == 1:
-        answers = benchmark.read(predictions[0])
-        owner: dict[str, str | None] = {}
-        for part, ids in keys.items():
-            for key in ids:
-                if key in owner:
-                    raise ValueError(
-                        f"question id {key} is in both {owner[key]} and {part}: pass one --predictions "
-                        "file per --data file, in the same order"
-                    )
-                owner[key] = part
-        unknown = [key for key in answers if key not in owner]
-        if unknown:
-            raise ValueError(
-                f"{predictions[0]}: answers for ids that are not questions of this benchmark, e.g. "
-                f"{unknown[:5]} ({answers[unknown[0]][1]})"
-            )
-        per_part = {part: {k: v for k, v in answers.items() if owner[k] == part} for part in parts}
-        sources = dict.fromkeys(parts, predictions[0])
-    else:
-        raise ValueError(
-            f"{len(predictions)} --predictions files for {len(parts)} --data files: pass one, or one per data file"
-        )
+    per_part, sources = _answers_per_part(benchmark, keys, predictions)
     matched, coverage = {}, {}
     for part in parts:
         matched[part], coverage[part] = match_answers(

@@ -85,11 +85,11 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
 
 def noisy_pairs(source: dict, kind: str, noise_rate: float, seed: int):
     """The source's pairs with `round(noise_rate · rows)` rows noised, picked by `seed` (the same rows for every
-    objective of a (rate, seed)): flipped (`napo.pairs.inject_label_noise`, kind "flip") or misannotated
+    objective of a (rate, seed)): flipped (`napo.label_noise.inject_label_noise`, kind "flip") or misannotated
     (`napo.lab.noise.annotator_noise`, kind "annotator"); the noised rows have `noisy` True."""
     import datasets
 
-    from napo.pairs import inject_label_noise
+    from napo.label_noise import inject_label_noise
 
     clean = datasets.load_from_disk(source["pairs"])
     if kind == "annotator":

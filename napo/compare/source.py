@@ -95,8 +95,8 @@ def with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dict
     import torch
 
     from napo import NaPOConfig, NaPOTrainer
+    from napo.collators import ROW_INDEX, _ref_column
     from napo.models import load_model
-    from napo.trainer import ROW_INDEX, _ref_column
 
     key = hashlib.sha256(json.dumps(train, sort_keys=True, default=str).encode()).hexdigest()[:12]
     target = target.with_name(f"{target.name}-{key}")  # other train settings, other tokenization: another table
