@@ -1,0 +1,5 @@
+"""`python -m napo.cli`: the `napo` command."""
+
+from napo.cli import main
+
+main()
