@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import datasets
@@ -20,6 +19,7 @@ import torch
 from conftest import save_tiny_model  # tests/conftest.py
 from PIL import Image
 from safetensors.torch import load_file
+from stalled_job import start_stalled, wait_for_stall  # scripts/stalled_job.py
 
 from napo.cli import COMMANDS, EvalArguments, PairsJob, describe_failure, main, parse_command
 from napo.config import NaPOConfig
@@ -603,24 +603,6 @@ def test_unexpected_errors_are_exit_1_and_point_to_debug():
     assert code == 130 and "rerun the same command to resume" in message
 
 
-# Runs `napo pairs` with a generator that stalls once the first shard is written, so that SIGINT lands mid-job.
-STALLING_PAIRS = textwrap.dedent("""
-    import os, sys, time
-    import napo.pairs
-    from napo.cli import main
-    generate = napo.pairs.generate
-    marker = sys.argv.pop()  # created when the job stalls
-    first_shard = os.path.join(sys.argv[sys.argv.index("--output_dir") + 1], "shards", "00000")
-    def stalling(*args, **kwargs):
-        if os.path.isdir(first_shard):  # once shard 0 is written, the next shard stalls
-            open(marker, "w").close()
-            time.sleep(600)
-        return generate(*args, **kwargs)
-    napo.pairs.generate = stalling
-    main(sys.argv[1:])
-""")
-
-
 @pytest.mark.slow
 def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp_path, capsys):
     source = image_source(tmp_path)
@@ -640,19 +622,9 @@ def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp
         "--no_progress",
     ]
     for debug in ([], ["--debug"]):
-        stalled = tmp_path / f"stalled{len(debug)}"
-        process = subprocess.Popen(
-            [sys.executable, "-c", STALLING_PAIRS, *args, *debug, str(stalled)],
-            stderr=subprocess.PIPE,
-            text=True,
-            # A job started in the background (nohup, `&`, some CI runners) inherits SIGINT ignored, and Python then
-            # installs no KeyboardInterrupt handler: give the child the default disposition a terminal user has.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        deadline = time.monotonic() + 240
-        while not stalled.exists():
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.1)
+        stalled = tmp_path / f"stalled{len(debug)}"  # created once the generator stalls after the first shard
+        process = start_stalled(stalled, *args, *debug)
+        wait_for_stall(stalled, process, timeout=240)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=120)
         assert process.returncode == 130, err

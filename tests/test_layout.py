@@ -25,7 +25,6 @@ ALLOWED_OVER_LIMIT = {
     "napo/lab/audio.py",
     "napo/lab/scenes.py",
     "napo/lab/sounds.py",
-    "scripts/reliability.py",
 }
 
 

@@ -8,10 +8,7 @@ import json
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
-import textwrap
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -25,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
+from stalled_job import start_stalled, wait_for_stall  # scripts/stalled_job.py
 
 import perturb
 from napo import NaPOConfig, NaPOTrainer, adaptive_q
@@ -112,21 +110,6 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-# The killed job runs `napo train` itself; steps after the second wait, so that kill -9 lands mid-run on any machine.
-KILLED_JOB = textwrap.dedent("""
-    import sys, time
-    from napo.cli import main
-    from napo.trainer import NaPOTrainer
-    step = NaPOTrainer.training_step
-    def slow_after_two(self, *args, **kwargs):
-        if self.state.global_step >= 2:
-            time.sleep(600)
-        return step(self, *args, **kwargs)
-    NaPOTrainer.training_step = slow_after_two
-    main(sys.argv[1:])
-""")
-
-
 @pytest.mark.slow
 def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Path, tmp_path: Path) -> None:
     # 6 rows in batches of 2 for 4 steps: the resumed run crosses an epoch boundary (reshuffled data order).
@@ -146,13 +129,13 @@ def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Pat
         "1e-3",
         *CLI_TRAINING,
     ]
-    job = [sys.executable, "-c", KILLED_JOB, "train", *args, "--output-dir", str(tmp_path / "killed")]
-    process = subprocess.Popen(job, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The job runs `napo train` itself and stalls from step 2 on, after checkpoint-2: kill -9 lands mid-run.
+    stalled = tmp_path / "stalled"
+    job = ["train", *args, "--output-dir", str(tmp_path / "killed")]
+    process = start_stalled(stalled, *job, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # nothing reads them
     try:
-        deadline = time.monotonic() + 300
-        while not (tmp_path / "killed" / "checkpoint-2" / "trainer_state.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline, "the job ended before checkpoint-2"
-            time.sleep(0.1)
+        wait_for_stall(stalled, process)
+        assert (tmp_path / "killed" / "checkpoint-2" / "trainer_state.json").exists()
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
