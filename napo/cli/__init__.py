@@ -91,9 +91,8 @@ def top_level_help() -> str:
 def parse_command(argv: list[str]) -> Invocation:
     """The `Invocation` of `napo ARGV` (argv[0] is the command); argparse exits 2 on a bad option, 0 after --help."""
     command = COMMANDS[argv[0]]
-    rest = list(argv[1:])
-    if command.name == "compare":  # --recipe, the option's earlier name, is --config
-        rest = ["--config" if item == "--recipe" else item for item in rest]
+    renamed = dict(command.earlier_spellings)
+    rest = [renamed.get(item, item) for item in argv[1:]]
     return Invocation(command.name, list(argv[1:]), command.build_parser().parse(rest))
 
 

@@ -56,4 +56,5 @@ COMPARE = Command(
     _compare_parser,
     _run_compare,
     "Finished cells are kept in results.jsonl: rerun the same command to resume.",
+    earlier_spellings=(("--recipe", "--config"),),  # --recipe, the option's earlier name, is --config
 )

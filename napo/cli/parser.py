@@ -304,3 +304,4 @@ class Command:
     build_parser: Callable[[], NapoParser]
     run: Callable[[Invocation], tuple[list[str], dict[str, str]]]  # -> (summary lines, written paths by name)
     resume_hint: str
+    earlier_spellings: tuple[tuple[str, str], ...] = ()  # (old flag, today's flag): rewritten before parsing
