@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed, preference_rows
+from helpers import COMMON, fresh_rows, loss_and_grads, perturbed, preference_rows
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

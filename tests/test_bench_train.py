@@ -103,57 +103,59 @@ def test_one_forward_per_row_equals_trl_on_the_separate_pairs(setup):
     assert_close_grads(napo_grads, trl_grads, rtol=1e-4)
 
 
-def test_precomputed_reference_gives_the_on_the_fly_loss(setup):
-    on_the_fly, _ = loss_and_grads_with_levers(trainer_of(setup, PLAIN))
-    precomputed = trainer_of(setup, replace(PLAIN, name="napo-precomputed", precompute=True))
-    assert precomputed.ref_model is None and "ref_chosen_logps" in precomputed.train_dataset.column_names
-    loss, _ = loss_and_grads_with_levers(precomputed)
-    torch.testing.assert_close(loss, on_the_fly, rtol=1e-5, atol=1e-6)
-
-
-def test_eager_attention_gives_the_sdpa_loss(setup):
-    trainer = trainer_of(setup, PLAIN)
-    sdpa = loss_and_grads_with_levers(trainer)
-    eager = loss_and_grads_with_levers(trainer, replace(PLAIN, attn="eager"))
-    torch.testing.assert_close(eager[0], sdpa[0], rtol=1e-5, atol=1e-6)
-    assert_close_grads(eager[1], sdpa[1], rtol=1e-3)
-
-
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup):
-    checkpointed = replace(PLAIN, gradient_checkpointing=True)
-    trainer = trainer_of(setup, checkpointed)
-    plain = loss_and_grads_with_levers(trainer)
-    with_gc = loss_and_grads_with_levers(trainer, checkpointed)
-    torch.testing.assert_close(with_gc[0], plain[0], rtol=1e-6, atol=1e-7)
-    assert_close_grads(with_gc[1], plain[1], rtol=1e-5)
-
-
-def test_images_encoded_once_give_the_same_loss_and_gradients(setup):
-    trainer = trainer_of(setup, PLAIN)
-    encoded = []
-    tower = trainer.model.model.visual
-    handle = tower.register_forward_hook(lambda module, args, kwargs_out: encoded.append(args[0].shape[0]))
-    try:
-        plain = loss_and_grads_with_levers(trainer)
-        once = loss_and_grads_with_levers(trainer, replace(PLAIN, images_once=True))
-    finally:
-        handle.remove()
-    # The hook sits on the policy's tower: its first call is the plain forward, its last the lever's.
-    plain_patches, once_patches = encoded[0], encoded[-1]
-    assert plain_patches == (1 + len(bench.NEGATIVE_COLUMNS)) * once_patches
-    torch.testing.assert_close(once[0], plain[0], rtol=1e-6, atol=1e-7)
-    assert_close_grads(once[1], plain[1], rtol=1e-5)
-
-
-def test_packed_batches_give_the_same_loss_and_gradients(setup):
-    """The benchmark's rows have answers of different lengths, so its padded batches hold padding that packing drops."""
-    trainer = trainer_of(setup, PLAIN)
+def test_every_compatible_lever_at_once_gives_the_plain_loss_and_gradients(setup):
+    """The benchmark's precomputed variant with `set_levers` putting on gradient checkpointing, eager attention, images
+    encoded once and packing together (share_prompt refuses Qwen2-VL) gives the plain trainer's loss and gradients,
+    each lever acting on the batch; afterwards `set_levers(PLAIN)` puts the models back. Each option alone, on every
+    family: tests/test_throughput_equivalence.py."""
+    every = replace(
+        PLAIN,
+        name="napo-precomputed",
+        precompute=True,
+        gradient_checkpointing=True,
+        attn="eager",
+        images_once=True,
+        padding_free=True,
+    )
+    plain_trainer, trainer = trainer_of(setup, PLAIN), trainer_of(setup, every)
+    assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
+    # The benchmark's rows have answers of different lengths, so its padded batches hold padding that packing drops.
     batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(ROWS)])
     assert batch["attention_mask"].sum() < batch["attention_mask"].numel()
-    plain = loss_and_grads_with_levers(trainer)
-    packed = loss_and_grads_with_levers(trainer, replace(PLAIN, padding_free=True))
-    torch.testing.assert_close(packed[0], plain[0], rtol=1e-5, atol=1e-6)
-    assert_close_grads(packed[1], plain[1], rtol=1e-3)
+
+    patches, decoder_rows, saved = [], [], {}
+    policy = trainer.model  # both trainers train the shared policy: the hooks see either's forward
+    hooks = [
+        policy.model.visual.register_forward_hook(lambda module, args, output: patches.append(args[0].shape[0])),
+        policy.get_decoder()
+        .layers[0]
+        .mlp.register_forward_hook(lambda module, args, output: decoder_rows.append(args[0].shape[0])),
+    ]
+
+    def counted(name, trainer, variant):
+        def count(tensor):
+            saved[name] = saved.get(name, 0) + 1
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+            return loss_and_grads_with_levers(trainer, variant)
+
+    try:
+        plain = counted("plain", plain_trainer, PLAIN)
+        plain_patches, plain_rows = patches[-1], decoder_rows[-1]
+        with_levers = counted("levers", trainer, every)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert plain_patches == (1 + len(bench.NEGATIVE_COLUMNS)) * patches[-1]  # each row's image encoded once
+    assert plain_rows == ROWS * (1 + len(bench.NEGATIVE_COLUMNS)) and decoder_rows[-1] == 1  # one packed row
+    assert saved["levers"] < saved["plain"]  # checkpointed layers keep only their inputs
+    torch.testing.assert_close(with_levers[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert_close_grads(with_levers[1], plain[1], rtol=1e-3)
+
+    base = trainer.model
+    assert base.config._attn_implementation == "sdpa" and not base.is_activation_checkpointing
+    assert not base.model._napo_encode_images_once and not trainer.padding_free
 
 
 def test_images_encoded_once_keep_llava_logits():

@@ -16,10 +16,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import COMMON, perturbed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_trainer import COMMON, perturbed
 from trl import DPOConfig, DPOTrainer
 
 import perturb

@@ -1,71 +1,13 @@
-"""Padding-free batches (`padding_free=True`, `napo.fast.pack_sequences`) give the padded path's log-probs, loss and
-gradients on every tiny model family, with no padding token left in the forward."""
+"""Padding-free batches (`padding_free=True`, `napo.fast.pack_sequences`): what packing refuses and the special cases
+of its layout. That packed batches give the padded path's log-probs, loss and gradients on every supported family:
+tests/test_throughput_equivalence.py."""
 
-import copy
-
-import numpy as np
 import pytest
 import torch
-from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed, preference_rows
+from helpers import COMMON, family_preference_rows, fresh_rows, perturbed
 
 from napo import NaPOConfig, NaPOTrainer
-from napo.models import FAMILIES, build_tiny_model, family_record
-
-COLUMNS = ("rejected_language_bias", "rejected_vision_bias")
-
-
-def rows_for(family: str, vision: bool = True):
-    if family == "qwen2_audio":
-        rng = np.random.default_rng(0)
-        dataset = preference_rows(4, vision=False, columns=("rejected_language_bias", "rejected_audio_bias"))
-        # Clips of different lengths: different numbers of audio tokens per row, hence padding.
-        return dataset.add_column(
-            "audios", [[(0.1 * rng.standard_normal(8000 + 1600 * i)).astype(np.float32)] for i in range(4)]
-        )
-    return preference_rows(4, vision=vision and family != "text", columns=COLUMNS)
-
-
-@pytest.mark.parametrize(
-    "family,vision",
-    # Prefix-LM families are refused (test below); text rows on a multimodal-rotary model too.
-    [(f, True) for f in FAMILIES if not family_record(f).prefix_lm] + [("qwen2_vl", False)],
-    ids=lambda value: {True: "", False: "text-rows"}.get(value, value) if isinstance(value, bool) else value,
-)
-def test_packed_batches_give_the_padded_log_probs_loss_and_gradients(family, vision, tmp_path):
-    reference, processor = build_tiny_model(family, seed=0)
-    reference.eval().requires_grad_(False)
-    policy = perturbed(reference).requires_grad_(True)
-    dataset = rows_for(family, vision)
-    trainers = {}
-    for padding_free in (False, True):
-        args = NaPOConfig(output_dir=str(tmp_path / str(padding_free)), padding_free=padding_free, **COMMON)
-        trainers[padding_free] = NaPOTrainer(
-            model=copy.deepcopy(policy),
-            ref_model=reference,
-            args=args,
-            train_dataset=dataset,
-            processing_class=processor,
-        )
-    padded, packed = trainers[False], trainers[True]
-    assert packed.padding_free and not padded.padding_free
-
-    batch = packed._prepare_inputs(packed.data_collator(fresh_rows(packed, 4)))
-    model_kwargs, labels, _ = packed._model_inputs(batch)
-    real_tokens = int(batch["attention_mask"].sum())
-    assert real_tokens < batch["attention_mask"].numel()  # the padded batch does hold padding
-    assert model_kwargs["input_ids"].shape == (1, real_tokens) and "attention_mask" not in model_kwargs
-    assert int((labels != -100).sum()) == int(batch["completion_mask"][:, 1:].sum())
-
-    tables = {k: t.log_prob_table(t.train_dataset, batch_size=4, of="logratio") for k, t in trainers.items()}
-    assert np.isfinite(tables[False][:, 0]).all() and np.nanmax(np.abs(tables[False])) > 1e-2  # margins are not all 0
-    np.testing.assert_allclose(tables[True], tables[False], rtol=1e-4, atol=1e-4)
-
-    padded_loss, padded_grads = loss_and_grads(padded, fresh_rows(padded, 4))
-    packed_loss, packed_grads = loss_and_grads(packed, fresh_rows(packed, 4))
-    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-4, atol=1e-6)
-    assert packed_grads.keys() == padded_grads.keys() and packed_grads
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+from napo.models import build_tiny_model
 
 
 def test_prefix_lm_batches_are_refused(tmp_path):
@@ -73,7 +15,7 @@ def test_prefix_lm_batches_are_refused(tmp_path):
     trainer = NaPOTrainer(
         model=model,
         args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, **COMMON),
-        train_dataset=rows_for("paligemma"),
+        train_dataset=family_preference_rows("paligemma"),
         processing_class=processor,
     )
     batch = trainer._prepare_inputs(trainer.data_collator(fresh_rows(trainer, 2)))
@@ -126,7 +68,7 @@ def test_a_model_whose_attention_ignores_packing_is_refused(tmp_path):
     trainer = NaPOTrainer(
         model=model,
         args=NaPOConfig(output_dir=str(tmp_path), padding_free=True, max_steps=1, **COMMON),
-        train_dataset=rows_for("text"),
+        train_dataset=family_preference_rows("text"),
         processing_class=tokenizer,
     )
     with pytest.raises(ValueError, match=r"padding_free: this model \(llama, attention 'causal_only'\).*nats away"):

@@ -5,7 +5,7 @@ layouts of `napo.scoring` against a log-softmax summed by hand."""
 import numpy as np
 import pytest
 import torch
-from test_trainer import COMMON, perturbed, preference_rows
+from helpers import COMMON, perturbed, preference_rows
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.encoding import answer_batch

@@ -1,61 +1,33 @@
-"""Shared-prompt scoring (`share_prompt=True`, `napo.shared_prompt`) gives the padded path's log-probs, loss and
-gradients, with the prompt (and its image) run once per row; families whose positions or masks it cannot split are
-refused by name."""
+"""Shared-prompt scoring (`share_prompt=True`, `napo.shared_prompt`): families whose positions or masks it cannot split
+are refused by name, a scoring that disagrees with the padded path stops the job, and settings that need the padded
+forward are refused. That it gives the padded path's log-probs, loss and gradients, with the prompt (and its image)
+run once per row: tests/test_throughput_equivalence.py."""
 
-import copy
-
-import numpy as np
 import pytest
-import torch
-from test_padding_free import rows_for
-from test_trainer import COMMON, fresh_rows, loss_and_grads, perturbed
+from helpers import COMMON, family_preference_rows, fresh_rows, loss_and_grads, perturbed
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.models import build_tiny_model
 
 
-def trainers_for(family: str, tmp_path, **extra):
+def shared_prompt_trainer(family: str, tmp_path) -> NaPOTrainer:
+    """A `share_prompt=True` trainer of a policy moved away from its `family` reference, on that family's rows."""
     reference, processor = build_tiny_model(family, seed=0)
     reference.eval().requires_grad_(False)
-    policy = perturbed(reference).requires_grad_(True)
-    dataset = rows_for(family)
-    return {
-        share: NaPOTrainer(
-            model=copy.deepcopy(policy),
-            ref_model=reference,
-            args=NaPOConfig(output_dir=str(tmp_path / str(share)), share_prompt=share, **COMMON, **extra),
-            train_dataset=dataset,
-            processing_class=processor,
-        )
-        for share in (False, True)
-    }
-
-
-@pytest.mark.parametrize("family", ["text", "llava", "idefics3", "qwen2_audio"])
-def test_shared_prompt_gives_the_padded_log_probs_loss_and_gradients(family, tmp_path):
-    trainers = trainers_for(family, tmp_path)
-    padded, shared = trainers[False], trainers[True]
-    batch = shared._prepare_inputs(shared.data_collator(fresh_rows(shared, 4)))
-    rows = int(batch["sequence_row"].max()) + 1
-    assert batch["input_ids"].size(0) > rows  # several sequences per row: there is a prompt to share
-
-    tables = {k: t.log_prob_table(t.train_dataset, batch_size=4, of="logratio") for k, t in trainers.items()}
-    assert np.isfinite(tables[False][:, 0]).all() and np.nanmax(np.abs(tables[False])) > 1e-2  # margins are not all 0
-    np.testing.assert_allclose(tables[True], tables[False], rtol=1e-4, atol=1e-4)
-
-    padded_loss, padded_grads = loss_and_grads(padded, fresh_rows(padded, 4))
-    shared_loss, shared_grads = loss_and_grads(shared, fresh_rows(shared, 4))
-    torch.testing.assert_close(shared_loss, padded_loss, rtol=1e-4, atol=1e-6)
-    assert shared_grads.keys() == padded_grads.keys() and shared_grads
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    return NaPOTrainer(
+        model=perturbed(reference).requires_grad_(True),
+        ref_model=reference,
+        args=NaPOConfig(output_dir=str(tmp_path), share_prompt=True, **COMMON),
+        train_dataset=family_preference_rows(family),
+        processing_class=processor,
+    )
 
 
 @pytest.mark.parametrize(
     "family,message", [("paligemma", "per-token input `token_type_ids`"), ("qwen2_vl", "multimodal rotary positions")]
 )
 def test_families_whose_positions_cannot_be_split_are_refused(family, message, tmp_path):
-    shared = trainers_for(family, tmp_path)[True]
+    shared = shared_prompt_trainer(family, tmp_path)
     with pytest.raises(ValueError, match=f"share_prompt: .*{message}"):
         loss_and_grads(shared, fresh_rows(shared, 2))
 
@@ -65,7 +37,7 @@ def test_a_shared_prompt_path_that_disagrees_with_the_padded_one_stops_on_the_fi
     model with another position rule gives) must stop the job instead of training on wrong log-probs."""
     import napo.shared_prompt as module
 
-    shared = trainers_for("text", tmp_path)[True]
+    shared = shared_prompt_trainer("text", tmp_path)
     original = module.shared_prompt_logps
     monkeypatch.setattr("napo.scoring.shared_prompt_logps", lambda model, batch: original(model, batch) + 0.5)
     with pytest.raises(ValueError, match="share_prompt: this model .* nats away"):

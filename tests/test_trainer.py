@@ -7,74 +7,13 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from helpers import COMMON, as_trl_pairs, fresh_rows, loss_and_grads, perturbed, preference_rows
 from peft import LoraConfig
-from PIL import Image
 from trl import DPOConfig, DPOTrainer
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.data import RowError
 from napo.models import build_tiny_model
-
-COMMON = dict(
-    per_device_train_batch_size=4,
-    gradient_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    logging_steps=1,
-    seed=0,
-    dataloader_drop_last=False,
-    bf16=False,  # stock DPOConfig defaults to bf16 autocast even on CPU
-)
-COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
-
-
-def preference_rows(n: int, *, vision: bool, columns=("rejected",), conversational=True, seed=0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        question = f"what colour is the {['banana', 'cat', 'frog'][i % 3]} ?"
-        row = {"prompt": [{"role": "user", "content": question}] if conversational else question + " "}
-        row["chosen"] = COLOURS[i % len(COLOURS)]
-        for k, column in enumerate(columns):
-            # Multi-word negatives of different lengths, and a missing one, exercise padding and the pair index.
-            row[column] = (
-                None if (k == 1 and i % 3 == 0) else " ".join(COLOURS[(i + k + 1 + j) % 6] for j in range(k + 1))
-            )
-        if vision:
-            row["images"] = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))]
-        rows.append(row)
-    return Dataset.from_list(rows)
-
-
-def as_trl_pairs(dataset: Dataset) -> Dataset:
-    """Stock TRL wants answers as assistant turns when the prompt is a conversation; napo also takes strings."""
-    return dataset.map(lambda row: {c: [{"role": "assistant", "content": row[c]}] for c in ("chosen", "rejected")})
-
-
-def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """A copy of `model` moved away from it, so that policy and reference differ and margins are not 0."""
-    policy = copy.deepcopy(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-    return policy
-
-
-def loss_and_grads(trainer, rows: list[dict]):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def fresh_rows(trainer, n):
-    # Collators may mutate their examples (TRL's vision collator does): give each call new dicts.
-    return [dict(trainer.train_dataset[i]) for i in range(n)]
 
 
 @pytest.mark.parametrize("family", ["text", "llava"])
@@ -345,70 +284,6 @@ def test_audio_language_model_trains_with_precomputed_reference(tmp_path):
         histories[precompute] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert any("audio_bias/q" in h for h in trainer.state.log_history)
     np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
-
-
-def test_encode_images_once_flag_keeps_the_losses(tmp_path):
-    dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
-    histories = {}
-    for once in (False, True):
-        model, processor = build_tiny_model("llava", seed=0)
-        trainer = NaPOTrainer(
-            model=model,
-            args=NaPOConfig(
-                output_dir=str(tmp_path / str(once)), max_steps=2, learning_rate=2e-3, encode_images_once=once, **COMMON
-            ),
-            train_dataset=dataset,
-            processing_class=processor,
-        )
-        assert getattr(trainer.model.model, "_napo_encode_images_once", False) == once  # the lever is really on
-        trainer.train()
-        histories[once] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    np.testing.assert_allclose(histories[True], histories[False], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    "family,deduplicates", [("llava", True), ("qwen2_vl", True), ("paligemma", True), ("idefics3", False)]
-)
-def test_encode_images_once_keeps_loss_and_gradients_on_every_vision_family(family, deduplicates, tmp_path):
-    """Same loss and gradients with the lever on; the vision tower then sees each row's image once instead of once per
-    sequence (10 sequences from 4 rows here), except on Idefics3, whose tiled images with a pixel mask keep the plain
-    path."""
-    from napo.fast import encode_images_once
-
-    reference, processor = build_tiny_model(family, seed=0)
-    reference.eval().requires_grad_(False)
-    dataset = preference_rows(4, vision=True, columns=("rejected_language_bias", "rejected_vision_bias"))
-    trainer = NaPOTrainer(
-        model=perturbed(reference).requires_grad_(True),
-        ref_model=reference,
-        args=NaPOConfig(output_dir=str(tmp_path), **COMMON),
-        train_dataset=dataset,
-        processing_class=processor,
-    )
-    tower = next(
-        getattr(trainer.model.model, name)
-        for name in ("vision_tower", "visual", "vision_model")
-        if hasattr(trainer.model.model, name)
-    )
-    images_seen = []
-    tower.register_forward_hook(
-        lambda module, args, kwargs, output: images_seen.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
-        with_kwargs=True,
-    )
-    plain = loss_and_grads(trainer, fresh_rows(trainer, 4))
-    for model in (trainer.model, trainer.ref_model):
-        encode_images_once(model)
-    once = loss_and_grads(trainer, fresh_rows(trainer, 4))
-    torch.testing.assert_close(once[0], plain[0], rtol=1e-6, atol=1e-7)
-    assert once[1].keys() == plain[1].keys()
-    for name, grad in plain[1].items():
-        torch.testing.assert_close(once[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    # Hooked on the policy's tower: the first call is the plain forward, the last the lever's.
-    sequences = sum(
-        1 + sum(row[c] is not None for c in ("rejected_language_bias", "rejected_vision_bias")) for row in dataset
-    )
-    assert sequences == 10
-    assert images_seen[0] * (4 if deduplicates else 1) == images_seen[-1] * (sequences if deduplicates else 1)
 
 
 def test_sft_weight_adds_the_chosen_nll_as_stock_trls_sft_loss_does(tmp_path):

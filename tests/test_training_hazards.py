@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_trainer import COMMON, perturbed, preference_rows
+from helpers import COMMON, perturbed, preference_rows
 
 from napo import NaPOConfig, NaPOTrainer
 from napo.models import build_tiny_model

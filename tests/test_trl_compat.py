@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import DatasetDict, IterableDatasetDict
-from test_trainer import COMMON, as_trl_pairs, fresh_rows, loss_and_grads, perturbed, preference_rows
+from helpers import COMMON, as_trl_pairs, fresh_rows, loss_and_grads, perturbed, preference_rows
 from trl import DPOConfig, DPOTrainer
 
 from napo import NaPOConfig, NaPOTrainer
