@@ -9,23 +9,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def save_tiny_model(kind: str, folder, *, seed: int = 0, min_new_tokens: int | None = None):
-    """Build napo's tiny `kind` model (`napo.models.build_tiny_model`), save it with its processor to `folder`, and
-    return `folder`; `min_new_tokens` makes a random generator answer at least that many tokens."""
-    from napo.models import build_tiny_model
+@pytest.fixture(scope="module")
+def saved_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA saved with its processor (seed 1), whose generations are at least 2 tokens (a random model may
+    say <eos> first)."""
+    return save_tiny_model("llava", tmp_path_factory.mktemp("llava"), seed=1, min_new_tokens=2)
 
-    model, processor = build_tiny_model(kind, seed=seed)
-    if min_new_tokens is not None:
-        model.generation_config.min_new_tokens = min_new_tokens
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+
+@pytest.fixture(scope="module")
+def saved_text_model(tmp_path_factory) -> Path:
+    """A tiny text language model saved with its tokenizer (seed 0)."""
+    return save_tiny_model("text", tmp_path_factory.mktemp("text-model"))
 
 
 @pytest.fixture(scope="module")

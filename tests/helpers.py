@@ -14,9 +14,8 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-# Trainer settings every equivalence test uses: CPU, fp32, nothing saved or reported, one batch of 4 rows.
-COMMON = dict(
-    per_device_train_batch_size=4,
+# Trainer settings of every tiny training run: CPU, fp32, nothing saved or reported, a log every step.
+TINY_TRAINING = dict(
     gradient_checkpointing=False,
     report_to="none",
     save_strategy="no",
@@ -26,9 +25,38 @@ COMMON = dict(
     dataloader_drop_last=False,
     bf16=False,  # stock DPOConfig defaults to bf16 autocast even on CPU
 )
+# ... and batches of 4 rows, as the equivalence tests compare them.
+COMMON = dict(per_device_train_batch_size=4, **TINY_TRAINING)
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 # The two bias-type negatives most tests train on.
 BIAS_COLUMNS = ("rejected_language_bias", "rejected_vision_bias")
+
+
+def noise_image(seed: int, height: int = 32, width: int = 32) -> Image.Image:
+    """A `height` x `width` RGB image of uniform random pixels in [0, 255], the same for the same seed."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
+
+
+def sample_snapshot(sample: dict) -> dict:
+    """A comparable, independent copy of a perturb sample: images as (mode, size, bytes), audio arrays as (dtype,
+    bytes), everything else deep-copied; equal snapshots mean equal samples."""
+    out = copy.deepcopy({k: v for k, v in sample.items() if k not in ("images", "audios")})
+    out["images"] = [(im.mode, im.size, im.tobytes()) for im in sample.get("images", [])]
+    out["audios"] = [(a.dtype.str, a.tobytes()) for a in sample.get("audios", [])]
+    return out
+
+
+def comparable_rows(dataset: Dataset, columns: list[str] | None = None) -> list[dict]:
+    """The rows of `dataset` (only `columns`, if given) as plain dicts with each image as (mode, nested pixel lists),
+    so that two datasets compare equal with `==` exactly when their values and pixels are equal."""
+    names = dataset.column_names if columns is None else columns
+    return [
+        {
+            name: [(image.mode, np.asarray(image).tolist()) for image in row[name]] if name == "images" else row[name]
+            for name in names
+        }
+        for row in dataset
+    ]
 
 
 def preference_rows(n: int, *, vision: bool, columns=("rejected",), conversational=True, seed=0) -> Dataset:

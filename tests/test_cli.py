@@ -16,7 +16,6 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model  # tests/conftest.py
 from PIL import Image
 from safetensors.torch import load_file
 from stalled_job import start_stalled, wait_for_stall  # scripts/stalled_job.py
@@ -44,16 +43,6 @@ QUICK = [
     "--learning_rate",
     "1e-3",
 ]
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory) -> Path:
-    return save_tiny_model("text", tmp_path_factory.mktemp("text-model"))
-
-
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory) -> Path:
-    return save_tiny_model("llava", tmp_path_factory.mktemp("llava"), seed=1, min_new_tokens=2)  # non-empty answers
 
 
 def text_pairs(folder: Path, n: int = 8, name: str = "pairs.jsonl", shift: int = 0) -> Path:
@@ -104,7 +93,9 @@ def failure(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
 
 # ------------------------------------------------------------------------------------------- options and files
 @pytest.mark.parametrize("spelling", ["--output_dir", "--output-dir"])
-def test_output_dir_is_where_the_model_goes_under_either_spelling(text_model, tmp_path, monkeypatch, capsys, spelling):
+def test_output_dir_is_where_the_model_goes_under_either_spelling(
+    saved_text_model, tmp_path, monkeypatch, capsys, spelling
+):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "here"
     main(
@@ -113,7 +104,7 @@ def test_output_dir_is_where_the_model_goes_under_either_spelling(text_model, tm
             "--dataset_name",
             str(text_pairs(tmp_path)),
             "--model_name_or_path",
-            str(text_model),
+            str(saved_text_model),
             spelling,
             str(out),
             "--max_steps",
@@ -179,7 +170,7 @@ def test_config_file_sets_any_field_and_the_command_line_overrides_it(tmp_path):
     assert parse_command(["eval", "--model_name_or_path", "m", "--dataset_name", "d"])[EvalArguments].dataset == "d"
 
 
-def test_trl_model_and_lora_spellings_reach_the_adapter(text_model, tmp_path):
+def test_trl_model_and_lora_spellings_reach_the_adapter(saved_text_model, tmp_path):
     out = tmp_path / "lora"
     main(
         [
@@ -187,7 +178,7 @@ def test_trl_model_and_lora_spellings_reach_the_adapter(text_model, tmp_path):
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(out),
             "--use_peft",
@@ -261,7 +252,7 @@ def test_every_option_of_every_command_has_a_help_line_and_a_default(capsys):
 
 
 # ------------------------------------------------------------------------------------------ evaluation split
-def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys):
+def test_eval_split_makes_eval_strategy_steps_work(saved_text_model, tmp_path, capsys):
     out = tmp_path / "eval"
     main(
         [
@@ -269,7 +260,7 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
             "--dataset",
             str(text_pairs(tmp_path, n=8)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(out),
             "--eval_split",
@@ -300,7 +291,7 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
             "--dataset",
             str(text_pairs(tmp_path, n=6)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(separate),
             "--eval_dataset",
@@ -324,7 +315,7 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(tmp_path / "none"),
             "--eval_strategy",
@@ -338,10 +329,10 @@ def test_eval_split_makes_eval_strategy_steps_work(text_model, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------------ resume check
-def test_resume_refuses_another_dataset_or_learning_rate_unless_told(text_model, tmp_path, capsys):
+def test_resume_refuses_another_dataset_or_learning_rate_unless_told(saved_text_model, tmp_path, capsys):
     data = text_pairs(tmp_path, n=8)
     out = tmp_path / "run"
-    common = ["train", "--model", str(text_model), "--output_dir", str(out), "--save_steps", "1", *QUICK]
+    common = ["train", "--model", str(saved_text_model), "--output_dir", str(out), "--save_steps", "1", *QUICK]
     main([*common, "--dataset", str(data), "--max_steps", "2"])
     assert (out / "checkpoint-2" / "napo_job.json").exists()
 
@@ -363,7 +354,7 @@ def test_resume_refuses_another_dataset_or_learning_rate_unless_told(text_model,
 
 
 # ----------------------------------------------------------------------------------------- model card, trackers
-def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(text_model, tmp_path):
+def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(saved_text_model, tmp_path):
     data = text_pairs(tmp_path)
     out = tmp_path / "card"
     main(
@@ -372,7 +363,7 @@ def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(t
             "--dataset",
             str(data),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(out),
             "--max_steps",
@@ -388,7 +379,7 @@ def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(t
     )
     card = (out / "README.md").read_text()
     front = card.split("---\n")[1]
-    assert f"base_model: {text_model}" in front and "napo" in front
+    assert f"base_model: {saved_text_model}" in front and "napo" in front
     assert "2503.17928" in card and "@inproceedings{zhang2025napo" in card and "Noise-Aware Preference" in card
     assert "Direct Preference Optimization: Your Language Model" not in card  # not DPO's paper
     assert "objective: `napo`, q = `official`" in card and str(data) in card and "8 rows" in card
@@ -396,7 +387,7 @@ def test_model_card_names_the_base_model_paper_objective_negatives_and_dataset(t
     assert "`rejected_language_bias` 0.5, `rejected_vision_bias` 0.5" in card
 
 
-def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tmp_path, capsys):
+def test_a_missing_tracker_is_a_message_before_anything_is_loaded(saved_text_model, tmp_path, capsys):
     import importlib.util
 
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
@@ -407,7 +398,7 @@ def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tm
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(tmp_path / "tb"),
             "--max_steps",
@@ -422,7 +413,7 @@ def test_a_missing_tracker_is_a_message_before_anything_is_loaded(text_model, tm
     assert not (tmp_path / "tb").exists()
 
 
-def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
+def test_model_init_kwargs_are_applied_or_refused(saved_text_model, tmp_path, capsys):
     # napo loads the model itself, so TRL's model_init_kwargs must reach that load, not be dropped.
     out = tmp_path / "half"
     main(
@@ -431,7 +422,7 @@ def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(out),
             "--max_steps",
@@ -452,7 +443,7 @@ def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(tmp_path / "bad"),
             "--max_steps",
@@ -467,7 +458,7 @@ def test_model_init_kwargs_are_applied_or_refused(text_model, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- error boundary
-def test_an_unmakeable_output_folder_is_exit_4(text_model, tmp_path, capsys):
+def test_an_unmakeable_output_folder_is_exit_4(saved_text_model, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code, err = failure(
         [
@@ -475,7 +466,7 @@ def test_an_unmakeable_output_folder_is_exit_4(text_model, tmp_path, capsys):
             "--dataset",
             str(text_pairs(tmp_path)),
             "--model",
-            str(text_model),
+            str(saved_text_model),
             "--output_dir",
             str(tmp_path / "file" / "out"),
             *QUICK,
@@ -485,7 +476,7 @@ def test_an_unmakeable_output_folder_is_exit_4(text_model, tmp_path, capsys):
     assert code == 4 and "a file of that name is in the way" in err
 
 
-def test_a_busy_output_folder_is_exit_5_naming_the_holder(text_model, tmp_path, capsys):
+def test_a_busy_output_folder_is_exit_5_naming_the_holder(saved_text_model, tmp_path, capsys):
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -507,7 +498,7 @@ def test_a_busy_output_folder_is_exit_5_naming_the_holder(text_model, tmp_path, 
                 "--dataset",
                 str(text_pairs(tmp_path)),
                 "--model",
-                str(text_model),
+                str(saved_text_model),
                 "--output_dir",
                 str(tmp_path / "out"),
                 *QUICK,
@@ -537,7 +528,7 @@ def test_a_busy_output_folder_is_exit_5_naming_the_holder(text_model, tmp_path, 
     assert not list((tmp_path / "out").glob("*.json"))  # the refused jobs wrote nothing
 
 
-def test_full_disk_in_pairs_is_exit_4_leaves_no_temp_file_and_resumes(llava, tmp_path, capsys, monkeypatch):
+def test_full_disk_in_pairs_is_exit_4_leaves_no_temp_file_and_resumes(saved_llava, tmp_path, capsys, monkeypatch):
     source = image_source(tmp_path)
     out = tmp_path / "pairs"
     args = [
@@ -545,7 +536,7 @@ def test_full_disk_in_pairs_is_exit_4_leaves_no_temp_file_and_resumes(llava, tmp
         "--source",
         str(source),
         "--model",
-        str(llava),
+        str(saved_llava),
         "--output_dir",
         str(out),
         "--max_new_tokens",
@@ -571,13 +562,13 @@ def test_full_disk_in_pairs_is_exit_4_leaves_no_temp_file_and_resumes(llava, tmp
     assert len(datasets.Dataset.from_parquet(str(out / "data.parquet"))) == 4
 
 
-def test_pairs_accepts_the_allow_pickle_it_suggests(llava, tmp_path, capsys):
+def test_pairs_accepts_the_allow_pickle_it_suggests(saved_llava, tmp_path, capsys):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    for item in llava.iterdir():
+    for item in saved_llava.iterdir():
         if item.suffix != ".safetensors":
             (pickled / item.name).write_bytes(item.read_bytes())
-    torch.save(load_file(llava / "model.safetensors"), pickled / "pytorch_model.bin")
+    torch.save(load_file(saved_llava / "model.safetensors"), pickled / "pytorch_model.bin")
     args = [
         "pairs",
         "--source",
@@ -604,7 +595,7 @@ def test_unexpected_errors_are_exit_1_and_point_to_debug():
 
 
 @pytest.mark.slow
-def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp_path, capsys):
+def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(saved_llava, tmp_path, capsys):
     source = image_source(tmp_path)
     out = tmp_path / "pairs"
     args = [
@@ -612,7 +603,7 @@ def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp
         "--source",
         str(source),
         "--model",
-        str(llava),
+        str(saved_llava),
         "--output_dir",
         str(out),
         "--max_new_tokens",
@@ -636,13 +627,13 @@ def test_ctrl_c_is_exit_130_with_a_resume_hint_and_the_rerun_finishes(llava, tmp
     assert "4 of 4 rows written" in capsys.readouterr().out
 
 
-def test_napo_eval_shows_progress_and_reports_bad_input_cleanly(llava, tmp_path, capsys):
+def test_napo_eval_shows_progress_and_reports_bad_input_cleanly(saved_llava, tmp_path, capsys):
     source = image_source(tmp_path, n=3)
     main(
         [
             "eval",
             "--model",
-            str(llava),
+            str(saved_llava),
             "--dataset",
             str(source),
             "--out",
@@ -665,17 +656,17 @@ def test_napo_eval_shows_progress_and_reports_bad_input_cleanly(llava, tmp_path,
     assert code == 3 and "'answer'" in err  # the data is checked before the (missing) model is loaded
     code, err = failure(["eval", "--model", str(tmp_path / "no-model"), "--dataset", str(source)], capsys)
     assert code in (3, 4) and "no-model" in err
-    code, err = failure(["eval", "--model", str(llava), "--dataset", str(tmp_path / "nothing.jsonl")], capsys)
+    code, err = failure(["eval", "--model", str(saved_llava), "--dataset", str(tmp_path / "nothing.jsonl")], capsys)
     assert code == 4 and "does not exist" in err
-    code, err = failure(["eval", "--model", str(llava), "--n", "0"], capsys)
+    code, err = failure(["eval", "--model", str(saved_llava), "--n", "0"], capsys)
     assert code == 2 and "--n 0" in err
 
 
-def test_a_failed_first_run_leaves_no_output_folder(text_model, tmp_path, capsys):
+def test_a_failed_first_run_leaves_no_output_folder(saved_text_model, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "q", "chosen": 42, "rejected": "a"}) + "\n")
     code, _ = failure(
-        ["train", "--dataset", str(bad), "--model", str(text_model), "--output_dir", str(tmp_path / "o"), *QUICK],
+        ["train", "--dataset", str(bad), "--model", str(saved_text_model), "--output_dir", str(tmp_path / "o"), *QUICK],
         capsys,
     )
     assert code == 3 and not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import soundfile
+from helpers import comparable_rows, noise_image
 from PIL import Image
 
 from napo.data import REJECTED_COLUMNS, RowError, read_dataset, validate_preference_dataset
@@ -16,11 +17,6 @@ from napo.data import REJECTED_COLUMNS, RowError, read_dataset, validate_prefere
 # No image part: rows with 0, 1 or 2 images all fit (TRL puts one placeholder per image), where an explicit part
 # would be a placeholder/image-count mismatch for some of them.
 MESSAGES = [{"role": "user", "content": [{"type": "text", "text": "What colour is the bear?"}]}]
-
-
-def _image(seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
 
 
 def _rows(n: int = 4) -> list[dict]:
@@ -50,18 +46,13 @@ def _write_jsonl(folder, rows: list[dict], images: dict[int, list[Image.Image]])
     return str(folder / "data.jsonl")
 
 
-def _comparable(dataset: datasets.Dataset) -> list[dict]:
-    out = []
-    for row in dataset:
-        row = dict(row)
-        row["images"] = [(image.mode, np.asarray(image).tolist()) for image in row["images"]]
-        out.append(row)
-    return out
-
-
 def test_save_to_disk_parquet_and_jsonl_read_back_equal(tmp_path):
     rows = _rows()
-    images = {0: [_image(0)], 1: [_image(1), _image(2)], 3: [_image(3)]}  # row 2 is text-only
+    images = {
+        0: [noise_image(0, 12, 10)],
+        1: [noise_image(1, 12, 10), noise_image(2, 12, 10)],
+        3: [noise_image(3, 12, 10)],
+    }  # row 2 is text-only
     with_images = [{**row, "images": images.get(i, [])} for i, row in enumerate(rows)]
     source = datasets.Dataset.from_list(with_images)
     source = source.cast_column("images", datasets.List(datasets.Image()))
@@ -72,13 +63,13 @@ def test_save_to_disk_parquet_and_jsonl_read_back_equal(tmp_path):
     source.select(range(2, 4)).to_parquet(str(tmp_path / "shards" / "1.parquet"))
     jsonl = _write_jsonl(tmp_path / "json", rows, images)
 
-    expected = _comparable(source)
+    expected = comparable_rows(source)
     for path in (tmp_path / "disk", tmp_path / "data.parquet", tmp_path / "shards", jsonl):
         dataset, bad = read_dataset(str(path))
         assert bad == []
         assert isinstance(dataset.features["images"], datasets.List)
         assert isinstance(dataset.features["images"].feature, datasets.Image)
-        assert _comparable(dataset) == expected, path
+        assert comparable_rows(dataset) == expected, path
 
 
 def test_images_are_converted_to_rgb(tmp_path):
@@ -105,7 +96,7 @@ def test_audio_is_float32_mono_16khz(tmp_path):
 
 
 def test_missing_image_file_names_row_field_and_path(tmp_path):
-    jsonl = _write_jsonl(tmp_path, _rows(3), {0: [_image(0)], 2: [_image(2)]})
+    jsonl = _write_jsonl(tmp_path, _rows(3), {0: [noise_image(0, 12, 10)], 2: [noise_image(2, 12, 10)]})
     os.remove(tmp_path / "img" / "2_0.png")
     with pytest.raises(RowError, match=r"row 2, field 'images': .*img/2_0\.png does not exist"):
         read_dataset(jsonl)
@@ -115,7 +106,7 @@ def test_missing_image_file_names_row_field_and_path(tmp_path):
 
 
 def test_corrupt_image_names_row_and_reason(tmp_path):
-    jsonl = _write_jsonl(tmp_path, _rows(2), {0: [_image(0)], 1: [_image(1)]})
+    jsonl = _write_jsonl(tmp_path, _rows(2), {0: [noise_image(0, 12, 10)], 1: [noise_image(1, 12, 10)]})
     data = (tmp_path / "img" / "0_0.png").read_bytes()
     (tmp_path / "img" / "0_0.png").write_bytes(data[: len(data) // 2])  # truncated: the header still parses
     with pytest.raises(RowError, match=r"row 0, field 'images': .*0_0\.png cannot be decoded as an image: "):

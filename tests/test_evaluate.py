@@ -6,15 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import noise_image
 
 import napo.evaluate as evaluate
 from napo.evaluate import answer_batch, answer_log_probs, modality_metrics
 from napo.models import build_tiny_model
-
-
-def _image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8))
 
 
 def _chat(question: str, image: bool = True) -> list[dict]:
@@ -23,7 +19,7 @@ def _chat(question: str, image: bool = True) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def llava():
+def llava_and_processor():
     model, processor = build_tiny_model("llava", seed=1)
     return model, processor
 
@@ -53,13 +49,13 @@ def _by_hand(model, processor, sample: dict, answer: str) -> float:
     return total
 
 
-def test_answer_log_probs_equals_unbatched_sum_of_log_softmax(llava) -> None:
-    model, processor = llava
+def test_answer_log_probs_equals_unbatched_sum_of_log_softmax(llava_and_processor) -> None:
+    model, processor = llava_and_processor
     samples = [
-        {"prompt": _chat("what colour is the banana?"), "images": [_image(0)]},
-        {"prompt": _chat("how many cats are there in this picture?"), "images": [_image(1)]},
+        {"prompt": _chat("what colour is the banana?"), "images": [noise_image(0)]},
+        {"prompt": _chat("how many cats are there in this picture?"), "images": [noise_image(1)]},
         {"prompt": _chat("is there a dog?", image=False), "images": []},
-        {"prompt": _chat("what colour is the sky?"), "images": [_image(2)]},
+        {"prompt": _chat("what colour is the sky?"), "images": [noise_image(2)]},
     ]
     answers = ["yellow", "two cats", "no", "a blue sky with one bird"]  # different lengths: padding must not leak in
     got = answer_log_probs(model, processor, samples, answers, batch_size=2)
@@ -68,11 +64,11 @@ def test_answer_log_probs_equals_unbatched_sum_of_log_softmax(llava) -> None:
     assert np.all(got < 0)
 
 
-def test_answer_batch_masks_exactly_the_answer_and_eos(llava) -> None:
-    _, processor = llava
+def test_answer_batch_masks_exactly_the_answer_and_eos(llava_and_processor) -> None:
+    _, processor = llava_and_processor
     samples = [
-        {"prompt": _chat("is there a cat?"), "images": [_image(0)]},
-        {"prompt": _chat("what colour is the banana?"), "images": [_image(1)]},
+        {"prompt": _chat("is there a cat?"), "images": [noise_image(0)]},
+        {"prompt": _chat("what colour is the banana?"), "images": [noise_image(1)]},
     ]
     inputs, mask = answer_batch(processor, samples, ["yes", "a red cat"])
     tokenizer = processor.tokenizer
@@ -94,7 +90,7 @@ def test_modality_metrics_on_controlled_answers_and_scores(monkeypatch) -> None:
     Rows 0-2 are answered correctly from the image; row 3 is answered "yellow" even with the image.
     """
     rows = [
-        {"prompt": _chat("what colour is the banana?"), "images": [_image(i)], "answer": answer}
+        {"prompt": _chat("what colour is the banana?"), "images": [noise_image(i)], "answer": answer}
         for i, answer in enumerate(["purple", "red", "yellow", "green"])
     ]
     full_answers = ["purple", "red", "yellow", "yellow"]

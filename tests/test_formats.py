@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import COMMON, perturbed
+from helpers import COMMON, perturbed, wav_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -51,16 +51,6 @@ TRAIN_ARGS = [
 ]
 IMAGE_TURN = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the cat ?"}]}]
 TEXT_TURN = [{"role": "user", "content": "what colour is the cat ?"}]
-
-
-@pytest.fixture(scope="module")
-def saved_llava(tmp_path_factory):
-    model, processor = build_tiny_model("llava", seed=0)
-    model.generation_config.min_new_tokens = 2  # a random model may say <eos> first
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
 
 
 def _png(path, seed=0):
@@ -240,7 +230,7 @@ def test_napo_pairs_reads_every_layout(name, tmp_path, saved_llava, capsys):
             "--source",
             source,
             "--model",
-            saved_llava,
+            str(saved_llava),
             "--output-dir",
             str(out),
             "--max-new-tokens",
@@ -266,7 +256,7 @@ def test_napo_pairs_refuses_to_overwrite_the_released_bias_columns(tmp_path, sav
                 "--source",
                 write_layout(tmp_path, "napo-rlaif-v-bias"),
                 "--model",
-                saved_llava,
+                str(saved_llava),
                 "--output-dir",
                 str(tmp_path / "out"),
                 "--no-progress",
@@ -283,7 +273,7 @@ def test_napo_train_reads_every_preference_layout(name, tmp_path, saved_llava):
             "--dataset",
             write_layout(tmp_path, name),
             "--model",
-            saved_llava,
+            str(saved_llava),
             "--output-dir",
             str(out),
             *TRAIN_ARGS,
@@ -326,13 +316,13 @@ def test_napo_train_and_stock_trl_train_the_trl_file_alike(tmp_path, saved_llava
         "--lr_scheduler_type",
         "constant",
     ]
-    main(["train", "--dataset", path, "--model", saved_llava, "--output-dir", str(tmp_path / "napo"), *args])
+    main(["train", "--dataset", path, "--model", str(saved_llava), "--output-dir", str(tmp_path / "napo"), *args])
     napo_losses = [h["loss"] for h in json.loads((tmp_path / "napo" / "log_history.json").read_text()) if "loss" in h]
 
     rows = datasets.load_dataset("json", data_files=path, split="train")
     rows = rows.map(lambda r: {"images": [str(tmp_path / p) for p in r["images"]]})
     rows = rows.cast_column("images", datasets.List(datasets.Image()))
-    model, processor = load_model(saved_llava)
+    model, processor = load_model(str(saved_llava))
     stock = DPOTrainer(
         model=model,
         ref_model=copy.deepcopy(model),
@@ -447,16 +437,6 @@ def test_columns_mapping_and_unknown_or_ambiguous_layouts(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad rows
-def wav_bytes(wave, rate):
-    import io
-
-    import soundfile
-
-    buffer = io.BytesIO()
-    soundfile.write(buffer, wave, rate, format="WAV")
-    return buffer.getvalue()
-
-
 def test_bad_rows_are_each_rejected_once_with_row_field_and_reason(tmp_path):
     _png(str(tmp_path / "ok.png"))
     (tmp_path / "a.wav").write_bytes(wav_bytes(np.zeros(160, np.float32), 16_000))
@@ -559,7 +539,7 @@ def test_napo_pairs_counts_bad_rows_right(tmp_path, saved_llava, capsys):
             "--source",
             str(tmp_path / "s.jsonl"),
             "--model",
-            saved_llava,
+            str(saved_llava),
             "--output-dir",
             str(tmp_path / "o"),
             "--max-new-tokens",

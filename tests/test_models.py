@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import noise_image
 from safetensors.torch import load_file
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
@@ -32,11 +32,6 @@ VISION = ("llava", "qwen2_vl", "idefics3", "paligemma")
 QUESTIONS = ("What colour is the banana?", "How many cats are there in this picture?")
 
 
-def _image(seed: int) -> Image.Image:
-    # Not square and not the model's size: the processor must resize.
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8))
-
-
 def _audio(seed: int, seconds: float) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(int(16000 * seconds)).astype(np.float32)
 
@@ -51,7 +46,8 @@ def _prompt_batch(
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     media: dict = {}
     if family in VISION:
-        media = {"images": [[_image(i)] for i in rows]}
+        # 40x48: not square and not the model's size, so the processor must resize.
+        media = {"images": [[noise_image(i, 40, 48)] for i in rows]}
     elif family == "qwen2_audio":
         media = {"audio": [_audio(i, 0.5 + 0.5 * i) for i in rows], "sampling_rate": 16000}
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **media)
@@ -112,7 +108,7 @@ def test_trl_vision_preference_collator(built) -> None:
     family, model, processor = built
     examples = [
         {
-            "images": [_image(i)],
+            "images": [noise_image(i, 40, 48)],
             "prompt": [{"role": "user", "content": q}],
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
@@ -221,7 +217,7 @@ def test_one_placeholder_expands_to_the_media_tokens_of_the_model(built) -> None
         media = {"audio": [_audio(0, 1.0)], "sampling_rate": 16000}
     else:
         placeholder, token_id = record.image_placeholder, model.config.image_token_id
-        media = {"images": [[_image(0)]]}
+        media = {"images": [[noise_image(0, 40, 48)]]}
     batch = processor(text=[f"{placeholder} what colour ?"], return_tensors="pt", **media)
     assert int((batch["input_ids"] == token_id).sum()) > 1  # expanded to the media's tokens, one per patch / frame
 

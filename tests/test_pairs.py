@@ -8,6 +8,7 @@ import shutil
 import datasets
 import numpy as np
 import pytest
+from helpers import comparable_rows
 from PIL import Image
 
 import perturb
@@ -88,13 +89,6 @@ def clean_run(tmp_path_factory, vlm_path):
     return source, folder / "out"
 
 
-def _comparable(dataset: datasets.Dataset, columns: list[str]) -> list[dict]:
-    return [
-        {name: [np.asarray(im).tolist() for im in row[name]] if name == "images" else row[name] for name in columns}
-        for row in dataset
-    ]
-
-
 def test_output_has_design_columns_and_the_original_inputs(clean_run):
     source, out = clean_run
     dataset = datasets.load_from_disk(str(out / "dataset"))
@@ -109,7 +103,9 @@ def test_output_has_design_columns_and_the_original_inputs(clean_run):
     assert validate_preference_dataset(dataset) == ["rejected_language_bias", "rejected_vision_bias"]
     assert dataset["id"] == list(range(N_ROWS))
     expected, _ = read_dataset(source)
-    assert _comparable(dataset, ["prompt", "images", "chosen"]) == _comparable(expected, ["prompt", "images", "chosen"])
+    assert comparable_rows(dataset, ["prompt", "images", "chosen"]) == comparable_rows(
+        expected, ["prompt", "images", "chosen"]
+    )
     parquet = datasets.Dataset.from_parquet(str(out / "data.parquet"))
     assert parquet.to_list() == dataset.to_list()
     stats = json.loads((out / "stats.json").read_text())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
+from helpers import sample_snapshot
 from PIL import Image
 
 import perturb
@@ -49,14 +49,6 @@ def full_sample() -> dict:
         "sampling_rate": 16000,
         "chosen": "White.",
     }
-
-
-def snapshot(sample: dict) -> dict:
-    """A comparable, independent copy: images as (mode, size, bytes), arrays copied."""
-    out = copy.deepcopy({k: v for k, v in sample.items() if k not in ("images", "audios")})
-    out["images"] = [(im.mode, im.size, im.tobytes()) for im in sample.get("images", [])]
-    out["audios"] = [(a.dtype.str, a.tobytes()) for a in sample.get("audios", [])]
-    return out
 
 
 def snr_db(clean: np.ndarray, noisy: np.ndarray) -> float:
@@ -299,10 +291,10 @@ def test_stereo_audio_is_refused_with_a_clear_message() -> None:
 @pytest.mark.parametrize("name", sorted(perturb.OPS))
 def test_every_op_is_deterministic_and_leaves_the_input_alone(name: str) -> None:
     sample = full_sample()
-    before = snapshot(sample)
+    before = sample_snapshot(sample)
     first = perturb.apply(name, sample, seed=7)
-    assert snapshot(first) == snapshot(perturb.apply(name, sample, seed=7))
-    assert snapshot(sample) == before
+    assert sample_snapshot(first) == sample_snapshot(perturb.apply(name, sample, seed=7))
+    assert sample_snapshot(sample) == before
     assert all(a is not b for a, b in zip(first["images"], sample["images"]))
     assert all(a is not b for a, b in zip(first["audios"], sample["audios"]))
     assert first["prompt"] is not sample["prompt"] and first["chosen"] == "White."
@@ -312,7 +304,7 @@ def test_every_op_is_deterministic_and_leaves_the_input_alone(name: str) -> None
 @pytest.mark.parametrize("spec", RANDOM_OPS)
 def test_random_ops_depend_on_the_seed(spec: str) -> None:
     sample = full_sample()
-    assert snapshot(perturb.apply(spec, sample, seed=0)) != snapshot(perturb.apply(spec, sample, seed=1))
+    assert sample_snapshot(perturb.apply(spec, sample, seed=0)) != sample_snapshot(perturb.apply(spec, sample, seed=1))
 
 
 def test_ops_in_a_chain_draw_independent_noise() -> None:

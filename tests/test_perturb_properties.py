@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from helpers import sample_snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -74,15 +75,6 @@ def samples(draw: st.DrawFn) -> dict:
     }
 
 
-def snapshot(sample: dict) -> tuple:
-    return (
-        repr(sample["prompt"]),
-        [(im.mode, im.size, im.tobytes()) for im in sample["images"]],
-        [a.tobytes() for a in sample["audios"]],
-        sample["sampling_rate"],
-    )
-
-
 @PROPERTY_SETTINGS
 @given(chain=chains())
 def test_rendered_chains_parse_back_to_themselves(chain: list[tuple[str, dict]]) -> None:
@@ -97,9 +89,9 @@ def test_rendered_chains_parse_back_to_themselves(chain: list[tuple[str, dict]])
 def test_valid_specs_return_a_valid_sample_and_never_mutate(
     chain: list[tuple[str, dict]], sample: dict, seed: int
 ) -> None:
-    before = snapshot(sample)
+    before = sample_snapshot(sample)
     out = perturb.apply(render(chain), sample, seed=seed)
-    assert snapshot(sample) == before
+    assert sample_snapshot(sample) == before
     names = {name for name, _ in chain}
 
     assert all(isinstance(im, Image.Image) for im in out["images"])

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 from datasets import Dataset
+from helpers import TINY_TRAINING, wav_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -31,16 +31,6 @@ from napo.data import SAMPLING_RATE, RowError, read_dataset, validate_preference
 from napo.models import build_tiny_model
 from napo.objectives import Q_MIN_DEFAULTS
 
-TINY_TRAINING = dict(
-    gradient_checkpointing=False,
-    report_to="none",
-    save_strategy="no",
-    use_cpu=True,
-    logging_steps=1,
-    seed=0,
-    bf16=False,
-    dataloader_drop_last=False,
-)
 CLI_TRAINING = [
     "--gradient_checkpointing",
     "false",
@@ -82,15 +72,6 @@ def write_llava_jsonl(folder: Path, n: int) -> Path:
         names.append(f"img{i}.png")
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in colour_pair_rows(n, image_files=names)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def saved_llava(tmp_path_factory) -> Path:
-    model, processor = build_tiny_model("llava", seed=0)
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
     return path
 
 
@@ -293,13 +274,6 @@ def header_only_png(width: int, height: int) -> bytes:
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    """A WAV file of `samples`, shape (frames,) mono or (frames, channels), at `rate` Hz."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, samples, rate, format="WAV")
     return buffer.getvalue()
 
 

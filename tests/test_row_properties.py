@@ -16,8 +16,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pytest
-from conftest import save_tiny_model  # tests/conftest.py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -53,16 +51,6 @@ PROPERTY = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory) -> Path:
-    return save_tiny_model("llava", tmp_path_factory.mktemp("llava"), seed=1, min_new_tokens=2)  # non-empty answers
-
-
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory) -> Path:
-    return save_tiny_model("text", tmp_path_factory.mktemp("text-model"))
-
-
 def run_napo(argv: list[str]) -> int:
     try:
         main(argv)
@@ -71,7 +59,7 @@ def run_napo(argv: list[str]) -> int:
     return 0
 
 
-def run_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> int:
+def run_pairs(kinds: list[str], table: dict, folder: Path, saved_llava: Path) -> int:
     """Write a source of one row per kind under `folder`, run `napo pairs` on it into folder/out; its exit code."""
     (folder / "img").mkdir()
     lines = []
@@ -97,7 +85,7 @@ def run_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> int:
             "--source",
             str(folder / "source.jsonl"),
             "--model",
-            str(llava),
+            str(saved_llava),
             "--output_dir",
             str(out),
             "--max_new_tokens",
@@ -110,8 +98,8 @@ def run_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> int:
     )
 
 
-def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> None:
-    code = run_pairs(kinds, table, folder, llava)
+def check_pairs(kinds: list[str], table: dict, folder: Path, saved_llava: Path) -> None:
+    code = run_pairs(kinds, table, folder, saved_llava)
     out = folder / "out"
     assert code == 0, (kinds, code)
     valid = [i for i, kind in enumerate(kinds) if kind == "valid"]
@@ -124,15 +112,15 @@ def check_pairs(kinds: list[str], table: dict, folder: Path, llava: Path) -> Non
 
 @given(kinds=st.lists(st.sampled_from(sorted(SOURCE_KINDS)), min_size=1, max_size=6), at=st.integers(0, 6))
 @PROPERTY
-def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(llava, kinds, at):
+def test_pairs_writes_every_valid_row_once_and_rejects_every_invalid_row_once(saved_llava, kinds, at):
     kinds.insert(at % (len(kinds) + 1), "valid")  # at least one valid row: an all-invalid source is the next test's
     with tempfile.TemporaryDirectory() as folder:
-        check_pairs(kinds, SOURCE_KINDS, Path(folder), llava)
+        check_pairs(kinds, SOURCE_KINDS, Path(folder), saved_llava)
 
 
-def test_a_source_of_only_invalid_rows_stops_with_every_reject_written(llava, capsys):
+def test_a_source_of_only_invalid_rows_stops_with_every_reject_written(saved_llava, capsys):
     with tempfile.TemporaryDirectory() as folder:
-        code = run_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), llava)
+        code = run_pairs(["missing image", "0-byte image"], SOURCE_KINDS, Path(folder), saved_llava)
         assert code == 3  # a data error, not an empty dataset written as a success
         assert "every row of" in capsys.readouterr().err
         rejects = [json.loads(line) for line in (Path(folder) / "out" / "rejects.jsonl").read_text().splitlines()]
@@ -141,7 +129,7 @@ def test_a_source_of_only_invalid_rows_stops_with_every_reject_written(llava, ca
 
 @given(kinds=st.lists(st.sampled_from(sorted(PREFERENCE_KINDS)), min_size=1, max_size=6))
 @PROPERTY
-def test_train_stops_naming_an_invalid_row_or_trains(text_model, kinds, capsys):
+def test_train_stops_naming_an_invalid_row_or_trains(saved_text_model, kinds, capsys):
     with tempfile.TemporaryDirectory() as folder:
         rows = [
             {
@@ -161,7 +149,7 @@ def test_train_stops_naming_an_invalid_row_or_trains(text_model, kinds, capsys):
                 "--dataset",
                 str(path),
                 "--model",
-                str(text_model),
+                str(saved_text_model),
                 "--output_dir",
                 str(Path(folder) / "out"),
                 "--max_steps",

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from napo.cli import main
-from napo.models import build_tiny_model, load_model
+from napo.models import load_model
 
 TRAIN_ARGS = [
     "--max_steps",
@@ -27,15 +27,6 @@ TRAIN_ARGS = [
     "--logging_steps",
     "1",
 ]
-
-
-@pytest.fixture(scope="module")
-def saved_llava(tmp_path_factory):
-    model, processor = build_tiny_model("llava", seed=0)
-    path = tmp_path_factory.mktemp("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def write_jsonl(folder, *, missing_image_row=None):
