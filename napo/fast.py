@@ -1,5 +1,5 @@
 """Throughput levers that change how a model computes, not what: each is off by default and tested against the
-plain path (tests/test_bench_train.py).
+plain path (tests/test_throughput_equivalence.py).
 
 `encode_images_once`: a preference batch holds every row's images once per sequence of the row (NaPOTrainer: the
 chosen and K negatives, K+1 copies; TRL: 2 per pair), and the vision tower encodes every copy. With this lever

@@ -3,7 +3,7 @@ models in a set of throughput levers (`set_levers`), as `scripts/bench_train.py`
 
 The levers themselves (images encoded once, padding-free packing) are `napo.fast`; the attention implementations are
 transformers' own plus `napo.attention`'s xformers adapter. Every lever changes how a model computes, not what: each
-is tested against the plain path (tests/test_bench_train.py).
+is tested against the plain path (tests/test_throughput_equivalence.py).
 """
 
 from __future__ import annotations
