@@ -568,3 +568,6 @@ def test_claim_verdict_follows_issue_15s_rule():
     three = compare.claim_verdict(_claim_rows({0.15: gain[:3]}, {0.15: flat[:3]}))
     assert three["verdict"] == "undecided" and "3 paired replicates" in three["reasons"][0]
     assert compare.claim_verdict(_claim_rows({0.0: gain}, {0.0: flat}))["verdict"] == "undecided"
+    # Three replicates whose interval already lies below +0.05 (0.0 ± 4.303·0.01/√3 = ±0.025): refuted.
+    none = compare.claim_verdict(_claim_rows({0.15: [-0.01, 0.0, 0.01]}, {0.15: flat[:3]}))
+    assert none["verdict"] == "refuted" and "lies below the required +0.05" in none["reasons"][0]

@@ -110,7 +110,8 @@ def _claim_lines(rows: list[dict]) -> list[str]:
         f"**The paper's claim: {decided['verdict']}.** Rule: at every noise rate ≥ {rule['min_noise_rate']:g}, "
         f"{rule['objective']} − DPO (paired over ≥ {rule['min_replicates']} replicates) gains ≥ "
         f"{rule['min_gain']:+.2f} {rule['gain_metric']} with its 95% interval above 0, and its "
-        f"{rule['cost_metric']} interval reaches 0 or above (not significantly worse); refuted otherwise.",
+        f"{rule['cost_metric']} interval reaches 0 or above (not significantly worse); refuted otherwise, and on fewer "
+        "replicates too once the required gain lies above the gain's whole interval.",
     ]
     lines += [f"- {reason}" for reason in decided["reasons"]]
     return lines

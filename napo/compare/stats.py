@@ -151,9 +151,12 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
         confirmed  ⇔  for each such ε:  mean(d[gain_metric]) ≥ min_gain  and  low95(d[gain_metric]) > 0
                                         and  high95(d[cost_metric]) ≥ 0   (prior-consistent not significantly worse)
 
-    "refuted" otherwise; "undecided" when no rate ≥ `min_noise_rate` has paired cells or any has fewer than
-    `min_replicates` replicates (then `reasons` says which). Returns {verdict, rule, rates: [{noise_rate, n,
-    gain (mean, low, high), cost (mean, low, high), passes}], reasons: [str]}.
+    "refuted" otherwise. With fewer than `min_replicates` replicates at some rate the claim is "undecided", unless
+    the data already exclude it: the gain's whole interval below `min_gain` (high95 < min_gain) at some rate is
+    "refuted" on any number of replicates (the required gain is already outside the 95% interval). Also
+    "undecided" when no rate ≥ `min_noise_rate` has paired cells. `reasons` says which rates decided.
+    Returns {verdict, rule, rates: [{noise_rate, n, gain (mean, low, high), cost (mean, low, high), passes,
+    gain_excluded}], reasons: [str]}.
     """
     rule = dict(CLAIM_RULE, **(rule or {}))
     objective, gain, cost = rule["objective"], rule["gain_metric"], rule["cost_metric"]
@@ -169,6 +172,7 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
         if g is None or c is None:
             continue
         passes = g["mean"] >= rule["min_gain"] and g["low"] > 0 and c["high"] >= 0
+        excluded = g["high"] < rule["min_gain"]  # NaN (one replicate) compares False: nothing is excluded
         checked.append(
             {
                 "noise_rate": rate,
@@ -176,9 +180,15 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
                 "gain": {k: g[k] for k in ("mean", "low", "high")},
                 "cost": {k: c[k] for k in ("mean", "low", "high")},
                 "passes": bool(passes),
+                "gain_excluded": bool(excluded),
             }
         )
-        if g["n"] < rule["min_replicates"]:
+        if excluded:
+            reasons.append(
+                f"noise {rate:g}: {gain} {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] over {g['n']} "
+                f"replicates: the interval lies below the required {rule['min_gain']:+.2f}"
+            )
+        elif g["n"] < rule["min_replicates"]:
             reasons.append(f"noise {rate:g}: {g['n']} paired replicates, the rule needs {rule['min_replicates']}")
         elif not passes:
             reasons.append(
@@ -188,6 +198,8 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
     if not checked:
         verdict = "undecided"
         reasons.append(f"no noise rate ≥ {rule['min_noise_rate']:g} has paired {objective} and dpo cells")
+    elif any(r["gain_excluded"] for r in checked):
+        verdict = "refuted"
     elif any(r["n"] < rule["min_replicates"] for r in checked):
         verdict = "undecided"
     else:
