@@ -152,8 +152,8 @@ class TrainerScoring(TRLSeam):
                 logps = logps - reference if of == "logratio" else reference
             return logps
 
-        show = description is not None and self.is_world_process_zero()
-        batches = tqdm(loader, desc=description, disable=not show)
+        show = description is not None and self.is_world_process_zero() and not self.args.disable_tqdm
+        batches = tqdm(loader, desc=description, disable=not show, leave=False)
         return answer_table(batches, score, len(dataset), 1 + len(self.negative_columns))
 
     # ------------------------------------------------------------------------------------------ loss

@@ -1,8 +1,8 @@
 """The one preference-training path: build the `NaPOTrainer`, train, save.
 
-`napo train` (`napo.train.run_training`), the bias labs (`napo.lab.pipeline.train_lab_model`) and every `napo compare`
+`napo train` (`napo.train.run_training`), the bias labs (`napo.lab.engine.train_lab_model`) and every `napo compare`
 cell (`napo.compare.cell.run_cell`) train through `train_preference`. Each caller brings its own `NaPOConfig`: the
-CLI's is what the user typed over NaPOConfig's defaults, the lab's is `napo.lab.pipeline.lab_training_config`, a
+CLI's is what the user typed over NaPOConfig's defaults, the lab's is `napo.lab.engine.lab_training_config`, a
 compare cell on a user's dataset gets the user's settings plus the grid's. Nothing here picks a hyper-parameter.
 
     config = NaPOConfig(output_dir="out", learning_rate=1e-5, max_steps=200)
@@ -22,7 +22,7 @@ from typing import Any
 
 import datasets
 from peft import PeftConfig
-from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
+from transformers import PreTrainedModel, PrinterCallback, ProcessorMixin, ProgressCallback, TrainerCallback
 
 from napo.config import NaPOConfig
 from napo.trainer import NaPOTrainer
@@ -56,6 +56,7 @@ def train_preference(
     callbacks: list[TrainerCallback] | None = None,
     resume_from_checkpoint: str | None = None,
     model_dir: str | os.PathLike | None = None,
+    progress_callback: TrainerCallback | None = None,
 ) -> PreferenceRun:
     """Train `model` on the preference rows of `dataset` with `config`; save it (and `processing_class`).
 
@@ -72,6 +73,9 @@ def train_preference(
         resume_from_checkpoint: a `checkpoint-<step>` folder to continue from (data order, optimizer, scheduler).
         model_dir: where the trained model (or adapter) and `processing_class` are saved, with TRL's
             `training_args.bin` (the `config` trained with); None: `config.output_dir`.
+        progress_callback: replaces transformers' own display (`PrinterCallback` with `disable_tqdm`, else
+            `ProgressCallback`), both of which print every log as a raw dict (e.g. the lab's
+            `napo.lab.progress.TrainingBar`); None keeps transformers' display.
     """
     trainer = NaPOTrainer(
         model=model,
@@ -83,6 +87,10 @@ def train_preference(
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    if progress_callback is not None:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(progress_callback)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     wall_time_s = time.perf_counter() - start

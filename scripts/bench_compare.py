@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from napo.compare import cell_key, read_results, run_compare
     from napo.compare.source import with_reference_logps
-    from napo.lab.pipeline import prepare_lab
+    from napo.lab.engine import prepare_lab
 
     torch.set_num_threads(1)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-compare-"))

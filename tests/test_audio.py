@@ -155,9 +155,9 @@ def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
     """napo.evaluate's scorer with audio: batched (mixed with audio-free rows) = each row alone."""
     import perturb
     from napo.evaluate import answer_log_probs
-    from napo.lab.audio import AudioLabSettings, _build_model, _rows
+    from napo.lab.audio import AudioLabSettings, _rows, build_model
 
-    model, processor = _build_model(RECIPE, AudioLabSettings.quick(), seed=0)
+    model, processor = build_model(RECIPE, AudioLabSettings.quick(), seed=0)
     rows = _rows(RECIPE, "train", 3, seed=0)
     samples = rows + [perturb.apply("audio.drop", rows[0])]
     answers = [r["answer"] for r in rows] + [rows[0]["answer"]]
@@ -200,12 +200,13 @@ def test_the_audio_encoder_still_separates_the_notes_after_sft(tmp_path) -> None
     init (encoder_conv_gain=0) SFT collapsed it within 50 steps (accuracy ~0.25) and the lab model was deaf."""
     import dataclasses
 
-    from napo.lab.audio import AudioLabSettings, _build_model, _sft
+    from napo.lab.audio import TASK, AudioLabSettings, build_model
+    from napo.lab.engine import _sft
     from napo.models import load_model
 
     settings = dataclasses.replace(AudioLabSettings.full(), n_train=640, sft_steps=60)
     assert settings.encoder_conv_gain > 0
-    model, processor = _build_model(RECIPE, settings, seed=0)
+    model, processor = build_model(RECIPE, settings, seed=0)
     assert _held_out_note_accuracy(model, processor) > 0.6
-    folder, _ = _sft(tmp_path / "sft", RECIPE, settings, seed=0)
+    folder, _ = _sft(tmp_path / "sft", TASK, RECIPE, settings, 0, None)
     assert _held_out_note_accuracy(*load_model(str(folder))) > 0.6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -90,6 +91,13 @@ def test_rerun_reuses_the_cached_sft_model_and_pairs(quick_lab: Path) -> None:
     lab = prepare_lab(quick_lab, quick=True)
     assert lab["sft_wall_time_s"] == 0.0 and lab["pairs_wall_time_s"] == 0.0
     assert Path(lab["sft_dir"], "config.json").exists()
+    # The cache key every earlier run used (so their SFT models are still found): recipe, settings and seed hashed.
+    from dataclasses import asdict
+
+    from napo.lab.pipeline import LabSettings
+
+    spec = json.dumps([lab_spec()["recipe"], asdict(LabSettings.quick()), 0], sort_keys=True)
+    assert Path(lab["sft_dir"]).parent.name == hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 @pytest.mark.slow
@@ -100,14 +108,7 @@ def test_napo_eval_on_the_lab_and_on_a_user_dataset(
     out = tmp_path / "metrics.json"
     main(["eval", "--model", str(sft), "--n", "6", "--out", str(out)])
     metrics = json.loads(out.read_text())
-    for metric in (
-        "counterfactual_accuracy",
-        "prior_consistent_accuracy",
-        "blind_agreement",
-        "image_share",
-        "pope_f1",
-        "chair_s",
-    ):
+    for metric in REPORT_METRICS:
         assert 0.0 <= metrics[metric] <= 1.0
 
     rows = _rows(lab_spec()["recipe"], "counterfactual", 5, 7)

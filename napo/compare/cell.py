@@ -44,7 +44,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
     # With shared reference log-probs in the pairs, scoring needs no reference model.
     reference = None if "ref_chosen_logps" in pairs.column_names else load_model(source["sft_dir"])[0]
     if context["source"] == "lab":
-        from napo.lab.pipeline import evaluate_lab_model
+        from napo.lab.engine import evaluate_lab_model
 
         metrics = evaluate_lab_model((model, processing_class), source["lab"], n=context["eval_n"])
     else:
@@ -117,7 +117,7 @@ def cell_training_config(context: dict, cell_dir: Path, seed: int, settings: dic
     """The `NaPOConfig` of one cell: the grid's objective settings, seed, β and steps over the source's defaults,
     and the grid's `train` settings over all of them.
 
-    The lab's defaults are the lab's (`napo.lab.pipeline.lab_training_config`: its learning rate, batch size, steps,
+    The lab's defaults are the lab's (`napo.lab.engine.lab_training_config`: its learning rate, batch size, steps,
     CPU); a user's dataset and model train with NaPOConfig's (TRL's) defaults and the user's `train` settings, as
     `napo train` would, plus `CELL_LOGISTICS`.
     """
@@ -125,7 +125,7 @@ def cell_training_config(context: dict, cell_dir: Path, seed: int, settings: dic
     if context["max_steps"] is not None:
         grid["max_steps"] = context["max_steps"]
     if context["source"] == "lab":
-        from napo.lab.pipeline import lab_training_config
+        from napo.lab.engine import lab_training_config
 
         return lab_training_config(cell_dir, **grid, **context["train"])
     from napo.config import NaPOConfig

@@ -12,6 +12,7 @@ import numpy as np
 
 from napo.compare.grid import SMOOTHING_RANGE, CompareConfig
 from napo.compare.stats import LOWER_IS_BETTER, claim_verdict, paired_differences, summarize
+from napo.lab.tasks import KEY_METRICS as LAB_KEY_METRICS
 from napo.provenance import device_description, versions_text, write_text_atomic
 
 # Metrics the verdict compares NaPO and DPO on, by source: the debiasing gain, what it may cost (NOTES: DPO on
@@ -20,14 +21,10 @@ VERDICT_METRICS = {
     "lab": ("counterfactual_accuracy", "prior_consistent_accuracy", "margin_flipped_fitted"),
     "dataset": ("heldout_reward_accuracy", "margin_flipped_fitted"),
 }
-# Shown first in the report and plotted (when present); every other value gets a table after them.
+# Shown first in the report and plotted (when present); every other value gets a table after them: the bias lab's
+# headline metrics, then a user dataset's held-out ones and the margins of clean and flipped pairs.
 KEY_METRICS = (
-    "counterfactual_accuracy",
-    "prior_consistent_accuracy",
-    "blind_agreement",
-    "image_share",
-    "pope_f1",
-    "chair_s",
+    *LAB_KEY_METRICS,
     "heldout_reward_accuracy",
     "heldout_mean_margin",
     "margin_clean_mean",

@@ -37,7 +37,7 @@ def prepare_sources(config: CompareConfig, out: Path) -> dict[str, Any]:
         "noise_kind": config.noise_kind,
     }
     if config.source == "lab":
-        from napo.lab.pipeline import prepare_lab
+        from napo.lab.engine import prepare_lab
 
         def replicate(lab_seed: int) -> dict[str, Any]:
             lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=lab_seed, quick=config.quick)
@@ -137,7 +137,7 @@ def sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
     saved = json.loads(path.read_text()) if path.exists() else {}
     if saved.get("n") == n and saved.get("sft_dir") == lab["sft_dir"]:
         return saved["metrics"]
-    from napo.lab.pipeline import evaluate_lab_model
+    from napo.lab.engine import evaluate_lab_model
 
     metrics = evaluate_lab_model(lab["sft_dir"], lab, n=n)
     write_text_atomic(path, json.dumps({"n": n, "sft_dir": lab["sft_dir"], "metrics": metrics}) + "\n")

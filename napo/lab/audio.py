@@ -1,30 +1,21 @@
-"""The audio bias lab end to end: SFT a tiny Qwen2-Audio on the biased clips of `napo.lab.sounds`, build
-language- and audio-biased pairs with it (`napo pairs`' audio defaults), train DPO and NaPO from the
-same SFT checkpoint, and measure every model's bias.
+"""The audio bias lab's task record (`TASK`): a tiny Qwen2-Audio on the biased clips of `napo.lab.sounds`, language-
+and audio-biased pairs with `napo pairs`' audio defaults, and the note-prior metrics. The engine
+(`napo.lab.engine`) runs it: `napo lab --task audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]`.
 
     lab = prepare_audio_lab("out")                       # SFT checkpoint + pairs (cached in out/cache/audio-*/)
     run = train_lab_model(lab["sft_dir"], lab["pairs_dir"], "out/napo-0", objective="napo", seed=0)
     metrics = evaluate_audio_model(run["model_dir"], lab)
     report = run_audio_lab("benchmarks/lab")             # all of it, plus audio_report.md / audio_report.json
 
-    napo lab --audio [--quick] [--seeds 0 1 2] [--out benchmarks/lab]    (or: python -m napo.lab.audio ...)
-
-Preference training is the vision lab's `napo.lab.pipeline.train_lab_model` (it only needs a checkpoint
-and pairs); the SFT loop and the evaluation are the audio twins of the vision lab's: the clips, the
-model family and the modality that `audio.drop` removes differ.
+`prepare_audio_lab`, `evaluate_audio_model` and `run_audio_lab` are the engine's `prepare_lab`,
+`evaluate_lab_model` and `run_lab` with `task="audio"`.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import math
-import shlex
-import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +26,11 @@ from transformers import PreTrainedModel, ProcessorMixin
 import perturb
 from napo.evaluate import accuracy, agreement, answer_log_probs, modality_shapley, prior_following_rate
 from napo.inference import generate
-from napo.jobs import locks_output
-from napo.lab.pipeline import (
-    _cell,
-    _last_q_and_margins,
-    _mean_std,
-    supervised_fine_tune,
-    train_lab_model,
-)
-from napo.lab.sounds import load_recipe, make_split, vocabulary
-from napo.models import build_tiny_model, build_tokenizer, load_model, media_tower
+from napo.lab import sounds
+from napo.lab.report import cell, gate_line
+from napo.lab.tasks import SFT_GATE, LabTask, as_chat
+from napo.models import build_tiny_model, build_tokenizer, media_tower
 from napo.pairs import AUDIO_NEGATIVES
-from napo.provenance import device_description, utc_now, versions, write_json_atomic, write_text_atomic
 
 # What the audio-blind and question-blind answers are generated from: the same degradations `napo pairs`
 # uses for audio data, so the lab measures the biases the pairs target.
@@ -113,38 +97,34 @@ class AudioLabSettings:
         )
 
 
-def prepare_audio_lab(
-    out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False
-) -> dict[str, Any]:
-    """SFT the audio lab model and build its preference pairs, reusing both when cached with the same settings.
+def _rows(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """Lab rows as samples: the question becomes a one-turn chat with the audio before it."""
+    return as_chat(sounds.make_split(recipe, split, n, seed), "audio")
 
-    Args:
-        out_dir: the lab's output folder; artifacts go to `<out_dir>/cache/audio-<key>/{sft,pairs}`, key
-            hashing the recipe, the settings and the seed (`cache/` is the vision lab's git-ignored folder).
-        recipe: a recipe path, an already loaded recipe, or None for `napo/lab/recipes/sounds.yaml`.
-        seed: seed of the model weights and of SFT batch order (clips use the recipe's seed).
-        quick: the tiny CI variant (`AudioLabSettings.quick()`).
 
-    Returns a JSON-able dict: sft_dir (model + processor folder), pairs_dir (`save_to_disk` preference
-    rows with `rejected_language_bias` and `rejected_audio_bias`), pairs_stats, recipe, settings, seed,
-    sft_wall_time_s and pairs_wall_time_s (0 when cached).
-    """
-    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe)
-    settings = AudioLabSettings.quick() if quick else AudioLabSettings.full()
-    key = hashlib.sha256(json.dumps([rec, asdict(settings), seed], sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(out_dir) / "cache" / f"audio-{key}"
-    sft_dir, sft_time = _sft(cache / "sft", rec, settings, seed)
-    pairs_dir, stats, pairs_time = _pairs(cache / "pairs", sft_dir, rec, settings)
-    return {
-        "sft_dir": str(sft_dir),
-        "pairs_dir": str(pairs_dir),
-        "pairs_stats": stats,
-        "recipe": rec,
-        "settings": asdict(settings),
-        "seed": seed,
-        "sft_wall_time_s": sft_time,
-        "pairs_wall_time_s": pairs_time,
-    }
+def build_model(
+    recipe: dict[str, Any], settings: AudioLabSettings, seed: int
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A fresh lab Qwen2-Audio whose feature extractor keeps the whole clip (whole seconds, rounded up)."""
+    tokenizer = build_tokenizer([*sounds.vocabulary(recipe), *GENERIC_PROMPT_WORDS])
+    seconds = math.ceil(recipe["audio"]["seconds"])
+    model, processor = build_tiny_model(
+        "qwen2_audio",
+        tokenizer,
+        hidden_size=settings.hidden,
+        num_layers=settings.layers,
+        audio_seconds=seconds,
+        seed=seed,
+    )
+    if settings.encoder_conv_gain:  # see AudioLabSettings: He-scaled convolutions, so the clip outweighs the biases
+        encoder = media_tower(model)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for conv in (encoder.conv1, encoder.conv2):
+                fan_in = conv.in_channels * conv.kernel_size[0]
+                conv.weight.normal_(0.0, settings.encoder_conv_gain * math.sqrt(2.0 / fan_in), generator=generator)
+                conv.bias.zero_()
+    return model, processor
 
 
 def audio_modality_metrics(
@@ -195,38 +175,25 @@ def audio_modality_metrics(
     }
 
 
-def evaluate_audio_model(
-    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin],
-    lab: dict[str, Any],
-    *,
-    n: int | None = None,
-) -> dict[str, float]:
-    """The audio lab's bias metrics of one model, all in [0, 1].
+def evaluate(
+    model: PreTrainedModel, processor: ProcessorMixin, recipe: dict[str, Any], n: int
+) -> tuple[dict[str, float], list[float]]:
+    """The audio lab's bias metrics of one model, all in [0, 1], and the per-row audio shares of the counterfactual
+    split.
 
-    Args:
-        model_dir_or_model_and_processor: a `save_pretrained` folder, or (model, processor).
-        lab: `prepare_audio_lab`'s dict (only "recipe" and "settings" are read).
-        n: rows per evaluation split; None: the settings' `n_eval`.
-
-    Returns counterfactual_accuracy, prior_consistent_accuracy, prior_following_rate (counterfactual
-    rows answered with the instrument's typical note), blind_agreement and question_blind_agreement
-    (counterfactual rows: answer unchanged without the audio / without the question), audio_share
-    (mean Shapley audio share of the reference answer's log-prob, counterfactual rows) and
-    no_prior_accuracy (instruments without a typical note: whether the model hears the note at all;
-    chance is 1 / number of notes).
+    Metrics: counterfactual_accuracy, prior_consistent_accuracy, prior_following_rate (counterfactual rows answered
+    with the instrument's typical note), blind_agreement and question_blind_agreement (counterfactual rows: answer
+    unchanged without the audio / without the question), audio_share (mean Shapley audio share of the reference
+    answer's log-prob, counterfactual rows) and no_prior_accuracy (instruments without a typical note: whether the
+    model hears the note at all; chance is 1 / number of notes).
     """
-    if isinstance(model_dir_or_model_and_processor, (str, Path)):
-        model, processor = load_model(str(model_dir_or_model_and_processor))
-    else:
-        model, processor = model_dir_or_model_and_processor
-    recipe, n = lab["recipe"], n or lab["settings"]["n_eval"]
     counterfactual = _rows(recipe, "counterfactual", n, recipe["seed"])
     mod = audio_modality_metrics(model, processor, counterfactual)
     consistent = _rows(recipe, "prior_consistent", n, recipe["seed"])
     answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
     no_prior = _rows(recipe, "no_prior", n, recipe["seed"])
     no_prior_answers = generate(model, processor, no_prior, batch_size=64, max_new_tokens=4)
-    return {
+    metrics = {
         "counterfactual_accuracy": mod["accuracy"],
         "prior_consistent_accuracy": accuracy(answers, [r["answer"] for r in consistent]),
         "prior_following_rate": prior_following_rate(mod["answers"], [r["prior_answer"] for r in counterfactual]),
@@ -235,85 +202,37 @@ def evaluate_audio_model(
         "audio_share": mod["audio_share"],
         "no_prior_accuracy": accuracy(no_prior_answers, [r["answer"] for r in no_prior]),
     }
+    return metrics, mod["audio_shares"]
 
 
-@locks_output(lambda arguments: arguments["out_dir"])
-def run_audio_lab(
-    out_dir: str | Path = "benchmarks/lab",
-    *,
-    seeds: tuple[int, ...] = (0, 1, 2),
-    recipe: str | None = None,
-    quick: bool = False,
-    command: str | None = None,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """SFT, pairs, DPO and NaPO for every seed, evaluation, then audio_report.json and audio_report.md.
-
-    As in the vision lab, the SFT checkpoint and the pairs are built once (seed 0) and shared, so the
-    seeds vary preference training only (batch order). Returns the report dict (what the JSON holds).
-    """
-    start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lab = prepare_audio_lab(out, recipe=recipe, quick=quick)
-    log(
-        f"[audio lab] SFT {lab['sft_wall_time_s']:.0f}s, pairs {lab['pairs_wall_time_s']:.0f}s: "
-        f"{lab['pairs_stats']['rows_written']} pair rows"
+def pair_source(
+    rows: list[dict[str, Any]], recipe: dict[str, Any], settings: AudioLabSettings, seed: int
+) -> datasets.Dataset:
+    """Source rows of the audio pairs: prompt, the clip and its sampling rate, chosen = the reference answer; the
+    pair generator adds `rejected_language_bias` (`audio.drop`) and `rejected_audio_bias` (the question dropped),
+    greedy, with `napo pairs`' audio defaults."""
+    text = datasets.Value("string")
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [r["prompt"] for r in rows],
+            "audios": [r["audios"] for r in rows],
+            "sampling_rate": [r["sampling_rate"] for r in rows],
+            "chosen": [r["answer"] for r in rows],
+        },
+        features=datasets.Features(
+            {
+                "prompt": [{"role": text, "content": [{"type": text, "text": text}]}],
+                "audios": datasets.List(datasets.List(datasets.Value("float32"))),
+                "sampling_rate": datasets.Value("int32"),
+                "chosen": text,
+            }
+        ),
     )
-    settings = lab["settings"]
-    metrics: dict[str, list[dict[str, float]]] = {
-        "sft": [evaluate_audio_model(lab["sft_dir"], lab)],
-        "dpo": [],
-        "napo": [],
-    }
-    log(f"[audio lab] sft: {_summary(metrics['sft'][0])}")
-    runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        for objective in ("dpo", "napo"):
-            run = train_lab_model(
-                lab["sft_dir"],
-                lab["pairs_dir"],
-                Path(lab["pairs_dir"]).parent / f"{objective}-{seed}",
-                objective=objective,
-                seed=seed,
-                max_steps=settings["pref_steps"],
-                beta=settings["beta"],
-                learning_rate=settings["pref_lr"],
-                per_device_train_batch_size=settings["pref_batch_size"],
-                logging_steps=1,  # short runs: the report's final q and margins are those of the last step
-            )
-            m = evaluate_audio_model(run["model_dir"], lab)
-            metrics[objective].append(m)
-            runs.append(
-                {
-                    "objective": objective,
-                    "seed": seed,
-                    "train_wall_time_s": run["wall_time_s"],
-                    "metrics": m,
-                    "final_log": _last_q_and_margins(run["log_history"]),
-                }
-            )
-            log(f"[audio lab] {objective} seed {seed} ({run['wall_time_s']:.0f}s): {_summary(m)}")
-    report = {
-        "command": command or "python -m napo.lab.audio" + (" --quick" if quick else ""),
-        "date": utc_now(),
-        "device": device_description("cpu"),  # the lab trains and evaluates on the CPU
-        "versions": versions(),
-        "seeds": list(seeds),
-        "settings": settings,
-        "recipe": "napo/lab/recipes/sounds.yaml" if recipe is None else str(recipe),
-        "no_prior_chance": 1 / len(lab["recipe"]["notes"]),  # no_prior_accuracy of a model that cannot hear the note
-        "pairs": {k: lab["pairs_stats"][k] for k in ("rows_written", "negatives", "dropped_no_negative")},
-        "sft_wall_time_s": lab["sft_wall_time_s"],
-        "pairs_wall_time_s": lab["pairs_wall_time_s"],
-        "models": {name: _mean_std(rows) for name, rows in metrics.items()},
-        "runs": runs,
-    }
-    report["wall_time_s"] = time.perf_counter() - start
-    report["outputs"] = {name: str(out / name) for name in ("audio_report.json", "audio_report.md")}
-    write_json_atomic(out / "audio_report.json", report, indent=2)
-    write_text_atomic(out / "audio_report.md", render_audio_report(report))
-    return report
+
+
+def pair_options(settings: AudioLabSettings, seed: int) -> dict[str, Any]:
+    """`PairsConfig` fields: greedy answers of up to 8 tokens (the pairs depend on the seed through the SFT model)."""
+    return {"max_new_tokens": 8}
 
 
 def render_audio_report(report: dict[str, Any]) -> str:
@@ -340,9 +259,10 @@ def render_audio_report(report: dict[str, Any]) -> str:
         "|---" * (len(models) + 1) + "|",
     ]
     lines += [
-        f"| {metric} | " + " | ".join(_cell(models[name][metric]) for name in models) + " |"
-        for metric in REPORT_METRICS
+        f"| {metric} | " + " | ".join(cell(models[name][metric]) for name in models) + " |" for metric in REPORT_METRICS
     ]
+    if "sft_gate" in report:
+        lines += ["", gate_line(report["sft_gate"])]
     m = {name: {k: v["mean"] for k, v in stats.items()} for name, stats in models.items()}
     sft = m["sft"]
     lines += [
@@ -389,130 +309,59 @@ def render_audio_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m napo.lab.audio`: run the audio lab and write the report into --out."""
-    parser = argparse.ArgumentParser(prog="python -m napo.lab.audio", description=run_audio_lab.__doc__)
-    parser.add_argument(
-        "--out",
-        default="benchmarks/lab",
-        help="folder for audio_report.{json,md} and the cache (default: benchmarks/lab)",
-    )
-    parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="preference-training seeds (default: 0 1 2)"
-    )
-    parser.add_argument("--recipe", default=None, help="an audio recipe YAML (default: napo/lab/recipes/sounds.yaml)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (seconds)")
-    args = parser.parse_args(argv)
-    command = "python -m napo.lab.audio " + shlex.join(sys.argv[1:] if argv is None else argv)
-    run_audio_lab(args.out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=command.strip())
+def _report_extras(lab: dict[str, Any]) -> dict[str, Any]:
+    return {"no_prior_chance": 1 / len(lab["recipe"]["notes"])}  # no_prior_accuracy of a model that cannot hear
 
 
-# ---------------------------------------------------------------------------------------------
-# steps
+TASK = LabTask(
+    name="audio",
+    modality="audio",
+    family="qwen2_audio",
+    settings=AudioLabSettings,
+    default_recipe="napo/lab/recipes/sounds.yaml",
+    load_recipe=sounds.load_recipe,
+    make_split=sounds.make_split,
+    build_model=build_model,
+    pair_source=pair_source,
+    pair_options=pair_options,
+    evaluate=evaluate,
+    report_metrics=REPORT_METRICS,
+    summary_metrics=REPORT_METRICS,
+    report_name="audio_report",
+    render_report=render_audio_report,
+    gate=SFT_GATE,
+    eval_passes=15,  # counterfactual: 3 answers + 4 scorings; prior-consistent and no-prior answers
+    report_extras=_report_extras,
+    cache_prefix="audio-",
+    log_prefix="[audio lab]",
+    logging_steps=1,  # short runs: the report's final q and margins are those of the last step
+)
 
 
-def _rows(recipe: dict[str, Any], split: str, n: int, seed: int) -> list[dict[str, Any]]:
-    """Lab rows as samples: the question becomes a one-turn chat with the audio before it."""
-    rows = make_split(recipe, split, n, seed)
-    for row in rows:
-        row["prompt"] = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": row["prompt"]}]}]
-    return rows
+def prepare_audio_lab(
+    out_dir: str | Path, *, recipe: str | dict | None = None, seed: int = 0, quick: bool = False
+) -> dict[str, Any]:
+    """`napo.lab.engine.prepare_lab` of the audio lab: its SFT checkpoint and pairs, cached under
+    `<out_dir>/cache/audio-<key>/`."""
+    from napo.lab.engine import prepare_lab
+
+    return prepare_lab(out_dir, recipe=recipe, seed=seed, quick=quick, task="audio")
 
 
-def _build_model(
-    recipe: dict[str, Any], settings: AudioLabSettings, seed: int
-) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A fresh lab Qwen2-Audio whose feature extractor keeps the whole clip (whole seconds, rounded up)."""
-    tokenizer = build_tokenizer([*vocabulary(recipe), *GENERIC_PROMPT_WORDS])
-    seconds = math.ceil(recipe["audio"]["seconds"])
-    model, processor = build_tiny_model(
-        "qwen2_audio",
-        tokenizer,
-        hidden_size=settings.hidden,
-        num_layers=settings.layers,
-        audio_seconds=seconds,
-        seed=seed,
-    )
-    if settings.encoder_conv_gain:  # see AudioLabSettings: He-scaled convolutions, so the clip outweighs the biases
-        encoder = media_tower(model)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for conv in (encoder.conv1, encoder.conv2):
-                fan_in = conv.in_channels * conv.kernel_size[0]
-                conv.weight.normal_(0.0, settings.encoder_conv_gain * math.sqrt(2.0 / fan_in), generator=generator)
-                conv.bias.zero_()
-    return model, processor
+def evaluate_audio_model(
+    model_dir_or_model_and_processor: str | Path | tuple[PreTrainedModel, ProcessorMixin],
+    lab: dict[str, Any],
+    *,
+    n: int | None = None,
+) -> dict[str, float]:
+    """The audio lab's metrics of one model (`evaluate`'s) on `prepare_audio_lab`'s recipe; n rows per split."""
+    from napo.lab.engine import evaluate_lab_model
+
+    return evaluate_lab_model(model_dir_or_model_and_processor, {**lab, "task": "audio"}, n=n)
 
 
-def _sft(folder: Path, recipe: dict[str, Any], settings: AudioLabSettings, seed: int) -> tuple[Path, float]:
-    """The audio lab's SFT checkpoint, trained on the biased train split; cached in `folder`."""
-    if (folder / "config.json").exists():
-        return folder, 0.0
-    start = time.perf_counter()
-    model, processor = _build_model(recipe, settings, seed)
-    rows = _rows(recipe, "train", settings.n_train, recipe["seed"])
-    supervised_fine_tune(
-        folder,
-        model,
-        processor,
-        rows,
-        steps=settings.sft_steps,
-        batch_size=settings.sft_batch_size,
-        lr=settings.sft_lr,
-        seed=seed,
-        log_prefix="[audio lab]",
-        log_every=10,
-    )
-    return folder, time.perf_counter() - start
+def run_audio_lab(out_dir: str | Path = "benchmarks/lab", **options: Any) -> dict[str, Any]:
+    """`napo.lab.engine.run_lab` of the audio lab (same options): audio_report.json and audio_report.md."""
+    from napo.lab.engine import run_lab
 
-
-def _pairs(
-    folder: Path, sft_dir: Path, recipe: dict[str, Any], settings: AudioLabSettings
-) -> tuple[Path, dict[str, Any], float]:
-    """Language- and audio-biased negatives from the SFT model on held-out clips, with `napo pairs`' audio defaults."""
-    from napo.pairs import PairsConfig, build_pairs
-
-    stats_file = folder / "stats.json"
-    if stats_file.exists():
-        return folder / "dataset", json.loads(stats_file.read_text()), 0.0
-    start = time.perf_counter()
-    rows = _rows(recipe, "pairs", settings.n_pairs, recipe["seed"])
-    if settings.n_counterfactual_pairs:  # as in the vision lab: the train distribution alone holds ~5% of them
-        rows += _rows(recipe, "counterfactual", settings.n_counterfactual_pairs, recipe["seed"] + 1)
-    source = datasets.Dataset.from_dict(
-        {
-            "prompt": [r["prompt"] for r in rows],
-            "audios": [r["audios"] for r in rows],
-            "sampling_rate": [r["sampling_rate"] for r in rows],
-            "chosen": [r["answer"] for r in rows],
-        },
-        features=datasets.Features(
-            {
-                "prompt": [
-                    {
-                        "role": datasets.Value("string"),
-                        "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
-                    }
-                ],
-                "audios": datasets.List(datasets.List(datasets.Value("float32"))),
-                "sampling_rate": datasets.Value("int32"),
-                "chosen": datasets.Value("string"),
-            }
-        ),
-    )
-    source_dir = folder.parent / "pairs-source"
-    source.save_to_disk(str(source_dir))
-    model, processor = load_model(str(sft_dir))
-    config = PairsConfig(
-        source=str(source_dir), model=str(sft_dir), output_dir=str(folder), batch_size=64, max_new_tokens=8
-    )
-    stats = build_pairs(config, model=model, processing_class=processor, progress=False)
-    return folder / "dataset", stats, time.perf_counter() - start
-
-
-def _summary(m: dict[str, float]) -> str:
-    return ", ".join(f"{k} {m[k]:.3f}" for k in REPORT_METRICS)
-
-
-if __name__ == "__main__":
-    main()
+    return run_lab(out_dir, task="audio", **options)

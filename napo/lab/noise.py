@@ -10,7 +10,7 @@ stays as the control. `label_pairs` tags every (row, negative) pair against the 
     tie       both right (a negative identical to a right chosen) or both wrong: neither answer is better
     inverted  chosen is wrong, the negative right (the pair teaches the opposite)
 
-Rows need the lab's pair metadata (`napo.lab.pipeline.PAIR_METADATA`): `answer` (the truth), `prior_answer`,
+Rows need the lab's pair metadata (`napo.lab.vision.PAIR_METADATA`): `answer` (the truth), `prior_answer`,
 `kind`, `image_noise`; and `chosen` plus the negative columns.
 """
 

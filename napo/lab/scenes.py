@@ -32,6 +32,17 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from napo.lab.recipe_checks import (
+    NUMBER_WORDS,
+    check_count_weights,
+    check_probability,
+    check_questions,
+    check_sections,
+    check_splits_and_seed,
+    check_train,
+    need,
+)
+
 SPLITS = (
     "train",
     "pairs",
@@ -45,7 +56,7 @@ SPLITS = (
 )
 KINDS = ("attribute", "existence", "count", "spatial", "caption")
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "frame", "cross", "x", "bar", "column", "half_disc")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_EXAMPLE = "napo/lab/recipes/colors.yaml"
 RELATIONS = ("left of", "right of")
 # Placeholders a question template of each kind may use.
 _PLACEHOLDERS = {
@@ -151,14 +162,27 @@ class _Blank(dict):
 def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     """A checked copy of the recipe with defaults filled in; ValueError names the bad field."""
     rec = copy.deepcopy(recipe)
+    check_sections(
+        rec, ("image", "colours", "objects", "scene", "train", "pope", "questions", "splits", "seed"), _EXAMPLE
+    )
+    _check_image(rec["image"])
+    _check_colours(rec["colours"], rec["image"])
+    groups = _check_objects(rec["objects"], rec["colours"])
+    _check_scene(rec["scene"], groups)
+    check_train(rec["train"], KINDS)
+    check_probability(rec["pope"], "present", "pope.present")
+    need(
+        isinstance(rec["pope"].get("popular_k"), int) and rec["pope"]["popular_k"] >= 1,
+        "pope.popular_k",
+        "expected an int >= 1",
+    )
+    check_questions(rec["questions"], _PLACEHOLDERS)
+    check_splits_and_seed(rec, SPLITS)
+    return rec
 
-    def need(ok: bool, field: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"recipe field {field}: {what}")
 
-    for key in ("image", "colours", "objects", "scene", "train", "pope", "questions", "splits", "seed"):
-        need(key in rec, key, "missing; see napo/lab/recipes/colors.yaml for every field")
-    img = rec["image"]
+def _check_image(img: dict[str, Any]) -> None:
+    """image: size, object_size, noise (one std or a list, one drawn per row), colour_jitter."""
     need(isinstance(img.get("size"), int) and img["size"] >= 16, "image.size", "expected an int >= 16")
     lo, hi = img.get("object_size", (0, 0))
     need(
@@ -178,22 +202,30 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
         "image.colour_jitter",
         "expected an int >= 0",
     )
-    for name, rgb in [("image.background", img.get("background"))] + [
-        (f"colours.{c}", v) for c, v in rec["colours"].items()
-    ]:
+
+
+def _check_colours(colours: dict[str, Any], img: dict[str, Any]) -> None:
+    """image.background and every colour an [r, g, b] in 0-255; colour names single lowercase words, unlike the
+    background; at least two colours."""
+    for name, rgb in [("image.background", img.get("background"))] + [(f"colours.{c}", v) for c, v in colours.items()]:
         need(
             isinstance(rgb, list) and len(rgb) == 3 and all(0 <= v <= 255 for v in rgb),
             name,
             f"expected [r, g, b] in 0-255, got {rgb}",
         )
-    for c, rgb in rec["colours"].items():
+    for c, rgb in colours.items():
         need(re.fullmatch(r"[a-z]+", c) is not None, f"colours.{c}", "colour names are single lowercase words")
         need(rgb != img["background"], f"colours.{c}", "equals image.background; the object would be invisible")
-    need(len(rec["colours"]) >= 2, "colours", "need at least two colours (counterfactuals need an atypical one)")
+    need(len(colours) >= 2, "colours", "need at least two colours (counterfactuals need an atypical one)")
 
+
+def _check_objects(objects: dict[str, Any], colours: dict[str, Any]) -> dict[str, int]:
+    """Each object: a name, its own shape, a typical colour of the recipe with its prior (or none: prior 0), a
+    weight and a group; fills `typical`, `plural`, `prior`. Some object has a typical colour. Returns the group
+    sizes."""
     shapes_used: dict[str, str] = {}
     groups: dict[str, int] = {}
-    for name, obj in rec["objects"].items():
+    for name, obj in objects.items():
         field = f"objects.{name}"
         need(re.fullmatch(r"[a-z]+", name) is not None, field, "object names are single lowercase words")
         need(obj.get("shape") in SHAPES, f"{field}.shape", f"{obj.get('shape')!r} is not one of {SHAPES}")
@@ -208,22 +240,21 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
         if obj["typical"] is None:
             obj["prior"] = 0.0
         else:
-            need(
-                obj["typical"] in rec["colours"],
-                f"{field}.typical",
-                f"{obj['typical']!r} is not a colour of the recipe",
-            )
-            need(0.0 <= obj.get("prior", -1) <= 1.0, f"{field}.prior", "expected a probability in [0, 1]")
+            need(obj["typical"] in colours, f"{field}.typical", f"{obj['typical']!r} is not a colour of the recipe")
+            check_probability(obj, "prior", f"{field}.prior")
         need(obj.get("weight", 0) > 0, f"{field}.weight", "expected a relative frequency > 0")
         need(isinstance(obj.get("group"), str), f"{field}.group", "expected a group name")
         groups[obj["group"]] = groups.get(obj["group"], 0) + 1
     need(
-        any(o["typical"] for o in rec["objects"].values()),
+        any(o["typical"] for o in objects.values()),
         "objects",
         "no object has a typical colour: there is no prior to study",
     )
+    return groups
 
-    scene = rec["scene"]
+
+def _check_scene(scene: dict[str, Any], groups: dict[str, int]) -> None:
+    """scene: max_objects (below every group's size), cooccurrence, count_weights."""
     need(
         isinstance(scene.get("max_objects"), int) and scene["max_objects"] >= 1,
         "scene.max_objects",
@@ -236,50 +267,8 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
             f"objects (group {group})",
             f"has {size} members; needs more than scene.max_objects={scene['max_objects']}",
         )
-    need(0.0 <= scene.get("cooccurrence", -1) <= 1.0, "scene.cooccurrence", "expected a probability in [0, 1]")
-    counts = scene.get("count_weights") or {}
-    need(
-        len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts),
-        "scene.count_weights",
-        f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}",
-    )
-    need(
-        all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0,
-        "scene.count_weights",
-        "weights must be >= 0 with a positive sum",
-    )
-    kinds = rec["train"].get("kinds") or {}
-    need(
-        set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}"
-    )
-    need(
-        0.0 <= rec["train"].get("existence_present", -1) <= 1.0,
-        "train.existence_present",
-        "expected a probability in [0, 1]",
-    )
-    need(0.0 <= rec["pope"].get("present", -1) <= 1.0, "pope.present", "expected a probability in [0, 1]")
-    need(
-        isinstance(rec["pope"].get("popular_k"), int) and rec["pope"]["popular_k"] >= 1,
-        "pope.popular_k",
-        "expected an int >= 1",
-    )
-    for kind in KINDS:
-        templates = rec["questions"].get(kind)
-        need(
-            isinstance(templates, list) and len(templates) > 0,
-            f"questions.{kind}",
-            "expected a non-empty list of templates",
-        )
-        for t in templates:
-            used = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-            need(
-                used <= _PLACEHOLDERS[kind],
-                f"questions.{kind}",
-                f"template {t!r} uses {sorted(used - _PLACEHOLDERS[kind])}; allowed: {sorted(_PLACEHOLDERS[kind])}",
-            )
-    need(all(s in SPLITS for s in rec["splits"]), "splits", f"expected sizes for splits among {SPLITS}")
-    need(isinstance(rec["seed"], int), "seed", "expected an int")
-    return rec
+    check_probability(scene, "cooccurrence", "scene.cooccurrence")
+    check_count_weights(scene.get("count_weights"), "scene.count_weights")
 
 
 # ---------------------------------------------------------------------------------------------

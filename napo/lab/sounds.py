@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import re
-import string
 import zlib
 from importlib import resources
 from typing import Any
@@ -31,7 +30,17 @@ from typing import Any
 import numpy as np
 import yaml
 
-from napo.lab.scenes import NUMBER_WORDS, _weighted, words
+from napo.lab.recipe_checks import (
+    NUMBER_WORDS,
+    check_count_weights,
+    check_probability,
+    check_questions,
+    check_sections,
+    check_splits_and_seed,
+    check_train,
+    need,
+)
+from napo.lab.scenes import _weighted, words
 
 SPLITS = ("train", "pairs", "counterfactual", "prior_consistent", "no_prior")
 KINDS = ("attribute", "existence", "count")
@@ -40,6 +49,7 @@ _FADE_S = 0.02  # fade-in/out of every sound, seconds: a hard onset would click 
 _PLUCK_TAU_S = 0.25  # decay time constant of a plucked note, seconds
 _BURST_S = 0.1  # length of a distractor noise burst, seconds
 _PEAK = 0.5  # peak amplitude of a note at 0 dB gain (full scale is 1.0)
+_EXAMPLE = "napo/lab/recipes/sounds.yaml"
 
 
 def load_recipe(path: str | None = None) -> dict[str, Any]:
@@ -123,14 +133,19 @@ def synthesize_note(recipe: dict[str, Any], instrument: str, hz: float, n_sample
 def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     """A checked copy of the recipe with defaults filled in; ValueError names the bad field."""
     rec = copy.deepcopy(recipe)
+    check_sections(rec, ("audio", "notes", "instruments", "beeps", "train", "questions", "splits", "seed"), _EXAMPLE)
+    _check_audio(rec["audio"])
+    _check_notes(rec["notes"], rec["audio"])
+    _check_instruments(rec["instruments"], rec["notes"])
+    _check_beeps(rec["beeps"], rec["audio"])
+    check_train(rec["train"], KINDS)
+    check_questions(rec["questions"], {kind: {"object"} for kind in KINDS})
+    check_splits_and_seed(rec, SPLITS)
+    return rec
 
-    def need(ok: bool, field: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"recipe field {field}: {what}")
 
-    for key in ("audio", "notes", "instruments", "beeps", "train", "questions", "splits", "seed"):
-        need(key in rec, key, "missing; see napo/lab/recipes/sounds.yaml for every field")
-    audio = rec["audio"]
+def _check_audio(audio: dict[str, Any]) -> None:
+    """audio: sampling_rate (16 kHz), seconds, snr_db, detune_cents, gain_db, burst_probability."""
     need(
         audio.get("sampling_rate") == 16000,
         "audio.sampling_rate",
@@ -149,19 +164,28 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
     )
     lo, hi = audio.get("gain_db", (1, 0))
     need(lo <= hi <= 0, "audio.gain_db", "expected [lo, hi] dB with lo <= hi <= 0")
-    need(0 <= audio.get("burst_probability", -1) <= 1, "audio.burst_probability", "expected a probability in [0, 1]")
-    need(len(rec["notes"]) >= 2, "notes", "need at least two notes (counterfactuals need an atypical one)")
-    for name, hz in rec["notes"].items():
+    check_probability(audio, "burst_probability", "audio.burst_probability")
+
+
+def _check_notes(notes: dict[str, Any], audio: dict[str, Any]) -> None:
+    """At least two notes, each a single lowercase word -> Hz in [20, Nyquist)."""
+    need(len(notes) >= 2, "notes", "need at least two notes (counterfactuals need an atypical one)")
+    for name, hz in notes.items():
         need(re.fullmatch(r"[a-z]+", name) is not None, f"notes.{name}", "note names are single lowercase words")
         need(
             isinstance(hz, (int, float)) and 20 <= hz < audio["sampling_rate"] / 2,
             f"notes.{name}",
             f"expected Hz in [20, {audio['sampling_rate'] // 2})",
         )
-    for name, inst in rec["instruments"].items():
+
+
+def _check_instruments(instruments: dict[str, Any], notes: dict[str, Any]) -> None:
+    """Each instrument: a name (not a note's), a timbre, an envelope, a typical note of the recipe with its prior
+    (or none: prior 0, filled in) and a weight. Some instrument has a typical note."""
+    for name, inst in instruments.items():
         field = f"instruments.{name}"
         need(
-            re.fullmatch(r"[a-z]+", name) is not None and name not in rec["notes"],
+            re.fullmatch(r"[a-z]+", name) is not None and name not in notes,
             field,
             "instrument names are single lowercase words, not note names",
         )
@@ -180,17 +204,18 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
         if inst["typical"] is None:
             inst["prior"] = 0.0
         else:
-            need(
-                inst["typical"] in rec["notes"], f"{field}.typical", f"{inst['typical']!r} is not a note of the recipe"
-            )
-            need(0.0 <= inst.get("prior", -1) <= 1.0, f"{field}.prior", "expected a probability in [0, 1]")
+            need(inst["typical"] in notes, f"{field}.typical", f"{inst['typical']!r} is not a note of the recipe")
+            check_probability(inst, "prior", f"{field}.prior")
         need(inst.get("weight", 0) > 0, f"{field}.weight", "expected a relative frequency > 0")
     need(
-        any(i["typical"] for i in rec["instruments"].values()),
+        any(i["typical"] for i in instruments.values()),
         "instruments",
         "no instrument has a typical note: there is no prior to study",
     )
-    beeps = rec["beeps"]
+
+
+def _check_beeps(beeps: dict[str, Any], audio: dict[str, Any]) -> None:
+    """beeps: frequency below Nyquist, seconds < gap, level_db, count_weights whose most beeps fit in the clip."""
     need(0 < beeps.get("frequency", 0) < audio["sampling_rate"] / 2, "beeps.frequency", "expected Hz below Nyquist")
     need(
         0 < beeps.get("seconds", 0) < beeps.get("gap", 0),
@@ -198,48 +223,12 @@ def _checked(recipe: dict[str, Any]) -> dict[str, Any]:
         "expected 0 < seconds < gap (beeps must not touch)",
     )
     need(isinstance(beeps.get("level_db"), (int, float)), "beeps.level_db", "expected a number (dB)")
-    counts = beeps.get("count_weights") or {}
+    check_count_weights(beeps.get("count_weights"), "beeps.count_weights")
     need(
-        len(counts) > 0 and all(isinstance(c, int) and 1 <= c < len(NUMBER_WORDS) for c in counts),
-        "beeps.count_weights",
-        f"expected {{count: weight}} with counts in 1..{len(NUMBER_WORDS) - 1}",
-    )
-    need(
-        all(w >= 0 for w in counts.values()) and sum(counts.values()) > 0,
-        "beeps.count_weights",
-        "weights must be >= 0 with a positive sum",
-    )
-    need(
-        max(counts) * beeps["gap"] < audio["seconds"],
+        max(beeps["count_weights"]) * beeps["gap"] < audio["seconds"],
         "beeps.count_weights",
         "the most beeps do not fit in audio.seconds",
     )
-    kinds = rec["train"].get("kinds") or {}
-    need(
-        set(kinds) <= set(KINDS) and sum(kinds.values()) > 0, "train.kinds", f"expected weights for kinds among {KINDS}"
-    )
-    need(
-        0.0 <= rec["train"].get("existence_present", -1) <= 1.0,
-        "train.existence_present",
-        "expected a probability in [0, 1]",
-    )
-    for kind in KINDS:
-        templates = rec["questions"].get(kind)
-        need(
-            isinstance(templates, list) and len(templates) > 0,
-            f"questions.{kind}",
-            "expected a non-empty list of templates",
-        )
-        for t in templates:
-            used = {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
-            need(
-                used <= {"object"},
-                f"questions.{kind}",
-                f"template {t!r} uses {sorted(used - {'object'})}; allowed: ['object']",
-            )
-    need(all(s in SPLITS for s in rec["splits"]), "splits", f"expected sizes for splits among {SPLITS}")
-    need(isinstance(rec["seed"], int), "seed", "expected an int")
-    return rec
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""The labs' supervised fine-tuning: prompt -> answer rows, loss on the answer tokens and EOS only."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, ProcessorMixin
+
+from napo.evaluate import answer_batch
+
+
+def supervised_fine_tune(
+    folder: Path,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    rows: list[dict[str, Any]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    log_prefix: str,
+    log_every: int,
+    progress: bool = True,
+) -> None:
+    """SFT on prompt -> answer rows (loss on the answer tokens and EOS), then save model and processor to `folder`.
+
+    AdamW at `lr` with a linear warm-up over 5% of `steps` and a cosine decay to 0; batches of `batch_size` rows
+    in a seeded order, reshuffled each epoch; gradients clipped to norm 1. Saved atomically: a killed run leaves
+    no half-written folder that would look cached. Progress (unless `progress` is False): a bar with the ETA and the
+    loss (renewed every `log_every` steps), labelled `log_prefix`.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = np.random.default_rng(seed)
+    order = np.array([], dtype=int)
+    model.train()
+    bar = tqdm(range(steps), desc=f"{log_prefix} SFT", unit="step", mininterval=5, leave=False, disable=not progress)
+    for step in bar:
+        if len(order) < batch_size:  # a new epoch, reshuffled
+            order = np.concatenate([order, rng.permutation(len(rows))])
+        batch_idx, order = order[:batch_size], order[batch_size:]
+        batch = [rows[i] for i in batch_idx]
+        inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
+        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, folder)

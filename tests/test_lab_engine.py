@@ -1,0 +1,97 @@
+"""The lab engine's pieces that the end-to-end labs (tests/test_lab.py, tests/test_audio.py) do not pin down: the task
+registry, the run bar's ETA bookkeeping, and preference runs that never print raw metric dicts."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from napo.lab.progress import StageBar, stage_costs
+from napo.lab.tasks import TASK_MODULES, as_chat, lab_task
+
+SETTINGS_FIELDS = {
+    "n_train",
+    "sft_steps",
+    "sft_batch_size",
+    "sft_lr",
+    "n_pairs",
+    "n_counterfactual_pairs",
+    "pref_steps",
+    "pref_batch_size",
+    "pref_lr",
+    "beta",
+    "n_eval",
+}
+
+
+def test_every_task_record_has_what_the_engine_reads() -> None:
+    for name in TASK_MODULES:
+        task = lab_task(name)
+        assert task.name == name
+        for settings in (task.settings.full(), task.settings.quick()):
+            assert SETTINGS_FIELDS <= {f.name for f in fields(settings)}, name
+        recipe = task.load_recipe(None)
+        (row,) = task.rows(recipe, "counterfactual", 1, 0)
+        assert row["prompt"][0]["content"][0] == {"type": task.modality}
+        assert set(task.gate) <= set(task.report_metrics) and set(task.summary_metrics) <= set(task.report_metrics)
+    with pytest.raises(ValueError, match=r"unknown lab task 'speech'.*'audio', 'vision'"):
+        lab_task("speech")
+
+
+def test_as_chat_puts_the_media_part_before_the_question() -> None:
+    rows = as_chat([{"prompt": "what note?"}], "audio")
+    assert rows[0]["prompt"] == [
+        {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "what note?"}]}
+    ]
+
+
+def test_stage_bar_eta_counts_only_the_stages_that_ran() -> None:
+    """A cached stage leaves the bar's total (else the rest would look faster than it is); a stage run fills it."""
+    bar = StageBar({"SFT": 100.0, "pairs": 10.0, "dpo seed 0": 30.0}, desc="test", enabled=False)
+    bar.end("SFT", cached=True)
+    assert (bar.total, bar.done) == (40.0, 0.0)
+    bar.end("pairs")
+    bar.end("dpo seed 0")
+    assert bar.done == bar.total == 40.0
+    bar.close()
+
+
+def test_stage_costs_rank_the_full_vision_lab_stages() -> None:
+    """The default vision lab: SFT (700 steps of 64 rows) costs more than one preference run (120 x 32), which costs
+    more than one evaluation (200 rows per split), as measured on the quick lab scaled up (138 s for 80 SFT steps,
+    16 s for 10 preference steps, 9 s for an evaluation of 32 rows per split)."""
+    from dataclasses import asdict
+
+    task = lab_task("vision")
+    cost = stage_costs(asdict(task.settings.full()), task.eval_passes)
+    assert cost["sft"] == 700 * 64 * 3 and cost["preference"] == 120 * 32 * 6
+    assert cost["sft"] > cost["preference"] > cost["evaluation"]
+
+
+def test_preference_runs_print_no_raw_metric_dicts(colour_grid_source, tmp_path, capsys) -> None:
+    """transformers prints every log as a dict (`PrinterCallback` with disable_tqdm, `ProgressCallback` without):
+    stock `train_preference` does; the lab's runs show a bar with the loss instead, or nothing."""
+    import datasets
+
+    from napo.lab.engine import lab_training_config, train_lab_model
+    from napo.models import load_model
+    from napo.training import train_preference
+
+    short = dict(max_steps=2, logging_steps=1, per_device_train_batch_size=4, share_prompt=False)
+    pairs = datasets.load_from_disk(colour_grid_source["dataset"])
+    model, tokenizer = load_model(colour_grid_source["model"])
+    stock = lab_training_config(tmp_path / "stock", objective="dpo", seed=0, **short)
+    train_preference(pairs, model, stock, processing_class=tokenizer)
+    assert "'loss'" in capsys.readouterr().out  # what the lab used to print, and stock transformers still does
+
+    train_lab_model(colour_grid_source["model"], pairs, tmp_path / "quiet", objective="dpo", seed=0, **short)
+    quiet = capsys.readouterr()
+    assert "'loss'" not in quiet.out + quiet.err and "lab run" not in quiet.err
+
+    run = train_lab_model(
+        colour_grid_source["model"], pairs, tmp_path / "bar", objective="napo", seed=0, progress="lab run", **short
+    )
+    shown = capsys.readouterr()
+    assert "'loss'" not in shown.out + shown.err and "lab run" in shown.err
+    assert [entry["step"] for entry in run["log_history"] if "loss" in entry] == [1, 2]  # logged, only not printed
