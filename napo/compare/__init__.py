@@ -16,7 +16,7 @@ row appended to `results.jsonl`:
 
 Two sources of model and pairs:
 
-- the bias lab (default): `napo.lab.prepare_lab` builds the SFT model and pairs once; metrics are the lab's
+- the bias lab (default): `napo.lab.engine.prepare_lab` builds the SFT model and pairs once; metrics are the lab's
   (`evaluate_lab_model`: counterfactual / prior-consistent accuracy, blind agreement, POPE, CHAIR, ...);
 - a user's preference dataset and model (`dataset` + `model`): a clean held-out split (`holdout` of the rows,
   never noised) is set aside; metrics are the reward accuracy and mean margin of the trained model on it.
