@@ -167,11 +167,14 @@ def test_answer_log_probs_scores_audio_rows_as_one_unbatched_forward() -> None:
     assert batched[3] != batched[0]  # the audio is seen
 
 
-def test_napo_lab_audio_flag_parses() -> None:
+def test_napo_lab_task_option_parses_and_refuses_unknown_tasks() -> None:
     from napo.cli import LabArguments, parse_command
 
-    args = parse_command(["lab", "--audio", "--quick", "--seeds", "0"])[LabArguments]
-    assert args.audio and args.quick and args.seeds == [0]
+    args = parse_command(["lab", "--task", "audio", "--quick", "--seeds", "0"])[LabArguments]
+    assert args.task == "audio" and args.quick and args.seeds == [0]
+    assert parse_command(["lab"])[LabArguments].task == "vision"
+    with pytest.raises(SystemExit):
+        parse_command(["lab", "--task", "speech"])
 
 
 def _held_out_note_accuracy(model, processor) -> float:

@@ -200,7 +200,7 @@ def _run_eval(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
         rows = list(dataset.select(range(min(n, len(dataset)))))
     model, processor = load_model(args.model, allow_pickle=args.allow_pickle)
     if args.dataset is None:
-        from napo.lab.pipeline import evaluate_lab_model, lab_spec
+        from napo.lab.engine import evaluate_lab_model, lab_spec
 
         with tqdm(total=1, desc="napo eval (lab splits)", unit="model", disable=not progress) as bar:
             metrics = evaluate_lab_model((model, processor), lab_spec(args.recipe), n=n)

@@ -1,10 +1,12 @@
-"""`napo lab`: the whole pipeline end to end on the built-in bias lab (vision, or audio with --audio)."""
+"""`napo lab`: the whole pipeline end to end on a built-in bias lab (`--task vision`, the default, or `--task audio`:
+the `napo.lab.tasks.LabTask` records, run by `napo.lab.engine.run_lab`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from napo.cli.parser import Command, Invocation, NapoParser
+from napo.cli.parser import Command, Invocation, NapoParser, Progress
+from napo.lab.tasks import TASK_MODULES
 
 
 @dataclass
@@ -20,13 +22,18 @@ class LabArguments:
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "preference-training seeds"})
-    recipe: str | None = field(default=None, metadata={"help": "lab recipe YAML (None: the packaged colors.yaml)"})
-    audio: bool = field(
-        default=False,
+    task: str = field(
+        default="vision",
         metadata={
-            "help": "the audio lab instead: a tiny Qwen2-Audio on synthetic notes with a note prior (recipe "
-            "default: the packaged sounds.yaml); writes audio_report.md / .json"
+            "choices": list(TASK_MODULES),
+            "help": "which lab (a napo.lab.tasks.LabTask): vision, a tiny LLaVA on synthetic scenes with a colour "
+            "prior (report.md / .json, PNG plots); audio, a tiny Qwen2-Audio on synthetic notes with a note prior "
+            "(audio_report.md / .json)",
         },
+    )
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "lab recipe YAML (None: the task's packaged recipe, colors.yaml or sounds.yaml)"},
     )
     drop_identical: bool = field(
         default=False,
@@ -41,25 +48,27 @@ class LabArguments:
 def _lab_parser() -> NapoParser:
     return NapoParser(
         "napo lab",
-        "SFT a tiny LLaVA on synthetic scenes with a strong colour prior, build language-/vision-biased pairs with it, "
-        "train DPO and NaPO from the same checkpoint for every seed, and write report.md, report.json and PNG plots. "
-        "The SFT checkpoint and pairs are cached under OUT/cache/.",
-        (LabArguments,),
+        "SFT a tiny LLaVA on synthetic scenes with a strong colour prior (--task audio: a tiny Qwen2-Audio on notes "
+        "with a note prior), build language- and modality-biased pairs with it, train DPO and NaPO from the same "
+        "checkpoint for every seed, and write report.md, report.json and PNG plots (audio: audio_report.md / .json). "
+        "The SFT checkpoint and pairs are cached under OUT/cache/; a bar shows the stages and the ETA.",
+        (LabArguments, Progress),
     )
 
 
 def _run_lab(invocation: Invocation) -> tuple[list[str], dict[str, str]]:
-    from napo.lab.audio import run_audio_lab
-    from napo.lab.pipeline import run_lab
+    from napo.lab.engine import run_lab
 
     args = invocation[LabArguments]
-    out = args.out or ("benchmarks/lab/quick" if args.quick else "benchmarks/lab")
-    if args.audio and args.drop_identical:
-        raise ValueError("--drop-identical applies to the vision lab only (the audio lab has its own pairs)")
-    options = {} if args.audio else {"keep_identical": not args.drop_identical}
-    lab = run_audio_lab if args.audio else run_lab
-    report = lab(
-        out, seeds=tuple(args.seeds), recipe=args.recipe, quick=args.quick, command=invocation.command_line, **options
+    report = run_lab(
+        args.out or ("benchmarks/lab/quick" if args.quick else "benchmarks/lab"),
+        seeds=tuple(args.seeds),
+        recipe=args.recipe,
+        quick=args.quick,
+        command=invocation.command_line,
+        keep_identical=not args.drop_identical,
+        task=args.task,
+        progress=not invocation[Progress].no_progress,
     )
     return [f"wall time: {report['wall_time_s']:.0f} s"], report["outputs"]
 

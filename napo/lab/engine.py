@@ -45,7 +45,9 @@ def lab_settings(task: LabTask, *, quick: bool = False, keep_identical: bool = T
     if "keep_identical" in {f.name for f in fields(settings)}:
         return replace(settings, keep_identical=keep_identical)
     if not keep_identical:
-        raise ValueError(f"dropping identical negatives applies to the vision lab only, not to the {task.name} lab")
+        raise ValueError(
+            f"dropping identical negatives (--drop-identical) applies to the vision lab only, not the {task.name} lab"
+        )
     return settings
 
 
