@@ -410,9 +410,9 @@ def test_cli_recipe_and_flags(tmp_path, monkeypatch):
     "recipe", sorted((Path(__file__).parents[1] / "data" / "recipes").glob("compare*.yaml")), ids=lambda p: p.stem
 )
 def test_committed_recipe_through_the_cli_trains_its_cells_with_the_labs_settings(recipe, tmp_path):
-    """`napo compare --recipe R` as a user types it, no mock: every committed recipe (none has `train:`, none is given
-    --set; such a recipe once failed to parse) becomes the grid its YAML says, and each of its objectives, at its
-    highest noise rate, a lab cell NaPOConfig with the lab's learning rate, steps and CPU under the recipe's β."""
+    """`napo compare --recipe R` as a user types it, no mock: every committed recipe (none given --set; such a recipe
+    once failed to parse) becomes the grid its YAML says, and each of its objectives, at its highest noise rate, a lab
+    cell NaPOConfig with the lab's learning rate, steps and CPU under the recipe's β, and the recipe's `train:`."""
     import yaml
 
     from napo.cli import parse_command
@@ -421,7 +421,7 @@ def test_committed_recipe_through_the_cli_trains_its_cells_with_the_labs_setting
 
     written = yaml.safe_load(recipe.read_text())
     config = parse_command(["compare", "--recipe", str(recipe), "--no-progress"])[CompareConfig]
-    assert config.train == {} and config.source == "lab"
+    assert config.train == written.get("train", {}) and config.source == "lab"
     assert (config.objectives, config.noise_rates, config.seeds, config.beta) == (
         written["objectives"],
         written["noise_rates"],
@@ -436,6 +436,7 @@ def test_committed_recipe_through_the_cli_trains_its_cells_with_the_labs_setting
         cell = cell_training_config(grid, tmp_path, config.seeds[-1], settings)
         assert (cell.learning_rate, cell.max_steps, cell.use_cpu) == (lab.pref_lr, lab.pref_steps, True), objective
         assert (cell.objective, cell.beta, cell.seed) == (settings["objective"], written["beta"], written["seeds"][-1])
+        assert {name: getattr(cell, name) for name in config.train} == config.train, objective
 
 
 def test_default_recipe_builds_every_cell_the_readme_promises(tmp_path):
