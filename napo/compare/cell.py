@@ -137,12 +137,17 @@ def _train_cell(context: dict, source: dict, cell_dir: Path, pairs, seed: int, s
     """Train the cell's model from the source's SFT model (`napo.training.train_preference`); save it to
     `<cell_dir>/model`. Returns model_dir, log_history and wall_time_s (the trainer is not kept: its model and
     optimizer state would share memory with the evaluation's copy)."""
+    from napo.lab.progress import TrainingBar
     from napo.models import load_model
     from napo.training import train_preference
 
     model, processing_class = load_model(source["sft_dir"])
     config = cell_training_config(context, cell_dir, seed, settings)
-    run = train_preference(pairs, model, config, processing_class=processing_class, model_dir=cell_dir / "model")
+    # Cells run in worker processes under the grid's own bar: no per-step display, no raw metric dicts.
+    quiet = TrainingBar("", enabled=False)
+    run = train_preference(
+        pairs, model, config, processing_class=processing_class, model_dir=cell_dir / "model", progress_callback=quiet
+    )
     return {"model_dir": run.model_dir, "log_history": run.log_history, "wall_time_s": run.wall_time_s}
 
 
