@@ -28,6 +28,19 @@ TINY_TRAINING = dict(
 # ... and batches of 4 rows, as the equivalence tests compare them.
 COMMON = dict(per_device_train_batch_size=4, **TINY_TRAINING)
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
+# TINY_TRAINING's CPU settings as `napo train` options, for the tests that run the command line.
+CPU_TRAIN_ARGS = [
+    "--gradient_checkpointing",
+    "false",
+    "--use_cpu",
+    "true",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+]
 # The two bias-type negatives most tests train on.
 BIAS_COLUMNS = ("rejected_language_bias", "rejected_vision_bias")
 

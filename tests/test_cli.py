@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import CPU_TRAIN_ARGS
 from PIL import Image
 from safetensors.torch import load_file
 from stalled_job import start_stalled, wait_for_stall  # scripts/stalled_job.py
@@ -30,16 +31,7 @@ COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 QUICK = [
     "--per_device_train_batch_size",
     "2",
-    "--gradient_checkpointing",
-    "false",
-    "--use_cpu",
-    "true",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
+    *CPU_TRAIN_ARGS,
     "--learning_rate",
     "1e-3",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU_TRAIN_ARGS
 from safetensors.torch import load_file
 
 from napo.cli import main
@@ -25,16 +26,7 @@ TRAINING = [
     "3",
     "--save_strategy",
     "no",
-    "--gradient_checkpointing",
-    "false",
-    "--use_cpu",
-    "true",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
+    *CPU_TRAIN_ARGS,
     "--learning_rate",
     "1e-3",
 ]

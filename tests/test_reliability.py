@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import TINY_TRAINING, wav_bytes
+from helpers import CPU_TRAIN_ARGS, TINY_TRAINING, wav_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -31,18 +31,6 @@ from napo.data import SAMPLING_RATE, RowError, read_dataset, validate_preference
 from napo.models import build_tiny_model
 from napo.objectives import Q_MIN_DEFAULTS
 
-CLI_TRAINING = [
-    "--gradient_checkpointing",
-    "false",
-    "--use_cpu",
-    "true",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
-]
 COLOURS = ["yellow", "red", "green", "blue", "white", "brown"]
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -108,7 +96,7 @@ def test_resume_after_kill_9_gives_the_uninterrupted_loss_curve(saved_llava: Pat
         "2",
         "--learning_rate",
         "1e-3",
-        *CLI_TRAINING,
+        *CPU_TRAIN_ARGS,
     ]
     # The job runs `napo train` itself and stalls from step 2 on, after checkpoint-2: kill -9 lands mid-run.
     stalled = tmp_path / "stalled"
@@ -447,7 +435,7 @@ def test_napo_train_refuses_pickled_weights_and_says_how_to_allow_them(saved_lla
             "2",
             "--save_strategy",
             "no",
-            *CLI_TRAINING,
+            *CPU_TRAIN_ARGS,
         ]
     )
     assert (tmp_path / "o" / "model.safetensors").exists()  # what napo writes is safetensors again
@@ -481,7 +469,7 @@ def test_napo_train_never_runs_model_code_unless_trusted(saved_llava: Path, tmp_
         "2",
         "--save_strategy",
         "no",
-        *CLI_TRAINING,
+        *CPU_TRAIN_ARGS,
     ]
     main([*args, "--output-dir", str(tmp_path / "safe")])
     assert not marker.exists()
