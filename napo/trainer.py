@@ -288,8 +288,9 @@ class NaPOTrainer(TrainerScoring):
             with torch.no_grad():
                 sequence_weights = torch.exp(sum_per_sequence(outputs.log_probs - outputs.log_sum_sq_probs) / lengths)
         rows, types = inputs["sequence_row"], inputs["sequence_type"]
+        is_chosen = types == 0
         chosen_of_row = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long, device=rows.device)
-        chosen_of_row[rows[types == 0]] = (types == 0).nonzero().squeeze(1)
+        chosen_of_row[rows[is_chosen]] = is_chosen.nonzero().squeeze(1)
 
         metrics = self.logged_metrics(mode)
         per_type = {}  # column -> (per-pair loss on this process or None, pairs on all processes, ψ_Σ)
@@ -304,11 +305,11 @@ class NaPOTrainer(TrainerScoring):
                 per_pair = per_pair * sequence_weights[chosen] * sequence_weights[negative]
             per_type[column] = (per_pair, pairs_everywhere, psi_sum)
         loss = self._weighted_loss(per_type, logps.new_zeros(()), metrics)
+        chosen_logps = logps[is_chosen]
         if self.args.sft_weight:  # NLL on each row's chosen answer, averaged over all processes' rows like the pairs
-            chosen_logps = logps[types == 0]
             rows_everywhere = self.accelerator.reduce(torch.tensor(float(chosen_logps.numel()), device=logps.device))
             loss = loss - self.args.sft_weight * chosen_logps.sum() / (rows_everywhere / self.accelerator.num_processes)
-        metrics["logps/chosen"].append(float(self._global_mean(logps[types == 0].detach())))
+        metrics["logps/chosen"].append(float(self._global_mean(chosen_logps.detach())))
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             metrics["aux_loss"].append(float(self._global_mean(outputs.aux_loss.detach())))
