@@ -185,16 +185,13 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
         )
         if excluded:
             reasons.append(
-                f"noise {rate:g}: {gain} {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] over {g['n']} "
-                f"replicates: the interval lies below the required {rule['min_gain']:+.2f}"
+                f"noise {rate:g}: {gain} {_mean_and_interval(g)} over {g['n']} replicates: the interval lies below "
+                f"the required {rule['min_gain']:+.2f}"
             )
         elif g["n"] < rule["min_replicates"]:
             reasons.append(f"noise {rate:g}: {g['n']} paired replicates, the rule needs {rule['min_replicates']}")
         elif not passes:
-            reasons.append(
-                f"noise {rate:g}: {gain} {g['mean']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}], {cost} "
-                f"{c['mean']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]"
-            )
+            reasons.append(f"noise {rate:g}: {gain} {_mean_and_interval(g)}, {cost} {_mean_and_interval(c)}")
     if not checked:
         verdict = "undecided"
         reasons.append(f"no noise rate ≥ {rule['min_noise_rate']:g} has paired {objective} and dpo cells")
@@ -205,3 +202,8 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
     else:
         verdict = "confirmed" if all(r["passes"] for r in checked) else "refuted"
     return {"verdict": verdict, "rule": rule, "rates": checked, "reasons": reasons}
+
+
+def _mean_and_interval(difference: dict) -> str:
+    """ "+0.012 [-0.003, +0.027]": a `paired_differences` entry's mean and 95% interval."""
+    return f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
