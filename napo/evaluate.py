@@ -62,6 +62,23 @@ def prior_following_rate(predictions: Sequence[str], prior_answers: Sequence[str
     return _match_rate(predictions, prior_answers)
 
 
+def metrics_per_noise_level(
+    metric: str, rows: Sequence[dict[str, Any]], answers: Sequence[str], *, level: str
+) -> dict[str, float]:
+    """`metric@noise<level>`: accuracy of `answers` on the rows of each value of the rows' `level` field (a lab
+    row's media-noise level, e.g. "image_noise"), and for counterfactual_accuracy also
+    `prior_following_rate@noise<level>` (the rows' `prior_answer`s)."""
+    out = {}
+    for value in sorted({r[level] for r in rows}):
+        at = [i for i, r in enumerate(rows) if r[level] == value]
+        out[f"{metric}@noise{value:g}"] = accuracy([answers[i] for i in at], [rows[i]["answer"] for i in at])
+        if metric == "counterfactual_accuracy":
+            out[f"prior_following_rate@noise{value:g}"] = prior_following_rate(
+                [answers[i] for i in at], [rows[i]["prior_answer"] for i in at]
+            )
+    return out
+
+
 def agreement(a: Sequence[str], b: Sequence[str]) -> float:
     """Fraction of rows where two answer lists agree after normalize; in [0, 1].
 

@@ -110,6 +110,31 @@ def test_vocabulary_covers_every_prompt_and_answer() -> None:
             assert set(words(row["prompt"])) <= vocab and set(words(row["answer"])) <= vocab
 
 
+def test_snr_levels_are_drawn_per_clip_and_named_by_audio_noise() -> None:
+    """A list of SNR levels: each clip draws one, `audio_noise` is its amplitude ratio, and the clip's white noise
+    is that loud (its share of the energy above 6 kHz, where no note harmonic or beep lies, rises with it)."""
+    rec = _clean(RECIPE)
+    rec["audio"]["snr_db"] = [20.0, -6.0]
+    rows = [r for r in sounds.make_split(rec, "counterfactual", 60, seed=0)]
+    assert {r["audio_noise"] for r in rows} == {round(10 ** (-20 / 20), 3), round(10 ** (6 / 20), 3)}
+
+    def high_share(wave: np.ndarray) -> float:
+        power = np.abs(np.fft.rfft(wave)) ** 2
+        return float(power[np.fft.rfftfreq(wave.size, 1 / 16000) > 6000].sum() / power.sum())
+
+    share = {
+        level: np.mean([high_share(r["audios"][0]) for r in rows if r["audio_noise"] == level])
+        for level in (0.1, 1.995)
+    }
+    # white noise puts 2/8 of its power above 6 kHz: at -6 dB it is 4/5 of the clip (share ≈ 0.2), at 20 dB 1/101
+    assert share[1.995] > 0.15 and share[0.1] < 0.01
+    fixed = sounds.make_split(RECIPE, "counterfactual", 5, seed=0)
+    assert {r["audio_noise"] for r in fixed} == {1.0}  # the packaged recipe's single 0 dB
+    rec["audio"]["snr_db"] = ["loud"]
+    with pytest.raises(ValueError, match="recipe field audio.snr_db"):
+        sounds.make_split(rec, "train", 1, seed=0)
+
+
 @pytest.mark.parametrize(
     ("path", "value", "field"),
     [
@@ -140,14 +165,20 @@ def test_pipeline_end_to_end_on_a_tiny_audio_lm(tmp_path) -> None:
     pairs = datasets.load_from_disk(lab["pairs_dir"])
     assert lab["pairs_stats"]["negatives"]["rejected_language_bias"]["spec"] == "audio.drop"
     assert {"audios", "chosen", "rejected_language_bias", "rejected_audio_bias"} <= set(pairs.column_names)
+    # the paper's general negative on every row, and the ground truth the annotator and pair labels read
+    assert {"rejected", "answer", "prior_answer", "kind", "audio_noise"} <= set(pairs.column_names)
+    assert all(r != a for r, a in zip(pairs["rejected"], pairs["answer"]))
     assert len(pairs[0]["audios"][0]) == 16000
     report = run_audio_lab(tmp_path, seeds=(0,), quick=True, log=lambda _: None)  # SFT and pairs from the cache
     assert report["sft_wall_time_s"] == 0.0 and set(report["models"]) == {"sft", "dpo", "napo"}
     for stats in report["models"].values():
-        assert set(stats) == set(REPORT_METRICS) and all(0.0 <= v["mean"] <= 1.0 for v in stats.values())
+        assert set(REPORT_METRICS) <= set(stats) and all(0.0 <= v["mean"] <= 1.0 for v in stats.values())
     napo_run = next(r for r in report["runs"] if r["objective"] == "napo")
     assert "language_bias/q" in napo_run["final_log"]  # audio_bias too when some row's negative differs from chosen
     assert "| counterfactual_accuracy |" in (tmp_path / "audio_report.md").read_text()
+    assert "SFT gate" in (tmp_path / "audio_report.md").read_text() and "pass" in report["sft_gate"]
+    sft = report["models"]["sft"]  # one noise level in the packaged recipe: its per-level metric is the whole split's
+    assert sft["counterfactual_accuracy@noise1"]["mean"] == sft["counterfactual_accuracy"]["mean"]
     assert (tmp_path / "audio_report.json").exists()
 
 

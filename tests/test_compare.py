@@ -294,6 +294,34 @@ def test_lab_quick_grid_end_to_end(tmp_path):
     assert "noise: annotator" in report and "95% interval" in report
 
 
+def test_audio_lab_cell_with_annotator_noise(tmp_path):
+    """`--lab-task audio`: the audio lab's SFT model and pairs are the source, its annotator errs on clips, its
+    metrics fill the row."""
+    config = CompareConfig(
+        output_dir=str(tmp_path / "audio"),
+        lab_task="audio",
+        objectives=["napo-paper"],
+        noise_rates=[0.3],
+        seeds=[0],
+        noise_kind="annotator",
+        quick=True,
+        eval_n=8,
+        workers=1,
+    )
+    stats = run_compare(config, progress=False)
+    assert stats["cells_failed"] == 0, (tmp_path / "audio" / "errors.jsonl").read_text()
+    (row,) = read_results(tmp_path / "audio" / "results.jsonl")
+    assert "/cache/audio-" in row["source_dir"]
+    assert {"audio_share", "no_prior_accuracy", "counterfactual_accuracy@noise1"} <= set(row["metrics"])
+    assert "image_share" not in row["metrics"]
+    labels = row["pair_labels"]["pair_label_rejected"]  # chosen wrong on 30% of the clips: ties or inverted
+    assert labels.get("tie", 0) + labels.get("inverted", 0) > 0 and row["margins"]["n_flipped"] > 0
+    with pytest.raises(ValueError, match="lab_task='speech'"):
+        CompareConfig(lab_task="speech")
+    with pytest.raises(ValueError, match="--lab-task"):
+        CompareConfig(dataset="x", model="m", lab_task="audio")
+
+
 # ------------------------------------------------------------------------------------------ small parts
 def test_objective_names_and_label_smoothing():
     assert objective_settings("dpo", 0.2) == {"objective": "dpo"}

@@ -21,6 +21,8 @@ SETTINGS_FIELDS = {
     "pref_batch_size",
     "pref_lr",
     "beta",
+    "keep_identical",
+    "pair_temperature",
     "n_eval",
 }
 
@@ -34,6 +36,9 @@ def test_every_task_record_has_what_the_engine_reads() -> None:
         recipe = task.load_recipe(None)
         (row,) = task.rows(recipe, "counterfactual", 1, 0)
         assert row["prompt"][0]["content"][0] == {"type": task.modality}
+        assert row[task.hardness] > 0  # the annotator's errors fall on rows in proportion to it
+        alike = task.confusable(recipe, row["answer"])  # another answer of the attribute question
+        assert isinstance(alike, str) and alike != row["answer"]
         assert set(task.gate) <= set(task.report_metrics) and set(task.summary_metrics) <= set(task.report_metrics)
     with pytest.raises(ValueError, match=r"unknown lab task 'speech'.*'audio', 'vision'"):
         lab_task("speech")

@@ -6,8 +6,10 @@ import datasets
 import numpy as np
 import pytest
 
-from napo.lab import load_recipe
-from napo.lab.noise import annotator_noise, confusable_colour, label_pairs, pair_label
+from napo.lab import load_recipe, sounds
+from napo.lab.audio import confusable_note, general_negative
+from napo.lab.noise import annotator_noise, label_pairs, pair_label
+from napo.lab.vision import confusable_colour
 from napo.pairs import inject_label_noise
 
 RECIPE = load_recipe()
@@ -90,6 +92,42 @@ def test_annotator_errs_at_the_rate_mostly_on_hard_images_towards_the_prior_or_a
     # the other columns are untouched and in place
     assert noised.column_names[: len(rows.column_names)] == [c for c in rows.column_names]
     assert noised["rejected"] == rows["rejected"]
+
+
+def test_confusable_note_is_the_nearest_in_pitch():
+    recipe = sounds.load_recipe()
+    # do 261.63, re 293.66, mi 329.63, fa 349.23 (a semitone above mi), ..., la 440.00, ti 493.88
+    assert confusable_note(recipe, "do") == "re"
+    assert confusable_note(recipe, "mi") == "fa"  # 1 semitone up beats 2 down
+    assert confusable_note(recipe, "fa") == "mi"
+    assert confusable_note(recipe, "ti") == "la"
+
+
+def test_audio_annotator_errs_on_noisy_clips_towards_the_prior_or_the_neighbouring_note():
+    """The audio lab's annotator: rows drawn ∝ `audio_noise`, attribute errors the typical or the nearest note,
+    other kinds the prior answer or the row's general negative."""
+    recipe = sounds.load_recipe()
+    recipe["audio"]["snr_db"] = [6.0, 0.0, -6.0]  # amplitude ratios 0.501, 1, 1.995: a 4x spread of hardness
+    rows = sounds.make_split(recipe, "pairs", 300, 0)
+    rng = np.random.default_rng(0)
+    keys = ("answer", "prior_answer", "kind", "audio_noise")
+    dataset = datasets.Dataset.from_list(
+        [{"chosen": r["answer"], "rejected": general_negative(recipe, r, rng), **{k: r[k] for k in keys}} for r in rows]
+    )
+    assert all(a != b for a, b in zip(dataset["rejected"], dataset["answer"]))
+    noised, erred = annotator_noise(dataset, 0.3, seed=2, recipe=recipe, task="audio")
+    assert len(erred) == 90
+    noise = np.asarray(dataset["audio_noise"])
+    assert noise[erred].mean() > noise.mean() + 0.1  # E[x²]/E[x] = 1.42 against the mean 1.17
+    for i in erred:
+        row, chosen = dataset[i], noised[i]["chosen"]
+        assert chosen != row["answer"]
+        if row["kind"] == "attribute":
+            assert chosen in (row["prior_answer"], confusable_note(recipe, row["answer"]))
+        else:
+            assert chosen == (row["prior_answer"] if row["prior_answer"] != row["answer"] else row["rejected"])
+    with pytest.raises(ValueError, match="audio_noise"):
+        annotator_noise(dataset.remove_columns("audio_noise"), 0.2, 0, recipe, task="audio")
 
 
 def test_annotator_at_rate_zero_changes_no_answer_and_labels_every_pair():

@@ -38,7 +38,7 @@ class LabArguments:
     drop_identical: bool = field(
         default=False,
         metadata={
-            "help": "vision lab: drop negatives identical to chosen instead of keeping them as the paper does (a "
+            "help": "drop negatives identical to chosen instead of keeping them as the paper does (a "
             "kept one has margin 0 and no gradient but pulls its type's ψ, hence q, and its dynamic weight "
             "towards 0)"
         },

@@ -98,7 +98,8 @@ def noisy_pairs(source: dict, kind: str, noise_rate: float, seed: int):
         # The annotator replaces chosen answers: shared reference log-probs would no longer be theirs, so this
         # cell computes its own (trainer precomputation; scoring with the reference model).
         shared_refs = [c for c in clean.column_names if c.startswith("ref_") and c.endswith("_logps")]
-        pairs, _ = annotator_noise(clean.remove_columns(shared_refs), noise_rate, seed, source["lab"]["recipe"])
+        lab = source["lab"]
+        pairs, _ = annotator_noise(clean.remove_columns(shared_refs), noise_rate, seed, lab["recipe"], task=lab["task"])
     else:
         pairs, _ = inject_label_noise(clean, noise_rate, seed)
         if "answer" in pairs.column_names:  # the lab's ground truth: tag the flipped pairs too

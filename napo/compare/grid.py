@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from napo.data import DatasetOptions
+from napo.lab.tasks import TASK_MODULES
 from napo.objectives import OBJECTIVES, Q_MIN_DEFAULTS
 from napo.provenance import available_cores
 from napo.sweep import BACKENDS
@@ -114,7 +115,7 @@ class CompareConfig:
         metadata={
             "help": "label noise of every cell: 'flip' (chosen and negatives swapped on uniformly drawn rows, the "
             "control) or 'annotator' (lab only: an automatic annotator picks a wrong chosen, mostly on noisy "
-            "images, leaning to the prior or a confusable colour; napo.lab.noise.annotator_noise)"
+            "images or clips, leaning to the prior or a confusable colour or note; napo.lab.noise.annotator_noise)"
         },
     )
     shared_sft: bool = field(
@@ -125,8 +126,16 @@ class CompareConfig:
             "its own sampled pairs (lab seed = lab_seed + seed)"
         },
     )
+    lab_task: str = field(
+        default="vision",
+        metadata={
+            "help": "which bias lab is the source: vision (colours of shapes, a tiny LLaVA) or audio (notes of "
+            "instruments, a tiny Qwen2-Audio); napo.lab.tasks"
+        },
+    )
     lab_recipe: str | None = field(
-        default=None, metadata={"help": "bias-lab recipe YAML (None: the lab's default colours recipe)"}
+        default=None,
+        metadata={"help": "bias-lab recipe YAML (None: the task's packaged recipe, colors.yaml or sounds.yaml)"},
     )
     lab_seed: int = field(
         default=0, metadata={"help": "seed of the lab's scenes, SFT model and pairs (shared by all cells)"}
@@ -221,6 +230,10 @@ class CompareConfig:
             raise ValueError(f"noise_kind={self.noise_kind!r}: expected one of {', '.join(NOISE_KINDS)}")
         if self.noise_kind == "annotator" and self.dataset is not None:
             raise ValueError("noise_kind='annotator' needs the lab's ground truth; use 'flip' with --dataset")
+        if self.lab_task not in TASK_MODULES:
+            raise ValueError(f"lab_task={self.lab_task!r}: expected one of {', '.join(TASK_MODULES)}")
+        if self.dataset is not None and (self.lab_task != "vision" or self.lab_recipe is not None):
+            raise ValueError("--lab-task and --lab-recipe choose the bias lab; with --dataset there is no lab")
         if (self.dataset is None) != (self.model is None):
             raise ValueError("--dataset and --model go together: your pairs and the model to train from them")
         if not 0.0 < self.holdout < 1.0:

@@ -40,7 +40,9 @@ def prepare_sources(config: CompareConfig, out: Path) -> dict[str, Any]:
         from napo.lab.engine import prepare_lab
 
         def replicate(lab_seed: int) -> dict[str, Any]:
-            lab = prepare_lab(str(out / "lab"), recipe=config.lab_recipe, seed=lab_seed, quick=config.quick)
+            lab = prepare_lab(
+                str(out / "lab"), recipe=config.lab_recipe, seed=lab_seed, quick=config.quick, task=config.lab_task
+            )
             pairs = lab["pairs_dir"]
             if config.share_reference:
                 pairs = with_reference_logps(

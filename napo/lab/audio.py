@@ -20,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 import perturb
-from napo.evaluate import accuracy, agreement, answer_log_probs, modality_shapley, prior_following_rate
+from napo.evaluate import (
+    accuracy,
+    agreement,
+    answer_log_probs,
+    metrics_per_noise_level,
+    modality_shapley,
+    prior_following_rate,
+)
 from napo.inference import generate
 from napo.lab import sounds
 from napo.lab.report import cell, gate_line
@@ -37,6 +45,14 @@ from napo.pairs import AUDIO_NEGATIVES
 NO_AUDIO = AUDIO_NEGATIVES["rejected_language_bias"]  # "audio.drop"
 NO_QUESTION = AUDIO_NEGATIVES["rejected_audio_bias"]  # "text.drop_question(prompt='Describe the audio.')"
 GENERIC_PROMPT_WORDS = ("describe", "the", "audio", ".")  # words of NO_QUESTION's prompt, for the tokenizer
+# The ground truth carried by every pair row, for pair labels and annotator noise (`napo.lab.noise`).
+PAIR_METADATA = ("answer", "prior_answer", "kind", "audio_noise")
+# Evaluation splits whose metrics are also reported per audio-noise level: metric name -> split.
+PER_NOISE_SPLITS = {
+    "counterfactual_accuracy": "counterfactual",
+    "prior_consistent_accuracy": "prior_consistent",
+    "no_prior_accuracy": "no_prior",
+}
 REPORT_METRICS = (
     "counterfactual_accuracy",
     "prior_consistent_accuracy",
@@ -78,6 +94,10 @@ class AudioLabSettings:
     hidden: int = 64
     layers: int = 2
     encoder_conv_gain: float = 1.0  # 0: transformers' init (std 0.02)
+    # As the vision lab's (`napo.lab.vision.LabSettings`): negatives identical to chosen kept, as the paper keeps
+    # them, and the audio-blind / question-blind negatives sampled (seeded), as the paper's.
+    keep_identical: bool = True
+    pair_temperature: float = 1.0
 
     @classmethod
     def full(cls) -> AudioLabSettings:
@@ -189,28 +209,56 @@ def evaluate(
     """
     counterfactual = _rows(recipe, "counterfactual", n, recipe["seed"])
     mod = audio_modality_metrics(model, processor, counterfactual)
-    consistent = _rows(recipe, "prior_consistent", n, recipe["seed"])
-    answers = generate(model, processor, consistent, batch_size=64, max_new_tokens=4)
-    no_prior = _rows(recipe, "no_prior", n, recipe["seed"])
-    no_prior_answers = generate(model, processor, no_prior, batch_size=64, max_new_tokens=4)
+    answered = {"counterfactual": (counterfactual, mod["answers"])}
+    for split in ("prior_consistent", "no_prior"):
+        rows = _rows(recipe, split, n, recipe["seed"])
+        answered[split] = (rows, generate(model, processor, rows, batch_size=64, max_new_tokens=4))
     metrics = {
         "counterfactual_accuracy": mod["accuracy"],
-        "prior_consistent_accuracy": accuracy(answers, [r["answer"] for r in consistent]),
         "prior_following_rate": prior_following_rate(mod["answers"], [r["prior_answer"] for r in counterfactual]),
         "blind_agreement": mod["blind_agreement"],
         "question_blind_agreement": mod["question_blind_agreement"],
         "audio_share": mod["audio_share"],
-        "no_prior_accuracy": accuracy(no_prior_answers, [r["answer"] for r in no_prior]),
     }
+    for metric in ("prior_consistent_accuracy", "no_prior_accuracy"):
+        rows, answers = answered[PER_NOISE_SPLITS[metric]]
+        metrics[metric] = accuracy(answers, [r["answer"] for r in rows])
+    for metric, split in PER_NOISE_SPLITS.items():
+        metrics.update(metrics_per_noise_level(metric, *answered[split], level="audio_noise"))
     return metrics, mod["audio_shares"]
+
+
+def general_negative(recipe: dict[str, Any], row: dict[str, Any], rng: np.random.Generator) -> str:
+    """A wrong answer of the row's question kind, uniformly: another note, the other of yes/no, another count word
+    of the recipe's beep counts (or one more)."""
+    if row["kind"] == "attribute":
+        options = list(recipe["notes"])
+    elif row["kind"] == "existence":
+        options = ["yes", "no"]
+    else:
+        counts = recipe["beeps"]["count_weights"]
+        options = [sounds.NUMBER_WORDS[c] for c in counts] + [sounds.NUMBER_WORDS[max(counts) + 1]]
+    wrong = [o for o in options if o != row["answer"]]
+    return wrong[int(rng.integers(len(wrong)))]
+
+
+def confusable_note(recipe: dict[str, Any], note: str) -> str:
+    """The recipe note nearest in pitch to `note` (by |log frequency ratio|), other than itself: the annotator's
+    look-alike."""
+    hz = recipe["notes"][note]
+    others = [n for n in recipe["notes"] if n != note]
+    return min(others, key=lambda n: abs(math.log(recipe["notes"][n] / hz)))
 
 
 def pair_source(
     rows: list[dict[str, Any]], recipe: dict[str, Any], settings: AudioLabSettings, seed: int
 ) -> datasets.Dataset:
-    """Source rows of the audio pairs: prompt, the clip and its sampling rate, chosen = the reference answer; the
-    pair generator adds `rejected_language_bias` (`audio.drop`) and `rejected_audio_bias` (the question dropped),
-    greedy, with `napo pairs`' audio defaults."""
+    """Source rows of the audio pairs, built as the vision lab's (`napo.lab.vision.pair_source`): prompt, the clip
+    and its sampling rate, chosen = the reference answer, `rejected` a general negative on every row (a wrong answer
+    of the question's kind, `general_negative`) and the row's ground truth `PAIR_METADATA`. The pair generator adds
+    `rejected_language_bias` (the SFT model's sampled answer without the audio, `audio.drop`) and
+    `rejected_audio_bias` (to the audio without the question), with `napo pairs`' audio defaults."""
+    rng = np.random.default_rng([seed, 15])
     text = datasets.Value("string")
     return datasets.Dataset.from_dict(
         {
@@ -218,6 +266,8 @@ def pair_source(
             "audios": [r["audios"] for r in rows],
             "sampling_rate": [r["sampling_rate"] for r in rows],
             "chosen": [r["answer"] for r in rows],
+            "rejected": [general_negative(recipe, r, rng) for r in rows],
+            **{key: [r[key] for r in rows] for key in PAIR_METADATA},
         },
         features=datasets.Features(
             {
@@ -225,14 +275,24 @@ def pair_source(
                 "audios": datasets.List(datasets.List(datasets.Value("float32"))),
                 "sampling_rate": datasets.Value("int32"),
                 "chosen": text,
+                "rejected": text,
+                **{key: text for key in PAIR_METADATA if key != "audio_noise"},
+                "audio_noise": datasets.Value("float32"),
             }
         ),
     )
 
 
 def pair_options(settings: AudioLabSettings, seed: int) -> dict[str, Any]:
-    """`PairsConfig` fields: greedy answers of up to 8 tokens (the pairs depend on the seed through the SFT model)."""
-    return {"max_new_tokens": 8}
+    """`PairsConfig` fields: sampled negatives of up to 8 tokens (seeded), identical ones kept or dropped per
+    `keep_identical`."""
+    return {
+        "max_new_tokens": 8,
+        "do_sample": True,
+        "temperature": settings.pair_temperature,
+        "seed": seed,
+        "keep_identical": settings.keep_identical,
+    }
 
 
 def render_audio_report(report: dict[str, Any]) -> str:
@@ -330,7 +390,9 @@ TASK = LabTask(
     report_name="audio_report",
     render_report=render_audio_report,
     gate=SFT_GATE,
-    eval_passes=15,  # counterfactual: 3 answers + 4 scorings; prior-consistent and no-prior answers
+    eval_passes=15,
+    hardness="audio_noise",
+    confusable=confusable_note,  # counterfactual: 3 answers + 4 scorings; prior-consistent and no-prior answers
     report_extras=_report_extras,
     cache_prefix="audio-",
     log_prefix="[audio lab]",

@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,8 @@ OBJECTIVES = ("dpo", "napo")  # what `run_lab` trains from the SFT checkpoint, f
 
 
 def lab_settings(task: LabTask, *, quick: bool = False, keep_identical: bool = True) -> Any:
-    """The task's settings (`quick()` or `full()`), with `keep_identical` for a task whose pairs can drop negatives
-    identical to chosen; ValueError when `keep_identical=False` is asked of a task that cannot."""
-    settings = task.settings.quick() if quick else task.settings.full()
-    if "keep_identical" in {f.name for f in fields(settings)}:
-        return replace(settings, keep_identical=keep_identical)
-    if not keep_identical:
-        raise ValueError(
-            f"dropping identical negatives (--drop-identical) applies to the vision lab only, not the {task.name} lab"
-        )
-    return settings
+    """The task's settings (`quick()` or `full()`) with `keep_identical` (keep negatives identical to chosen)."""
+    return replace(task.settings.quick() if quick else task.settings.full(), keep_identical=keep_identical)
 
 
 def prepare_lab(

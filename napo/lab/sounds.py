@@ -7,14 +7,16 @@ of question kinds. `make_split` draws rows from it:
 
     {"prompt": "what note does the tuba play?", "audios": [float32 array, shape (16000,)],
      "sampling_rate": 16000, "answer": "do", "kind": "attribute", "prior_answer": "do",
-     "objects": ["tuba"], "split": "train"}
+     "objects": ["tuba"], "audio_noise": 1.0, "split": "train"}
 
 Every clip holds one instrument playing one note for the whole clip (1 s at 16 kHz by default),
 plus beeps for existence and count questions, an optional white-noise burst and white noise at
-`audio.snr_db`. The train split plays each instrument's typical note at the recipe's rate (0.95) and
-asks existence questions mostly about clips with beeps ("is there a beep?" -> mostly "yes"), so a
-model can score well from the question alone. `counterfactual` (an atypical note: the prior is
-wrong) and `prior_consistent` (the typical note) separate the two sources.
+`audio.snr_db` (one level per clip when it is a list; `audio_noise` is the row's noise-to-signal
+amplitude ratio 10^(-SNR/20), so every metric can be read per level of difficulty). The train split
+plays each instrument's typical note at the recipe's rate (0.95) and asks existence questions mostly
+about clips with beeps ("is there a beep?" -> mostly "yes"), so a model can score well from the
+question alone. `counterfactual` (an atypical note: the prior is wrong) and `prior_consistent` (the
+typical note) separate the two sources.
 
 Every row is a pure function of (recipe, split, seed, row index), as in `napo.lab.scenes`.
 """
@@ -152,10 +154,12 @@ def _check_audio(audio: dict[str, Any]) -> None:
         "expected 16000 (Hz); napo feeds models 16 kHz audio",
     )
     need(0.1 <= audio.get("seconds", 0) <= 30, "audio.seconds", "expected a clip length in [0.1, 30] seconds")
+    snr = audio.get("snr_db")
+    levels = snr if isinstance(snr, list) else [snr]
     need(
-        isinstance(audio.get("snr_db"), (int, float)),
+        bool(levels) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in levels),
         "audio.snr_db",
-        "expected a number (dB); use a large value such as 100 for clean clips",
+        "expected a number (dB) or a list of levels, one drawn per clip; use a large value such as 100 for clean clips",
     )
     need(
         0 <= audio.get("detune_cents", -1) < 50,
@@ -263,14 +267,18 @@ def _row(rec: dict[str, Any], split: str, rng: np.random.Generator) -> dict[str,
         beeps = _weighted(list(counts), list(counts.values()), rng)
         answer, prior = NUMBER_WORDS[beeps], NUMBER_WORDS[max(counts, key=counts.get)]
     template = rec["questions"][kind][int(rng.integers(len(rec["questions"][kind])))]
+    snr = rec["audio"]["snr_db"]
+    if isinstance(snr, list):  # one level per clip; a single number draws nothing, so its clips stay as they were
+        snr = snr[int(rng.integers(len(snr)))]
     return {
         "prompt": template.format(object=instrument),
-        "audios": [_render(rec, instrument, note, beeps, rng)],
+        "audios": [_render(rec, instrument, note, beeps, snr, rng)],
         "sampling_rate": rec["audio"]["sampling_rate"],
         "answer": answer,
         "kind": kind,
         "prior_answer": prior,
         "objects": [instrument],
+        "audio_noise": round(10.0 ** (-snr / 20), 3),
     }
 
 
@@ -288,8 +296,11 @@ def _note(rec: dict[str, Any], instrument: str, rng: np.random.Generator, typica
     return others[int(rng.integers(len(others)))]
 
 
-def _render(rec: dict[str, Any], instrument: str, note: str, beeps: int, rng: np.random.Generator) -> np.ndarray:
-    """The clip: a detuned note at a random gain, beeps at random onsets, an optional burst, white noise.
+def _render(
+    rec: dict[str, Any], instrument: str, note: str, beeps: int, snr_db: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The clip: a detuned note at a random gain, beeps at random onsets, an optional burst, white noise at
+    `snr_db` (dB of clip power over noise power).
 
     Returns float32, shape (round(seconds * rate),), clipped to [-1, 1].
     """
@@ -314,7 +325,7 @@ def _render(rec: dict[str, Any], instrument: str, note: str, beeps: int, rng: np
         start = int(rng.integers(0, n - length + 1))
         wave[start : start + length] += rng.standard_normal(length) * _PEAK * gain * 0.5
     power = np.mean(wave**2)
-    wave += rng.standard_normal(n) * np.sqrt(power / 10.0 ** (audio["snr_db"] / 10))
+    wave += rng.standard_normal(n) * np.sqrt(power / 10.0 ** (snr_db / 10))
     return np.clip(wave, -1.0, 1.0).astype(np.float32)
 
 

@@ -46,7 +46,8 @@ class LabTask:
 
     Settings: `settings` is a frozen dataclass with `full()` and `quick()` and at least the fields n_train, sft_steps,
     sft_batch_size, sft_lr (SFT), n_pairs, n_counterfactual_pairs (pair source rows), pref_steps, pref_batch_size,
-    pref_lr, beta (preference training) and n_eval (rows per evaluation split).
+    pref_lr, beta (preference training), keep_identical and pair_temperature (the pair generator) and n_eval (rows
+    per evaluation split).
 
     Data: `load_recipe(path | None)` reads and checks a recipe (None: the packaged default, `default_recipe`);
     `make_split(recipe, split, n, seed)` draws rows with "prompt" (the question, a string), the media (`images` or
@@ -65,6 +66,10 @@ class LabTask:
     the modality on the counterfactual split); `report_metrics` are the report table's rows, `summary_metrics` the
     one-line summary logged per model; `gate` the SFT gate ({metric: (low, high)}); `eval_passes` how many
     generations and scorings one evaluation makes per row and split size (for the progress bar's ETA).
+
+    Annotator noise (`napo.lab.noise.annotator_noise`): `hardness` names the rows' media-noise column (errors
+    fall on rows ∝ it; metrics are also reported per level of it), `confusable(recipe, answer)` the look-alike
+    of a true attribute answer (an erring annotator's other choice besides the prior).
 
     Report: `report_name` (`<out>/<report_name>.json` and `.md`), `render_report(report) -> markdown`,
     `plots(out, report, shares) -> {name: path}` or None, `report_extras(lab) -> dict` of task-specific report
@@ -89,6 +94,8 @@ class LabTask:
     render_report: Callable[[dict[str, Any]], str]
     gate: dict[str, tuple[float, float]]
     eval_passes: int
+    hardness: str
+    confusable: Callable[[dict[str, Any], str], str]
     plots: Callable[..., dict[str, str]] | None = None
     report_extras: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     cache_prefix: str = ""

@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 from transformers import CLIPVisionConfig, PreTrainedModel, ProcessorMixin
 
-from napo.evaluate import accuracy, chair, modality_metrics, pope_metrics, prior_following_rate
+from napo.evaluate import accuracy, chair, metrics_per_noise_level, modality_metrics, pope_metrics, prior_following_rate
 from napo.inference import generate
 from napo.lab import scenes
 from napo.lab.tasks import KEY_METRICS, SFT_GATE, LabTask, as_chat
@@ -119,6 +119,13 @@ def general_negative(recipe: dict[str, Any], row: dict[str, Any], rng: np.random
     return wrong[int(rng.integers(len(wrong)))]
 
 
+def confusable_colour(recipe: dict[str, Any], colour: str) -> str:
+    """The recipe colour nearest to `colour` in RGB (Euclidean), other than itself: the annotator's look-alike."""
+    rgb = np.asarray(recipe["colours"][colour], dtype=float)
+    others = [c for c in recipe["colours"] if c != colour]
+    return min(others, key=lambda c: float(((np.asarray(recipe["colours"][c], dtype=float) - rgb) ** 2).sum()))
+
+
 def pair_source(
     rows: list[dict[str, Any]], recipe: dict[str, Any], settings: LabSettings, seed: int
 ) -> datasets.Dataset:
@@ -189,7 +196,7 @@ def evaluate(
         rows, answers = answered[PER_NOISE_SPLITS[metric]]
         metrics[metric] = accuracy(answers, [r["answer"] for r in rows])
     for metric, split in PER_NOISE_SPLITS.items():
-        metrics.update(_per_noise_level(metric, *answered[split]))
+        metrics.update(metrics_per_noise_level(metric, *answered[split], level="image_noise"))
     for split in POPE_SPLITS:
         rows, answers = answered[split]
         pope = pope_metrics(answers, [r["answer"] for r in rows])
@@ -205,20 +212,6 @@ def evaluate(
     )
     metrics["chair_s"], metrics["chair_i"] = hallucination["chair_s"], hallucination["chair_i"]
     return metrics, mod["image_shares"]
-
-
-def _per_noise_level(metric: str, rows: list[dict[str, Any]], answers: list[str]) -> dict[str, float]:
-    """`metric@noise<level>` (accuracy on the rows of each image-noise level) and, for counterfactual rows, the
-    prior-following rate per level."""
-    out = {}
-    for level in sorted({r["image_noise"] for r in rows}):
-        at = [i for i, r in enumerate(rows) if r["image_noise"] == level]
-        out[f"{metric}@noise{level:g}"] = accuracy([answers[i] for i in at], [rows[i]["answer"] for i in at])
-        if metric == "counterfactual_accuracy":
-            out[f"prior_following_rate@noise{level:g}"] = prior_following_rate(
-                [answers[i] for i in at], [rows[i]["prior_answer"] for i in at]
-            )
-    return out
 
 
 TASK = LabTask(
@@ -238,6 +231,8 @@ TASK = LabTask(
     report_name="report",
     render_report=render_report,
     gate=SFT_GATE,
+    hardness="image_noise",
+    confusable=confusable_colour,
     plots=plots,
     eval_passes=30,  # counterfactual: 3 answers + 4 scorings; 5 short-answer splits; captions (16 tokens)
 )
