@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -294,9 +295,10 @@ def test_lab_quick_grid_end_to_end(tmp_path):
     assert "noise: annotator" in report and "95% interval" in report
 
 
-def test_audio_lab_cell_with_annotator_noise(tmp_path):
+def test_audio_lab_cell_with_annotator_noise_resumes_by_content(tmp_path, count_cells):
     """`--lab-task audio`: the audio lab's SFT model and pairs are the source, its annotator errs on clips, its
-    metrics fill the row."""
+    metrics fill the row. The finished cell counts in a copy of the folder (same weights and pairs elsewhere: a
+    cache rebuilt in another session), and not once its row names other content."""
     config = CompareConfig(
         output_dir=str(tmp_path / "audio"),
         lab_task="audio",
@@ -316,6 +318,15 @@ def test_audio_lab_cell_with_annotator_noise(tmp_path):
     assert "image_share" not in row["metrics"]
     labels = row["pair_labels"]["pair_label_rejected"]  # chosen wrong on 30% of the clips: ties or inverted
     assert labels.get("tie", 0) + labels.get("inverted", 0) > 0 and row["margins"]["n_flipped"] > 0
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "audio", moved)
+    config.output_dir = str(moved)
+    count_cells.clear()
+    assert run_compare(config, progress=False)["cells_run"] == 0 and count_cells == []
+    (moved / "results.jsonl").write_text(json.dumps({**row, "source_digest": "0" * 16}) + "\n")
+    assert run_compare(config, progress=False)["cells_run"] == 1
+    (rerun,) = [r for r in read_results(moved / "results.jsonl") if r["source_digest"] != "0" * 16]
+    assert rerun["source_digest"] == row["source_digest"] and rerun["source_dir"] != row["source_dir"]
     with pytest.raises(ValueError, match="lab_task='speech'"):
         CompareConfig(lab_task="speech")
     with pytest.raises(ValueError, match="--lab-task"):

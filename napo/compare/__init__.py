@@ -9,7 +9,8 @@ row appended to `results.jsonl`:
 
     {"key": "napo-paper/noise=0.2/seed=1", "objective": "napo-paper", "noise_kind": "flip", "noise_rate": 0.2,
      "seed": 1, "replicate": 1, "pair_labels": {"pair_label_language_bias": {"clean": 812, "tie": 401, ...}},
-     "label_smoothing": null, "source_dir": "<out>/lab/cache/<hash of the lab's settings>", "metrics": {...},
+     "label_smoothing": null, "source_dir": "<out>/lab/cache/<hash of the lab's settings>",
+     "source_digest": "<hash of the SFT weights and the pair rows>", "metrics": {...},
      "train_wall_s": 14.2, "cell_wall_s": 31.0,
      "margins": {"clean_mean": ..., "flipped_mean": ..., "clean_fitted": ..., "flipped_fitted": ..., ...},
      "q_trajectory": {"language_bias": [[step, q], ...]}, "finished": "2026-11-25T03:40:00+00:00"}
@@ -27,8 +28,10 @@ and retried on the next run. Output layout under `output_dir`:
     results.jsonl   one line per finished cell        errors.jsonl    one line per failed attempt
     summary.csv     mean and std over seeds           README.md       the report (tables, verdict)
     metrics_vs_noise.png  q_trajectory.png  margins_clean_vs_flipped.png
-    lab/cache/<hash> or data/<hash>   the shared SFT model and pairs; a row's `source_dir` names the one it used,
-                                      and only rows of the current source count as done or enter the report
+    lab/cache/<hash> or data/<hash>   the shared SFT model and pairs; a row's `source_dir` names the one it used
+                                      (and in the lab `source_digest` its content), and only rows of the current
+                                      source count as done or enter the report: in the lab, a cache rebuilt in
+                                      another folder or session counts when its weights and pairs are the same
     cells/<key>/    a cell's training folder (removed after success unless keep_models)
 
 The package, one job per module: `grid` (CompareConfig, recipes, the objective-name grammar read from

@@ -72,6 +72,7 @@ def run_cell(context: dict, objective: str, noise_rate: float, seed: int) -> dic
         "replicate": seed,
         "label_smoothing": settings.get("label_smoothing"),
         "source_dir": source["source_dir"],
+        "source_digest": source.get("source_digest"),
         "pair_labels": _pair_label_counts(pairs),
         "metrics": {name: float(value) for name, value in metrics.items()},
         "train_wall_s": float(trained["wall_time_s"]),

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from napo.compare.cell import attempt_cell
 from napo.compare.grid import CompareConfig, cell_key, grid_keys
 from napo.compare.report import write_report
-from napo.compare.source import prepare_sources, source_dirs
+from napo.compare.source import prepare_sources, source_ids
 from napo.jobs import locks_output
 from napo.provenance import available_cores, utc_now
 from napo.sweep import run_cells
@@ -51,11 +51,16 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
     context = prepare_sources(config, out)
     # Only cells trained from this very SFT model and pairs, with these training settings, count: after the lab, the
     # data or the settings change, every cell reruns (the cell key names only objective, noise and seed).
-    sources = source_dirs(context, config.seeds)
+    sources = source_ids(context, config.seeds)
     fingerprint = settings_fingerprint(config, context["max_steps"])
 
     def current(row: dict) -> bool:
-        return row.get("source_dir") == sources.get(row.get("seed")) and row.get("settings") == fingerprint
+        source = sources.get(row.get("seed"))
+        if source is None or row.get("settings") != fingerprint:
+            return False
+        if source["digest"] is not None and "source_digest" in row:  # the lab: by content, wherever it was built
+            return row["source_digest"] == source["digest"]
+        return row.get("source_dir") == source["dir"]  # a user's data, or a row from before digests: by folder
 
     done = {row["key"] for row in read_results(results_path) if current(row)}
     # Seed-major order: a run stopped early holds whole replicates of the grid, not whole noise rates.

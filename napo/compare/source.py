@@ -54,6 +54,9 @@ def prepare_sources(config: CompareConfig, out: Path) -> dict[str, Any]:
                 "pairs": pairs,
                 # The lab's cache folder names a hash of its recipe, settings and seed: a changed lab is another source.
                 "source_dir": str(Path(lab["sft_dir"]).parent),
+                # What the folder holds: a cache rebuilt elsewhere (another session, machine or code) counts only
+                # when its SFT weights and pairs are the very same.
+                "source_digest": source_digest(lab["sft_dir"], lab["pairs_dir"]),
                 "sft_metrics": sft_metrics(Path(lab["sft_dir"]).parent / "sft_metrics.json", lab, config.eval_n),
             }
 
@@ -128,10 +131,27 @@ def with_reference_logps(pairs_dir: str, sft_dir: str, target: Path, train: dict
     return str(target)
 
 
-def source_dirs(context: dict, seeds: list[int]) -> dict[int, str]:
-    """The source (SFT model and pairs folder) each seed's cells train from."""
+def source_ids(context: dict, seeds: list[int]) -> dict[int, dict[str, str | None]]:
+    """The source each seed's cells train from: {seed: {"dir": its folder, "digest": `source_digest` (lab) or
+    None}}."""
     replicates = context.get("replicates") or {}
-    return {seed: replicates[seed]["source_dir"] if seed in replicates else context["source_dir"] for seed in seeds}
+    sources = {seed: replicates.get(seed, context) for seed in seeds}
+    return {seed: {"dir": s["source_dir"], "digest": s.get("source_digest")} for seed, s in sources.items()}
+
+
+def source_digest(sft_dir: str | Path, pairs_dir: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of an SFT model's weights (`*.safetensors`, by name) and its pairs' rows
+    (`napo.resume.dataset_fingerprint`): equal only for the same weights and the same pair rows."""
+    import datasets
+
+    from napo.resume import dataset_fingerprint
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(sft_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(dataset_fingerprint(datasets.load_from_disk(str(pairs_dir))).encode())
+    return digest.hexdigest()[:16]
 
 
 def sft_metrics(path: Path, lab: dict, n: int | None) -> dict[str, float]:
