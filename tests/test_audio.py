@@ -128,8 +128,10 @@ def test_snr_levels_are_drawn_per_clip_and_named_by_audio_noise() -> None:
     }
     # white noise puts 2/8 of its power above 6 kHz: at -6 dB it is 4/5 of the clip (share ≈ 0.2), at 20 dB 1/101
     assert share[1.995] > 0.15 and share[0.1] < 0.01
-    fixed = sounds.make_split(RECIPE, "counterfactual", 5, seed=0)
-    assert {r["audio_noise"] for r in fixed} == {1.0}  # the packaged recipe's single 0 dB
+    rec["audio"]["snr_db"] = 0.0
+    assert {r["audio_noise"] for r in sounds.make_split(rec, "counterfactual", 5, seed=0)} == {1.0}  # one level
+    packaged = {r["audio_noise"] for r in sounds.make_split(RECIPE, "counterfactual", 60, seed=0)}
+    assert packaged == {0.891, 1.122, 1.413}  # 1, -1 and -3 dB
     rec["audio"]["snr_db"] = ["loud"]
     with pytest.raises(ValueError, match="recipe field audio.snr_db"):
         sounds.make_split(rec, "train", 1, seed=0)
@@ -177,8 +179,9 @@ def test_pipeline_end_to_end_on_a_tiny_audio_lm(tmp_path) -> None:
     assert "language_bias/q" in napo_run["final_log"]  # audio_bias too when some row's negative differs from chosen
     assert "| counterfactual_accuracy |" in (tmp_path / "audio_report.md").read_text()
     assert "SFT gate" in (tmp_path / "audio_report.md").read_text() and "pass" in report["sft_gate"]
-    sft = report["models"]["sft"]  # one noise level in the packaged recipe: its per-level metric is the whole split's
-    assert sft["counterfactual_accuracy@noise1"]["mean"] == sft["counterfactual_accuracy"]["mean"]
+    for metric in ("counterfactual_accuracy", "prior_consistent_accuracy", "no_prior_accuracy"):  # also per SNR level
+        levels = {k for k in report["models"]["sft"] if k.startswith(f"{metric}@noise")}
+        assert levels and levels <= {f"{metric}@noise{v:g}" for v in (0.891, 1.122, 1.413)}
     assert (tmp_path / "audio_report.json").exists()
 
 

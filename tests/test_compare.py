@@ -314,7 +314,7 @@ def test_audio_lab_cell_with_annotator_noise_resumes_by_content(tmp_path, count_
     assert stats["cells_failed"] == 0, (tmp_path / "audio" / "errors.jsonl").read_text()
     (row,) = read_results(tmp_path / "audio" / "results.jsonl")
     assert "/cache/audio-" in row["source_dir"]
-    assert {"audio_share", "no_prior_accuracy", "counterfactual_accuracy@noise1"} <= set(row["metrics"])
+    assert {"audio_share", "no_prior_accuracy", "counterfactual_accuracy@noise1.413"} <= set(row["metrics"])
     assert "image_share" not in row["metrics"]
     labels = row["pair_labels"]["pair_label_rejected"]  # chosen wrong on 30% of the clips: ties or inverted
     assert labels.get("tie", 0) + labels.get("inverted", 0) > 0 and row["margins"]["n_flipped"] > 0

@@ -9,7 +9,7 @@ import torch
 from helpers import noise_image
 
 import napo.evaluate as evaluate
-from napo.evaluate import answer_batch, answer_log_probs, modality_metrics
+from napo.evaluate import answer_batch, answer_log_probs, metrics_per_noise_level, modality_metrics
 from napo.models import build_tiny_model
 
 
@@ -134,3 +134,24 @@ def test_modality_metrics_on_controlled_answers_and_scores(monkeypatch) -> None:
     np.testing.assert_allclose(result["image_shares"], [1.0, 0.0, 0.5, 0.5])
     assert result["image_share"] == pytest.approx(0.5)
     assert result["blind_answers"] == ["yellow"] * 4
+
+
+def test_metrics_per_noise_level_by_hand():
+    rows = [
+        {"answer": "red", "prior_answer": "yellow", "image_noise": 0.1},
+        {"answer": "red", "prior_answer": "yellow", "image_noise": 0.1},
+        {"answer": "blue", "prior_answer": "white", "image_noise": 0.4},
+        {"answer": "blue", "prior_answer": "white", "image_noise": 0.4},
+        {"answer": "green", "prior_answer": "white", "image_noise": 0.4},
+    ]
+    answers = ["red", "yellow", "white", "blue", "white"]
+    assert metrics_per_noise_level("counterfactual_accuracy", rows, answers, level="image_noise") == {
+        "counterfactual_accuracy@noise0.1": 0.5,
+        "prior_following_rate@noise0.1": 0.5,
+        "counterfactual_accuracy@noise0.4": 1 / 3,
+        "prior_following_rate@noise0.4": 2 / 3,
+    }
+    assert metrics_per_noise_level("no_prior_accuracy", rows, answers, level="image_noise") == {
+        "no_prior_accuracy@noise0.1": 0.5,
+        "no_prior_accuracy@noise0.4": 1 / 3,
+    }

@@ -21,6 +21,7 @@ SETTINGS_FIELDS = {
     "pref_batch_size",
     "pref_lr",
     "beta",
+    "sft_weight",
     "keep_identical",
     "pair_temperature",
     "n_eval",

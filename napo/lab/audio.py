@@ -90,6 +90,7 @@ class AudioLabSettings:
     pref_batch_size: int = 16
     pref_lr: float = 1e-4
     beta: float = 0.1
+    sft_weight: float = 0.0  # NaPOConfig.sft_weight: 40 steps keep the chosen likelihood here without it
     n_eval: int = 150  # rows per evaluation split
     hidden: int = 64
     layers: int = 2

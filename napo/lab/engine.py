@@ -162,7 +162,7 @@ def _pairs(
 def lab_training_config(
     out_dir: str | Path, *, objective: str, seed: int, settings: dict[str, Any] | None = None, **overrides: Any
 ):
-    """The lab's preference-training settings (`settings`' β, learning rate, batch size and steps, default
+    """The lab's preference-training settings (`settings`' β, learning rate, batch size, steps and sft_weight, default
     `LabSettings.full()`'s; CPU, fp32, cosine schedule, reference log-probs precomputed once), as a `NaPOConfig`
     with output folder `<out_dir>/trainer`.
 
@@ -186,6 +186,7 @@ def lab_training_config(
         learning_rate=settings["pref_lr"],
         per_device_train_batch_size=settings["pref_batch_size"],
         max_steps=settings["pref_steps"],
+        sft_weight=settings["sft_weight"],
         lr_scheduler_type="cosine",
         gradient_checkpointing=False,
         use_cpu=True,

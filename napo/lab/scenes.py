@@ -8,7 +8,7 @@ the images are to read, and the mix of question kinds. `make_split` draws rows f
      "kind": "attribute", "prior_answer": "yellow", "objects": ["banana", "cat"], "target": "banana",
      "image_noise": 0.2, "split": "train"}
 
-The train split shows each object in its typical colour at the recipe's rate (0.95 in the default recipe) and asks
+The train split shows each object in its typical colour at the recipe's rate (0.97 in the default recipe) and asks
 existence questions mostly about present objects, so a model can score well from the question
 alone. Evaluation splits separate the two sources: `counterfactual` (atypical colour: the prior is
 wrong), `prior_consistent` (typical colour), `no_prior` (colour of an object without a typical colour: only

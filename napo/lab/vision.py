@@ -54,6 +54,10 @@ class LabSettings:
     pref_batch_size: int = 32
     pref_lr: float = 1e-4
     beta: float = 0.1
+    # λ of NaPOConfig.sft_weight: + λ · mean −log π(y_w) keeps the chosen likelihood. Under dynamic γ the language-
+    # biased pairs take ~0.98 of the weight and, without it, DPO and NaPO pushed every answer down (chosen log-prob
+    # −0.46 → −9.4, no EOS, every accuracy < 0.12; benchmarks/lab/RUN.md).
+    sft_weight: float = 1.0
     n_eval: int = 200  # rows per evaluation split
     text_hidden: int = 128
     text_layers: int = 2
