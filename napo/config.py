@@ -82,8 +82,9 @@ class NaPOConfig(DPOConfig):
         default="dynamic",
         metadata={
             "help": "γ, the weight of each negative type in the loss: 'dynamic' (the paper's Eq. 13–14: γ_i = "
-            "clip(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min, 1), ψ_Σ,i = the batch mean of β·(Δ_w − Δ_l,i) with summed Δ, over "
-            "the types with pairs in the batch, detached; equal weights while Σψ_Σ ≤ 1e-6, e.g. at step 0) or 'fixed' "
+            "max(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min), ψ_Σ,i = the batch mean of β·(Δ_w − Δ_l,i) with summed Δ, over the "
+            "types with pairs in the batch, detached; napo also clips each γ_i at 1 and uses equal weights while "
+            "Σψ_Σ ≤ 1e-6, e.g. at step 0) or 'fixed' "
             "(the `weight_*` fields renormalised over the columns present; the released code's runs use fixed "
             "0.02/0.49/0.49, its dynamic branch is commented out). Logged as `weight`, `language_bias/weight`, ..."
         },
@@ -137,8 +138,9 @@ class NaPOConfig(DPOConfig):
     margin_language_bias: str = field(
         default=NEGATIVE_BY_COLUMN["rejected_language_bias"].margin,
         metadata={
-            "help": "Margin ψ feeding q for language-biased negatives: 'mean' = β·(Δ_w/|y_w| − Δ_l/|y_l|), log-ratios "
-            "averaged per completion token (paper); 'sum' = the summed margin z of the loss."
+            "help": "Margin ψ feeding q for language-biased negatives: 'mean' = Δ_w/|y_w| − Δ_l/|y_l|, log-ratios "
+            "averaged per completion token (paper); 'sum' = Δ_w − Δ_l summed (z/β); multiplied by β under q='paper', "
+            "raw under q='official'."
         },
     )
     margin_vision_bias: str = field(

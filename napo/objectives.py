@@ -235,11 +235,13 @@ def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
     weight, down to γ_min:
 
         ψ_Σ,i = mean over the batch's pairs of type i of β·(Δ_w − Δ_l,i),  Δ summed over completion tokens   (13)
-        γ_i   = clip(ψ_Σ,i / Σ_j ψ_Σ,j, γ_min, 1)                                                        (14)
+        γ_i   = max(ψ_Σ,i / Σ_j ψ_Σ,j, γ_min)            (14)   napo then clips γ_i at 1 (below)
 
     The released code (`LLaVA15BiasPOTrainer.compute_loss`, `loss_weight == "dyn"`, commented out there: the
-    released runs use fixed 0.02/0.49/0.49) computes γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) with ψ_Σ,i the mean of
-    `chosen_rewards − rejected_rewards_i` over all processes — the same up to the upper clip. Two cases where
+    released runs use fixed 0.02/0.49/0.49) computes γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) with ψ_Σ,i the mean over
+    the processes of their mean of `chosen_rewards − rejected_rewards_i` (napo: the mean over all pairs of all
+    processes; equal when each process holds as many pairs of the type) — the same up to the upper clip and the
+    step-0 fallback below. Two cases where
     that formula is undefined or unbounded, and what napo does instead (not in the paper nor in the code):
     Σ_j ψ_Σ,j ≤ 1e-6 (at step 0 every margin is 0, policy = reference) gives equal weights 1/n; a negative
     ψ_Σ,j makes the others' ratios exceed 1, and the upper clip keeps each γ_i ≤ 1 (no step is scaled up).
