@@ -55,9 +55,10 @@ class NaPOConfig(DPOConfig):
         metadata={
             "help": "Preference objective: napo (noise-aware, adaptive q), dpo (TRL's `loss_type`, sigmoid by "
             "default), cdpo (label-smoothed DPO), rdpo (robust DPO, Chowdhury et al. 2024), ipo (napo's, on summed "
-            "log-ratios), hinge. cdpo/rdpo read `label_smoothing` as the flip rate ε. Default: dpo when `loss_type`, "
-            "`loss_weights`, `f_divergence_type`, `ld_alpha` or `use_weighting` is set to something other than TRL's "
-            "default, napo otherwise."
+            "log-ratios), hinge, sft (no preference term: only the `sft_weight` NLL of chosen answers, a control). "
+            "cdpo/rdpo read `label_smoothing` as the flip rate ε. Default: dpo when `loss_type`, `loss_weights`, "
+            "`f_divergence_type`, `ld_alpha` or `use_weighting` is set to something other than TRL's default, napo "
+            "otherwise."
         },
     )
     q: str = field(
@@ -234,6 +235,8 @@ class NaPOConfig(DPOConfig):
             raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.objective == "sft" and not self.sft_weight:
+            raise ValueError("objective='sft' has no preference term: set sft_weight > 0 (the NLL it trains on)")
         if self.saturation_warning_steps < 0:
             raise ValueError(f"saturation_warning_steps must be >= 0, got {self.saturation_warning_steps}")
         for column in NEGATIVE_BY_COLUMN:

@@ -157,6 +157,21 @@ def hinge_loss(margins: Tensor) -> Tensor:
     return torch.relu(1 - _as_float32(margins)).to(margins.dtype)
 
 
+def sft_loss(margins: Tensor) -> Tensor:
+    """No preference term: with `NaPOConfig.sft_weight` λ > 0 the whole loss is λ · the mean over rows of the summed
+    NLL of the chosen answers — continued SFT on the pairs' chosen answers, the control that tells what a preference
+    term adds beyond that NLL. TRL's `loss_type="sft"` (which averages the NLL per token instead).
+
+        L(z) = 0 · z   (kept on the graph: the margins, rewards and weights are still computed and logged)
+
+    Args:
+        margins: z, shape (n_pairs,).
+    Returns:
+        Zeros, shape (n_pairs,).
+    """
+    return margins * 0.0
+
+
 OBJECTIVES: dict[str, Callable[..., Tensor]] = {
     "napo": napo_loss,
     "dpo": dpo_loss,
@@ -164,6 +179,7 @@ OBJECTIVES: dict[str, Callable[..., Tensor]] = {
     "rdpo": rdpo_loss,
     "ipo": ipo_loss,
     "hinge": hinge_loss,
+    "sft": sft_loss,
 }
 
 

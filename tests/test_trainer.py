@@ -329,5 +329,20 @@ def test_sft_weight_adds_the_chosen_nll_as_stock_trls_sft_loss_does(tmp_path):
     assert term > 0.1  # the NLL term is there and not negligible: the comparison above has teeth
     napo_with, napo_without = napo_loss("napo", 0.7 / float(chosen_tokens[0]))[0], napo_loss("napo", 0.0)[0]
     assert float(napo_with) - float(napo_without) == pytest.approx(term, abs=1e-5)
+    # objective 'sft': the NLL term alone, as stock TRL's loss_type ["sft"]
+    sft_only = DPOTrainer(
+        model=perturbed(base),
+        ref_model=copy.deepcopy(base),
+        args=DPOConfig(output_dir=str(tmp_path / "trl-sft"), loss_type=["sft"], loss_weights=[0.7], **COMMON),
+        train_dataset=as_trl_pairs(dataset),
+        processing_class=processing,
+    )
+    trl_sft_loss, trl_sft_grads = loss_and_grads(sft_only, fresh_rows(sft_only, 6))
+    loss, grads = napo_loss("sft", 0.7 / float(chosen_tokens[0]))
+    assert abs(float(loss) - float(trl_sft_loss)) < 1e-5 and abs(float(loss) - term) < 1e-5
+    for name in trl_sft_grads:
+        torch.testing.assert_close(grads[name], trl_sft_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="objective='sft'"):
+        NaPOConfig(output_dir=str(tmp_path / "bad"), objective="sft", **COMMON)
     with pytest.raises(ValueError, match="sft_weight"):
         NaPOConfig(output_dir=str(tmp_path / "bad"), sft_weight=-1.0, **COMMON)
