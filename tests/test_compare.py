@@ -293,6 +293,8 @@ def test_lab_quick_grid_end_to_end(tmp_path):
     report = (tmp_path / "lab" / "README.md").read_text()
     assert "| counterfactual_accuracy | napo-paper | 0.3 |" in report and "*SFT (start)*" in report
     assert "noise: annotator" in report and "95% interval" in report
+    assert "source: the vision bias lab (quick mode)" in report and "SFT gate per replicate: " in report
+    assert "seed 0 " in report.split("SFT gate per replicate: ")[1].splitlines()[0]  # each replicate named
 
 
 def test_audio_lab_cell_with_annotator_noise_resumes_by_content(tmp_path, count_cells):

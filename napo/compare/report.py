@@ -121,7 +121,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     metrics = [m for m in KEY_METRICS if m in present] + sorted(present - set(KEY_METRICS))
     train_time = sum(r["train_wall_s"] for r in rows)
     if config.source == "lab":
-        source = "the bias lab" + (" (quick mode)" if config.quick else "")
+        source = f"the {config.lab_task} bias lab" + (" (quick mode)" if config.quick else "")
     else:
         source = f"dataset `{config.dataset}`, model `{config.model}`, {config.holdout:g} of its rows held out clean"
     lines = [
@@ -139,8 +139,8 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"- source: {source}",
         f"- noise: {config.noise_kind} "
         + (
-            "(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images, leaning "
-            'to the prior or a confusable colour; "flipped" below = misannotated rows)'
+            "(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images or clips, "
+            'leaning to the prior or a confusable colour or note; "flipped" below = misannotated rows)'
             if config.noise_kind == "annotator"
             else "(chosen and negatives swapped on uniformly drawn rows)"
         )
@@ -156,6 +156,17 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     ]
     if meta["lab_settings"]:
         lines.append(f"- lab settings: {meta['lab_settings']}")
+    if meta.get("replicate_gates"):
+        gates = meta["replicate_gates"]
+        lines.append(
+            f"- SFT gate per replicate: {sum(g['pass'] for g in gates.values())} of {len(gates)} passed; "
+            + "; ".join(
+                f"seed {seed} {'passed' if g['pass'] else 'NOT passed'} ("
+                + ", ".join(f"{name} {c['value']:.3f}" for name, c in g.items() if name != "pass")
+                + ")"
+                for seed, g in sorted(gates.items())
+            )
+        )
     lines += [
         "",
         "Mean ± sample std over seeds; the best mean of each column in bold (highest, or lowest for "

@@ -18,6 +18,7 @@ from napo.compare.grid import CompareConfig, cell_key, grid_keys
 from napo.compare.report import write_report
 from napo.compare.source import prepare_sources, source_ids
 from napo.jobs import locks_output
+from napo.lab.tasks import lab_task, sft_gate
 from napo.provenance import available_cores, utc_now
 from napo.sweep import run_cells
 
@@ -111,6 +112,11 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         "sft_metrics": context.get("sft_metrics", {}),
         "noise_kind": config.noise_kind,
         "replicate_sft": bool(context.get("replicates")),
+        # each replicate's own SFT model against its lab's gate: a grid is read knowing which starts were the lab wanted
+        "replicate_gates": {
+            seed: sft_gate(r["sft_metrics"], lab_task(r["lab"]["task"]).gate)
+            for seed, r in (context.get("replicates") or {}).items()
+        },
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
