@@ -114,6 +114,16 @@ def _claim_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _gates_line(gates: dict[int, dict]) -> str:
+    """Each replicate's SFT gate (`napo.lab.tasks.sft_gate`) on one line: how many passed, then seed by seed."""
+    return f"- SFT gate per replicate: {sum(g['pass'] for g in gates.values())} of {len(gates)} passed; " + "; ".join(
+        f"seed {seed} {'passed' if g['pass'] else 'NOT passed'} ("
+        + ", ".join(f"{name} {c['value']:.3f}" for name, c in g.items() if name != "pass")
+        + ")"
+        for seed, g in sorted(gates.items())
+    )
+
+
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
     objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
     rates = sorted(r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows))
@@ -157,16 +167,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
     if meta["lab_settings"]:
         lines.append(f"- lab settings: {meta['lab_settings']}")
     if meta.get("replicate_gates"):
-        gates = meta["replicate_gates"]
-        lines.append(
-            f"- SFT gate per replicate: {sum(g['pass'] for g in gates.values())} of {len(gates)} passed; "
-            + "; ".join(
-                f"seed {seed} {'passed' if g['pass'] else 'NOT passed'} ("
-                + ", ".join(f"{name} {c['value']:.3f}" for name, c in g.items() if name != "pass")
-                + ")"
-                for seed, g in sorted(gates.items())
-            )
-        )
+        lines.append(_gates_line(meta["replicate_gates"]))
     lines += [
         "",
         "Mean ± sample std over seeds; the best mean of each column in bold (highest, or lowest for "

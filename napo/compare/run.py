@@ -112,14 +112,19 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         "sft_metrics": context.get("sft_metrics", {}),
         "noise_kind": config.noise_kind,
         "replicate_sft": bool(context.get("replicates")),
-        # each replicate's own SFT model against its lab's gate: a grid is read knowing which starts were the lab wanted
-        "replicate_gates": {
-            seed: sft_gate(r["sft_metrics"], lab_task(r["lab"]["task"]).gate)
-            for seed, r in (context.get("replicates") or {}).items()
-        },
+        "replicate_gates": replicate_gates(context),
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}
+
+
+def replicate_gates(context: dict) -> dict[int, dict]:
+    """Each replicate's own SFT model against its lab's gate ({seed: `sft_gate`}; {} without replicates): a grid is
+    read knowing which of its starting points were the model the lab wants."""
+    return {
+        seed: sft_gate(r["sft_metrics"], lab_task(r["lab"]["task"]).gate)
+        for seed, r in (context.get("replicates") or {}).items()
+    }
 
 
 def settings_fingerprint(config: CompareConfig, max_steps: int | None) -> str:
