@@ -36,7 +36,7 @@ from napo.evaluate import (
 from napo.inference import generate
 from napo.lab import sounds
 from napo.lab.report import cell, gate_line
-from napo.lab.tasks import SFT_GATE, LabTask, as_chat
+from napo.lab.tasks import PER_NOISE_SPLITS, SFT_GATE, LabTask, as_chat
 from napo.models import build_tiny_model, build_tokenizer, media_tower
 from napo.pairs import AUDIO_NEGATIVES
 
@@ -47,12 +47,6 @@ NO_QUESTION = AUDIO_NEGATIVES["rejected_audio_bias"]  # "text.drop_question(prom
 GENERIC_PROMPT_WORDS = ("describe", "the", "audio", ".")  # words of NO_QUESTION's prompt, for the tokenizer
 # The ground truth carried by every pair row, for pair labels and annotator noise (`napo.lab.noise`).
 PAIR_METADATA = ("answer", "prior_answer", "kind", "audio_noise")
-# Evaluation splits whose metrics are also reported per audio-noise level: metric name -> split.
-PER_NOISE_SPLITS = {
-    "counterfactual_accuracy": "counterfactual",
-    "prior_consistent_accuracy": "prior_consistent",
-    "no_prior_accuracy": "no_prior",
-}
 REPORT_METRICS = (
     "counterfactual_accuracy",
     "prior_consistent_accuracy",

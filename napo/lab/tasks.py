@@ -31,6 +31,13 @@ KEY_METRICS = (
     "chair_s",
 )
 
+# Evaluation splits whose metrics every lab also reports per media-noise level (its task's `hardness`): metric -> split.
+PER_NOISE_SPLITS = {
+    "counterfactual_accuracy": "counterfactual",
+    "prior_consistent_accuracy": "prior_consistent",
+    "no_prior_accuracy": "no_prior",
+}
+
 # The SFT gate of lab v2 (issue 15): the model reads the modality where no prior competes, follows the prior where
 # it agrees with the input, and is torn where they disagree — as real VLMs are. {metric: (low, high)}, inclusive.
 SFT_GATE = {

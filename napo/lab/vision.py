@@ -17,18 +17,12 @@ from transformers import CLIPVisionConfig, PreTrainedModel, ProcessorMixin
 from napo.evaluate import accuracy, chair, metrics_per_noise_level, modality_metrics, pope_metrics, prior_following_rate
 from napo.inference import generate
 from napo.lab import scenes
-from napo.lab.tasks import KEY_METRICS, SFT_GATE, LabTask, as_chat
+from napo.lab.tasks import KEY_METRICS, PER_NOISE_SPLITS, SFT_GATE, LabTask, as_chat
 from napo.lab.vision_report import REPORT_METRICS, plots, render_report
 from napo.models import build_tiny_model, build_tokenizer
 from napo.models.tiny import TinyShape
 
 POPE_SPLITS = ("pope_random", "pope_popular", "pope_adversarial")
-# Evaluation splits whose metrics are also reported per image-noise level: metric name -> split.
-PER_NOISE_SPLITS = {
-    "counterfactual_accuracy": "counterfactual",
-    "prior_consistent_accuracy": "prior_consistent",
-    "no_prior_accuracy": "no_prior",
-}
 # Metadata the lab's pair rows carry from their source row: ground truth for the annotator noise and pair labels.
 PAIR_METADATA = ("answer", "prior_answer", "kind", "target", "image_noise")
 
