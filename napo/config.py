@@ -65,7 +65,8 @@ class NaPOConfig(DPOConfig):
         default="paper",
         metadata={
             "help": "NaPO robustness coefficient of each negative type, from ψ = its batch mean margin over all "
-            "processes, detached: 'paper' (Eq. 12: q = clip(1 − σ(α·ψ), q_min, 1), ψ = mean of β·(Δ_w − Δ_l)); "
+            "processes, detached: 'paper' (Eq. 12 with §4.1's truncation: q = clip(1 − σ(α·ψ), q_min, 1), ψ = mean "
+            "of Eq. 2's β·(Δ_w − Δ_l)); "
             "'official' (the authors' released code: q = clamp(2·(1 − σ(α·ψ)), q_min, 1), ψ = mean of the raw "
             "log-ratio difference Δ_w − Δ_l without β, a mean of the processes' means); or a fixed number in (0, 1] "
             "(near 0 → DPO, 1 → MAE, most robust to flipped labels). Δ = log π − log π_ref, summed or per token as "
@@ -82,17 +83,17 @@ class NaPOConfig(DPOConfig):
     weights: str = field(
         default="dynamic",
         metadata={
-            "help": "γ, the weight of each negative type in the loss: 'dynamic' (the paper's Eq. 13–14: γ_i = "
-            "max(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min), ψ_Σ,i = the batch mean of β·(Δ_w − Δ_l,i) with summed Δ, over the "
-            "types with pairs in the batch, detached; napo also clips each γ_i at 1 and uses equal weights while "
-            "Σψ_Σ ≤ 1e-6, e.g. at step 0) or 'fixed' "
+            "help": "γ, the weight of each negative type in the loss: 'dynamic' (the paper's Eq. 13, truncated to "
+            "[0.01, 1] as its §4.1 says: γ_i = clip(ψ_Σ,i / Σ_j ψ_Σ,j, weight_min, 1), ψ_Σ,i = the batch mean of "
+            "β·(Δ_w − Δ_l,i) with summed Δ, over the types with pairs in the batch, detached; equal weights while "
+            "Σψ_Σ ≤ 1e-6, e.g. at step 0, which is napo's) or 'fixed' "
             "(the `weight_*` fields renormalised over the columns present; the released code's runs use fixed "
             "0.02/0.49/0.49, its dynamic branch is commented out). Logged as `weight`, `language_bias/weight`, ..."
         },
     )
     weight_min: float = field(
         default=0.01,
-        metadata={"help": "γ_min, the floor of the dynamic weights (Eq. 14's truncation; 0.01 in the released code)."},
+        metadata={"help": "γ_min, the floor of the dynamic weights (0.01 in the paper's §4.1 and the released code)."},
     )
     weight_rejected: float = field(
         default=NEGATIVE_BY_COLUMN["rejected"].weight,

@@ -212,10 +212,12 @@ def adaptive_q(psi: Tensor, alpha: float, variant: str = "paper", q_min: float |
         official:        q = clip(2 · (1 − σ(α·ψ)), q_min, 1)    q_min = 0.001, ψ = mean of (Δ_w − Δ_l), no β
 
     Δ = log π(y|x) − log π_ref(y|x), summed over the completion or averaged per token (the caller chooses; see
-    `NaPOConfig.margin_*`). "official" transcribes the authors' released code (zhangzef/NaPO,
-    `muffin/data/bias_datasets_trainer.py`, `LLaVA15BiasPOTrainer.dpo_lq_dyn_loss`): there ψ is the raw
-    log-ratio difference without β, averaged over processes under `no_grad`. Which ψ goes in is the caller's
-    business; this function only maps ψ to q.
+    `NaPOConfig.margin_*`). The paper (arXiv 2503.17928): Eq. 12 q = 1 − σ(α·ψ) with ψ Eq. 2's margin, ψ_μ =
+    β·(Δ_w/|y_w| − Δ_l/|y_l|) for language-biased negatives (α 0.5) and ψ_Σ = β·(Δ_w − Δ_l) for vision-biased ones
+    (α 0.01), "the batch-average reward margin"; §4.1 truncates q to [0.01, 1]. "official" transcribes the
+    authors' released code (zhangzef/NaPO, `muffin/data/bias_datasets_trainer.py`,
+    `LLaVA15BiasPOTrainer.dpo_lq_dyn_loss`): there ψ is the raw log-ratio difference without β, averaged over
+    processes under `no_grad`. Which ψ goes in is the caller's business; this function only maps ψ to q.
 
     Args:
         psi: ψ, the mean margin of one negative type (a scalar tensor, or any shape: computed elementwise).
@@ -244,30 +246,34 @@ PSI_SUM_FLOOR = 1e-6
 
 
 def dynamic_weights(psi_sums: Tensor, gamma_min: float = 0.01) -> Tensor:
-    """NaPO's dynamic weights γ of the negative types (Eq. 13–14), from each type's batch margin; never back-propagated.
+    """NaPO's dynamic weights γ of the negative types (Eq. 13, truncated as §4.1 says), from each type's batch
+    margin; never back-propagated.
 
     A type whose pairs the model already separates well (large margin) is trusted more; a type the model
     disagrees with (small or negative margin, where noisy "negatives" that are as good as chosen sit) gets less
     weight, down to γ_min:
 
-        ψ_Σ,i = mean over the batch's pairs of type i of β·(Δ_w − Δ_l,i),  Δ summed over completion tokens   (13)
-        γ_i   = max(ψ_Σ,i / Σ_j ψ_Σ,j, γ_min)            (14)   napo then clips γ_i at 1 (below)
+        ψ_Σ,i = mean over the batch's pairs of type i of β·(Δ_w − Δ_l,i),  Δ summed over completion tokens
+        γ_i   = clip(ψ_Σ,i / Σ_j ψ_Σ,j, γ_min, 1)
 
-    The released code (`LLaVA15BiasPOTrainer.compute_loss`, `loss_weight == "dyn"`, commented out there: the
-    released runs use fixed 0.02/0.49/0.49) computes γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) with ψ_Σ,i the mean over
-    the processes of their mean of `chosen_rewards − rejected_rewards_i` (napo: the mean over all pairs of all
-    processes; equal when each process holds as many pairs of the type) — the same up to the upper clip and the
-    step-0 fallback below. Two cases where
-    that formula is undefined or unbounded, and what napo does instead (not in the paper nor in the code):
-    Σ_j ψ_Σ,j ≤ 1e-6 (at step 0 every margin is 0, policy = reference) gives equal weights 1/n; a negative
-    ψ_Σ,j makes the others' ratios exceed 1, and the upper clip keeps each γ_i ≤ 1 (no step is scaled up).
-    The weights are not renormalised after clipping (neither in the code). The 1e-6 (nats, β-scaled) floor: γ is a
-    ratio of margins, so at step 0 the rounding noise of two equal policies (~1e-8 in float32, e.g. a reference
-    precomputed on batches padded otherwise, or `share_prompt`) would otherwise decide the weights.
+    The paper (arXiv 2503.17928): Eq. 13 γ_i = ψ_Σ(x, y_w, y_i) / Σ_i ψ_Σ(x, y_w, y_i) over i ∈ {y_l, y_lb, y_vb},
+    ψ_Σ Eq. 2's summed-logP β-margin; Eq. 14 the objective L_γ = γ_l·L_DPO + γ_lb·L_NaPO + γ_vb·L_NaPO; §4.1 "both
+    q and the dynamic loss weight[s] are truncated to the range [0.01, 1]". Eq. 13 is written per pair; its margins
+    are the batch means here, as for the paper's q ("the batch-average reward margin", for stability) and as in
+    the released code (`LLaVA15BiasPOTrainer.compute_loss`, `loss_weight == "dyn"`, commented out there: the
+    released runs use fixed 0.02/0.49/0.49), whose γ_i = max(ψ_Σ,i / Σ_j ψ_Σ,j, 0.01) has no upper bound and
+    takes ψ_Σ,i as the mean over the processes of their mean of `chosen_rewards − rejected_rewards_i` (napo: the
+    mean over all pairs of all processes; equal when each process holds as many pairs of the type).
+    Where the formula is undefined, napo (neither the paper nor the code) gives equal weights 1/n: Σ_j ψ_Σ,j ≤ 1e-6
+    (at step 0 every margin is 0, policy = reference). The upper clip matters where a negative ψ_Σ,j pushes the
+    others' ratios above 1: no step is scaled up. The weights are not renormalised after clipping (nor in the
+    code). The 1e-6 (nats, β-scaled) floor: γ is a ratio of margins, so at step 0 the rounding noise of two equal
+    policies (~1e-8 in float32, e.g. a reference precomputed on batches padded otherwise, or `share_prompt`) would
+    otherwise decide the weights.
 
     Args:
         psi_sums: ψ_Σ, one per negative type present in the batch, shape (n_types,). Non-finite entries read as 0.
-        gamma_min: γ_min, the truncation floor, in [0, 1]; the code uses 0.01.
+        gamma_min: γ_min, the truncation floor, in [0, 1]; the paper and the code use 0.01.
 
     Returns:
         γ, shape (n_types,), float32, detached, each in [γ_min, 1] (or 1/n each when Σψ_Σ ≤ 1e-6).

@@ -7,8 +7,8 @@ A batch of B rows whose dataset has K negative columns becomes one forward pass 
 so the chosen answer is forwarded once per row, not once per negative as when the same rows are fed to
 `DPOTrainer` as K separate pairs. For each negative type t the β-scaled margin z_t of its pairs is computed
 once; the loss is Σ_t γ_t · mean(L_t(z_t)) with L_t looked up in `napo.objectives.OBJECTIVES`, γ_t dynamic
-(Eq. 13–14, from the types' detached mean margins) or fixed, and, for NaPO, q_t adapted from the type's detached
-margins (averaged over all processes).
+(Eq. 13, from the types' detached mean margins, truncated to [0.01, 1]) or fixed, and, for NaPO, q_t adapted from
+the type's detached margins (averaged over all processes).
 
 Reference log-probs come from a frozen copy of the model (full fine-tuning), from the model with its LoRA
 adapter disabled (PEFT: no second model in memory), or are precomputed once before training and cached on disk

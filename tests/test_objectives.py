@@ -168,6 +168,18 @@ def test_dynamic_weights_match_the_released_formula_where_it_is_defined():
         )
 
 
+def test_dynamic_weights_follow_the_papers_truncation():
+    # The paper: Eq. 13 γ_i = ψ_Σ,i / Σ_j ψ_Σ,j, "truncated to the range [0.01, 1]" (§4.1), margins of either sign.
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        margins = (torch.rand(3, generator=generator) * 6 - 2).tolist()
+        total = sum(margins)
+        if total <= 1e-3:
+            continue
+        paper = [min(1.0, max(0.01, m / total)) for m in margins]
+        torch.testing.assert_close(dynamic_weights(torch.tensor(margins)), torch.tensor(paper))
+
+
 def test_dynamic_weights_where_the_formula_is_undefined():
     # Σψ = 0 (step 0: policy = reference) or < 0: equal weights instead of 0/0 or sign-flipped weights.
     torch.testing.assert_close(dynamic_weights(torch.zeros(3)), torch.full((3,), 1 / 3))
@@ -175,7 +187,8 @@ def test_dynamic_weights_where_the_formula_is_undefined():
     torch.testing.assert_close(dynamic_weights(torch.tensor([3e-9, -1e-9, 5e-9])), torch.full((3,), 1 / 3))
     torch.testing.assert_close(dynamic_weights(torch.tensor([3e-6, 1e-6])), torch.tensor([0.75, 0.25]))
     torch.testing.assert_close(dynamic_weights(torch.tensor([-1.0, 0.5])), torch.full((2,), 0.5))
-    # A negative margin pushes the other ratio above 1 (3/2 = 1.5): clipped at 1; the negative one at γ_min.
+    # A negative margin pushes the other ratio above 1 (3/2 = 1.5): clipped at 1 (the paper's truncation, not the
+    # code's), the negative one at γ_min.
     torch.testing.assert_close(dynamic_weights(torch.tensor([3.0, -1.0])), torch.tensor([1.0, 0.01]))
     weights = dynamic_weights(torch.tensor([float("nan"), 1.0, float("inf")]))
     torch.testing.assert_close(weights, torch.tensor([0.01, 1.0, 0.01]))

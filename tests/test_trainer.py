@@ -47,7 +47,7 @@ def test_dpo_objective_equals_stock_trl(family, tmp_path):
 def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(weights, tmp_path):
     # One NaPO forward over [chosen, 3 negatives] per row must equal Σ_t γ_t · DPO(chosen, rejected_t) computed by
     # stock TRL on separate pair datasets (rows missing a negative left out of that type's dataset). γ: the fixed
-    # weights renormalised, or Eq. 13–14 by hand from stock TRL's mean margin of each type.
+    # weights renormalised, or Eq. 13 truncated to [0.01, 1] (§4.1) by hand from stock TRL's mean margin of each type.
     columns = ("rejected", "rejected_language_bias", "rejected_vision_bias")
     base, tokenizer = build_tiny_model("text", seed=0)
     dataset = preference_rows(6, vision=False, columns=columns)
@@ -85,7 +85,7 @@ def test_multi_negative_loss_is_weighted_sum_of_stock_trl_pairs(weights, tmp_pat
         gamma = {c: fixed[c] / sum(fixed.values()) for c in columns}
     else:
         total = sum(stock_margins.values())
-        assert total > 0  # the perturbed policy prefers chosen on average: Eq. 14's ratio is defined
+        assert total > 0  # the perturbed policy prefers chosen on average: Eq. 13's ratio is defined
         gamma = {c: min(1.0, max(0.01, stock_margins[c] / total)) for c in columns}
         assert len({round(g, 3) for g in gamma.values()}) == 3  # the three types really get different weights
     logged = napo._metrics["train"]
