@@ -20,8 +20,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-# The libraries a training or evaluation result depends on, in the order reports list them.
-PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "numpy", "napo")
+# The libraries a training or evaluation result depends on, in the order reports list them: pillow draws the lab's
+# images and tokenizers trains its tokenizer, so either can change a rebuilt lab model.
+PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "numpy",
+    "pillow",
+    "tokenizers",
+    "napo",
+)
 
 
 def utc_now() -> str:
@@ -41,8 +53,9 @@ def device_description(device: Any = None) -> str:
         device: the `torch.device` (or its name, "cpu", "cuda:1") the work ran on; None: the first GPU when CUDA
             is available, otherwise the CPU.
 
-    Returns the GPU's name ("NVIDIA H200"), or "CPU <model>, <n> cores available, <t> torch threads".
-    """
+    Returns the GPU's name ("NVIDIA H200"), or "CPU <model> (<kernels>), <n> cores available, <t> torch threads",
+    <kernels> the instruction set torch's CPU kernels use ("AVX2", "AVX512"): float results, and so a retrained
+    model, can differ between two CPUs that differ there."""
     import torch
 
     device = torch.device(device) if device is not None else None
@@ -50,7 +63,8 @@ def device_description(device: Any = None) -> str:
         device = torch.device("cuda", 0)
     if device is not None and device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {_cpu_model()}, {available_cores()} cores available, {torch.get_num_threads()} torch threads"
+    kernels, threads = torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+    return f"CPU {_cpu_model()} ({kernels}), {available_cores()} cores available, {threads} torch threads"
 
 
 def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:

@@ -5,7 +5,9 @@ import json
 import os
 from pathlib import Path
 
+import PIL
 import pytest
+import tokenizers
 import torch
 import transformers
 
@@ -28,6 +30,8 @@ def test_versions_and_device_are_the_running_ones():
     assert versions_text({"python": "3.11", "torch": "2.0"}) == "python 3.11, torch 2.0"
     cpu = device_description("cpu")
     assert cpu.startswith("CPU ") and f"{torch.get_num_threads()} torch threads" in cpu
+    assert f"({torch.backends.cpu.get_cpu_capability()})" in cpu  # the kernels that decide float rounding
+    assert found["pillow"] == PIL.__version__ and found["tokenizers"] == tokenizers.__version__
     assert f"{len(os.sched_getaffinity(0))} cores available" in cpu and available_cores() == len(
         os.sched_getaffinity(0)
     )
