@@ -144,6 +144,12 @@ def released_dynamic_weights(margins: list[float]) -> list[float]:
     return [max(x / weight_sum, 0.01) for x in margins]
 
 
+def paper_dynamic_weights(margins: list[float]) -> list[float]:
+    """The paper's Eq. 13, γ_i = ψ_Σ,i / Σ_j ψ_Σ,j, "truncated to the range [0.01, 1]" (§4.1)."""
+    total = sum(margins)
+    return [min(1.0, max(0.01, m / total)) for m in margins]
+
+
 def test_dynamic_weights_hand_values():
     # ψ_Σ = (0.2, 1.0, 0.8): Σ = 2 → γ = (0.1, 0.5, 0.4).
     torch.testing.assert_close(dynamic_weights(torch.tensor([0.2, 1.0, 0.8])), torch.tensor([0.1, 0.5, 0.4]))
@@ -169,15 +175,12 @@ def test_dynamic_weights_match_the_released_formula_where_it_is_defined():
 
 
 def test_dynamic_weights_follow_the_papers_truncation():
-    # The paper: Eq. 13 γ_i = ψ_Σ,i / Σ_j ψ_Σ,j, "truncated to the range [0.01, 1]" (§4.1), margins of either sign.
     generator = torch.Generator().manual_seed(1)
     for _ in range(50):
-        margins = (torch.rand(3, generator=generator) * 6 - 2).tolist()
-        total = sum(margins)
-        if total <= 1e-3:
+        margins = (torch.rand(3, generator=generator) * 6 - 2).tolist()  # margins of either sign
+        if sum(margins) <= 1e-3:
             continue
-        paper = [min(1.0, max(0.01, m / total)) for m in margins]
-        torch.testing.assert_close(dynamic_weights(torch.tensor(margins)), torch.tensor(paper))
+        torch.testing.assert_close(dynamic_weights(torch.tensor(margins)), torch.tensor(paper_dynamic_weights(margins)))
 
 
 def test_dynamic_weights_where_the_formula_is_undefined():
