@@ -12,6 +12,7 @@ from napo.lab.tasks import TASK_MODULES, as_chat, lab_task
 
 SETTINGS_FIELDS = {
     "n_train",
+    "text_only_fraction",
     "sft_steps",
     "sft_batch_size",
     "sft_lr",
@@ -50,6 +51,56 @@ def test_as_chat_puts_the_media_part_before_the_question() -> None:
     assert rows[0]["prompt"] == [
         {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "what note?"}]}
     ]
+
+
+@pytest.mark.parametrize("task_name", sorted(TASK_MODULES))
+def test_text_only_rows_drop_the_media_of_a_seeded_share_and_keep_the_answers(task_name: str) -> None:
+    from dataclasses import replace
+
+    from napo.lab.engine import text_only_rows
+
+    task = lab_task(task_name)
+    recipe = task.load_recipe(None)
+    settings = replace(task.settings.quick(), text_only_fraction=0.25)
+    media = "images" if task.modality == "image" else "audios"
+    rows = task.rows(recipe, "train", 8, 0)
+    blind = {seed: text_only_rows(rows, task.modality, settings, seed) for seed in (0, 1)}
+    for out in blind.values():
+        dropped = [i for i, (row, new) in enumerate(zip(rows, out)) if new is not row]
+        assert len(dropped) == 2  # round(0.25 * 8)
+        for i in dropped:
+            assert out[i][media] == [] and out[i]["answer"] == rows[i]["answer"]
+            assert out[i]["prompt"][0]["content"] == rows[i]["prompt"][0]["content"][1:]  # the question alone
+            assert rows[i][media]  # the input rows are left as they were
+    assert text_only_rows(rows, task.modality, settings, 0) == blind[0]  # the replicate seed fixes the subset
+    assert [r is s for r, s in zip(blind[0], rows)] != [r is s for r, s in zip(blind[1], rows)]
+    assert text_only_rows(rows, task.modality, replace(settings, text_only_fraction=0.0), 0) is rows
+
+
+def test_sft_loss_of_a_batch_mixing_text_only_rows_is_the_mean_over_all_answer_tokens() -> None:
+    """Reference: every row alone through the model, its summed answer-token cross-entropy, over the batch's count."""
+    from dataclasses import replace
+
+    import torch
+
+    from napo.evaluate import answer_batch
+    from napo.lab.engine import text_only_rows
+    from napo.lab.sft import _batch_loss
+
+    task = lab_task("vision")
+    recipe = task.load_recipe(None)
+    settings = replace(task.settings.quick(), text_only_fraction=1 / 3)  # groups of 4 and 2 rows
+    rows = text_only_rows(task.rows(recipe, "train", 6, 0), "image", settings, 0)
+    model, processor = task.build_model(recipe, settings, 0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            inputs, mask = answer_batch(processor, [row], [row["answer"]])
+            labels = inputs["input_ids"].masked_fill(mask == 0, -100)
+            total += model(**inputs, labels=labels).loss.item() * int(mask.sum())
+            count += int(mask.sum())
+        mixed = _batch_loss(model, processor, rows).item()
+    assert mixed == pytest.approx(total / count, rel=1e-5)
 
 
 def test_stage_bar_eta_counts_only_the_stages_that_ran() -> None:

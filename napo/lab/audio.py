@@ -75,6 +75,7 @@ class AudioLabSettings:
     """
 
     n_train: int = 3000  # SFT rows of the biased train split
+    text_only_fraction: float = 0.0  # SFT rows without their clip (see `napo.lab.vision.LabSettings`)
     sft_steps: int = 300
     sft_batch_size: int = 32
     sft_lr: float = 2e-3

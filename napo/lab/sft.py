@@ -31,6 +31,10 @@ def supervised_fine_tune(
 ) -> None:
     """SFT on prompt -> answer rows (loss on the answer tokens and EOS), then save model and processor to `folder`.
 
+    Rows with and without media (text-only rows) may be mixed: a batch's rows of each kind are encoded and run
+    separately (processors refuse a batch where only some texts carry media), and the batch loss is the mean over
+    all its answer tokens, as one forward of the whole batch would give.
+
     AdamW at `lr` with a linear warm-up over 5% of `steps` and a cosine decay to 0; batches of `batch_size` rows
     in a seeded order, reshuffled each epoch; gradients clipped to norm 1. Saved atomically: a killed run leaves
     no half-written folder that would look cached. Progress (unless `progress` is False): a bar with the ETA and the
@@ -53,9 +57,7 @@ def supervised_fine_tune(
         if len(order) < batch_size:  # a new epoch, reshuffled
             order = np.concatenate([order, rng.permutation(len(rows))])
         batch_idx, order = order[:batch_size], order[batch_size:]
-        batch = [rows[i] for i in batch_idx]
-        inputs, answer_mask = answer_batch(processor, batch, [r["answer"] for r in batch])
-        loss = model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss
+        loss = _batch_loss(model, processor, [rows[i] for i in batch_idx])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -68,3 +70,18 @@ def supervised_fine_tune(
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     os.replace(tmp, folder)
+
+
+def _batch_loss(model: PreTrainedModel, processor: ProcessorMixin, batch: list[dict[str, Any]]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (and EOS) of every row of `batch`; rows with media and rows without
+    run as separate forwards, each group's token-mean loss weighted by its share of the batch's answer tokens."""
+    groups: dict[bool, list[dict[str, Any]]] = {}
+    for row in batch:
+        groups.setdefault(bool(row.get("images") or row.get("audios")), []).append(row)
+    losses, counts = [], []
+    for group in groups.values():
+        inputs, answer_mask = answer_batch(processor, group, [r["answer"] for r in group])
+        counts.append(int(answer_mask.sum()))
+        losses.append(model(**inputs, labels=inputs["input_ids"].masked_fill(answer_mask == 0, -100)).loss)
+    total = sum(counts)
+    return sum(loss * (count / total) for loss, count in zip(losses, counts))
