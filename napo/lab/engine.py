@@ -331,6 +331,7 @@ def run_lab(
     """
     spec = lab_task(task)
     start, cpu_start = time.perf_counter(), time.process_time()
+    code = versions()  # at the start: the checkout may move on while the lab runs, the report names what ran
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = asdict(lab_settings(spec, quick=quick, keep_identical=keep_identical))
@@ -359,7 +360,7 @@ def run_lab(
             )
     finally:
         stages.close()
-    report = _report(spec, lab, seeds, metrics, shares, runs, recipe=recipe, quick=quick, command=command)
+    report = _report(spec, lab, seeds, metrics, shares, runs, recipe=recipe, quick=quick, command=command, code=code)
     report["wall_time_s"] = time.perf_counter() - start  # before plotting: what the pipeline took
     # CPU seconds of this process (all threads): on a shared machine the wall time also counts other jobs' turns.
     report["cpu_time_s"] = time.process_time() - cpu_start
@@ -420,14 +421,16 @@ def _preference_run(
     }
 
 
-def _report(spec: LabTask, lab: dict, seeds, metrics, shares, runs, *, recipe, quick, command) -> dict[str, Any]:
-    """The report dict of `run_lab` (without times and outputs)."""
+def _report(
+    spec: LabTask, lab: dict, seeds, metrics, shares, runs, *, recipe, quick, command, code: dict[str, str]
+) -> dict[str, Any]:
+    """The report dict of `run_lab` (without times and outputs); `code`: `versions()` when the run started."""
     task_flag = "" if spec.name == "vision" else f" --task {spec.name}"
     report = {
         "command": command or "napo lab" + task_flag + (" --quick" if quick else ""),
         "date": utc_now(),
         "device": device_description("cpu"),  # the lab trains and evaluates on the CPU
-        "versions": versions(),
+        "versions": code,
         "task": spec.name,
         "recipe": spec.default_recipe if recipe is None else str(recipe),
         "seeds": list(seeds),
