@@ -57,7 +57,7 @@ def test_as_chat_puts_the_media_part_before_the_question() -> None:
 def test_text_only_rows_drop_the_media_of_a_seeded_share_and_keep_the_answers(task_name: str) -> None:
     from dataclasses import replace
 
-    from napo.lab.engine import text_only_rows
+    from napo.lab.sft import text_only_rows
 
     task = lab_task(task_name)
     recipe = task.load_recipe(None)
@@ -84,8 +84,7 @@ def test_sft_loss_of_a_batch_mixing_text_only_rows_is_the_mean_over_all_answer_t
     import torch
 
     from napo.evaluate import answer_batch
-    from napo.lab.engine import text_only_rows
-    from napo.lab.sft import _batch_loss
+    from napo.lab.sft import _batch_loss, text_only_rows
 
     task = lab_task("vision")
     recipe = task.load_recipe(None)

@@ -27,11 +27,10 @@ import datasets
 import numpy as np
 from transformers import PreTrainedModel, ProcessorMixin
 
-import perturb
 from napo.jobs import locks_output
 from napo.lab.progress import StageBar, TrainingBar, stage_costs
 from napo.lab.report import last_q_and_margins, mean_std
-from napo.lab.sft import supervised_fine_tune
+from napo.lab.sft import supervised_fine_tune, text_only_rows
 from napo.lab.tasks import LabTask, lab_task, sft_gate
 from napo.models import load_model
 from napo.provenance import device_description, utc_now, versions, write_json_atomic, write_text_atomic
@@ -122,24 +121,6 @@ def _sft(
     if stages is not None:
         stages.end("SFT")
     return folder, time.perf_counter() - start
-
-
-def text_only_rows(rows: list[dict[str, Any]], modality: str, settings: Any, seed: int) -> list[dict[str, Any]]:
-    """`rows` with the media dropped (`perturb`'s `<modality>.drop`, as the pair generator drops it for the
-    language-biased negatives) on round(`settings.text_only_fraction` · len(rows)) rows drawn by the replicate
-    `seed`; their answers stay the row's own, so those text-only rows follow the world's statistics.
-
-    Why: real VLMs also learn from text alone, so without the image they answer what the prior says. An SFT model
-    that never saw a prompt without its media answers such a prompt out of distribution ("blue green green green"),
-    and its language-biased negatives are then nonsense the policy can push down without touching any real answer.
-    With text-only rows the blind model answers the typical colour (or, for objects without one, any colour): the
-    negative is the prior's answer, a tie with chosen where the prior is right and a clean pair where the image
-    contradicts it — the pairs the paper's language-biased negatives are."""
-    count = round(settings.text_only_fraction * len(rows))
-    if not count:
-        return rows
-    drop = set(np.random.default_rng([seed, 27]).choice(len(rows), size=count, replace=False).tolist())
-    return [perturb.apply(f"{modality}.drop", row) if i in drop else row for i, row in enumerate(rows)]
 
 
 def _pairs(

@@ -1,4 +1,5 @@
-"""The labs' supervised fine-tuning: prompt -> answer rows, loss on the answer tokens and EOS only."""
+"""The labs' supervised fine-tuning: prompt -> answer rows (some of them text-only), loss on the answer tokens and EOS
+only."""
 
 from __future__ import annotations
 
@@ -12,7 +13,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
+import perturb
 from napo.evaluate import answer_batch
+
+
+def text_only_rows(rows: list[dict[str, Any]], modality: str, settings: Any, seed: int) -> list[dict[str, Any]]:
+    """`rows` with the media dropped (`perturb`'s `<modality>.drop`, as the pair generator drops it for the
+    language-biased negatives) on round(`settings.text_only_fraction` · len(rows)) rows drawn by the replicate
+    `seed`; their answers stay the row's own, so those text-only rows follow the world's statistics.
+
+    Why: real VLMs also learn from text alone, so without the image they answer what the prior says. An SFT model
+    that never saw a prompt without its media answers such a prompt out of distribution ("blue green green green"),
+    and its language-biased negatives are then nonsense the policy can push down without touching any real answer.
+    With text-only rows the blind model answers the typical colour (or, for objects without one, any colour): the
+    negative is the prior's answer, a tie with chosen where the prior is right and a clean pair where the image
+    contradicts it — the pairs the paper's language-biased negatives are."""
+    count = round(settings.text_only_fraction * len(rows))
+    if not count:
+        return rows
+    drop = set(np.random.default_rng([seed, 27]).choice(len(rows), size=count, replace=False).tolist())
+    return [perturb.apply(f"{modality}.drop", row) if i in drop else row for i, row in enumerate(rows)]
 
 
 def supervised_fine_tune(

@@ -52,7 +52,7 @@ class LabTask:
     """One bias-lab task: everything the engine (`napo.lab.engine`) needs that differs between tasks.
 
     Settings: `settings` is a frozen dataclass with `full()` and `quick()` and at least the fields n_train,
-    text_only_fraction (`napo.lab.engine.text_only_rows`), sft_steps, sft_batch_size, sft_lr (SFT), n_pairs,
+    text_only_fraction (`napo.lab.sft.text_only_rows`), sft_steps, sft_batch_size, sft_lr (SFT), n_pairs,
     n_counterfactual_pairs (pair source rows), pref_steps, pref_batch_size, pref_lr, beta, sft_weight (preference
     training), keep_identical and pair_temperature (the pair generator) and n_eval (rows per evaluation split).
 

@@ -40,7 +40,7 @@ class LabSettings:
 
     n_train: int = 6000  # SFT rows of the biased train split
     # Share of the SFT rows without their image (text-only rows, answers unchanged): the blind model then answers
-    # the prior, as a real VLM does (`napo.lab.engine.text_only_rows`).
+    # the prior, as a real VLM does (`napo.lab.sft.text_only_rows`).
     text_only_fraction: float = 0.1
     sft_steps: int = 700
     sft_batch_size: int = 64
