@@ -615,3 +615,36 @@ def test_claim_verdict_follows_issue_15s_rule():
     # Three replicates whose interval already lies below +0.05 (0.0 ± 4.303·0.01/√3 = ±0.025): refuted.
     none = compare.claim_verdict(_claim_rows({0.15: [-0.01, 0.0, 0.01]}, {0.15: flat[:3]}))
     assert none["verdict"] == "refuted" and "lies below the required +0.05" in none["reasons"][0]
+
+
+def test_clean_pair_gains_are_paired_with_each_replicates_own_sft_model():
+    """Issue 15's first item, by hand: d_s = cell − SFT model of replicate s, mean ± t_{0.975,2}·sd/√3; an objective
+    meets the bounds when its mean gain is ≥ +0.15 and its mean losses ≤ 0.03."""
+    from napo.compare.report import _clean_pair_lines
+
+    sft = {s: {"counterfactual_accuracy": cf, "prior_consistent_accuracy": 0.99, "no_prior_accuracy": 0.95}
+           for s, cf in enumerate([0.50, 0.65, 0.55])}  # fmt: skip
+    cells = {  # objective: per replicate (counterfactual, prior-consistent, no-prior)
+        "dpo": [(0.70, 0.97, 0.95), (0.80, 0.96, 0.95), (0.75, 0.98, 0.95)],  # +0.183, −0.02, 0: meets
+        "ipo": [(0.64, 0.99, 0.95), (0.79, 0.99, 0.95), (0.69, 0.99, 0.95)],  # +0.14: gain short
+        "napo-paper": [(0.70, 0.95, 0.95), (0.85, 0.95, 0.95), (0.75, 0.95, 0.95)],  # −0.04 prior-consistent
+    }
+    metrics = ("counterfactual_accuracy", "prior_consistent_accuracy", "no_prior_accuracy")
+    rows = [
+        {"objective": o, "noise_rate": 0.0, "replicate": s, "metrics": dict(zip(metrics, values))}
+        for o, per_seed in cells.items()
+        for s, values in enumerate(per_seed)
+    ]
+    rows.append({"objective": "dpo", "noise_rate": 0.3, "replicate": 0, "metrics": dict(zip(metrics, (0, 0, 0)))})
+    rows.append({"objective": "dpo", "noise_rate": 0.0, "replicate": 9, "metrics": dict(zip(metrics, (0, 0, 0)))})
+    gains = {(g["objective"], g["metric"]): g for g in compare.gains_over_sft(rows, sft, metrics, 0.0)}
+    dpo = gains[("dpo", "counterfactual_accuracy")]
+    diffs = [0.20, 0.15, 0.20]  # the noise-0.3 row and replicate 9 (no SFT metrics) are left out
+    half = 4.303 * float(np.std(diffs, ddof=1)) / math.sqrt(3)
+    assert dpo["n"] == 3 and dpo["mean"] == pytest.approx(np.mean(diffs))
+    assert (dpo["low"], dpo["high"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
+    assert gains[("napo-paper", "prior_consistent_accuracy")]["mean"] == pytest.approx(-0.04)
+    assert compare.clean_pair_check(list(gains.values())) == {"dpo": True, "ipo": False, "napo-paper": False}
+    lines = _clean_pair_lines(rows, sft)
+    assert "| dpo | +0.183 [" in "\n".join(lines) and lines[-1].endswith("| 3 | no |")
+    assert _clean_pair_lines([r for r in rows if r["noise_rate"] > 0], sft) == []

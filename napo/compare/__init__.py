@@ -58,9 +58,12 @@ from napo.compare.report import KEY_METRICS, VERDICT_METRICS, write_report
 from napo.compare.run import read_results, run_compare
 from napo.compare.stats import (
     CLAIM_RULE,
+    CLEAN_PAIR_RULE,
     LOWER_IS_BETTER,
     cell_values,
     claim_verdict,
+    clean_pair_check,
+    gains_over_sft,
     paired_differences,
     summarize,
     t_quantile_975,
@@ -68,6 +71,7 @@ from napo.compare.stats import (
 
 __all__ = [
     "CLAIM_RULE",
+    "CLEAN_PAIR_RULE",
     "DEFAULT_NOISE_RATES",
     "DEFAULT_OBJECTIVES",
     "DEFAULT_SEEDS",
@@ -80,8 +84,10 @@ __all__ = [
     "cell_key",
     "cell_values",
     "claim_verdict",
+    "clean_pair_check",
     "label_smoothing_for",
     "load_recipe",
+    "gains_over_sft",
     "margin_summary",
     "noisy_pairs",
     "objective_grammar",

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from napo.compare.grid import SMOOTHING_RANGE, CompareConfig
-from napo.compare.stats import LOWER_IS_BETTER, claim_verdict, paired_differences, summarize
+from napo.compare.stats import (
+    CLEAN_PAIR_RULE,
+    LOWER_IS_BETTER,
+    claim_verdict,
+    clean_pair_check,
+    gains_over_sft,
+    interval_text,
+    paired_differences,
+    summarize,
+)
 from napo.lab.tasks import KEY_METRICS as LAB_KEY_METRICS
 from napo.provenance import device_description, versions_text, write_text_atomic
 
@@ -114,6 +123,34 @@ def _claim_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _clean_pair_lines(rows: list[dict], replicate_sft: dict[int, dict[str, float]]) -> list[str]:
+    """Issue 15's first item: each objective's change on clean pairs against its own replicate's SFT model (mean
+    over replicates and 95% interval), and whether it meets `stats.CLEAN_PAIR_RULE`; [] without such cells."""
+    rule = CLEAN_PAIR_RULE
+    metrics = (rule["gain_metric"], *rule["max_loss"])
+    gains = gains_over_sft(rows, replicate_sft, metrics, rule["noise_rate"])
+    if not gains:
+        return []
+    cell = {(g["objective"], g["metric"]): g for g in gains}
+    meets = clean_pair_check(gains)
+    bounds = ", ".join(f"loses ≤ {bound:g} {metric}" for metric, bound in rule["max_loss"].items())
+    lines = [
+        "",
+        f"## Clean pairs (noise {rule['noise_rate']:g}): change against each replicate's own SFT model",
+        "",
+        f"Mean over replicates of (cell − its SFT model) and 95% interval. Issue 15 asks each objective to gain ≥ "
+        f"{rule['min_gain']:+.2f} {rule['gain_metric']} and {bounds} (means).",
+        "",
+        f"| objective | {' | '.join(metrics)} | replicates | meets the bounds |",
+        "|---|" + "---|" * (len(metrics) + 2),
+    ]
+    for objective, ok in meets.items():
+        changes = [interval_text(cell[(objective, m)]) if (objective, m) in cell else "—" for m in metrics]
+        n = cell[(objective, rule["gain_metric"])]["n"] if (objective, rule["gain_metric"]) in cell else 0
+        lines.append(f"| {objective} | {' | '.join(changes)} | {n} | {'yes' if ok else 'no'} |")
+    return lines
+
+
 def _gates_line(gates: dict[int, dict]) -> str:
     """Each replicate's SFT gate (`napo.lab.tasks.sft_gate`) on one line: how many passed, then seed by seed."""
     return f"- SFT gate per replicate: {sum(g['pass'] for g in gates.values())} of {len(gates)} passed; " + "; ".join(
@@ -184,7 +221,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         "(no DPO and NaPO cells to compare yet)"
     ]
     if config.source == "lab":
-        lines += ["", *_claim_lines(rows)]
+        lines += ["", *_claim_lines(rows), *_clean_pair_lines(rows, meta.get("replicate_sft_metrics") or {})]
     for metric in metrics:
         lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]
     lines += [

@@ -113,6 +113,7 @@ def run_compare(config: CompareConfig, *, command: str | None = None, progress: 
         "noise_kind": config.noise_kind,
         "replicate_sft": bool(context.get("replicates")),
         "replicate_gates": replicate_gates(context),
+        "replicate_sft_metrics": {seed: r["sft_metrics"] for seed, r in (context.get("replicates") or {}).items()},
     }
     outputs = write_report(out, rows, config, meta)
     return {"cells_total": total, "cells_run": len(todo) - failed, "cells_failed": failed, "outputs": outputs}

@@ -98,10 +98,7 @@ def paired_differences(
                 ]
                 if not diffs:
                     continue
-                mean = float(np.mean(diffs))
-                half = math.nan
-                if len(diffs) > 1:
-                    half = t_quantile_975(len(diffs) - 1) * float(np.std(diffs, ddof=1) / math.sqrt(len(diffs)))
+                mean, half = mean_and_half_interval(diffs)
                 if math.isnan(half):
                     call = "one seed: no interval"
                 elif abs(mean) > half:
@@ -123,6 +120,62 @@ def paired_differences(
     return found
 
 
+def mean_and_half_interval(values: list[float]) -> tuple[float, float]:
+    """The mean of paired differences and the half-width of its 95% Student-t interval,
+    t_{0.975, n−1} · std(values, ddof=1) / √n (NaN for a single value)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, t_quantile_975(len(values) - 1) * float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def gains_over_sft(
+    rows: list[dict], sft_metrics: dict[int, dict[str, float]], metrics: tuple[str, ...], rate: float
+) -> list[dict]:
+    """What each objective's cells at noise `rate` changed against their own replicate's SFT model: per objective
+    and metric, d_s = value(cell of replicate s) − value(SFT model of replicate s), mean over replicates with its
+    95% Student-t interval (`mean_and_half_interval`). Rows whose replicate has no SFT metrics are left out.
+
+    Returns [{objective, metric, mean, low, high, n}, ...] in the order objectives first appear in `rows`.
+    """
+    diffs: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        sft = sft_metrics.get(row.get("replicate"))
+        if row["noise_rate"] != rate or sft is None:
+            continue
+        for metric in metrics:
+            if metric in row["metrics"] and metric in sft:
+                diffs[(row["objective"], metric)].append(row["metrics"][metric] - sft[metric])
+    found = []
+    for (objective, metric), values in diffs.items():
+        mean, half = mean_and_half_interval(values)
+        found.append(
+            {
+                "objective": objective,
+                "metric": metric,
+                "mean": mean,
+                "low": mean - half,
+                "high": mean + half,
+                "n": len(values),
+            }
+        )
+    return found
+
+
+def clean_pair_check(gains: list[dict], rule: dict | None = None) -> dict[str, bool]:
+    """Issue 15's first item per objective on `gains_over_sft` entries (default `CLEAN_PAIR_RULE`): the mean gain in
+    `gain_metric` ≥ `min_gain` and the mean change of each `max_loss` metric ≥ −its bound. {objective: meets}."""
+    rule = dict(CLEAN_PAIR_RULE, **(rule or {}))
+    mean = {(g["objective"], g["metric"]): g["mean"] for g in gains}
+
+    def meets(objective: str) -> bool:
+        if mean.get((objective, rule["gain_metric"]), -math.inf) < rule["min_gain"]:
+            return False
+        return all(mean.get((objective, m), -math.inf) >= -bound for m, bound in rule["max_loss"].items())
+
+    return {objective: meets(objective) for objective in dict.fromkeys(g["objective"] for g in gains)}
+
+
 def t_quantile_975(df: int) -> float:
     """The two-sided 95% Student t quantile for `df` ≥ 1 degrees of freedom (the next tabulated df below; 1.96
     beyond 30)."""
@@ -139,6 +192,16 @@ CLAIM_RULE = {
     "min_gain": 0.05,
     "cost_metric": "prior_consistent_accuracy",
     "min_replicates": 5,
+}
+
+
+# Issue 15's first item: on clean pairs (noise 0) each objective gains ≥ 0.15 counterfactual accuracy over its SFT
+# model and loses ≤ 0.03 prior-consistent and ≤ 0.03 no-prior accuracy (means over replicates).
+CLEAN_PAIR_RULE = {
+    "noise_rate": 0.0,
+    "gain_metric": "counterfactual_accuracy",
+    "min_gain": 0.15,
+    "max_loss": {"prior_consistent_accuracy": 0.03, "no_prior_accuracy": 0.03},
 }
 
 
@@ -185,13 +248,13 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
         )
         if excluded:
             reasons.append(
-                f"noise {rate:g}: {gain} {_mean_and_interval(g)} over {g['n']} replicates: the interval lies below "
+                f"noise {rate:g}: {gain} {interval_text(g)} over {g['n']} replicates: the interval lies below "
                 f"the required {rule['min_gain']:+.2f}"
             )
         elif g["n"] < rule["min_replicates"]:
             reasons.append(f"noise {rate:g}: {g['n']} paired replicates, the rule needs {rule['min_replicates']}")
         elif not passes:
-            reasons.append(f"noise {rate:g}: {gain} {_mean_and_interval(g)}, {cost} {_mean_and_interval(c)}")
+            reasons.append(f"noise {rate:g}: {gain} {interval_text(g)}, {cost} {interval_text(c)}")
     if not checked:
         verdict = "undecided"
         reasons.append(f"no noise rate ≥ {rule['min_noise_rate']:g} has paired {objective} and dpo cells")
@@ -204,6 +267,6 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
     return {"verdict": verdict, "rule": rule, "rates": checked, "reasons": reasons}
 
 
-def _mean_and_interval(difference: dict) -> str:
-    """ "+0.012 [-0.003, +0.027]": a `paired_differences` entry's mean and 95% interval."""
+def interval_text(difference: dict) -> str:
+    """ "+0.012 [-0.003, +0.027]": a `paired_differences` or `gains_over_sft` entry's mean and 95% interval."""
     return f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
