@@ -10,6 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
+from napo.lab.tasks import CLEAN_PAIR_RULE
 
 # Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
 LOWER_IS_BETTER = (
@@ -192,16 +193,6 @@ CLAIM_RULE = {
     "min_gain": 0.05,
     "cost_metric": "prior_consistent_accuracy",
     "min_replicates": 5,
-}
-
-
-# Issue 15's first item: on clean pairs (noise 0) each objective gains ≥ 0.15 counterfactual accuracy over its SFT
-# model and loses ≤ 0.03 prior-consistent and ≤ 0.03 no-prior accuracy (means over replicates).
-CLEAN_PAIR_RULE = {
-    "noise_rate": 0.0,
-    "gain_metric": "counterfactual_accuracy",
-    "min_gain": 0.15,
-    "max_loss": {"prior_consistent_accuracy": 0.03, "no_prior_accuracy": 0.03},
 }
 
 

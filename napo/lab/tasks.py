@@ -46,6 +46,16 @@ SFT_GATE = {
     "prior_consistent_accuracy": (0.95, 1.0),
 }
 
+# Issue 15's first item, what preference training on clean pairs (noise 0) should do to a lab's SFT model: gain ≥ 0.15
+# counterfactual accuracy and lose ≤ 0.03 prior-consistent and ≤ 0.03 no-prior accuracy (in a grid: means over
+# replicates, each cell against its own replicate's SFT model).
+CLEAN_PAIR_RULE = {
+    "noise_rate": 0.0,
+    "gain_metric": "counterfactual_accuracy",
+    "min_gain": 0.15,
+    "max_loss": {"prior_consistent_accuracy": 0.03, "no_prior_accuracy": 0.03},
+}
+
 
 @dataclass(frozen=True)
 class LabTask:

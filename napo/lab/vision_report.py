@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from napo.lab.report import cell, gate_line, stage_time
+from napo.lab.tasks import CLEAN_PAIR_RULE
 
 # The metrics the report's `models` table carries for every model (the issue's list).
 REPORT_METRICS = (
@@ -119,23 +120,28 @@ def _findings(report: dict[str, Any]) -> list[str]:
 
 
 def _clean_pair_goal(report: dict[str, Any], m: dict[str, dict[str, float]], name: str) -> list[str]:
-    """Whether objective `name` met issue 15's goal on clean pairs (≥ +0.15 counterfactual, ≤ 0.03 prior-consistent
-    and ≤ 0.03 no-prior lost), and a warning when it lost more than it gained."""
-    sft = m["sft"]
-    gain = m[name]["counterfactual_accuracy"] - sft["counterfactual_accuracy"]
-    loss = sft["prior_consistent_accuracy"] - m[name]["prior_consistent_accuracy"]
-    no_prior_loss = sft.get("no_prior_accuracy", 0.0) - m[name].get("no_prior_accuracy", 0.0)
-    met = gain >= 0.15 and loss <= 0.03 and no_prior_loss <= 0.03
+    """Whether objective `name` met issue 15's goal on clean pairs (`napo.lab.tasks.CLEAN_PAIR_RULE`: ≥ +0.15
+    counterfactual, ≤ 0.03 prior-consistent and ≤ 0.03 no-prior lost), and a warning when it lost more than it
+    gained."""
+    sft, rule = m["sft"], CLEAN_PAIR_RULE
+    gain = m[name][rule["gain_metric"]] - sft[rule["gain_metric"]]
+    losses = {k: sft.get(k, 0.0) - m[name].get(k, 0.0) for k in rule["max_loss"]}
+    loss = losses["prior_consistent_accuracy"]
+    met = gain >= rule["min_gain"] and all(losses[k] <= bound for k, bound in rule["max_loss"].items())
     lines = [
-        f"- **{name.upper()} on clean pairs** (issue 15 asks ≥ +0.15 counterfactual, ≤ 0.03 prior-consistent lost, "
-        f"≤ 0.03 no-prior lost): {gain:+.3f} / {-loss:+.3f} / {-no_prior_loss:+.3f} — "
+        f"- **{name.upper()} on clean pairs** (issue 15 asks ≥ {rule['min_gain']:+.2f} counterfactual, "
+        + ", ".join(
+            f"≤ {bound:g} {k.removesuffix('_accuracy').replace('_', '-')} lost" for k, bound in rule["max_loss"].items()
+        )
+        + "): "
+        + f"{gain:+.3f} / {-loss:+.3f} / {-losses['no_prior_accuracy']:+.3f} — "
         + (
             "met."
             if met
             else "NOT met"
             + (
                 f" ({budget_note(report, name)})"
-                if gain < 0.15
+                if gain < rule["min_gain"]
                 else ": it trades prior-consistent or no-prior accuracy for the gain."
             )
         )
