@@ -645,6 +645,7 @@ def test_clean_pair_gains_are_paired_with_each_replicates_own_sft_model():
     assert (dpo["low"], dpo["high"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
     assert gains[("napo-paper", "prior_consistent_accuracy")]["mean"] == pytest.approx(-0.04)
     assert compare.clean_pair_check(list(gains.values())) == {"dpo": True, "ipo": False, "napo-paper": False}
-    lines = _clean_pair_lines(rows, sft)
-    assert "| dpo | +0.183 [" in "\n".join(lines) and lines[-1].endswith("| 3 | no |")
-    assert _clean_pair_lines([r for r in rows if r["noise_rate"] > 0], sft) == []
+    lines = _clean_pair_lines(rows, sft, ["dpo", "napo-paper", "ipo"])
+    assert lines[-3].startswith("| dpo | +0.183 [") and lines[-3].endswith("| 3 | yes |")
+    assert lines[-2].startswith("| napo-paper |") and lines[-1].endswith("| 3 | no |")
+    assert _clean_pair_lines([r for r in rows if r["noise_rate"] > 0], sft, ["dpo"]) == []

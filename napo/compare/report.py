@@ -123,9 +123,10 @@ def _claim_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _clean_pair_lines(rows: list[dict], replicate_sft: dict[int, dict[str, float]]) -> list[str]:
+def _clean_pair_lines(rows: list[dict], replicate_sft: dict[int, dict[str, float]], objectives: list[str]) -> list[str]:
     """Issue 15's first item: each objective's change on clean pairs against its own replicate's SFT model (mean
-    over replicates and 95% interval), and whether it meets `stats.CLEAN_PAIR_RULE`; [] without such cells."""
+    over replicates and 95% interval), and whether it meets `CLEAN_PAIR_RULE`, in the order of `objectives`; []
+    without such cells."""
     rule = CLEAN_PAIR_RULE
     metrics = (rule["gain_metric"], *rule["max_loss"])
     gains = gains_over_sft(rows, replicate_sft, metrics, rule["noise_rate"])
@@ -133,21 +134,21 @@ def _clean_pair_lines(rows: list[dict], replicate_sft: dict[int, dict[str, float
         return []
     cell = {(g["objective"], g["metric"]): g for g in gains}
     meets = clean_pair_check(gains)
-    bounds = ", ".join(f"loses ≤ {bound:g} {metric}" for metric, bound in rule["max_loss"].items())
+    bounds = "".join(f", lose ≤ {bound:g} {metric}" for metric, bound in rule["max_loss"].items())
     lines = [
         "",
         f"## Clean pairs (noise {rule['noise_rate']:g}): change against each replicate's own SFT model",
         "",
         f"Mean over replicates of (cell − its SFT model) and 95% interval. Issue 15 asks each objective to gain ≥ "
-        f"{rule['min_gain']:+.2f} {rule['gain_metric']} and {bounds} (means).",
+        f"{rule['min_gain']:+.2f} {rule['gain_metric']}{bounds} (means).",
         "",
         f"| objective | {' | '.join(metrics)} | replicates | meets the bounds |",
         "|---|" + "---|" * (len(metrics) + 2),
     ]
-    for objective, ok in meets.items():
+    for objective in [o for o in objectives if o in meets]:
         changes = [interval_text(cell[(objective, m)]) if (objective, m) in cell else "—" for m in metrics]
         n = cell[(objective, rule["gain_metric"])]["n"] if (objective, rule["gain_metric"]) in cell else 0
-        lines.append(f"| {objective} | {' | '.join(changes)} | {n} | {'yes' if ok else 'no'} |")
+        lines.append(f"| {objective} | {' | '.join(changes)} | {n} | {'yes' if meets[objective] else 'no'} |")
     return lines
 
 
@@ -221,7 +222,11 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         "(no DPO and NaPO cells to compare yet)"
     ]
     if config.source == "lab":
-        lines += ["", *_claim_lines(rows), *_clean_pair_lines(rows, meta.get("replicate_sft_metrics") or {})]
+        lines += [
+            "",
+            *_claim_lines(rows),
+            *_clean_pair_lines(rows, meta.get("replicate_sft_metrics") or {}, objectives),
+        ]
     for metric in metrics:
         lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]
     lines += [
