@@ -162,16 +162,19 @@ def _gates_line(gates: dict[int, dict]) -> str:
     )
 
 
+def _source_text(config: CompareConfig) -> str:
+    """What the grid's cells trained from, in words: the bias lab, or the user's dataset and model."""
+    if config.source == "lab":
+        return f"the {config.lab_task} bias lab" + (" (quick mode)" if config.quick else "")
+    return f"dataset `{config.dataset}`, model `{config.model}`, {config.holdout:g} of its rows held out clean"
+
+
 def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta: dict) -> str:
     objectives = [o for o in config.objectives if any(r["objective"] == o for r in rows)]
     rates = sorted(r for r in config.noise_rates if any(row["noise_rate"] == r for row in rows))
     present = {s["metric"] for s in summary}
     metrics = [m for m in KEY_METRICS if m in present] + sorted(present - set(KEY_METRICS))
     train_time = sum(r["train_wall_s"] for r in rows)
-    if config.source == "lab":
-        source = f"the {config.lab_task} bias lab" + (" (quick mode)" if config.quick else "")
-    else:
-        source = f"dataset `{config.dataset}`, model `{config.model}`, {config.holdout:g} of its rows held out clean"
     lines = [
         "# napo compare: objectives under controlled label noise",
         "",
@@ -184,7 +187,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         f"- cells finished: {len(rows)} of {meta['cells_total']}",
         f"- device: {device_description()}",
         f"- versions: {versions_text()}",
-        f"- source: {source}",
+        f"- source: {_source_text(config)}",
         f"- noise: {config.noise_kind} "
         + (
             "(an automatic annotator picks a wrong chosen on round(rate · rows) rows, mostly on noisy images or clips, "
