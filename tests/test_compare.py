@@ -645,6 +645,14 @@ def test_clean_pair_gains_are_paired_with_each_replicates_own_sft_model():
     assert (dpo["low"], dpo["high"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
     assert gains[("napo-paper", "prior_consistent_accuracy")]["mean"] == pytest.approx(-0.04)
     assert compare.clean_pair_check(list(gains.values())) == {"dpo": True, "ipo": False, "napo-paper": False}
+    at_bound = [  # 0.99 − 0.96 > 0.03 in floating point, yet 6 of 200 rows: on the bound, met
+        {"objective": "x", "metric": "counterfactual_accuracy", "mean": 0.15},
+        {"objective": "x", "metric": "prior_consistent_accuracy", "mean": 0.96 - 0.99},
+        {"objective": "x", "metric": "no_prior_accuracy", "mean": -0.031},
+    ]
+    assert compare.clean_pair_check(at_bound[:2] + [{**at_bound[2], "mean": 0.0}]) == {"x": True}
+    assert compare.clean_pair_check(at_bound) == {"x": False}  # a no-prior loss over 0.03
+    assert compare.clean_pair_check(at_bound[:2]) == {"x": False}  # a metric the rule needs is missing
     lines = _clean_pair_lines(rows, sft, ["dpo", "napo-paper", "ipo"])
     assert lines[-3].startswith("| dpo | +0.183 [") and lines[-3].endswith("| 3 | yes |")
     assert lines[-2].startswith("| napo-paper |") and lines[-1].endswith("| 3 | no |")

@@ -192,3 +192,7 @@ def test_sft_gate_and_report_say_what_the_numbers_are_on_a_hand_made_report() ->
         "+0.190 / -0.010 / -0.050 — NOT met: it trades prior-consistent or no-prior accuracy for the gain."
         in render_report(report)
     )
+    # Exactly at the bound (6 of 200 rows lost) is met.
+    napo.update(prior_consistent_accuracy=0.94, no_prior_accuracy=0.95)  # 0.97 − 0.94 > 0.03 in floating point
+    report["models"]["napo"] = {metric: {"mean": value, "std": 0.0} for metric, value in napo.items()}
+    assert "+0.190 / -0.030 / +0.000 — met." in render_report(report)

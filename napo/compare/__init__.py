@@ -58,7 +58,6 @@ from napo.compare.report import KEY_METRICS, VERDICT_METRICS, write_report
 from napo.compare.run import read_results, run_compare
 from napo.compare.stats import (
     CLAIM_RULE,
-    CLEAN_PAIR_RULE,
     LOWER_IS_BETTER,
     cell_values,
     claim_verdict,
@@ -68,6 +67,7 @@ from napo.compare.stats import (
     summarize,
     t_quantile_975,
 )
+from napo.lab.tasks import CLEAN_PAIR_RULE
 
 __all__ = [
     "CLAIM_RULE",

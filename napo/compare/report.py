@@ -12,7 +12,6 @@ import numpy as np
 
 from napo.compare.grid import SMOOTHING_RANGE, CompareConfig
 from napo.compare.stats import (
-    CLEAN_PAIR_RULE,
     LOWER_IS_BETTER,
     claim_verdict,
     clean_pair_check,
@@ -21,6 +20,7 @@ from napo.compare.stats import (
     paired_differences,
     summarize,
 )
+from napo.lab.tasks import CLEAN_PAIR_RULE
 from napo.lab.tasks import KEY_METRICS as LAB_KEY_METRICS
 from napo.provenance import device_description, versions_text, write_text_atomic
 

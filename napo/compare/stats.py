@@ -10,7 +10,7 @@ from collections import defaultdict
 import numpy as np
 
 from napo.benchmarks import LOWER_IS_BETTER as BENCHMARK_LOWER_IS_BETTER
-from napo.lab.tasks import CLEAN_PAIR_RULE
+from napo.lab.tasks import meets_clean_pair_rule
 
 # Metrics where a lower value is better (bold = the minimum in report tables); every other metric: higher is better.
 LOWER_IS_BETTER = (
@@ -164,17 +164,12 @@ def gains_over_sft(
 
 
 def clean_pair_check(gains: list[dict], rule: dict | None = None) -> dict[str, bool]:
-    """Issue 15's first item per objective on `gains_over_sft` entries (default `CLEAN_PAIR_RULE`): the mean gain in
-    `gain_metric` ≥ `min_gain` and the mean change of each `max_loss` metric ≥ −its bound. {objective: meets}."""
-    rule = dict(CLEAN_PAIR_RULE, **(rule or {}))
-    mean = {(g["objective"], g["metric"]): g["mean"] for g in gains}
-
-    def meets(objective: str) -> bool:
-        if mean.get((objective, rule["gain_metric"]), -math.inf) < rule["min_gain"]:
-            return False
-        return all(mean.get((objective, m), -math.inf) >= -bound for m, bound in rule["max_loss"].items())
-
-    return {objective: meets(objective) for objective in dict.fromkeys(g["objective"] for g in gains)}
+    """Issue 15's first item per objective on `gains_over_sft` entries: whether its mean changes meet `rule` (default
+    `CLEAN_PAIR_RULE`, by `napo.lab.tasks.meets_clean_pair_rule`). {objective: meets}."""
+    changes: dict[str, dict[str, float]] = defaultdict(dict)
+    for gain in gains:
+        changes[gain["objective"]][gain["metric"]] = gain["mean"]
+    return {objective: meets_clean_pair_rule(change, rule) for objective, change in changes.items()}
 
 
 def t_quantile_975(df: int) -> float:

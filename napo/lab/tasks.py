@@ -13,6 +13,7 @@ This module imports nothing heavy (no torch, no trl): `napo compare`'s report an
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,18 @@ CLEAN_PAIR_RULE = {
     "min_gain": 0.15,
     "max_loss": {"prior_consistent_accuracy": 0.03, "no_prior_accuracy": 0.03},
 }
+
+
+def meets_clean_pair_rule(changes: dict[str, float], rule: dict[str, Any] | None = None) -> bool:
+    """Whether changes against the SFT model ({metric: value after − value before}) meet `rule` (default
+    `CLEAN_PAIR_RULE`): the gain metric up by ≥ `min_gain`, each `max_loss` metric down by at most its bound; a
+    missing metric fails. Changes are rounded to 9 decimals first: accuracies are fractions of rows, and 6 of 200
+    rows lost is a change of −0.03, not the −0.030000000000000027 that 0.96 − 0.99 gives in floating point."""
+    rule = rule or CLEAN_PAIR_RULE
+    change = {metric: round(value, 9) for metric, value in changes.items()}
+    if change.get(rule["gain_metric"], -math.inf) < rule["min_gain"]:
+        return False
+    return all(change.get(metric, -math.inf) >= -bound for metric, bound in rule["max_loss"].items())
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from napo.lab.report import cell, gate_line, stage_time
-from napo.lab.tasks import CLEAN_PAIR_RULE
+from napo.lab.tasks import CLEAN_PAIR_RULE, meets_clean_pair_rule
 
 # The metrics the report's `models` table carries for every model (the issue's list).
 REPORT_METRICS = (
@@ -124,17 +124,16 @@ def _clean_pair_goal(report: dict[str, Any], m: dict[str, dict[str, float]], nam
     counterfactual, ≤ 0.03 prior-consistent and ≤ 0.03 no-prior lost), and a warning when it lost more than it
     gained."""
     sft, rule = m["sft"], CLEAN_PAIR_RULE
-    gain = m[name][rule["gain_metric"]] - sft[rule["gain_metric"]]
-    losses = {k: sft.get(k, 0.0) - m[name].get(k, 0.0) for k in rule["max_loss"]}
-    loss = losses["prior_consistent_accuracy"]
-    met = gain >= rule["min_gain"] and all(losses[k] <= bound for k, bound in rule["max_loss"].items())
+    change = {k: m[name].get(k, 0.0) - sft.get(k, 0.0) for k in (rule["gain_metric"], *rule["max_loss"])}
+    gain, loss = change[rule["gain_metric"]], -change["prior_consistent_accuracy"]
+    met = meets_clean_pair_rule(change)
     lines = [
         f"- **{name.upper()} on clean pairs** (issue 15 asks ≥ {rule['min_gain']:+.2f} counterfactual, "
         + ", ".join(
             f"≤ {bound:g} {k.removesuffix('_accuracy').replace('_', '-')} lost" for k, bound in rule["max_loss"].items()
         )
         + "): "
-        + f"{gain:+.3f} / {-loss:+.3f} / {-losses['no_prior_accuracy']:+.3f} — "
+        + f"{gain:+.3f} / {change['prior_consistent_accuracy']:+.3f} / {change['no_prior_accuracy']:+.3f} — "
         + (
             "met."
             if met
