@@ -75,7 +75,10 @@ class AudioLabSettings:
     """
 
     n_train: int = 3000  # SFT rows of the biased train split
-    text_only_fraction: float = 0.0  # SFT rows without their clip (see `napo.lab.vision.LabSettings`)
+    # SFT rows without their clip (see `napo.lab.vision.LabSettings`): none. At 0.1 three of five replicate SFT models
+    # stopped listening (blind agreement 1.0, no-prior accuracy 0.04-0.15; benchmarks/lab/RUN.md), so the audio lab's
+    # audio-blind negatives still come from a model that never heard a question without its clip.
+    text_only_fraction: float = 0.0
     sft_steps: int = 300
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
