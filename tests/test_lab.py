@@ -196,3 +196,15 @@ def test_sft_gate_and_report_say_what_the_numbers_are_on_a_hand_made_report() ->
     napo.update(prior_consistent_accuracy=0.94, no_prior_accuracy=0.95)  # 0.97 − 0.94 > 0.03 in floating point
     report["models"]["napo"] = {metric: {"mean": value, "std": 0.0} for metric, value in napo.items()}
     assert "+0.190 / -0.030 / +0.000 — met." in render_report(report)
+    # NaPO level with DPO: the verdict names where NaPO's runs ended (means of their last logged margins and q).
+    napo.update(counterfactual_accuracy=dpo["counterfactual_accuracy"])
+    report["models"]["napo"] = {metric: {"mean": value, "std": 0.0} for metric, value in napo.items()}
+    assert "within twice the seed spread" in render_report(report) and "NaPO runs end" not in render_report(report)
+    report["runs"] = [
+        {"objective": "napo", "seed": 0, "final_log": {"rewards/margins": 0.14, "language_bias/q": 0.495}},
+        {"objective": "napo", "seed": 1, "final_log": {"rewards/margins": 0.10, "language_bias/q": 0.505}},
+        {"objective": "dpo", "seed": 0, "final_log": {"rewards/margins": 9.0}},
+    ]
+    assert "the NaPO runs end with reward margins 0.12 and language-biased q 0.50 (means over seeds)" in render_report(
+        report
+    )

@@ -115,7 +115,7 @@ def _findings(report: dict[str, Any]) -> list[str]:
         )
     for name in ("dpo", "napo"):
         lines += _clean_pair_goal(report, m, name)
-    lines.append(_verdict(m, s))
+    lines.append(_verdict(report, m, s))
     return lines
 
 
@@ -154,7 +154,7 @@ def _clean_pair_goal(report: dict[str, Any], m: dict[str, dict[str, float]], nam
     return lines
 
 
-def _verdict(m: dict[str, dict[str, float]], s: dict[str, dict[str, float]]) -> str:
+def _verdict(report: dict[str, Any], m: dict[str, dict[str, float]], s: dict[str, dict[str, float]]) -> str:
     """NaPO vs DPO on counterfactual accuracy, against twice the seed spread."""
     diff = m["napo"]["counterfactual_accuracy"] - m["dpo"]["counterfactual_accuracy"]
     noise = max(s["napo"]["counterfactual_accuracy"], s["dpo"]["counterfactual_accuracy"])
@@ -163,8 +163,9 @@ def _verdict(m: dict[str, dict[str, float]], s: dict[str, dict[str, float]]) -> 
             f"- **NaPO vs DPO**: counterfactual accuracy differs by {diff:+.3f}, within twice the seed spread "
             f"({noise:.3f}): on these clean pairs NaPO does not beat DPO. That is expected: NaPO's adaptive q only "
             "reweights pairs by how confidently they are already separated, which matters when labels are noisy "
-            "(see `napo compare`); with clean labels both optimise nearly the same direction, and with β = 0.1 the "
-            "margins stay near |z| ≈ 1 where σ(z)^q barely reweights."
+            "(see `napo compare`); with clean labels both optimise nearly the same direction"
+            + _napo_end_state(report)
+            + "."
         )
     better = "NaPO" if diff > 0 else "DPO"
     verdict = (
@@ -179,6 +180,21 @@ def _verdict(m: dict[str, dict[str, float]], s: dict[str, dict[str, float]]) -> 
             "counterfactual gain, slightly less prior-consistent loss)."
         )
     return verdict
+
+
+def _napo_end_state(report: dict[str, Any]) -> str:
+    """ ", and the NaPO runs end with reward margins 0.14 and language-biased q 0.50 (means over seeds), where σ(z)^q
+    barely reweights": what NaPO's last logged step says, or "" without NaPO runs that logged both."""
+    logs = [r["final_log"] for r in report.get("runs", []) if r["objective"] == "napo"]
+    logs = [log for log in logs if "rewards/margins" in log and "language_bias/q" in log]
+    if not logs:
+        return ""
+    margin = float(np.mean([log["rewards/margins"] for log in logs]))
+    q = float(np.mean([log["language_bias/q"] for log in logs]))
+    return (
+        f", and the NaPO runs end with reward margins {margin:.2f} and language-biased q {q:.2f} (means over seeds), "
+        "where σ(z)^q barely reweights"
+    )
 
 
 def budget_note(report: dict[str, Any], name: str) -> str:
