@@ -657,3 +657,30 @@ def test_clean_pair_gains_are_paired_with_each_replicates_own_sft_model():
     assert lines[-3].startswith("| dpo | +0.183 [") and lines[-3].endswith("| 3 | yes |")
     assert lines[-2].startswith("| napo-paper |") and lines[-1].endswith("| 3 | no |")
     assert _clean_pair_lines([r for r in rows if r["noise_rate"] > 0], sft, ["dpo"]) == []
+
+
+def test_every_objective_against_dpo_is_paired_by_replicate():
+    """IPO − DPO per replicate [+0.02, +0.03, +0.04] on no-prior accuracy: mean +0.03 ± 4.303·0.01/√3, an interval
+    above 0 ('ipo better'); the noise-0 cells are not in the table, the NaPO-only verdict table leaves IPO out."""
+    from napo.compare.report import _against_dpo_lines
+
+    metrics = ("counterfactual_accuracy", "prior_consistent_accuracy", "no_prior_accuracy")
+    rows = [
+        {"objective": o, "noise_rate": rate, "seed": s, "metrics": dict(zip(metrics, (0.7, 0.95, v))), "margins": {}}
+        for rate in (0.0, 0.3)
+        for s, (dpo, ipo) in enumerate([(0.90, 0.92), (0.91, 0.94), (0.92, 0.96)])
+        for o, v in (("dpo", dpo), ("ipo", ipo))
+    ]
+    for row in rows:
+        row["train_wall_s"] = 1.0
+    (ipo,) = [d for d in compare.paired_differences(rows, metrics[2:], [0.3], ["dpo", "ipo"], napo_only=False)]
+    half = 4.303 * 0.01 / math.sqrt(3)
+    assert ipo["mean"] == pytest.approx(0.03) and ipo["low"] == pytest.approx(0.03 - half)
+    assert ipo["call"] == "ipo better"
+    assert compare.paired_differences(rows, metrics, [0.3], ["dpo", "ipo"]) == []
+    lines = _against_dpo_lines(rows, [0.0, 0.3], ["dpo", "ipo"])
+    assert lines[-1].startswith("| ipo | 0.3 | +0.000 [") and lines[-1].endswith(
+        f"+0.030 [{0.03 - half:+.3f}, {0.03 + half:+.3f}] |"
+    )
+    assert len([line for line in lines if line.startswith("| ipo")]) == 1
+    assert _against_dpo_lines([r for r in rows if r["noise_rate"] == 0], [0.0], ["dpo", "ipo"]) == []

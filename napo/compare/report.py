@@ -152,6 +152,33 @@ def _clean_pair_lines(rows: list[dict], replicate_sft: dict[int, dict[str, float
     return lines
 
 
+def _against_dpo_lines(rows: list[dict], rates: list[float], objectives: list[str]) -> list[str]:
+    """Every objective against DPO on the lab's gain and cost metrics (`CLEAN_PAIR_RULE`'s), paired over replicates,
+    at the noise rates above 0 (`paired_differences`); [] without such cells."""
+    metrics = (CLEAN_PAIR_RULE["gain_metric"], *CLEAN_PAIR_RULE["max_loss"])
+    noisy = [rate for rate in rates if rate > 0]
+    found = {
+        (d["objective"], d["noise_rate"], d["metric"]): d
+        for d in paired_differences(rows, metrics, noisy, objectives, napo_only=False)
+    }
+    lines = [
+        "",
+        "## Every objective against DPO under noise (paired over replicates, mean and 95% interval)",
+        "",
+        f"| objective | noise | {' | '.join(metrics)} |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for objective in [o for o in objectives if o != "dpo"]:
+        for rate in noisy:
+            if any((objective, rate, m) in found for m in metrics):
+                cells = [
+                    interval_text(found[(objective, rate, m)]) if (objective, rate, m) in found else "—"
+                    for m in metrics
+                ]
+                lines.append(f"| {objective} | {rate:g} | {' | '.join(cells)} |")
+    return lines if len(lines) > 5 else []
+
+
 def _gates_line(gates: dict[int, dict]) -> str:
     """Each replicate's SFT gate (`napo.lab.tasks.sft_gate`) on one line: how many passed, then seed by seed."""
     return f"- SFT gate per replicate: {sum(g['pass'] for g in gates.values())} of {len(gates)} passed; " + "; ".join(
@@ -229,6 +256,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
             "",
             *_claim_lines(rows),
             *_clean_pair_lines(rows, meta.get("replicate_sft_metrics") or {}, objectives),
+            *_against_dpo_lines(rows, rates, objectives),
         ]
     for metric in metrics:
         lines += ["", f"## {metric}", "", *_table(summary, metric, objectives, rates, meta["sft_metrics"].get(metric))]

@@ -76,21 +76,22 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def paired_differences(
-    rows: list[dict], metrics: tuple[str, ...], rates: list[float], objectives: list[str]
+    rows: list[dict], metrics: tuple[str, ...], rates: list[float], objectives: list[str], *, napo_only: bool = True
 ) -> list[dict]:
-    """NaPO variants against DPO per metric and noise rate: the mean paired difference over seeds (replicates; the
-    same noisy rows per seed) with its 95% Student-t interval, and whether the interval excludes 0, in the
-    metric's better direction.
+    """The NaPO variants among `objectives` (every objective but DPO with `napo_only=False`) against DPO per metric
+    and noise rate: the mean paired difference over seeds (replicates; the same noisy rows per seed) with its 95%
+    Student-t interval, and whether the interval excludes 0, in the metric's better direction.
 
-        d_s = value(napo variant, rate, seed s) − value(dpo, rate, s);   mean ± t_{0.975, n−1} · std(d, ddof=1) / √n
+        d_s = value(objective, rate, seed s) − value(dpo, rate, s);   mean ± t_{0.975, n−1} · std(d, ddof=1) / √n
 
     Returns [{metric, objective, noise_rate, mean, low, high (NaN for one seed), n, call}, ...], call one of
-    "NaPO better", "DPO better", "interval includes 0", "one seed: no interval".
+    "NaPO better" (or "<objective> better" for another objective), "DPO better", "interval includes 0", "one seed:
+    no interval".
     """
     values = {(r["objective"], r["noise_rate"], r["seed"]): cell_values(r) for r in rows}
     found = []
     for metric in metrics:
-        for napo in [o for o in objectives if o.startswith("napo")]:
+        for napo in [o for o in objectives if (o.startswith("napo") if napo_only else o != "dpo")]:
             for rate in rates:
                 diffs = [
                     v[metric] - values[("dpo", rate, s)][metric]
@@ -103,7 +104,8 @@ def paired_differences(
                 if math.isnan(half):
                     call = "one seed: no interval"
                 elif abs(mean) > half:
-                    call = "NaPO better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
+                    better = "NaPO" if napo.startswith("napo") else napo
+                    call = f"{better} better" if (mean > 0) != (metric in LOWER_IS_BETTER) else "DPO better"
                 else:
                     call = "interval includes 0"
                 found.append(
@@ -254,5 +256,8 @@ def claim_verdict(rows: list[dict], rule: dict | None = None) -> dict:
 
 
 def interval_text(difference: dict) -> str:
-    """ "+0.012 [-0.003, +0.027]": a `paired_differences` or `gains_over_sft` entry's mean and 95% interval."""
+    """ "+0.012 [-0.003, +0.027]": a `paired_differences` or `gains_over_sft` entry's mean and 95% interval (the
+    mean alone for a single replicate, which has no interval)."""
+    if math.isnan(difference["low"]):
+        return f"{difference['mean']:+.3f}"
     return f"{difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}]"
