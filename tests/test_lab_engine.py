@@ -55,16 +55,13 @@ def test_as_chat_puts_the_media_part_before_the_question() -> None:
 
 @pytest.mark.parametrize("task_name", sorted(TASK_MODULES))
 def test_text_only_rows_drop_the_media_of_a_seeded_share_and_keep_the_answers(task_name: str) -> None:
-    from dataclasses import replace
-
     from napo.lab.sft import text_only_rows
 
     task = lab_task(task_name)
     recipe = task.load_recipe(None)
-    settings = replace(task.settings.quick(), text_only_fraction=0.25)
     media = "images" if task.modality == "image" else "audios"
     rows = task.rows(recipe, "train", 8, 0)
-    blind = {seed: text_only_rows(rows, task.modality, settings, seed) for seed in (0, 1)}
+    blind = {seed: text_only_rows(rows, task.modality, 0.25, seed) for seed in (0, 1)}
     for out in blind.values():
         dropped = [i for i, (row, new) in enumerate(zip(rows, out)) if new is not row]
         assert len(dropped) == 2  # round(0.25 * 8)
@@ -72,15 +69,13 @@ def test_text_only_rows_drop_the_media_of_a_seeded_share_and_keep_the_answers(ta
             assert out[i][media] == [] and out[i]["answer"] == rows[i]["answer"]
             assert out[i]["prompt"][0]["content"] == rows[i]["prompt"][0]["content"][1:]  # the question alone
             assert rows[i][media]  # the input rows are left as they were
-    assert text_only_rows(rows, task.modality, settings, 0) == blind[0]  # the replicate seed fixes the subset
+    assert text_only_rows(rows, task.modality, 0.25, 0) == blind[0]  # the replicate seed fixes the subset
     assert [r is s for r, s in zip(blind[0], rows)] != [r is s for r, s in zip(blind[1], rows)]
-    assert text_only_rows(rows, task.modality, replace(settings, text_only_fraction=0.0), 0) is rows
+    assert text_only_rows(rows, task.modality, 0.0, 0) is rows
 
 
 def test_sft_loss_of_a_batch_mixing_text_only_rows_is_the_mean_over_all_answer_tokens() -> None:
     """Reference: every row alone through the model, its summed answer-token cross-entropy, over the batch's count."""
-    from dataclasses import replace
-
     import torch
 
     from napo.evaluate import answer_batch
@@ -88,9 +83,8 @@ def test_sft_loss_of_a_batch_mixing_text_only_rows_is_the_mean_over_all_answer_t
 
     task = lab_task("vision")
     recipe = task.load_recipe(None)
-    settings = replace(task.settings.quick(), text_only_fraction=1 / 3)  # groups of 4 and 2 rows
-    rows = text_only_rows(task.rows(recipe, "train", 6, 0), "image", settings, 0)
-    model, processor = task.build_model(recipe, settings, 0)
+    rows = text_only_rows(task.rows(recipe, "train", 6, 0), "image", 1 / 3, 0)  # groups of 4 and 2 rows
+    model, processor = task.build_model(recipe, task.settings.quick(), 0)
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:

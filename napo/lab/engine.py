@@ -104,7 +104,8 @@ def _sft(
         return folder, 0.0
     start = time.perf_counter()
     model, processor = spec.build_model(recipe, settings, seed)
-    rows = text_only_rows(spec.rows(recipe, "train", settings.n_train, recipe["seed"]), spec.modality, settings, seed)
+    rows = spec.rows(recipe, "train", settings.n_train, recipe["seed"])
+    rows = text_only_rows(rows, spec.modality, settings.text_only_fraction, seed)
     supervised_fine_tune(
         folder,
         model,

@@ -17,10 +17,10 @@ import perturb
 from napo.evaluate import answer_batch
 
 
-def text_only_rows(rows: list[dict[str, Any]], modality: str, settings: Any, seed: int) -> list[dict[str, Any]]:
+def text_only_rows(rows: list[dict[str, Any]], modality: str, fraction: float, seed: int) -> list[dict[str, Any]]:
     """`rows` with the media dropped (`perturb`'s `<modality>.drop`, as the pair generator drops it for the
-    language-biased negatives) on round(`settings.text_only_fraction` · len(rows)) rows drawn by the replicate
-    `seed`; their answers stay the row's own, so those text-only rows follow the world's statistics.
+    language-biased negatives) on round(`fraction` · len(rows)) rows drawn by the replicate `seed` (the lab's
+    `text_only_fraction`); their answers stay the row's own, so those text-only rows follow the world's statistics.
 
     Why: real VLMs also learn from text alone, so without the image they answer what the prior says. An SFT model
     that never saw a prompt without its media answers such a prompt out of distribution ("blue green green green"),
@@ -28,7 +28,7 @@ def text_only_rows(rows: list[dict[str, Any]], modality: str, settings: Any, see
     With text-only rows the blind model answers the typical colour (or, for objects without one, any colour): the
     negative is the prior's answer, a tie with chosen where the prior is right and a clean pair where the image
     contradicts it — the pairs the paper's language-biased negatives are."""
-    count = round(settings.text_only_fraction * len(rows))
+    count = round(fraction * len(rows))
     if not count:
         return rows
     drop = set(np.random.default_rng([seed, 27]).choice(len(rows), size=count, replace=False).tolist())
