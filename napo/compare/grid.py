@@ -122,8 +122,8 @@ class CompareConfig:
         default=False,
         metadata={
             "help": "lab: all seeds share lab_seed's SFT model and pairs (seeds then vary only the noisy rows and "
-            "batch order; cheaper); default: every seed is a replicate with its own SFT init and batch order and "
-            "its own sampled pairs (lab seed = lab_seed + seed)"
+            "batch order; cheaper); default: every seed is a replicate with its own SFT init, text-only SFT rows and "
+            "batch order and its own sampled pairs (lab seed = lab_seed + seed)"
         },
     )
     lab_task: str = field(

@@ -224,7 +224,7 @@ def _markdown(rows: list[dict], summary: list[dict], config: CompareConfig, meta
         )
         + "; replicates: "
         + (
-            "each seed its own SFT init, batch order and sampled pairs"
+            "each seed its own SFT init, text-only SFT rows, batch order and sampled pairs"
             if meta.get("replicate_sft")
             else "seeds share one SFT model and pairs (they vary noise and batch order only)"
         ),
